@@ -1,0 +1,437 @@
+"""Record what a model really does on an example input: the shared :class:`ModelGraph`.
+
+Every analysis in prunescope (FLOPs, channel dependencies, mask conflicts, effective FLOPs) is a function of
+one recorded forward pass. This module is the only place that runs the user's model for that purpose.
+
+Mechanism (and why)
+-------------------
+We record at the **torch-function level** with a :class:`torch.overrides.TorchFunctionMode`, and keep a stack
+of running modules with PyTorch's *global* module pre/post forward hooks, which are removed again when the
+recording ends. Compared with the alternatives:
+
+* ``torch.jit.trace`` (NNI) is deprecated, specialises and breaks on many models (ViT), and names ops by
+  scope strings.
+* ``torch.fx`` symbolic tracing fails on data-dependent control flow and hides wrapped functions.
+* ATen-level ``TorchDispatchMode`` sees every kernel, but loses intent: ``F.linear`` on a 3-D input becomes
+  ``view → mm → _unsafe_view``, and eval-mode fast paths (``_native_multi_head_attention``, CPU flash
+  attention) appear as opaque fused kernels.
+
+The function level sees exactly what the Python code called — ``F.conv2d``, ``F.linear``, ``@``, ``einsum``,
+``scaled_dot_product_attention``, ``x += y``, ``x.view(...)``, ``torch.cat`` — with their real arguments, on
+any device including ``meta``. An active function mode also makes PyTorch skip the fused
+``nn.MultiheadAttention``/``TransformerEncoderLayer`` fast paths (they check ``has_torch_function``), so the
+math path that the fused kernel implements is what we record. Calls that return no tensor (``size()``,
+``shape``, ``dim()``) are not recorded: a tensor used only for its shape carries no channels (the root cause of
+NNI's false ties, NNI issue #4160).
+
+A Python-level function that dispatches ``__torch_function__`` itself (``F.layer_norm``, ``F.interpolate``,
+``F.multi_head_attention_forward``) is recorded as one op; its internals run with the mode switched off.
+
+Nothing is left on the model: no hooks, attributes or buffers; every module's ``training`` flag is restored,
+also when the model raises.
+
+Example
+-------
+>>> import torch
+>>> from prunescope.graph import trace
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
+>>> g = trace(net, torch.ones(1, 3, 8, 8))
+>>> [(n.name, n.module) for n in g.nodes]
+[('conv2d', '0'), ('relu', '1')]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import TraceError
+
+__all__ = ["TensorInfo", "OpNode", "ModuleCall", "ModelGraph", "trace", "make_inputs", "model_device"]
+
+
+@dataclass(eq=False)
+class TensorInfo:
+    """One tensor value seen during the recording (a new value for every in-place write)."""
+
+    id: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str  # 'input' | 'param' | 'buffer' | 'op' | 'const'
+    producer: int | None = None  # index of the OpNode that produced it
+    out_index: int = 0  # position among the producer's flattened tensor outputs
+    name: str | None = None  # parameter/buffer FQN, or input name
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def __repr__(self) -> str:
+        src = self.name if self.name else (f"op{self.producer}" if self.producer is not None else self.kind)
+        return f"T{self.id}<{src} {list(self.shape)}>"
+
+
+@dataclass(eq=False)
+class OpNode:
+    """One recorded tensor operation."""
+
+    index: int
+    name: str  # function or method name: 'conv2d', 'add', '__iadd__', 'view', 'cat', 'T', ...
+    func: Callable[..., Any]
+    args: tuple[Any, ...]  # the call's arguments, tensors replaced by TensorInfo
+    kwargs: dict[str, Any]
+    inputs: list[TensorInfo]  # flattened tensor arguments, in argument order
+    outputs: list[TensorInfo]  # flattened tensor results
+    module: str  # dotted name of the innermost running module of the model ('' = the root)
+    call: int | None  # index of the ModuleCall that ran it
+    mutated: list[TensorInfo] = field(default_factory=list)  # inputs this op wrote in place (old values)
+
+    @property
+    def params(self) -> list[TensorInfo]:
+        return [t for t in self.inputs if t.kind == "param"]
+
+    def __repr__(self) -> str:
+        return f"OpNode({self.index}, {self.name!r}, module={self.module!r}, in={self.inputs}, out={self.outputs})"
+
+
+@dataclass(eq=False)
+class ModuleCall:
+    """One call of a module of the model."""
+
+    index: int
+    name: str  # canonical dotted name ('' = root)
+    module_type: str
+    parent: int | None
+    call_number: int  # 1 for the first call of this module, 2 for the second, ...
+    inputs: list[TensorInfo] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
+    ops: list[int] = field(default_factory=list)  # ops run directly by this call (not by children)
+    children: list[int] = field(default_factory=list)
+
+
+class ModelGraph:
+    """The recorded forward pass: op nodes in execution order, module calls, and data flow.
+
+    Attributes: ``nodes`` (list of :class:`OpNode`), ``calls`` (list of :class:`ModuleCall`), ``inputs`` and
+    ``outputs`` (model inputs/outputs as :class:`TensorInfo`), ``model`` (the traced module),
+    ``module_names`` (``{id(module): name}``), ``param_names`` (``{id(param): FQN}``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.nodes: list[OpNode] = []
+        self.calls: list[ModuleCall] = []
+        self.inputs: list[TensorInfo] = []
+        self.outputs: list[TensorInfo] = []
+        self.tensors: list[TensorInfo] = []
+        self.module_names: dict[int, str] = {}
+        self.modules: dict[str, nn.Module] = {}
+        self.param_names: dict[int, str] = {}
+        self._consumers: dict[int, list[OpNode]] | None = None
+
+    # ---- data flow -------------------------------------------------------------------------------------
+    def consumers(self, t: TensorInfo | int) -> list[OpNode]:
+        """Op nodes that read tensor value ``t`` (each node once, in execution order)."""
+        if self._consumers is None:
+            cons: dict[int, list[OpNode]] = {}
+            for n in self.nodes:
+                seen: set[int] = set()
+                for i in n.inputs:
+                    if i.id not in seen:
+                        seen.add(i.id)
+                        cons.setdefault(i.id, []).append(n)
+            self._consumers = cons
+        tid = t if isinstance(t, int) else t.id
+        return self._consumers.get(tid, [])
+
+    def producer(self, t: TensorInfo) -> OpNode | None:
+        return self.nodes[t.producer] if t.producer is not None else None
+
+    def param_owner(self, t: TensorInfo) -> str | None:
+        """Module name that owns parameter/buffer ``t`` (``'layer1.0.conv1'`` for ``'layer1.0.conv1.weight'``)."""
+        if t.name is None or t.kind not in ("param", "buffer"):
+            return None
+        return t.name.rpartition(".")[0]
+
+    def module(self, name: str) -> nn.Module:
+        return self.modules[name]
+
+    def calls_of(self, name: str) -> list[ModuleCall]:
+        return [c for c in self.calls if c.name == name]
+
+    def ops_in(self, call: ModuleCall) -> Iterator[OpNode]:
+        """All ops run inside ``call``, its children included, in execution order."""
+        stack = [call]
+        idx: list[int] = []
+        while stack:
+            c = stack.pop()
+            idx.extend(c.ops)
+            stack.extend(self.calls[i] for i in c.children)
+        for i in sorted(idx):
+            yield self.nodes[i]
+
+    def __repr__(self) -> str:
+        return f"ModelGraph({len(self.nodes)} ops, {len(self.calls)} module calls)"
+
+
+# Calls that never produce tensors or data flow; skipped without bookkeeping (speed).
+_SKIP = frozenset(
+    """size dim shape dtype device is_contiguous is_nested is_cuda is_sparse is_quantized is_meta grad_fn
+    requires_grad stride storage_offset data_ptr element_size numel __len__ __format__ __repr__ __bool__
+    __index__ __int__ __float__ __hash__ layout names ndim ndimension nelement get_device is_floating_point
+    is_complex _is_view __contains__ __iter__ _set_grad_enabled is_leaf output_nr _version""".split()
+)
+
+
+def _op_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":  # property of Tensor (x.T, x.mT, x.data ...)
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", None) or "getattr"
+    return name
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, graph: ModelGraph, infos: WeakIdKeyDictionary, stack: list[ModuleCall]) -> None:
+        super().__init__()
+        self.g = graph
+        self.infos = infos
+        self.stack = stack
+        self.counter = itertools.count()
+
+    # tensor bookkeeping ---------------------------------------------------------------------------------
+    def info(self, t: torch.Tensor) -> TensorInfo:
+        ti = self.infos.get(t)
+        if ti is None:
+            name = self.g.param_names.get(id(t))
+            kind = "const"
+            if name is not None:
+                kind = "buffer" if name in self._buffers else "param"
+            ti = self.new(t, kind, None, 0, name)
+        return ti
+
+    def new(self, t: torch.Tensor, kind: str, producer: int | None, idx: int, name: str | None = None) -> TensorInfo:
+        ti = TensorInfo(next(self.counter), tuple(t.shape), t.dtype, kind, producer, idx, name)
+        self.infos[t] = ti
+        self.g.tensors.append(ti)
+        return ti
+
+    _buffers: frozenset[str] = frozenset()
+
+    def _wrap(self, x: Any, inputs: list[TensorInfo]) -> Any:
+        if isinstance(x, torch.Tensor):
+            ti = self.info(x)
+            inputs.append(ti)
+            return ti
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        name = _op_name(func)
+        if name in _SKIP:
+            return func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except TraceError:
+            raise
+        except Exception as e:  # name the op and the module that ran it
+            mod = self.stack[-1].name if self.stack else ""
+            where = f"module '{mod}'" if mod else "the model's own forward"
+            raise TraceError(
+                f"op '{name}' failed in {where}: {type(e).__name__}: {e}", module=mod, op=name
+            ) from e
+        is_setitem = name == "__setitem__"
+        if not is_setitem and (out is None or isinstance(out, (bool, int, float, torch.Size, str))):
+            return out
+        out_leaves = pytree.tree_leaves(out) if not isinstance(out, torch.Tensor) else [out]
+        out_tensors = [o for o in out_leaves if isinstance(o, torch.Tensor)]
+        if not out_tensors and not is_setitem:
+            return out
+        inputs: list[TensorInfo] = []
+        wargs = tuple(pytree.tree_map(lambda x: self._wrap(x, inputs), list(args)))
+        wkwargs = pytree.tree_map(lambda x: self._wrap(x, inputs), dict(kwargs))
+        index = len(self.g.nodes)
+        call = self.stack[-1] if self.stack else None
+        node = OpNode(index, name, func, wargs, wkwargs, inputs, [], call.name if call else "",
+                      call.index if call else None)
+        # in-place writes: an output that *is* an input, or the target of __setitem__
+        in_ids = {id(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        if is_setitem and isinstance(args[0], torch.Tensor):
+            node.mutated.append(self.info(args[0]))
+            node.outputs.append(self.new(args[0], "op", index, 0))
+        for k, o in enumerate(out_tensors):
+            if id(o) in in_ids:
+                node.mutated.append(self.infos[o])
+            node.outputs.append(self.new(o, "op", index, k))
+        self.g.nodes.append(node)
+        if call is not None:
+            call.ops.append(index)
+        return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without either)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def make_inputs(model: nn.Module, x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Turn the accepted input forms into ``(args, kwargs)`` for ``model(*args, **kwargs)``.
+
+    * a tuple/list of ints: an input *size*; a tensor of ones of that size is made on the model's device;
+    * a tensor: the single positional input;
+    * a tuple/list of tensors (or other values): positional inputs;
+    * a dict: keyword inputs.
+    """
+    if isinstance(x, torch.Tensor):
+        return (x,), {}
+    if isinstance(x, dict):
+        return (), dict(x)
+    if isinstance(x, torch.Size) or (
+        isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+    ):
+        if any(v <= 0 for v in x):
+            raise ValueError(f"input size must contain positive integers, got {tuple(x)}")
+        return (torch.ones(tuple(x), device=model_device(model)),), {}
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    raise TypeError(
+        f"unsupported input {type(x).__name__}: give a size tuple, a tensor, a tuple of tensors or a dict"
+    )
+
+
+@contextlib.contextmanager
+def _global_module_hooks(model: nn.Module, graph: ModelGraph, rec: _Recorder, stack: list[ModuleCall]):
+    names = graph.module_names
+    counts: dict[str, int] = {}
+
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        name = names.get(id(mod))
+        if name is None:
+            return None
+        parent = stack[-1] if stack else None
+        counts[name] = counts.get(name, 0) + 1
+        call = ModuleCall(len(graph.calls), name, type(mod).__name__, parent.index if parent else None, counts[name])
+        for a in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(a, torch.Tensor):
+                call.inputs.append(rec.info(a))
+        graph.calls.append(call)
+        if parent is not None:
+            parent.children.append(call.index)
+        stack.append(call)
+        return None
+
+    def post(mod: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
+        if id(mod) not in names or not stack:
+            return None
+        call = stack.pop()
+        for o in pytree.tree_leaves(output):
+            if isinstance(o, torch.Tensor):
+                ti = rec.infos.get(o)
+                if ti is not None:
+                    call.outputs.append(ti)
+        return None
+
+    h1 = nn.modules.module.register_module_forward_pre_hook(lambda m, a: pre(m, a))
+    h2 = nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: post(m, a, None, o), always_call=True
+    )
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+@contextlib.contextmanager
+def preserved_training(model: nn.Module, training: bool | None) -> Iterator[None]:
+    """Set train/eval mode for the duration, then restore every module's own flag exactly."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if training is not None:
+            model.train(training)
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def trace(
+    model: nn.Module,
+    inputs: Any = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    training: bool | None = False,
+    grad: bool = False,
+) -> ModelGraph:
+    """Run ``model`` once on ``inputs`` and record a :class:`ModelGraph`.
+
+    ``inputs`` takes the forms of :func:`make_inputs` (size tuple, tensor, tuple of tensors, dict);
+    ``kwargs`` adds keyword inputs. The model runs in eval mode (``training=False``; ``None`` keeps the
+    current mode) and without autograd unless ``grad=True``. Inputs may live on any device, ``meta`` included.
+
+    Raises :class:`~prunescope.errors.TraceError` naming the module and the op when the model fails.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kw = make_inputs(model, inputs) if inputs is not None else ((), {})
+    if kwargs:
+        kw.update(kwargs)
+    g = ModelGraph(model)
+    for name, m in model.named_modules():
+        g.module_names.setdefault(id(m), name)
+        g.modules[name] = m
+    buffers = set()
+    for name, p in model.named_parameters():
+        g.param_names.setdefault(id(p), name)
+    for name, b in model.named_buffers():
+        if id(b) not in g.param_names:
+            g.param_names[id(b)] = name
+            buffers.add(name)
+    infos = WeakIdKeyDictionary()
+    stack: list[ModuleCall] = []
+    rec = _Recorder(g, infos, stack)
+    rec._buffers = frozenset(buffers)
+    for i, a in enumerate(args):
+        for t in pytree.tree_leaves(a):
+            if isinstance(t, torch.Tensor):
+                g.inputs.append(rec.new(t, "input", None, 0, f"input.{i}"))
+    for k, a in kw.items():
+        for t in pytree.tree_leaves(a):
+            if isinstance(t, torch.Tensor):
+                g.inputs.append(rec.new(t, "input", None, 0, k))
+    grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    try:
+        with preserved_training(model, training), grad_ctx, _global_module_hooks(model, g, rec, stack), rec:
+            out = model(*args, **kw)
+    except TraceError:
+        raise
+    except Exception as e:
+        mod = stack[-1].name if stack else ""
+        where = f"module '{mod}'" if mod else "the model's forward"
+        raise TraceError(f"the model failed in {where}: {type(e).__name__}: {e}", module=mod) from e
+    for o in pytree.tree_leaves(out):
+        if isinstance(o, torch.Tensor):
+            ti = infos.get(o)
+            g.outputs.append(ti if ti is not None else rec.new(o, "const", None, 0))
+    return g
+
+
+def iter_tensor_infos(x: Any) -> Sequence[TensorInfo]:
+    """The TensorInfo leaves of a recorded argument structure."""
+    return [a for a in pytree.tree_leaves(x) if isinstance(a, TensorInfo)]
