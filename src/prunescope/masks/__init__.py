@@ -1,0 +1,18 @@
+"""Masks: pruners that produce them, safe mask files, applying masks, fixing mask conflicts.
+
+A mask dict has NNI's export layout ``{layer_name: {'weight': tensor, 'bias': tensor or None}}`` with
+1 = keep, 0 = pruned.
+"""
+
+from __future__ import annotations
+
+from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, layer_mask
+
+__all__ = [
+    "FPGMPruner",
+    "L1FilterPruner",
+    "L2FilterPruner",
+    "LevelPruner",
+    "Pruner",
+    "layer_mask",
+]
