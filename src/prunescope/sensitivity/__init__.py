@@ -1,0 +1,12 @@
+"""Layer-wise pruning sensitivity (NNI's ``SensitivityAnalysis``), plus checkpointing, workers, plots.
+
+>>> from prunescope.sensitivity import SensitivityAnalysis, load_sensitivity
+"""
+
+from __future__ import annotations
+
+from .analysis import SensitivityAnalysis
+from .engine import MetricError, ModelStateError
+from .report import load_sensitivity
+
+__all__ = ["MetricError", "ModelStateError", "SensitivityAnalysis", "load_sensitivity"]

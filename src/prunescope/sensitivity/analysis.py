@@ -1,0 +1,421 @@
+"""``SensitivityAnalysis``: NNI 2.10.1's layer-wise pruning sensitivity sweep, exact to the bit, with
+O(layer) memory, restore-on-error, checkpoint/resume, parallel workers, progress, plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import report
+from .checkpoint import Checkpoint, state_hash
+from .engine import EARLY_STOP_MODES, Job, JobResult, _StateGuard, coerce_metric, need_to_stop, run_job
+
+logger = logging.getLogger("prunescope.sensitivity")
+
+PRUNE_TYPES = ("l1", "l2", "fpgm", "level")
+#: NNI collects these (``isinstance``) but prunes only modules whose class is exactly ``Conv2d``.
+NNI_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Conv1d)
+
+
+def _check_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class SensitivityAnalysis:
+    """Prune one layer at a time at increasing sparsities and record ``val_func``'s metric (NNI API).
+
+    Same signature, defaults and numbers as NNI 2.10.1's ``SensitivityAnalysis``: sparsities are sorted
+    and rounded with ``np.round(s, 2)`` (default ``numpy.arange(0.1, 1.0, 0.1)``); each target layer is
+    pruned alone at every sparsity in ascending order (masks nested, each computed from the already-pruned
+    weights by :func:`prunescope.masks.pruners.layer_mask`); the metric is recorded per sparsity; the
+    early stop (``minimize``/``maximize``/``dropped``/``raised``, strict comparisons) ends a layer's
+    sweep after recording the triggering value; the layer is restored before the next one.
+
+    Beyond NNI (keyword-only):
+
+    * ``layer_types``: module classes to analyse (e.g. ``(nn.Conv2d, nn.Conv1d, nn.Linear)``), all really
+      pruned. ``None`` is NNI's behaviour: Conv2d and Conv1d are listed, only exact ``Conv2d`` is pruned
+      (a Conv1d row repeats the unpruned metric); a warning names the layers left unpruned.
+    * ``group_dependencies=True`` (needs ``dummy_input``): prune each channel-dependency set (layers whose
+      outputs are added together) as one unit, keeping the same channels in every member, which is what a
+      real pruner must do. Rows are keyed by the members joined with ``+``.
+    * ``checkpoint=path``: JSON-lines checkpoint; a rerun skips every finished evaluation.
+    * ``workers=N`` / ``executor=``: run layers on N local processes or any ``concurrent.futures``
+      executor (Dask: ``Client(...).get_executor()``); ``device``: a device or list of devices for them.
+    * ``progress``: tqdm progress bar; ``restore_buffers``: snapshot and restore the model's buffers.
+
+    Metrics are coerced to Python floats; NaN, infinities and non-numbers raise :class:`MetricError`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    >>> x = torch.randn(8, 1, 7, 7)
+    >>> def val(model):
+    ...     with torch.no_grad():
+    ...         return model(x).abs().mean().item()
+    >>> sa = SensitivityAnalysis(net, val, sparsities=[0.25, 0.5], progress=False)
+    >>> res = sa.analysis(val_args=[net])
+    >>> list(res), list(res["0"])
+    (['0', '2'], [0.25, 0.5])
+    """
+
+    def __init__(self, model: nn.Module, val_func: Callable[..., Any], sparsities: Iterable[float] | None = None,
+                 prune_type: str = "l1", early_stop_mode: str | None = None,
+                 early_stop_value: float | None = None, *,
+                 layer_types: Sequence[type[nn.Module]] | None = None, group_dependencies: bool = False,
+                 dummy_input: Any = None, checkpoint: str | os.PathLike[str] | None = None,
+                 workers: int | None = None, executor: Executor | None = None,
+                 device: str | Sequence[str] | None = None, progress: bool = True,
+                 restore_buffers: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(val_func):
+            raise ConfigError(f"val_func must be callable, got {type(val_func).__name__}")
+        self.model = model
+        self.val_func = val_func
+        self.sparsities = self._parse_sparsities(sparsities)
+        if prune_type not in PRUNE_TYPES:
+            raise ConfigError(f"unknown prune_type {prune_type!r}; expected one of {', '.join(PRUNE_TYPES)}")
+        self.prune_type = prune_type
+        if early_stop_mode is not None and early_stop_mode not in EARLY_STOP_MODES:
+            raise ConfigError(f"unknown early_stop_mode {early_stop_mode!r}; expected one of "
+                              f"{', '.join(EARLY_STOP_MODES)} or None")
+        if early_stop_mode is not None:
+            if early_stop_value is None:
+                raise ConfigError(f"early_stop_mode={early_stop_mode!r} needs an early_stop_value")
+            early_stop_value = _check_number(early_stop_value, "early_stop_value")
+        self.early_stop_mode = early_stop_mode
+        self.early_stop_value = early_stop_value
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
+        if workers and executor is not None:
+            raise ConfigError("give either workers=N (local processes) or executor=, not both")
+        if executor is not None and not isinstance(executor, Executor):
+            raise ConfigError(f"executor must be a concurrent.futures.Executor, got {type(executor).__name__}")
+        self.workers = workers or None
+        self.executor = executor
+        if isinstance(device, str):
+            device = [device]
+        self.devices = list(device) if device is not None else None
+        if self.devices is not None and not (self.workers or self.executor):
+            raise ConfigError("device= assigns worker processes to devices; it needs workers=N or executor= "
+                              "(without them the model is evaluated where it is)")
+        self.checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
+        self.progress = progress
+        self.restore_buffers = restore_buffers
+        self.group_dependencies = group_dependencies
+        self.dummy_input = dummy_input
+        self.layer_types = tuple(layer_types) if layer_types is not None else None
+        self.ori_metric: float | None = None
+        self.sensitivities: dict[str, dict[float, float]] = {}
+        self.already_pruned: dict[str, float] = {}
+        self.target_layer: dict[str, nn.Module] = {}
+        self.groups: dict[str, tuple[str, ...]] = {}
+        self._pruned: dict[str, bool] = {}
+        self.model_parse()
+
+    # -- configuration -------------------------------------------------------------------------------
+    @staticmethod
+    def _parse_sparsities(sparsities: Iterable[float] | None) -> list[float]:
+        if sparsities is None:
+            raw = list(np.arange(0.1, 1.0, 0.1))
+        else:
+            if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Iterable):
+                raise ConfigError(f"sparsities must be a list of numbers in (0, 1), got {sparsities!r}")
+            raw = [_check_number(s, "every sparsity") for s in sparsities]
+            if not raw:
+                raise ConfigError("sparsities is empty; give numbers in (0, 1) or None for 0.1 ... 0.9")
+            raw = sorted(raw)
+        out = [float(np.round(s, 2)) for s in raw]
+        for given, s in zip(raw, out):
+            if not 0.0 < s < 1.0:
+                extra = "" if float(given) == s else f" (rounds to {s} with 2 decimals)"
+                raise ConfigError(f"sparsity {float(given)!r} is outside (0, 1){extra}")
+        return out
+
+    def model_parse(self) -> None:
+        """Collect the target layers (``named_modules`` order) and, with grouping, the dependency sets."""
+        from ..masks.layers import FILTER_TYPES
+
+        filter_prune = self.prune_type != "level"
+        types = self.layer_types
+        if types is None:
+            types = (nn.Conv2d,) if self.group_dependencies else NNI_LAYER_TYPES
+        for t in types:
+            if not (isinstance(t, type) and issubclass(t, nn.Module)):
+                raise ConfigError(f"layer_types must be torch.nn.Module classes, got {t!r}")
+            if filter_prune and not issubclass(t, FILTER_TYPES):
+                raise ConfigError(f"{self.prune_type} filter pruning cannot prune {t.__name__}; supported: "
+                                  f"{', '.join(c.__name__ for c in FILTER_TYPES)} (or use prune_type='level')")
+        compat = self.layer_types is None and not self.group_dependencies
+        for name, m in self.model.named_modules():
+            if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor):
+                self.target_layer[name] = m
+                self.already_pruned[name] = 0
+                self._pruned[name] = type(m).__name__ == "Conv2d" if compat else True
+        unpruned = [n for n, p in self._pruned.items() if not p]
+        if unpruned:
+            shown = ", ".join(unpruned[:6]) + (" ..." if len(unpruned) > 6 else "")
+            warnings.warn(f"NNI-compatible targets: {shown} {'is' if len(unpruned) == 1 else 'are'} listed but "
+                          "not pruned (NNI 2.10.1 prunes only Conv2d); pass layer_types=(nn.Conv2d, nn.Conv1d) "
+                          "to prune them", stacklevel=3)
+        if self.group_dependencies:
+            self._parse_groups()
+        else:
+            self.groups = {n: (n,) for n in self.target_layer}
+
+    def _parse_groups(self) -> None:
+        if self.dummy_input is None:
+            raise ConfigError("group_dependencies=True needs dummy_input (an example input to trace the model)")
+        from ..topology import ChannelDependency
+
+        include_linear = any(issubclass(t, nn.Linear) for t in (self.layer_types or ()))
+        dep = ChannelDependency(self.model, self.dummy_input, include_linear=include_linear)
+        order = {n: k for k, n in enumerate(self.target_layer)}
+        seen: set[str] = set()
+        groups: list[tuple[str, ...]] = []
+        for dset in dep.dependency_sets:
+            members = tuple(sorted((n for n in dset if n in order), key=order.__getitem__))
+            if members:
+                groups.append(members)
+                seen.update(members)
+        groups += [(n,) for n in self.target_layer if n not in seen]
+        groups.sort(key=lambda g: order[g[0]])
+        from ..masks.layers import num_filters
+
+        for g in groups:
+            if self.prune_type != "level" and len({num_filters(self.target_layer[n]) for n in g}) > 1:
+                raise ConfigError(f"dependency set {', '.join(g)} has layers with different output channel "
+                                  "counts; cannot prune it as one group")
+        self.groups = {"+".join(g): g for g in groups}
+
+    @property
+    def layers_count(self) -> int:
+        """Number of target layers (NNI)."""
+        return len(self.target_layer)
+
+    def update_already_pruned(self, layername: str, ratio: float) -> None:
+        """Declare that ``layername`` is already pruned by ``ratio``: sparsity ``s`` then prunes
+        ``(1 - ratio) * s + ratio`` of the layer (NNI's iterative-pruning hook)."""
+        if layername not in self.target_layer:
+            raise ConfigError(f"unknown layer {layername!r}; target layers: {', '.join(self.target_layer)}")
+        r = _check_number(ratio, "already-pruned ratio")
+        if not 0.0 <= r < 1.0:
+            raise ConfigError(f"already-pruned ratio for {layername!r} must be in [0, 1), got {ratio!r}")
+        self.already_pruned[layername] = ratio
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load new weights into the model (NNI API). Unlike NNI no copy is kept: every layer is
+        snapshotted when its sweep starts, so the state the model has at ``analysis()`` is what is restored."""
+        self.model.load_state_dict(state_dict)
+
+    # -- the sweep ------------------------------------------------------------------------------------
+    def _select(self, specified_layers: Iterable[str] | str | None) -> list[str]:
+        keys = list(self.groups)
+        if specified_layers is None:
+            return keys
+        wanted = [specified_layers] if isinstance(specified_layers, str) else list(specified_layers)
+        known = set(keys) | set(self.target_layer)
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            named = {n for n, _ in self.model.named_modules()}
+            why = [f"{n!r} ({'not a target layer type' if n in named else 'no such module'})" for n in unknown]
+            raise ConfigError(f"unknown specified_layers: {', '.join(why)}; target layers: "
+                              f"{', '.join(self.target_layer)}")
+        chosen = set(wanted)
+        return [k for k in keys if k in chosen or any(m in chosen for m in self.groups[k])]
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "weights": state_hash(self.model),
+            "targets": [[k, list(g), [self._pruned[n] for n in g]] for k, g in self.groups.items()],
+            "sparsities": self.sparsities,
+            "prune_type": self.prune_type,
+            "early_stop": [self.early_stop_mode, self.early_stop_value],
+            "already_pruned": {k: float(v) for k, v in self.already_pruned.items() if v},
+        }
+
+    def _real(self, key: str, s: float) -> float:
+        ap = self.already_pruned[self.groups[key][0]]
+        return (1.0 - ap) * s + ap
+
+    def analysis(self, val_args: Sequence[Any] | None = None, val_kwargs: Mapping[str, Any] | None = None,
+                 specified_layers: Iterable[str] | None = None) -> dict[str, dict[float, float]]:
+        """Run the sweep; returns (and accumulates into) ``self.sensitivities`` = ``{layer: {s: metric}}``.
+
+        ``val_func(*val_args, **val_kwargs)`` is called once for the baseline (``self.ori_metric``) and
+        once per layer and sparsity until the early stop fires. ``specified_layers`` restricts the sweep
+        (model order is kept; unknown names are an error, NNI ignores them).
+        """
+        val_args = list(val_args) if val_args is not None else []
+        val_kwargs = dict(val_kwargs) if val_kwargs is not None else {}
+        keys = self._select(specified_layers)
+        remote = bool(self.workers or self.executor)
+        bundle = None
+        if remote:
+            from .parallel import make_bundle
+
+            bundle = make_bundle(self.model, self.val_func, val_args, val_kwargs)
+        ckpt = Checkpoint(self.checkpoint, self._fingerprint()) if self.checkpoint else None
+
+        n = len(self.sparsities)
+        todo = sum(n - len(ckpt.done(k, n)) if ckpt else n for k in keys)
+        bar = _progress(self.progress, todo + (0 if ckpt and ckpt.baseline is not None else 1))
+        try:
+            if ckpt is not None and ckpt.baseline is not None:
+                self.ori_metric = ckpt.baseline
+            else:
+                bar.set_postfix_str("baseline")
+                guard = _StateGuard(self.model, [], self.restore_buffers)
+                try:
+                    value = self.val_func(*val_args, **val_kwargs)
+                    guard.check("the unpruned model (baseline)")
+                finally:
+                    guard.restore()
+                self.ori_metric = coerce_metric(value, "", None)
+                if ckpt is not None:
+                    ckpt.add_baseline(self.ori_metric)
+                bar.update(1)
+            jobs, finished = self._plan(keys, ckpt)
+            if remote:
+                assert bundle is not None
+                results = self._run_remote(jobs, bundle, ckpt, bar)
+            else:
+                results = self._run_serial(jobs, val_args, val_kwargs, ckpt, bar)
+            results.update(finished)
+            error = None
+            for k in keys:
+                res = results.get(k)
+                if res is None:
+                    continue
+                self.sensitivities[k] = dict(zip(self.sparsities, res.values))
+                if res.error is not None and error is None:
+                    error = res.error
+            if error is not None:
+                raise error
+        finally:
+            bar.close()
+        return self.sensitivities
+
+    def _plan(self, keys: list[str], ckpt: Checkpoint | None) -> tuple[list[Job], dict[str, JobResult]]:
+        jobs: list[Job] = []
+        finished: dict[str, JobResult] = {}
+        n = len(self.sparsities)
+        assert self.ori_metric is not None
+        for idx, k in enumerate(keys):
+            done = ckpt.done(k, n) if ckpt else ()
+            stop = next((i for i, v in enumerate(done)
+                         if need_to_stop(self.early_stop_mode, self.early_stop_value, self.ori_metric, v)), None)
+            if stop is not None or len(done) == n:
+                vals = list(done[: stop + 1] if stop is not None else done)
+                finished[k] = JobResult(k, vals, stopped=stop is not None)
+                continue
+            members = self.groups[k]
+            device = self.devices[idx % len(self.devices)] if self.devices and self.executor else None
+            jobs.append(Job(
+                key=k, members=members, sparsities=tuple(self.sparsities),
+                real_sparsities=tuple(self._real(k, s) for s in self.sparsities), prune_type=self.prune_type,
+                ori_metric=self.ori_metric, early_stop_mode=self.early_stop_mode,
+                early_stop_value=self.early_stop_value, prune=all(self._pruned[m] for m in members), done=done,
+                restore_buffers=self.restore_buffers, device=device,
+                threads=1 if self.executor is not None else None, index=idx))
+        return jobs, finished
+
+    def _record(self, ckpt: Checkpoint | None, job: Job, start: int, values: list[float]) -> None:
+        for i in range(start, len(values)):
+            logger.info("Layer: %s Sparsity: %.2f Validation Metric: %.4f", job.key, job.real_sparsities[i],
+                        values[i])
+        if ckpt is not None and len(values) > start:
+            ckpt.add(job.key, [(i, job.sparsities[i], values[i]) for i in range(start, len(values))])
+
+    def _run_serial(self, jobs: list[Job], val_args: list[Any], val_kwargs: dict[str, Any],
+                    ckpt: Checkpoint | None, bar: Any) -> dict[str, JobResult]:
+        results: dict[str, JobResult] = {}
+
+        def on_result(job: Job, i: int, value: float) -> None:
+            self.sensitivities[job.key][job.sparsities[i]] = value
+            self._record(ckpt, job, i, [*([0.0] * i), value])
+            bar.update(1)
+            if i + 1 < len(job.sparsities):
+                bar.set_postfix_str(f"{job.key} @ {job.sparsities[i + 1]}")
+
+        for job in jobs:
+            self.sensitivities[job.key] = dict(zip(job.sparsities, job.done))
+            bar.set_postfix_str(f"{job.key} @ {job.sparsities[len(job.done)]}")
+            results[job.key] = run_job(self.model, self.val_func, val_args, val_kwargs, job, on_result)
+        return results
+
+    def _run_remote(self, jobs: list[Job], bundle: tuple[str, bytes], ckpt: Checkpoint | None,
+                    bar: Any) -> dict[str, JobResult]:
+        from concurrent.futures import as_completed
+
+        from .parallel import process_pool, remote_job
+
+        digest, data = bundle
+        own = self.executor is None
+        pool = process_pool(self.workers or 1, digest, data, self.devices) if own else self.executor
+        assert pool is not None
+        results: dict[str, JobResult] = {}
+        futures: dict[Future[JobResult], Job] = {}
+        try:
+            for job in jobs:
+                fut = pool.submit(remote_job, job, digest, None if own else data)
+                futures[fut] = job
+            bar.set_postfix_str(f"{len(jobs)} layers on {self.workers or 'executor'} workers")
+            failed = False
+            for fut in as_completed(futures):
+                job = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as e:  # noqa: BLE001 - worker crashed, result not unpicklable, ...
+                    res = JobResult(job.key, list(job.done), error=e)
+                self._record(ckpt, job, len(job.done), res.values)
+                bar.update(len(res.values) - len(job.done))
+                results[job.key] = res
+                if res.error is not None and not failed:
+                    failed = True
+                    for f in futures:
+                        f.cancel()
+        finally:
+            if own:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return results
+
+    # -- output -----------------------------------------------------------------------------------------
+    def export(self, filepath: str | os.PathLike[str]) -> None:
+        """Write NNI's CSV (same bytes as NNI 2.10.1's ``export``), atomically (temp file + rename)."""
+        report.write_atomic(filepath, report.csv_bytes(self.sparsities, self.sensitivities))
+
+    def load(self, filepath: str | os.PathLike[str]) -> dict[str, dict[float, float]]:
+        """Read a CSV written by ``export`` (ours or NNI's) into ``self.sensitivities`` and return it."""
+        self.sensitivities = report.load_sensitivity(filepath)
+        return self.sensitivities
+
+    def plot(self, path: str | os.PathLike[str], title: str = "Pruning sensitivity") -> None:
+        """PNG with one metric-vs-sparsity curve per layer and the baseline (needs matplotlib)."""
+        report.plot(self.sensitivities, path, baseline=self.ori_metric, title=title)
+
+    def to_dataframe(self) -> Any:
+        """Results as a long ``pandas.DataFrame`` (``layer, sparsity, metric, delta``); needs pandas."""
+        return report.to_dataframe(self.sensitivities, baseline=self.ori_metric)
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sensitivity", unit="eval", disable=not enabled, dynamic_ncols=True)

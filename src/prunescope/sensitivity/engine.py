@@ -1,0 +1,242 @@
+"""The prune → evaluate → restore loop for one job (one layer, or one channel-dependency group).
+
+:func:`run_job` is the single job function: the serial path calls it in the parent, the process-pool and
+Dask paths call it (through :func:`prunescope.sensitivity.parallel.remote_job`) on a worker's copy of the
+model. Everything it changes on the model is undone in ``finally`` - also when ``val_func`` raises or the
+user presses Ctrl-C:
+
+* the weight and bias of the pruned layer(s) are snapshotted (``clone``) before the first mask and copied
+  back bit for bit afterwards; nothing else of the model's parameters is copied;
+* every buffer of the model is snapshotted and restored too (BatchNorm running statistics change when
+  ``val_func`` runs the model in training mode; NNI restores them after each layer as well). Buffers are
+  small next to the weights (BatchNorm: two numbers per channel); pass ``restore_buffers=False`` to skip;
+* the ``training`` flag of every module is put back;
+* no hooks or wrappers are installed: masks are multiplied into the weights in place (exactly NNI's
+  ``weight.data.mul_(mask)``), so there is nothing to remove.
+
+A parameter outside the pruned layer(s) that ``val_func`` changes in place (an optimiser step: its version
+counter moves) cannot be restored without a full copy; that is reported as :class:`ModelStateError`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PrunescopeError
+
+EARLY_STOP_MODES = ("minimize", "maximize", "dropped", "raised")
+
+
+class MetricError(PrunescopeError, ValueError):
+    """``val_func`` returned NaN, an infinity or something that is not a number."""
+
+
+class ModelStateError(PrunescopeError, RuntimeError):
+    """``val_func`` changed model state that the analysis does not snapshot (e.g. trained other layers)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: sweep ``sparsities`` on the layer(s) ``members``, reported under ``key``.
+
+    ``done`` holds the values already known (from a checkpoint) for the leading sparsities: their masks
+    are re-applied (masks are nested, each computed from the already-pruned weights) but ``val_func`` is
+    not called again.
+    """
+
+    key: str
+    members: tuple[str, ...]
+    sparsities: tuple[float, ...]
+    real_sparsities: tuple[float, ...]
+    prune_type: str
+    ori_metric: float
+    early_stop_mode: str | None = None
+    early_stop_value: float | None = None
+    prune: bool = True
+    done: tuple[float, ...] = ()
+    restore_buffers: bool = True
+    device: str | None = None
+    threads: int | None = None
+    index: int = 0
+
+
+@dataclass
+class JobResult:
+    """What a job produced: ``values[i]`` belongs to ``sparsities[i]``; ``error`` if it ended in one."""
+
+    key: str
+    values: list[float] = field(default_factory=list)
+    stopped: bool = False
+    error: BaseException | None = None
+
+
+def coerce_metric(value: Any, layer: str, sparsity: float | None) -> float:
+    """``val_func``'s return value as a finite Python float (tensors, numpy scalars and ints accepted).
+
+    >>> coerce_metric(torch.tensor(0.5), "conv1", 0.25)
+    0.5
+    """
+    where = "the unpruned model (baseline)" if sparsity is None else f"layer {layer!r} at sparsity {sparsity}"
+    raw = value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise MetricError(f"val_func returned a tensor of shape {tuple(value.shape)} for {where}; "
+                              "expected a single number")
+        value = value.item()
+    elif hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar / 0-d array
+        try:
+            value = value.item()
+        except (ValueError, TypeError):
+            raise MetricError(f"val_func returned {raw!r} for {where}; expected a single number") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MetricError(f"val_func returned {raw!r} ({type(raw).__name__}) for {where}; expected a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise MetricError(f"val_func returned {value} for {where}; the metric must be finite")
+    return value
+
+
+def need_to_stop(mode: str | None, threshold: float | None, ori: float, cur: float) -> bool:
+    """NNI's early-stop rule: strict comparisons, checked after each evaluation.
+
+    >>> need_to_stop("dropped", 0.1, 0.9, 0.8), need_to_stop("dropped", 0.1, 0.9, 0.79)
+    (False, True)
+    """
+    if mode is None:
+        return False
+    assert threshold is not None
+    if mode == "minimize":
+        return cur < threshold
+    if mode == "maximize":
+        return cur > threshold
+    if mode == "dropped":
+        return cur < ori - threshold
+    if mode == "raised":
+        return cur > ori + threshold
+    return False
+
+
+@torch.no_grad()
+def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str) -> list[dict[str, Any]]:
+    """Masks for layers pruned together; filter pruners keep the same output channels in every member.
+
+    One layer: exactly :func:`prunescope.masks.pruners.layer_mask` (NNI's mask). Several layers and a
+    filter prune type: per-channel scores are summed over the members (NNI v2's dependency-aware rule),
+    then NNI's selection rule (floor count, ``<= threshold``, FPGM stable order) picks the channels.
+    ``level`` masks each member on its own at the same sparsity.
+    """
+    from ..masks.layers import expand_filters, num_filters
+    from ..masks.pruners import filter_scores, layer_mask
+
+    if len(modules) == 1 or prune_type == "level":
+        return [layer_mask(m, sparsity, prune_type) for m in modules]
+    n = num_filters(modules[0])
+    scores = sum(filter_scores(m, prune_type).to(torch.float64) for m in modules)
+    num_prune = int(n * sparsity)
+    assert isinstance(scores, torch.Tensor)
+    if n < 2 or num_prune < 1:
+        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    elif prune_type == "fpgm":
+        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+        keep[torch.argsort(scores, stable=True)[:num_prune]] = False
+    else:
+        threshold = torch.topk(scores, num_prune, largest=False)[0].max()
+        keep = torch.gt(scores, threshold)
+    out = []
+    for m in modules:
+        w = m.weight
+        ones = torch.ones(w.shape, dtype=w.dtype, device=w.device)
+        b = getattr(m, "bias", None)
+        out.append({"weight": expand_filters(m, keep, ones),
+                    "bias": None if b is None else keep.to(device=b.device, dtype=b.dtype)})
+    return out
+
+
+class _StateGuard:
+    """Snapshot what a job may change; restore it bit for bit on exit, whatever happened."""
+
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module], restore_buffers: bool) -> None:
+        self.model = model
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        for m in modules:
+            for name in ("weight", "bias"):
+                t = getattr(m, name, None)
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    self.tensors.append((t, t.detach().clone()))
+        if restore_buffers:
+            for b in model.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self.tensors.append((b, b.detach().clone()))
+        self.watched = [(n, p, p._version) for n, p in model.named_parameters() if id(p) not in seen]
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def check(self, where: str) -> None:
+        changed = [n for n, p, v in self.watched if p._version != v]
+        if changed:
+            shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+            raise ModelStateError(
+                f"val_func modified parameter(s) {shown} in place while evaluating {where}; a sensitivity "
+                "sweep only restores the layer being pruned, so val_func must not train the model")
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, snap in self.tensors:
+                t.copy_(snap)
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[Any],
+            val_kwargs: dict[str, Any], job: Job,
+            on_result: Callable[[Job, int, float], None] | None = None) -> JobResult:
+    """Sweep one job on ``model`` (NNI semantics) and return its values; the model is restored on exit.
+
+    ``on_result(job, i, value)`` is called after every *new* evaluation (checkpointing, progress).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
+    >>> x = torch.ones(1, 1, 5, 5)
+    >>> job = Job("0", ("0",), (0.5,), (0.5,), "l1", ori_metric=0.0)
+    >>> res = run_job(net, lambda m: m(x).abs().sum().item(), [net], {}, job)
+    >>> len(res.values), res.stopped
+    (1, False)
+    """
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    modules = [model.get_submodule(n) for n in job.members]
+    result = JobResult(job.key)
+    guard = _StateGuard(model, modules, job.restore_buffers)
+    try:
+        for i, (s, real) in enumerate(zip(job.sparsities, job.real_sparsities)):
+            if job.prune:
+                masks = group_masks(modules, real, job.prune_type)
+                with torch.no_grad():
+                    for m, mask in zip(modules, masks):
+                        m.weight.mul_(mask["weight"])
+                        if mask.get("bias") is not None and getattr(m, "bias", None) is not None:
+                            m.bias.mul_(mask["bias"])
+                del masks
+            if i < len(job.done):
+                value = job.done[i]
+            else:
+                value = coerce_metric(val_func(*val_args, **val_kwargs), job.key, s)
+                guard.check(f"{job.key!r} at sparsity {s}")
+                if on_result is not None:
+                    on_result(job, i, value)
+            result.values.append(value)
+            if need_to_stop(job.early_stop_mode, job.early_stop_value, job.ori_metric, value):
+                result.stopped = True
+                break
+    finally:
+        guard.restore()
+    return result

@@ -1,0 +1,120 @@
+"""Sensitivity results on disk and on screen: NNI's CSV (write and read back), a PNG plot, a DataFrame."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+
+Sensitivities = Mapping[str, Mapping[float, Any]]
+
+
+def csv_bytes(sparsities: Sequence[float], sensitivities: Sensitivities) -> bytes:
+    """NNI 2.10.1's export bytes: header ``layername,<str(s)...>``; one row per layer, values ordered by
+    sparsity and written with ``str()``; early-stopped rows are shorter; ``\\r\\n`` line ends.
+
+    >>> csv_bytes([0.25, 0.5], {"conv1": {0.25: 0.9, 0.5: 0.8}, "conv2": {0.25: 0.5}})
+    b'layername,0.25,0.5\\r\\nconv1,0.9,0.8\\r\\nconv2,0.5\\r\\n'
+    """
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["layername"] + [str(s) for s in sparsities])
+    for layer, values in sensitivities.items():
+        w.writerow([layer] + [values[s] for s in sorted(values)])
+    return buf.getvalue().encode("utf-8")
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".prunescope-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_sensitivity(path: str | os.PathLike[str]) -> dict[str, dict[float, float]]:
+    """Read a CSV written by ``export()`` (ours or NNI's) back into ``{layer: {sparsity: value}}``.
+
+    Like NNI's ``SensitivityPruner.load_sensitivity``, values map by position onto the header's
+    sparsities, which is how shorter (early-stopped) rows line up.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "s.csv")
+    >>> with open(p, "wb") as f:
+    ...     _ = f.write(b"layername,0.25,0.5\\r\\nconv1,0.9,0.8\\r\\nconv2,0.5\\r\\n")
+    >>> load_sensitivity(p)
+    {'conv1': {0.25: 0.9, 0.5: 0.8}, 'conv2': {0.25: 0.5}}
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or not rows[0] or rows[0][0] != "layername":
+        raise ConfigError(f"{os.fspath(path)!r} is not a sensitivity CSV (first cell must be 'layername')")
+    try:
+        sparsities = [float(x) for x in rows[0][1:]]
+        out: dict[str, dict[float, float]] = {}
+        for row in rows[1:]:
+            if not row:
+                continue
+            if len(row) - 1 > len(sparsities):
+                raise ConfigError(f"row {row[0]!r} of {os.fspath(path)!r} has more values than sparsities")
+            out[row[0]] = {s: float(v) for s, v in zip(sparsities, row[1:])}
+    except ValueError as e:
+        raise ConfigError(f"malformed sensitivity CSV {os.fspath(path)!r}: {e}") from None
+    return out
+
+
+def to_dataframe(sensitivities: Sensitivities, baseline: float | None = None) -> Any:
+    """Long-format ``pandas.DataFrame``: columns ``layer, sparsity, metric`` (and ``delta`` with a baseline)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_dataframe() needs pandas: pip install 'prunescope[table]'") from None
+    rows = [(layer, float(s), float(v)) for layer, vals in sensitivities.items() for s, v in sorted(vals.items())]
+    df = pd.DataFrame(rows, columns=["layer", "sparsity", "metric"])
+    if baseline is not None:
+        df["delta"] = df["metric"] - float(baseline)
+    return df
+
+
+def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: float | None = None,
+         title: str = "Pruning sensitivity") -> None:
+    """Write a PNG with one metric-vs-sparsity curve per layer and the unpruned baseline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot() needs matplotlib: pip install 'prunescope[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    try:
+        for layer, vals in sensitivities.items():
+            xs = sorted(vals)
+            ax.plot([float(s) for s in xs], [float(vals[s]) for s in xs], marker="o", ms=3, label=layer)
+        if baseline is not None:
+            ax.axhline(float(baseline), color="black", ls="--", lw=1, label="baseline (unpruned)")
+        ax.set_xlabel("sparsity of the layer")
+        ax.set_ylabel("validation metric")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if len(sensitivities) <= 20:
+            ax.legend(fontsize="small", loc="best")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
