@@ -18,7 +18,7 @@ def parse_size(text: str) -> tuple[int, ...]:
     try:
         size = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
     except ValueError:
-        raise CLIError(f"malformed --input-size {text!r}: expected comma-separated integers like 1,3,224,224")
+        raise CLIError(f"malformed --input-size {text!r}: expected comma-separated integers like 1,3,224,224") from None
     if not size or any(s <= 0 for s in size):
         raise CLIError(f"malformed --input-size {text!r}: expected positive integers like 1,3,224,224")
     return size
@@ -32,7 +32,7 @@ def load_object(spec: str, what: str = "object") -> Any:
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise CLIError(f"cannot import module {mod_name!r} for {what} {spec!r}: {e}")
+        raise CLIError(f"cannot import module {mod_name!r} for {what} {spec!r}: {e}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise CLIError(f"module {mod_name!r} has no attribute {attr!r} ({what} {spec!r})")
@@ -53,14 +53,22 @@ def load_model(spec: str, device: str | None = None) -> nn.Module:
     try:
         import torchvision
     except ImportError:
-        raise CLIError("torchvision is needed for model names; install prunescope[vision] or give pkg.mod:callable")
+        raise CLIError(
+            "torchvision is needed for model names; install prunescope[vision] or give pkg.mod:callable"
+        ) from None
     names = set(torchvision.models.list_models())
     if spec not in names:
-        close = sorted(n for n in names if spec.lower()[:4] in n)[:5]
+        import difflib
+
+        close = difflib.get_close_matches(spec, sorted(names), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CLIError(f"unknown model {spec!r}: not a torchvision model name nor package.module:callable{hint}")
-    ctx: Any = torch.device(device) if device else torch.device("cpu")
-    with ctx:
+    import contextlib
+    import warnings
+
+    ctx: Any = torch.device(device) if device else contextlib.nullcontext()
+    with ctx, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torchvision's init-weights notices
         model = torchvision.models.get_model(spec, weights=None)
     return model.eval()
 
@@ -76,3 +84,36 @@ def run_guarded(func: Callable[[], int]) -> int:
     except (CLIError, PrunescopeError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"prunescope: error: {e}", file=sys.stderr)
         return 2
+
+
+def build_on_meta(builder: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model with its parameters and buffers on the ``meta`` device (no memory, no init compute).
+
+    Tries ``with torch.device('meta')`` first; builders that compute with tensors while constructing
+    (torchvision's RegNet computes its widths with ``torch`` and ``.tolist()``) are built on the CPU with
+    each parameter and buffer moved to ``meta`` the moment it is registered, so initialisation costs nothing.
+    """
+    try:
+        with torch.device("meta"):
+            return builder()
+    except (NotImplementedError, RuntimeError):
+        pass
+    reg_p, reg_b = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def register_parameter(self: nn.Module, name: str, param: Any) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        reg_p(self, name, param)
+
+    def register_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        if tensor is not None and tensor.device.type != "meta":
+            tensor = tensor.to("meta")
+        reg_b(self, name, tensor, persistent)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+    try:
+        return builder()
+    finally:
+        nn.Module.register_parameter = reg_p  # type: ignore[method-assign]
+        nn.Module.register_buffer = reg_b  # type: ignore[method-assign]
