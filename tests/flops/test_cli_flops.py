@@ -1,3 +1,4 @@
+import csv
 import json
 
 import pytest
@@ -25,9 +26,9 @@ def test_json_and_csv(capsys, tmp_path):
     path = tmp_path / "f.csv"
     code, out, _ = run(capsys, "flops", "resnet18", "--input-size", "1,3,224,224", "--device", "meta",
                        "--format", "csv", "--out", str(path))
-    lines = path.read_text().splitlines()
-    assert lines[0].startswith("index,name,type") and lines[1].split(",")[1] == "conv1"
-    assert sum(int(line.split(",")[7]) for line in lines[1:]) == 1_814_073_344
+    rows = list(csv.reader(path.read_text().splitlines()))
+    assert rows[0][:3] == ["index", "name", "type"] and rows[1][1] == "conv1" and rows[1][4] == "(64, 3, 7, 7)"
+    assert sum(int(r[7]) for r in rows[1:]) == 1_814_073_344
 
 
 @pytest.mark.parametrize("argv,msg", [
