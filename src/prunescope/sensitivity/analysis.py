@@ -296,7 +296,7 @@ class SensitivityAnalysis:
                 assert bundle is not None
                 results = self._run_remote(jobs, bundle, ckpt, bar)
             else:
-                results = self._run_serial(jobs, val_args, val_kwargs, ckpt, bar)
+                results = self._run_serial(keys, jobs, finished, val_args, val_kwargs, ckpt, bar)
             results.update(finished)
             error = None
             for k in keys:
@@ -343,8 +343,9 @@ class SensitivityAnalysis:
         if ckpt is not None and len(values) > start:
             ckpt.add(job.key, [(i, job.sparsities[i], values[i]) for i in range(start, len(values))])
 
-    def _run_serial(self, jobs: list[Job], val_args: list[Any], val_kwargs: dict[str, Any],
-                    ckpt: Checkpoint | None, bar: Any) -> dict[str, JobResult]:
+    def _run_serial(self, keys: list[str], jobs: list[Job], finished: dict[str, JobResult],
+                    val_args: list[Any], val_kwargs: dict[str, Any], ckpt: Checkpoint | None,
+                    bar: Any) -> dict[str, JobResult]:
         results: dict[str, JobResult] = {}
 
         def on_result(job: Job, i: int, value: float) -> None:
@@ -354,7 +355,12 @@ class SensitivityAnalysis:
             if i + 1 < len(job.sparsities):
                 bar.set_postfix_str(f"{job.key} @ {job.sparsities[i + 1]}")
 
-        for job in jobs:
+        by_key = {job.key: job for job in jobs}
+        for key in keys:  # layers in model order, as NNI fills its dict
+            if key in finished:
+                self.sensitivities[key] = dict(zip(self.sparsities, finished[key].values))
+                continue
+            job = by_key[key]
             self.sensitivities[job.key] = dict(zip(job.sparsities, job.done))
             bar.set_postfix_str(f"{job.key} @ {job.sparsities[len(job.done)]}")
             results[job.key] = run_job(self.model, self.val_func, val_args, val_kwargs, job, on_result)

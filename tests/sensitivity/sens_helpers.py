@@ -1,0 +1,45 @@
+"""Helpers for the sensitivity tests: state fingerprints and counting / failing validation functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NNI_DATA = Path(__file__).resolve().parents[1] / "data" / "nni"
+
+
+def state_bytes(model: nn.Module) -> dict[str, bytes]:
+    """Raw bytes of every parameter and buffer (bit-identical comparison, -0.0 and NaN included)."""
+    return {k: v.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            for k, v in model.state_dict().items()}
+
+
+def modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def hook_counts(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+
+
+class Counting:
+    """Picklable val function: calls ``metric``; raises ``exc`` on call number ``fail_at`` (1-based)."""
+
+    def __init__(self, metric, fail_at: int | None = None, exc: BaseException | None = None,
+                 returns=None) -> None:
+        self.metric = metric
+        self.fail_at = fail_at
+        self.exc = exc
+        self.returns = returns
+        self.calls = 0
+
+    def __call__(self, model: nn.Module):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            if self.exc is not None:
+                model.train()  # also flip the mode: it must be put back
+                raise self.exc
+            return self.returns
+        return self.metric(model)

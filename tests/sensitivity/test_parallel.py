@@ -1,0 +1,67 @@
+"""workers=N and executor= (a real Dask LocalCluster) give exactly the serial results."""
+
+import pytest
+import sens_models as M
+import torch
+from sens_helpers import Counting, state_bytes
+
+from prunescope.errors import ConfigError
+from prunescope.sensitivity import MetricError, SensitivityAnalysis
+
+KW = {"sparsities": [0.25, 0.5, 0.75], "early_stop_mode": "minimize", "early_stop_value": 1.188}
+
+
+def serial():
+    model = M.build_cnn()
+    sa = SensitivityAnalysis(model, M.loss, progress=False, **KW)
+    return sa.analysis([model]), sa.ori_metric
+
+
+def test_workers_equal_serial(tmp_path, one_thread):
+    ref, ori = serial()
+    model = M.build_cnn()
+    before = state_bytes(model)
+    ck = tmp_path / "ck.jsonl"
+    sa = SensitivityAnalysis(model, M.loss, workers=2, checkpoint=ck, progress=False, **KW)
+    res = sa.analysis(val_args=[model])
+    assert res == ref and list(res) == list(ref) and sa.ori_metric == ori
+    assert state_bytes(model) == before
+    # everything is in the checkpoint: a rerun evaluates nothing
+    val = Counting(M.loss)
+    model = M.build_cnn()
+    sa = SensitivityAnalysis(model, val, checkpoint=ck, progress=False, **KW)
+    assert sa.analysis([model]) == ref and val.calls == 0
+
+
+def test_worker_error_keeps_finished_results(tmp_path, one_thread):
+    model = M.build_cnn()
+    val = Counting(M.loss, fail_at=2, returns=float("nan"))  # each worker's 2nd call (its copy's counter)
+    ck = tmp_path / "ck.jsonl"
+    sa = SensitivityAnalysis(model, val, workers=2, checkpoint=ck, progress=False, sparsities=[0.25, 0.5, 0.75])
+    with pytest.raises(MetricError, match="at sparsity 0.5"):
+        sa.analysis([model])
+    assert len(ck.read_text().splitlines()) >= 3  # header, baseline, at least one layer's 0.25
+
+
+def test_unpicklable_arguments_rejected_up_front():
+    model = M.build_cnn()
+    val = Counting(M.loss)
+    sa = SensitivityAnalysis(model, val, workers=2, progress=False)
+    import threading
+
+    with pytest.raises(ConfigError, match="cannot send val_args to worker processes"):
+        sa.analysis([model, threading.Lock()])
+    assert val.calls == 0
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_equals_serial(one_thread):
+    distributed = pytest.importorskip("distributed")
+    ref, _ = serial()
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        model = M.build_cnn()
+        sa = SensitivityAnalysis(model, M.loss, executor=client.get_executor(), progress=False, **KW)
+        res = sa.analysis(val_args=[model])
+    assert res == ref and list(res) == list(ref)
+    assert torch.get_num_threads() == 1
