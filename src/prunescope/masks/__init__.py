@@ -6,6 +6,8 @@ A mask dict has NNI's export layout ``{layer_name: {'weight': tensor, 'bias': te
 
 from __future__ import annotations
 
+from .apply import apply_masks
+from .io import load_masks, save_masks, validate_masks
 from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, layer_mask
 
 __all__ = [
@@ -14,5 +16,9 @@ __all__ = [
     "L2FilterPruner",
     "LevelPruner",
     "Pruner",
+    "apply_masks",
     "layer_mask",
+    "load_masks",
+    "save_masks",
+    "validate_masks",
 ]

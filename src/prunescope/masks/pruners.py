@@ -83,12 +83,14 @@ def filter_scores(module: nn.Module, prune_type: str) -> torch.Tensor:
     if prune_type == "l2":
         return torch.sqrt((filter_matrix(module, w) ** 2).sum(dim=1))
     if prune_type == "fpgm":
-        m = filter_matrix(module, w)
-        dists = []
-        for i in range(m.shape[0]):  # one row at a time, as NNI does, for identical rounding
-            x = m - m[i].unsqueeze(0).expand(m.shape[0], m.shape[1])
-            dists.append(torch.sqrt((x * x).sum(-1)).sum().item())
-        return torch.tensor(dists, dtype=torch.float32, device=w.device)
+        m = filter_matrix(module, w).contiguous()
+        buf = torch.empty_like(m)
+        dists = torch.empty(m.shape[0], dtype=m.dtype, device=m.device)
+        for i in range(m.shape[0]):  # one row at a time with NNI's arithmetic, for identical rounding
+            torch.sub(m, m[i], out=buf)
+            buf.mul_(buf)
+            dists[i] = torch.sqrt(buf.sum(-1)).sum()
+        return dists.to(torch.float32)  # NNI collects the sums into a float32 torch.Tensor
     raise ConfigError(f"unknown filter prune type {prune_type!r}; expected one of 'l1', 'l2', 'fpgm'")
 
 
