@@ -5,10 +5,9 @@ import warnings
 
 import pytest
 import sens_models as M
+from sens_helpers import NNI_DATA
 
 from prunescope.sensitivity import SensitivityAnalysis
-
-from sens_helpers import NNI_DATA
 
 REFS = sorted((NNI_DATA / "sensitivity").glob("*.json"))
 

@@ -1,0 +1,80 @@
+"""``prunescope sensitivity``: NNI's layer-wise pruning sensitivity sweep from the command line.
+
+Example::
+
+    prunescope sensitivity --model mypkg.models:build --val mypkg.models:evaluate \\
+        --sparsities 0.25,0.5,0.75 --early-stop dropped:0.05 --workers 2 --checkpoint sens.ckpt \\
+        --out sens.csv --plot sens.png
+
+``--model`` names a module (or a callable returning one, or a torchvision model name); ``--val`` names a
+callable that takes the model and returns its metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import CLIError, load_model, load_object, run_guarded
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise CLIError(f"malformed --sparsities {text!r}: expected comma-separated numbers like 0.25,0.5") from None
+
+
+def _early_stop(text: str | None) -> tuple[str | None, float | None]:
+    if text is None:
+        return None, None
+    mode, sep, value = text.partition(":")
+    if not sep:
+        raise CLIError(f"malformed --early-stop {text!r}: expected MODE:VALUE, e.g. dropped:0.05")
+    try:
+        return mode, float(value)
+    except ValueError:
+        raise CLIError(f"malformed --early-stop value {value!r}: expected a number") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..sensitivity import SensitivityAnalysis
+
+    model = load_model(args.model)
+    val = load_object(args.val, "validation function")
+    if not callable(val):
+        raise CLIError(f"--val {args.val!r} is not callable")
+    mode, value = _early_stop(args.early_stop)
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers else None
+    sa = SensitivityAnalysis(
+        model, val, sparsities=_floats(args.sparsities) if args.sparsities else None, prune_type=args.prune_type,
+        early_stop_mode=mode, early_stop_value=value, checkpoint=args.checkpoint, workers=args.workers,
+        progress=not args.no_progress)
+    sa.analysis(val_args=[model], specified_layers=layers)
+    sa.export(args.out)
+    msg = f"baseline {sa.ori_metric!r}; {len(sa.sensitivities)} layers -> {args.out}"
+    if args.plot:
+        sa.plot(args.plot)
+        msg += f", {args.plot}"
+    print(msg)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``sensitivity`` sub-command."""
+    p = subparsers.add_parser(
+        "sensitivity", help="layer-wise pruning sensitivity sweep (NNI's SensitivityAnalysis)",
+        description="Prune one layer at a time at increasing sparsities and record the validation metric. "
+                    "Writes NNI's CSV.")
+    p.add_argument("--model", required=True, help="package.module:callable_or_module, or a torchvision name")
+    p.add_argument("--val", required=True, help="package.module:function taking the model, returning a number")
+    p.add_argument("--sparsities", help="comma-separated, default 0.1,...,0.9")
+    p.add_argument("--prune-type", default="l1", choices=("l1", "l2", "fpgm", "level"))
+    p.add_argument("--early-stop", metavar="MODE:VALUE", help="minimize|maximize|dropped|raised, e.g. dropped:0.05")
+    p.add_argument("--layers", help="comma-separated layer names to analyse (default: all targets)")
+    p.add_argument("--workers", type=int, help="run layers in N local processes")
+    p.add_argument("--checkpoint", help="JSON-lines checkpoint: finished evaluations are skipped on rerun")
+    p.add_argument("--out", required=True, help="CSV file to write (NNI's format)")
+    p.add_argument("--plot", help="also write a PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=lambda args: run_guarded(lambda: _run(args)))
