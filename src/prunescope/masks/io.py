@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -151,7 +152,9 @@ def load_masks(path: PathLike, map_location: Any = "cpu") -> Masks:
     if not os.path.isfile(path):
         raise MaskError(f"mask file {path!r} does not exist")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about non-default pickle protocols; the error says more
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MaskError(
