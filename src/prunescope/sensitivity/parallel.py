@@ -5,7 +5,8 @@ references between them survive: ``val_args=[model]`` unpickles as the worker's 
 the one that the job prunes. The bundle is unpickled once per worker process and cached (keyed by its
 SHA-256); every job restores the model before it returns, so the cached copy stays pristine.
 
-* ``workers=N``: a ``ProcessPoolExecutor`` (``spawn``; one torch thread per worker) whose initializer
+* ``workers=N``: a ``ProcessPoolExecutor`` (``fork`` on Linux while CUDA is not initialised, else
+  ``spawn``; one torch thread per worker) whose initializer
   receives the bundle once; jobs carry only its digest. ``device=[...]`` gives worker k the device
   ``device[k % len(device)]``.
 * ``executor=``: any ``concurrent.futures.Executor`` - e.g. Dask's ``Client(...).get_executor()``. Each
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import pickle
+import sys
 from typing import Any
 
 import torch
@@ -100,10 +102,13 @@ def remote_job(job: Job, digest: str, data: bytes | None = None) -> JobResult:
 
 
 def process_pool(workers: int, digest: str, data: bytes, devices: list[str] | None) -> Any:
-    """A spawn-based ProcessPoolExecutor whose workers hold the bundle and one torch thread each."""
+    """A ProcessPoolExecutor whose workers hold the bundle and one torch thread each."""
     from concurrent.futures import ProcessPoolExecutor
 
-    ctx = mp.get_context("spawn")
+    # fork starts workers in milliseconds (no second torch import); it is unsafe once CUDA is initialised
+    # and unavailable off Linux, where spawn is used.
+    method = "fork" if sys.platform == "linux" and not devices and not torch.cuda.is_initialized() else "spawn"
+    ctx = mp.get_context(method)
     counter = ctx.Value("i", 0)
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init,
                                initargs=(digest, data, 1, list(devices) if devices else None, counter))
