@@ -7,16 +7,21 @@ A mask dict has NNI's export layout ``{layer_name: {'weight': tensor, 'bias': te
 from __future__ import annotations
 
 from .apply import apply_masks
+from .conflict import ConflictChange, FixedMasks, fix_mask_conflict, fix_masks_with
 from .io import load_masks, save_masks, validate_masks
 from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, layer_mask
 
 __all__ = [
+    "ConflictChange",
+    "FixedMasks",
     "FPGMPruner",
     "L1FilterPruner",
     "L2FilterPruner",
     "LevelPruner",
     "Pruner",
     "apply_masks",
+    "fix_mask_conflict",
+    "fix_masks_with",
     "layer_mask",
     "load_masks",
     "save_masks",
