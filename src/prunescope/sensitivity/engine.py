@@ -225,7 +225,7 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
                         m.weight.mul_(mask["weight"])
                         if mask.get("bias") is not None and getattr(m, "bias", None) is not None:
                             m.bias.mul_(mask["bias"])
-                del masks
+                del masks, mask  # free the masks before val_func runs: only the snapshot stays
             if i < len(job.done):
                 value = job.done[i]
             else:
