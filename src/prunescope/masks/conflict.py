@@ -345,8 +345,8 @@ def fix_mask_conflict(masks: Mapping[str, Any] | str | os.PathLike[str], model: 
     >>> cfg = [{'sparsity': 0.5, 'op_types': ['Conv2d']}, {'sparsity': 0.2, 'op_names': ['conv1']}]
     >>> masks = L1FilterPruner(net, cfg).compute_masks()
     >>> fixed = fix_mask_conflict(masks, net, torch.ones(1, 3, 64, 64))
-    >>> [len(c.members) for c in fixed.changed][:3]
-    [3, 4, 4]
+    >>> [c.members for c in fixed.changed][0]
+    ('conv1', 'layer1.0.conv2', 'layer1.1.conv2')
     """
     from .. import topology
     from ..graph import trace
