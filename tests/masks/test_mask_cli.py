@@ -80,6 +80,7 @@ def test_fix_and_config_file(tmp_path, capsys) -> None:
         (["--sparsity", "0.5", "--op-types", "Conv3d"], "selects no layer"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:config_list")
 def test_bad_input_is_one_line(tmp_path, capsys, argv: list[str], msg: str) -> None:
     code = main(["masks", SMALL, "--out", str(tmp_path / "m.pth"), *argv])
     err = capsys.readouterr().err

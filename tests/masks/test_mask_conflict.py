@@ -226,3 +226,32 @@ def test_group_step_rules() -> None:
     m = {"c": _filter_mask(model["c"], [0, 0, 0, 0, 0, 1, 1, 1])}  # first group entirely pruned: exempt
     out = fix_masks_with(m, model, [], {"c": 2}, {"c": 2})
     assert _keep(model, out, "c").int().tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_unmaskable_member_pins_its_set() -> None:
+    model = nn.ModuleDict({"a": nn.Conv2d(1, 4, 1), "attn": nn.Identity()})
+    m = {"a": _filter_mask(model["a"], [1, 0, 1, 0])}
+    out = fix_masks_with(m, model, [{"a", "attn"}], policy="intersection")
+    assert _keep(model, out, "a").all() and "cannot be masked" in out.changed[0].reason
+    with pytest.raises(MaskError, match="'attn'.*Identity"):
+        fix_masks_with({"attn": {"weight": torch.ones(1), "bias": None}}, model, [])
+
+
+class BNResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b1(self.c1(x)) + self.b2(self.c2(x))
+
+
+def test_batchnorm_masks() -> None:
+    """NNI's 'Batchnorm' prune type: when every mask is on a BatchNorm, BN sets are merged."""
+    model = BNResidual().eval()
+    bn = lambda k: {"weight": torch.tensor(k, dtype=torch.float), "bias": torch.tensor(k, dtype=torch.float)}  # noqa: E731
+    masks = {"b1": bn([1, 1, 0, 0, 1, 1]), "b2": bn([0, 1, 1, 0, 1, 1])}
+    out = fix_mask_conflict(masks, model, torch.randn(1, 3, 4, 4))
+    assert out["b1"]["weight"].tolist() == out["b2"]["weight"].tolist() == [1, 1, 1, 0, 1, 1]
+    assert out["b1"]["bias"].tolist() == [1, 1, 1, 0, 1, 1]

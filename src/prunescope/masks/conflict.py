@@ -72,6 +72,7 @@ from .layers import (
 __all__ = ["POLICIES", "ConflictChange", "FixedMasks", "fix_mask_conflict"]
 
 POLICIES = ("union", "intersection", "l1")
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -203,12 +204,14 @@ def _channel_step(work: dict, modules: Mapping[str, nn.Module], sets: Iterable[I
         for name in members:
             if name not in modules:
                 raise MaskError(f"dependency set {members}: layer {name!r} is not in the model")
-            if not has_filters(modules[name]):
+            if name in work and not has_filters(modules[name]):
                 raise MaskError(f"dependency set {members}: layer {name!r} ({type(modules[name]).__name__}) "
                                 "has no output channels that a mask can prune")
         masked = [n for n in members if n in work]
         if not masked:
             continue
+        # a member whose channels no mask can remove (e.g. nn.MultiheadAttention) pins the whole set
+        fixed = [n for n in members if n not in work and not has_filters(modules[n])]
         fine = [n for n in masked if not is_structured(modules[n], work[n]["weight"])]
         if fine:
             if skipped is not None:
@@ -217,12 +220,15 @@ def _channel_step(work: dict, modules: Mapping[str, nn.Module], sets: Iterable[I
             continue
         vecs: dict[str, torch.Tensor | None] = {
             n: (_kept(modules[n], work[n]["weight"]).cpu() if n in work else None) for n in members}
-        sizes = {n: (v.numel() if v is not None else num_filters(modules[n])) for n, v in vecs.items()}
+        sizes = {n: (v.numel() if v is not None else num_filters(modules[n]))
+                 for n, v in vecs.items() if n not in fixed}
         if len(set(sizes.values())) > 1:
             raise MaskError(f"dependency set {members}: members have different channel counts {sizes}; "
                             "they cannot keep the same channels")
         n_ch = next(iter(sizes.values()))
-        if policy == "union":
+        if fixed:
+            merged = torch.ones(n_ch, dtype=torch.bool)
+        elif policy == "union":
             merged = torch.zeros(n_ch, dtype=torch.bool)
             for v in vecs.values():
                 merged |= v if v is not None else torch.ones(n_ch, dtype=torch.bool)
@@ -251,8 +257,10 @@ def _channel_step(work: dict, modules: Mapping[str, nn.Module], sets: Iterable[I
         for n in members:
             if n in work or not bool(merged.all()):
                 work[n] = _write(modules[n], work.get(n), merged, ref)
+        why = (f"{fixed} cannot be masked, so all channels stay" if fixed
+               else f"{policy}: every member now keeps the same {int(merged.sum())} channels")
         changes.append(ConflictChange(
-            "channel", tuple(members), f"{policy}: every member now keeps the same {int(merged.sum())} channels",
+            "channel", tuple(members), why,
             {n: (int(v.sum()) if v is not None else None) for n, v in vecs.items()}, int(merged.sum())))
         changed = True
     return changed
@@ -360,8 +368,11 @@ def fix_mask_conflict(masks: Mapping[str, Any] | str | os.PathLike[str], model: 
         if dummy_input is None:
             raise ConfigError("fix_mask_conflict needs dummy_input (or a traced graph) to find dependencies")
         traced = trace(model, dummy_input)
-    chan = topology.ChannelDependency(model, dummy_input, traced_model=traced, prune_type="Filter",
-                                      include_linear=True)
+    modules = dict(model.named_modules())
+    # NNI's channel prune type: 'Batchnorm' when every mask is on a BatchNorm layer, else 'Filter'
+    bn_only = all(isinstance(modules.get(n), _BN_TYPES) for n in masks)
+    chan = topology.ChannelDependency(model, dummy_input, traced_model=traced,
+                                      prune_type="Batchnorm" if bn_only else "Filter", include_linear=True)
     group = topology.GroupDependency(model, dummy_input, traced_model=traced)
     work, changes, skipped = _fix(masks, model, chan.dependency_sets, group.dependency,
                                   getattr(group, "min_groups", {}), policy, inplace, max_iter)
