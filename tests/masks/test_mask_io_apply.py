@@ -159,3 +159,16 @@ def test_bad_masks_name_the_layer(masks: dict, match: str) -> None:
         validate_masks(masks, model)
     for k, v in _snapshot(model).items():
         assert torch.equal(before[k], v)
+
+
+def test_cuda_saved_file_loads_on_cpu(tmp_path, monkeypatch) -> None:
+    """NNI users often save masks of a model on the GPU; the file records 'cuda:0' storages."""
+    import torch.serialization as ser
+
+    path = tmp_path / "cuda.pth"
+    with monkeypatch.context() as m:
+        m.setattr(ser, "location_tag", lambda storage: "cuda:0")
+        torch.save({"conv": {"weight": torch.ones(2, 1, 1, 1), "bias": torch.tensor([1.0, 0.0])}}, path)
+    assert b"cuda:0" in path.read_bytes()
+    masks = load_masks(path)
+    assert masks["conv"]["bias"].device.type == "cpu" and masks["conv"]["bias"].tolist() == [1.0, 0.0]
