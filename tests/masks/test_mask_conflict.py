@@ -255,3 +255,15 @@ def test_batchnorm_masks() -> None:
     out = fix_mask_conflict(masks, model, torch.randn(1, 3, 4, 4))
     assert out["b1"]["weight"].tolist() == out["b2"]["weight"].tolist() == [1, 1, 1, 0, 1, 1]
     assert out["b1"]["bias"].tolist() == [1, 1, 1, 0, 1, 1]
+
+
+def test_torch_save_of_result_loads_safely(tmp_path) -> None:
+    """NNI users torch.save the fixed dict; the FixedMasks subclass must not make the file unloadable."""
+    from prunescope.masks import load_masks
+
+    model = Residual().eval()
+    masks = {"c1": _filter_mask(model.c1, [1, 0] * 4), "c2": _filter_mask(model.c2, [1, 1, 0, 0] * 2)}
+    out = fix_mask_conflict(masks, model, torch.randn(1, 3, 4, 4))
+    torch.save(out, tmp_path / "f.pth")
+    back = load_masks(tmp_path / "f.pth")
+    assert list(back) == list(out) and torch.equal(back["c1"]["weight"], out["c1"]["weight"])

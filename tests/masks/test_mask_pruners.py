@@ -151,3 +151,12 @@ def test_layer_mask_errors() -> None:
         layer_mask(nn.Linear(2, 2), 1.5, "l1")
     with pytest.raises(ConfigError, match="no weight"):
         layer_mask(nn.ReLU(), 0.5, "level")
+
+
+def test_nni_call_forms(tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 10, 1))
+    cfg = [{"sparsity": 0.5, "op_types": ["Conv2d"]}]
+    masks = L1FilterPruner(model, cfg, None).export_masks(tmp_path / "m.pth")  # NNI v1: optimizer=None
+    assert (tmp_path / "m.pth").exists() and int(masks["0"]["bias"].sum()) == 5
+    with pytest.raises(ConfigError, match="dependency_aware"):
+        L1FilterPruner(model, cfg, dependency_aware=True, dummy_input=torch.ones(1, 3, 2, 2))

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,11 @@ class FixedMasks(dict):  # type: ignore[type-arg]
         super().__init__(*args, **kwargs)
         self.changed = []
         self.skipped = []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as a plain OrderedDict, so ``torch.save(fixed, path)`` gives a file that loads with
+        # ``weights_only=True`` (load_masks, NNI) without naming this class
+        return (OrderedDict, (list(self.items()),))
 
 
 def _kept(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ itself only accepts Conv2d there. Level pruning accepts any module with a ``weig
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -235,9 +236,14 @@ class Pruner:
 
     prune_type: str = ""
 
-    def __init__(self, model: nn.Module, config_list: list[dict[str, Any]], **_ignored: Any) -> None:
+    def __init__(self, model: nn.Module, config_list: list[dict[str, Any]], optimizer: Any = None, *,
+                 dependency_aware: bool = False, dummy_input: Any = None) -> None:
+        # ``optimizer`` and ``dummy_input`` are accepted for NNI v1 call compatibility and not used
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if dependency_aware:
+            raise ConfigError("dependency_aware=True (NNI's dependency-aware mode) is not supported; compute "
+                              "masks normally and use fix_mask_conflict(..., policy='l1') to align them")
         self.model = model
         self.config_list = _validate_config(model, config_list)
 
@@ -267,6 +273,14 @@ class Pruner:
         Selected layers that end up with nothing pruned get all-ones masks, like NNI's export.
         """
         return {name: layer_mask(module, s, self.prune_type) for name, module, s in self.targets()}
+
+    def export_masks(self, path: str | os.PathLike[str]) -> dict[str, Mask]:
+        """Compute the masks and write them atomically to ``path`` (NNI's mask-file layout); return them."""
+        from .io import save_masks
+
+        masks = self.compute_masks()
+        save_masks(masks, path)
+        return masks
 
 
 class L1FilterPruner(Pruner):
