@@ -349,6 +349,14 @@ class ChannelAtoms:
                 frontier.extend(i for i in p.inputs if i.numel() == t.numel() or i.kind == "param")
         return f"<{node.name}#{node.index}>"
 
+    def _record_input(self, li: LayerInfo, rep: np.ndarray, tid: int, node: OpNode) -> None:
+        if li.inputs and len(li.inputs[0]) == len(rep):
+            # a layer called again: its input column c reads channel c of every call's input
+            self._uf.union(li.inputs[0], rep)
+        li.inputs.append(rep)
+        li.input_ids.append(tid)
+        li.nodes.append(node.index)
+
     def _set(self, t: TensorInfo, ci: ChannelInfo | None) -> None:
         if ci is not None and ci.atoms.size and (ci.atoms >= 0).any():
             self._infos[t.id] = ci
@@ -483,9 +491,7 @@ class ChannelAtoms:
             li = self._new_layer(owner, "conv_transpose" if transposed else "conv", node, out_ch)
             li.in_channels, li.groups = in_ch, groups
             rep = self._reps(cin, x.ndim, ax, in_ch)
-            li.inputs.append(rep)
-            li.input_ids.append(x.id)
-            li.nodes.append(node.index)
+            self._record_input(li, rep, x.id, node)
             atoms = self.layer_atoms(owner)
             if groups > 1 and groups == in_ch and out_ch % in_ch == 0:
                 li.depthwise = True
@@ -499,9 +505,7 @@ class ChannelAtoms:
             owner = self._weight_owner(w, node)
             li = self._new_layer(owner, "linear", node, w.shape[0] if w.ndim == 2 else 1)
             li.in_channels = x.shape[-1] if x.ndim else 1
-            li.inputs.append(self._reps(cin, x.ndim, x.ndim - 1, li.in_channels))
-            li.input_ids.append(x.id)
-            li.nodes.append(node.index)
+            self._record_input(li, self._reps(cin, x.ndim, x.ndim - 1, li.in_channels), x.id, node)
             for o in node.outputs[:1]:
                 if o.ndim:
                     self._set(o, ChannelInfo((o.ndim - 1,), self.layer_atoms(owner)))
@@ -529,9 +533,7 @@ class ChannelAtoms:
                 if t.kind == "param":
                     break
                 reps.append(self._reps(ins[k], t.ndim, t.ndim - 1, t.shape[-1]))
-            li.inputs.append(reps[0] if reps else np.full(e, -1, np.int64))
-            li.input_ids.append(q.id)
-            li.nodes.append(node.index)
+            self._record_input(li, reps[0] if reps else np.full(e, -1, np.int64), q.id, node)
             atoms = self.layer_atoms(owner)
             if reps and len(reps[0]) == len(atoms):  # nn.MultiheadAttention: one embed_dim in and out
                 self._uf.union(atoms, reps[0])
