@@ -15,6 +15,7 @@ from prunescope.masks import (
     FixedMasks,
     L1FilterPruner,
     LevelPruner,
+    apply_masks,
     fix_mask_conflict,
     fix_masks_with,
     layer_mask,
@@ -33,11 +34,17 @@ def _keep(model: nn.Module, masks: dict, name: str) -> torch.Tensor:
 def assert_consistent(model: nn.Module, masks: dict, x: torch.Tensor) -> None:
     """Every dependency set keeps the same channels; every group constraint holds; bias follows weight."""
     g = trace(model, x)
-    for s in ChannelDependency(model, x, traced_model=g, include_linear=True).dependency_sets:
-        vecs = [_keep(model, masks, n) for n in s if n in masks]
-        if len(s) > 1 and vecs:
-            ref = vecs[0] if len(vecs) == len(s) else torch.ones_like(vecs[0])
-            assert all(torch.equal(v, ref) for v in vecs), s
+    dep = ChannelDependency(model, x, traced_model=g, include_linear=True)
+    for s in dep.dependency_sets:
+        if len(s) < 2 or not any(n in masks for n in s):
+            continue
+        # channels of the same class (tied by the topology engine) are all kept or all pruned
+        seen: dict[int, set[bool]] = {}
+        for n in s:
+            keep = _keep(model, masks, n).tolist() if n in masks else [True] * len(dep.atoms.layer_classes(n))
+            for c, k in zip(dep.atoms.layer_classes(n).tolist(), keep):
+                seen.setdefault(c, set()).add(k)
+        assert all(len(v) == 1 for v in seen.values()), s
     gd = GroupDependency(model, x, traced_model=g)
     for name, gmax in gd.dependency.items():
         if name in masks:
@@ -267,3 +274,22 @@ def test_torch_save_of_result_loads_safely(tmp_path) -> None:
     torch.save(out, tmp_path / "f.pth")
     back = load_masks(tmp_path / "f.pth")
     assert list(back) == list(out) and torch.equal(back["c1"]["weight"], out["c1"]["weight"])
+
+
+@pytest.mark.parametrize("policy", ["union", "intersection", "l1"])
+def test_partial_ties_channel_shuffle(policy: str) -> None:
+    """shufflenet: cat + channel shuffle + chunk tie channels across layers of different widths; NNI's
+    set-level merge cannot express that (its sets have unequal channel counts), the per-class merge can."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5().eval()
+    x = torch.randn(1, 3, 64, 64)
+    masks = L1FilterPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}]).compute_masks()
+    out = fix_mask_conflict(masks, model, x, policy=policy)
+    assert_consistent(model, out, x)
+    modules = dict(model.named_modules())
+    widths = [{modules[n].out_channels for n in c.members} for c in out.changed if c.kind == "channel"]
+    assert any(len(w) > 1 for w in widths), "expected a fixed set whose members have different widths"
+    with apply_masks(model, out):  # the masked model still runs
+        model(x)

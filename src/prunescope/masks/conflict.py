@@ -31,6 +31,12 @@ Other differences from NNI, on purpose:
   BatchNorm members work; NNI raises ``RuntimeError`` for a masked ConvTranspose2d.
 * Bias masks always follow the weight masks (NNI's group step never restores the bias: its
   ``hasattr(dict, 'bias')`` check is always False).
+* Channels are merged per *channel class* from the topology engine (``ChannelDependency.atoms``): channels
+  of any members that the model ties together are kept or pruned together. For ordinary sets (residual
+  adds) this is exactly NNI's position-by-position merge; it also handles partial ties that NNI's sets
+  cannot express (channel shuffle / ``cat`` + ``chunk`` in shufflenet, where members of one set have
+  different widths and NNI fails with a bare ``AssertionError``). The ``'l1'`` policy ranks classes.
+  A member that no mask can narrow (``nn.MultiheadAttention``) keeps its tied channels.
 * A dependency set with a fine-grained (unstructured) member is **skipped** and reported in
   ``.skipped``: its masks are left as they are. NNI turns such masks into whole-filter masks, silently
   undoing most of the unstructured pruning.
@@ -47,10 +53,11 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,7 +207,15 @@ def _scores_l1(module: nn.Module) -> torch.Tensor:
 
 
 def _channel_step(work: dict, modules: Mapping[str, nn.Module], sets: Iterable[Iterable[str]], policy: str,
-                  changes: list[ConflictChange], skipped: list[ConflictChange] | None) -> bool:
+                  changes: list[ConflictChange], skipped: list[ConflictChange] | None,
+                  classes: Callable[[str], np.ndarray] | None = None) -> bool:
+    """Give every member of a set the same channels.
+
+    ``classes(name)`` (from the topology's channel engine) gives a class id per output channel: channels
+    with the same id must be kept or pruned together. Without it, channel ``i`` of every member is tied to
+    channel ``i`` of the others (NNI's model), which needs equal channel counts. With it, partial ties work
+    too (channel shuffle, ``cat`` then ``chunk``, depthwise convs), and the merge is per class.
+    """
     order = {name: i for i, name in enumerate(modules)}
     changed = False
     for dset in sets:
@@ -216,65 +231,90 @@ def _channel_step(work: dict, modules: Mapping[str, nn.Module], sets: Iterable[I
         masked = [n for n in members if n in work]
         if not masked:
             continue
-        # a member whose channels no mask can remove (e.g. nn.MultiheadAttention) pins the whole set
-        fixed = [n for n in members if n not in work and not has_filters(modules[n])]
         fine = [n for n in masked if not is_structured(modules[n], work[n]["weight"])]
         if fine:
             if skipped is not None:
                 skipped.append(ConflictChange("channel", tuple(members),
                                               f"fine-grained mask(s) on {fine}: left as they are"))
             continue
-        vecs: dict[str, torch.Tensor | None] = {
-            n: (_kept(modules[n], work[n]["weight"]).cpu() if n in work else None) for n in members}
-        sizes = {n: (v.numel() if v is not None else num_filters(modules[n]))
-                 for n, v in vecs.items() if n not in fixed}
-        if len(set(sizes.values())) > 1:
-            raise MaskError(f"dependency set {members}: members have different channel counts {sizes}; "
-                            "they cannot keep the same channels")
-        n_ch = next(iter(sizes.values()))
-        if fixed:
-            merged = torch.ones(n_ch, dtype=torch.bool)
-        elif policy == "union":
-            merged = torch.zeros(n_ch, dtype=torch.bool)
-            for v in vecs.values():
-                merged |= v if v is not None else torch.ones(n_ch, dtype=torch.bool)
+        # a member whose channels no mask can remove (e.g. nn.MultiheadAttention) pins its channels
+        pinned = [n for n in members if n not in work and not has_filters(modules[n])]
+        vecs: dict[str, np.ndarray | None] = {
+            n: (_kept(modules[n], work[n]["weight"]).cpu().numpy() if n in work else None) for n in members}
+        if classes is None:
+            sizes = {n: (v.size if v is not None else num_filters(modules[n]))
+                     for n, v in vecs.items() if n not in pinned}
+            if len(set(sizes.values())) > 1:
+                raise MaskError(f"dependency set {members}: members have different channel counts {sizes}; "
+                                "they cannot keep the same channels")
+            n_ch = next(iter(sizes.values()))
+            cls = {n: np.arange(n_ch) for n in members}
+        else:
+            cls = {n: np.asarray(classes(n)) for n in members}
+            for n, v in vecs.items():
+                if v is not None and v.size != cls[n].size:
+                    raise MaskError(f"layer {n!r}: its mask has {v.size} filters but the traced model "
+                                    f"produced {cls[n].size} channels")
+        uniq, inv_all = np.unique(np.concatenate([cls[n] for n in members]), return_inverse=True)
+        inv: dict[str, np.ndarray] = {}
+        start = 0
+        for n in members:
+            inv[n] = inv_all[start:start + cls[n].size]
+            start += cls[n].size
+        k = uniq.size
+        full = {n: (v if v is not None else np.ones(cls[n].size, dtype=bool)) for n, v in vecs.items()}
+        if policy == "union":
+            merged = np.zeros(k, dtype=bool)
+            for n in members:
+                np.logical_or.at(merged, inv[n], full[n])
         elif policy == "intersection":
-            merged = torch.ones(n_ch, dtype=torch.bool)
-            for v in vecs.values():
-                if v is not None:
-                    merged &= v
-        else:  # 'l1'
-            sparsity = sum(float((~v).sum()) / n_ch if v is not None else 0.0 for v in vecs.values()) / len(vecs)
-            num_prune = int(n_ch * sparsity)
-            merged = torch.ones(n_ch, dtype=torch.bool)
-            if n_ch >= 2 and num_prune >= 1:
-                score = sum((_scores_l1(modules[n]) for n in members), torch.zeros(n_ch, dtype=torch.float64))
-                threshold = torch.topk(score, num_prune, largest=False)[0].max()
-                merged = score > threshold
-        if all(v is not None and torch.equal(v, merged) for v in vecs.values()) or (
-            merged.all() and all(v is None or bool(v.all()) for v in vecs.values())
-        ):
+            merged = np.ones(k, dtype=bool)
+            for n in masked:
+                np.logical_and.at(merged, inv[n], full[n])
+        else:  # 'l1': re-select classes by summed filter L1 norm, to the members' mean sparsity
+            sparsity = sum(float((~full[n]).sum()) / full[n].size for n in members) / len(members)
+            num_prune = int(k * sparsity)
+            merged = np.ones(k, dtype=bool)
+            if k >= 2 and num_prune >= 1:
+                score = np.zeros(k, dtype=np.float64)
+                for n in members:
+                    if n not in pinned:
+                        np.add.at(score, inv[n], _scores_l1(modules[n]).numpy())
+                st = torch.from_numpy(score)
+                threshold = torch.topk(st, num_prune, largest=False)[0].max()
+                merged = (st > threshold).numpy()
+        for n in pinned:
+            merged[inv[n]] = True
+        new = {n: merged[inv[n]] for n in members}
+        if all(np.array_equal(new[n], full[n]) for n in members):
             for n in masked:  # already consistent; still make the bias follow the weight
                 b = work[n]["bias"]
-                if bias_of(modules[n]) is not None and (b is None or not torch.equal((b != 0).cpu(), merged)):
-                    work[n] = _write(modules[n], work[n], merged, work[n]["weight"])
+                keep = torch.from_numpy(new[n].copy())
+                if bias_of(modules[n]) is not None and (b is None or not torch.equal((b != 0).cpu(), keep)):
+                    work[n] = _write(modules[n], work[n], keep, work[n]["weight"])
             continue
         ref = work[masked[0]]["weight"]
         for n in members:
-            if n in work or not bool(merged.all()):
-                work[n] = _write(modules[n], work.get(n), merged, ref)
-        why = (f"{fixed} cannot be masked, so all channels stay" if fixed
-               else f"{policy}: every member now keeps the same {int(merged.sum())} channels")
+            if n in work or not bool(new[n].all()):
+                work[n] = _write(modules[n], work.get(n), torch.from_numpy(new[n].copy()), ref)
+        kept = {n: int(new[n].sum()) for n in members}
+        same = len(set(kept.values())) == 1
+        why = f"{policy}: " + (f"every member now keeps the same {kept[members[0]]} channels" if same
+                               else f"tied channels now kept or pruned together (kept: {kept})")
+        if pinned:
+            why += f"; {pinned} cannot be masked, so their channels stay"
         changes.append(ConflictChange(
             "channel", tuple(members), why,
-            {n: (int(v.sum()) if v is not None else None) for n, v in vecs.items()}, int(merged.sum())))
+            {n: (int(v.sum()) if v is not None else None) for n, v in vecs.items()},
+            kept[members[0]] if same else None))
         changed = True
     return changed
 
 
 def _fix(masks: Mapping[str, Any], model: nn.Module, channel_sets: Iterable[Iterable[str]],
          group_dependency: Mapping[str, int] | None, min_groups: Mapping[str, int] | None, policy: str,
-         inplace: bool, max_iter: int) -> tuple[dict, list[ConflictChange], list[ConflictChange]]:
+         inplace: bool, max_iter: int, classes: Callable[[str], np.ndarray] | None = None,
+         ) -> tuple[dict, list[ConflictChange], list[ConflictChange]]:
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
     if not isinstance(max_iter, int) or max_iter < 1:
@@ -303,7 +343,7 @@ def _fix(masks: Mapping[str, Any], model: nn.Module, channel_sets: Iterable[Iter
         _group_step(work, modules, gdep, gmin, changes)
         # later passes only un-prune (union), so the loop ends
         if not _channel_step(work, modules, sets, policy if it == 0 else "union", changes,
-                             skipped if it == 0 else None):
+                             skipped if it == 0 else None, classes):
             break  # the group step left its constraint satisfied and the channel step changed nothing
     else:
         if _group_step(dict(work), modules, gdep, gmin, []):  # a check on a copy: is a group still broken?
@@ -380,8 +420,12 @@ def fix_mask_conflict(masks: Mapping[str, Any] | str | os.PathLike[str], model: 
     chan = topology.ChannelDependency(model, dummy_input, traced_model=traced,
                                       prune_type="Batchnorm" if bn_only else "Filter", include_linear=True)
     group = topology.GroupDependency(model, dummy_input, traced_model=traced)
+    atoms = getattr(chan, "atoms", None)
+    classes = None
+    if atoms is not None and not bn_only and hasattr(atoms, "layer_classes"):
+        classes = atoms.layer_classes
     work, changes, skipped = _fix(masks, model, chan.dependency_sets, group.dependency,
-                                  getattr(group, "min_groups", {}), policy, inplace, max_iter)
+                                  getattr(group, "min_groups", {}), policy, inplace, max_iter, classes)
     if not inplace:
         work = FixedMasks(work)
         work.changed, work.skipped = changes, skipped
