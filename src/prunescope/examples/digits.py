@@ -1,0 +1,136 @@
+"""The embedded default of ``prunescope report``: a small residual CNN trained on scikit-learn's digits.
+
+The data (1,797 8×8 handwritten digits) ship inside scikit-learn, so nothing is downloaded. Training takes a
+few seconds on a CPU; the trained weights are cached in the user cache directory
+(``$XDG_CACHE_HOME/prunescope`` or ``~/.cache/prunescope``) and loaded without pickle.
+
+>>> from prunescope.examples.digits import load_trained, evaluate   # doctest: +SKIP
+>>> model = load_trained()                                          # doctest: +SKIP
+>>> round(evaluate(model), 2) > 0.9                                 # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+__all__ = ["DigitsNet", "load_data", "train", "load_trained", "evaluate", "INPUT_SIZE", "cache_dir"]
+
+INPUT_SIZE = (1, 1, 8, 8)
+_SEED = 0
+_EPOCHS = 5
+_VERSION = "digitsnet-v1"
+
+
+class DigitsNet(nn.Module):
+    """conv stem → residual block → strided conv → flatten → Linear → Linear (10 classes)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(1, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.conv2 = nn.Conv2d(w, w, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w)
+        self.conv3 = nn.Conv2d(w, w, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(w)
+        self.conv4 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(2 * w)
+        self.fc1 = nn.Linear(2 * w * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(y)) + x)  # residual: conv1 and conv3 are tied
+        x = torch.relu(self.bn4(self.conv4(x)))
+        x = torch.flatten(x, 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@lru_cache(maxsize=1)
+def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: a fixed 1,297 / 500 split of scikit-learn's digits, scaled to [0, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the embedded example needs scikit-learn: pip install 'prunescope[examples]'") from e
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(_SEED)
+    perm = torch.randperm(len(x), generator=g)
+    tr, va = perm[:1297], perm[1297:]
+    return x[tr], y[tr], x[va], y[va]
+
+
+def evaluate(model: nn.Module, batch_size: int = 500) -> float:
+    """Top-1 accuracy on the held-out 500 digits (deterministic)."""
+    _, _, xv, yv = load_data()
+    device = next(model.parameters()).device
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(xv), batch_size):
+            out = model(xv[i : i + batch_size].to(device))
+            correct += int((out.argmax(1).cpu() == yv[i : i + batch_size]).sum())
+    return correct / len(xv)
+
+
+def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsNet:
+    """Train a fresh :class:`DigitsNet` (a few seconds on a CPU)."""
+    torch.manual_seed(seed)
+    model = DigitsNet()
+    xt, yt, _, _ = load_data()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "prunescope")
+
+
+def _cache_path() -> str:
+    key = hashlib.sha256(f"{_VERSION}-{_EPOCHS}-{_SEED}-{torch.__version__}".encode()).hexdigest()[:12]
+    return os.path.join(cache_dir(), f"digitsnet-{key}.pt")
+
+
+def load_trained(use_cache: bool = True) -> DigitsNet:
+    """The trained default model: loaded from the cache, or trained once and cached (atomic write)."""
+    path = _cache_path()
+    model = DigitsNet()
+    if use_cache and os.path.exists(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            return model.eval()
+        except Exception:  # a corrupt cache is retrained, never trusted
+            pass
+    model = train()
+    if use_cache:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
+        os.close(fd)
+        try:
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return model
