@@ -293,3 +293,11 @@ def test_partial_ties_channel_shuffle(policy: str) -> None:
     assert any(len(w) > 1 for w in widths), "expected a fixed set whose members have different widths"
     with apply_masks(model, out):  # the masked model still runs
         model(x)
+
+
+def test_all_filters_pruned_is_not_taken_for_input_channel_masks() -> None:
+    model = nn.ModuleDict({"wide": nn.Conv2d(16, 2, 1), "b": nn.Conv2d(1, 2, 1)})
+    masks = {"wide": {"weight": torch.zeros(2, 16, 1, 1), "bias": torch.zeros(2)},
+             "b": _filter_mask(model["b"], [1, 1])}
+    out = fix_masks_with(masks, model, [{"wide", "b"}])
+    assert out["wide"]["bias"].tolist() == [1, 1]  # union with b, which keeps both

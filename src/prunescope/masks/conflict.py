@@ -148,6 +148,8 @@ def _check_output_channel_masks(masks: Mapping[str, Any], modules: Mapping[str, 
         if not isinstance(module, CONV_TYPES + CONVT_TYPES):
             continue
         w = m["weight"]
+        if not bool(w.any()):
+            continue  # an all-zero mask (ties can prune every filter) says nothing about the axis
         pruned_out += int((filter_matrix(module, w).abs().sum(dim=1) == 0).sum())
         pruned_in += int((in_channel_matrix(module, w).abs().sum(dim=1) == 0).sum())
     if pruned_in > pruned_out:
