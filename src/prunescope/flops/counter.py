@@ -142,6 +142,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, newline: str | No
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", newline=newline) as f:
             f.write(text)
             f.flush()

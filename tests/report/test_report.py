@@ -1,0 +1,120 @@
+"""The main job end to end on the embedded default (fast settings), checked against independent recomputation."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from prunescope import count_flops_params
+from prunescope.cli import main
+from prunescope.examples import digits
+from prunescope.masks import apply_masks, load_masks
+from prunescope.report import run_report
+
+FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "flops.csv", "dependencies.csv", "plan.json",
+         "masks.pth", "summary.json"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    model = digits.load_trained()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = run_report(model, digits.evaluate, torch.ones(digits.INPUT_SIZE), out, flops_target=0.6,
+                     sparsities=[0.25, 0.5, 0.75], progress=False, console=None, metric_name="accuracy")
+    return model, before, res, out
+
+
+def test_all_files_and_summary(report):
+    model, before, res, out = report
+    for f in FILES:
+        assert (out / f).stat().st_size > 0, f
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("flops_before", "flops_after", "params_before", "params_after", "metric_before",
+                "metric_after_predicted", "metric_after_measured"):
+        assert key in s
+    assert s["target_met"] and s["flops_after"] <= 0.6 * s["flops_before"]
+    assert s["params_after"] < s["params_before"]
+
+
+def test_numbers_recomputed_independently(report):
+    model, before, res, out = report
+    s = res.summary
+    x = torch.ones(digits.INPUT_SIZE)
+    masks = load_masks(out / "masks.pth")
+    dense = count_flops_params(model, x, verbose=False)
+    eff = count_flops_params(model, x, masks=masks, effective=True, verbose=False)
+    assert (s["flops_before"], s["params_before"]) == dense[:2]
+    assert (s["flops_after"], s["params_after"]) == eff[:2]
+    assert s["metric_before"] == digits.evaluate(model)
+    with apply_masks(model, masks):
+        assert s["metric_after_measured"] == digits.evaluate(model)
+    # the model is left exactly as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_plan_is_config_list_and_matches_masks(report):
+    model, before, res, out = report
+    plan = json.loads((out / "plan.json").read_text())
+    masks = load_masks(out / "masks.pth")
+    assert plan and all(set(e) == {"sparsity", "op_names"} for e in plan)
+    for entry in plan:
+        kept = [int(masks[n]["weight"].flatten(1).any(1).sum()) for n in entry["op_names"]]
+        assert len(set(kept)) == 1  # the same channel count in every member of a dependency set
+        # the same channels, too
+        rows = [masks[n]["weight"].flatten(1).any(1) for n in entry["op_names"]]
+        assert all(torch.equal(rows[0], r) for r in rows)
+    assert "fc2" not in {n for e in plan for n in e["op_names"]}  # the classifier is never pruned
+
+
+def test_infeasible_target_says_why(tmp_path):
+    model = digits.load_trained()
+    res = run_report(model, digits.evaluate, torch.ones(digits.INPUT_SIZE), tmp_path, flops_target=0.02,
+                     sparsities=[0.25], progress=False, console=None)
+    assert not res.summary["target_met"]
+    assert "cannot reach the FLOPs target 2%" in res.summary["note"]
+
+
+def test_cli_main_job(tmp_path, capsys):
+    code = main(["report", "--out", str(tmp_path), "--sparsities", "0.3,0.6", "--flops-target", "0.7"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "[5/5] verify" in out and "report:" in out and (tmp_path / "report.html").exists()
+
+
+def test_cli_bad_input(capsys, tmp_path):
+    assert main(["report", "resnet18", "--out", str(tmp_path)]) == 2
+    assert "MODEL needs --input-size and --val" in capsys.readouterr().err
+
+
+def test_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a = digits.load_trained()
+    files = os.listdir(tmp_path / "prunescope")
+    assert len(files) == 1 and files[0].endswith(".pt")
+    b = digits.load_trained()
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert digits.evaluate(b) > 0.9  # a real model on real held-out data
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    _, _, _, out = report
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (out / "report.html").as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    for table in ("plan", "sensitivity", "dependencies", "flops"):
+        assert f'<table id="{table}">' in dom
+    assert 'src="data:image/png;base64,' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000  # a rendered page with a plot, not a blank one
