@@ -112,7 +112,7 @@ def main() -> None:
 
     print("\n== whole torchvision classification zoo on the meta device ==")
     sys.path.insert(0, os.path.join(HERE, "..", "tests", "flops"))
-    from test_zoo import NAMES, zoo_model  # type: ignore
+    from test_flops_zoo import NAMES, zoo_model  # type: ignore
 
     t_build = t_count = 0.0
     for name in NAMES:
