@@ -189,7 +189,8 @@ def test_channel_shuffle_exact() -> None:
     c = ca.layers["c"]
     # after the shuffle, c reads a0, b0, a1, b1, ...; a_j and b_j are in one shuffle group (tied)
     names = [ca.atom_name(int(a)) for a in c.inputs[0]]
-    assert [ca.atom_class(ca.atom(*n)) for n in names] == [ca.atom_class(ca.atom("a", j)) for j in (0, 0, 1, 1, 2, 2, 3, 3)]
+    expected = [ca.atom_class(ca.atom("a", j)) for j in (0, 0, 1, 1, 2, 2, 3, 3)]
+    assert [ca.atom_class(ca.atom(*n)) for n in names] == expected
     assert ca.class_members(ca.atom("b", 2)) == [("a", 2), ("b", 2)]
     assert sets(m) == [["a", "b"], ["c"]]
     assert not_safe_to_prune(m, X) == []

@@ -145,7 +145,10 @@ _PASS = frozenset(
     __deepcopy__ zero_ fill_ new_zeros new_ones new_full new_empty zeros_like ones_like empty_like
     full_like rand_like randn_like""".split()
 )
-_FRESH = frozenset("new_zeros new_ones new_full new_empty zeros_like ones_like empty_like full_like rand_like randn_like zero_ fill_".split())
+_FRESH = frozenset(
+    "new_zeros new_ones new_full new_empty zeros_like ones_like empty_like full_like rand_like randn_like zero_ "
+    "fill_".split()
+)
 _REDUCE = frozenset("mean sum amax amin max min std var norm logsumexp prod argmax argmin nansum nanmean".split())
 _EXEC = frozenset(
     """view reshape flatten unflatten permute transpose swapaxes swapdims movedim moveaxis t T mT squeeze
@@ -388,7 +391,8 @@ class ChannelAtoms:
         self._uf.union(np.repeat(rep, g.shape[1]), g.reshape(-1))
         return rep
 
-    def _combine(self, parts: list[tuple[ChannelInfo, tuple[int, ...]]], out_shape: tuple[int, ...]) -> ChannelInfo | None:
+    def _combine(self, parts: list[tuple[ChannelInfo, tuple[int, ...]]],
+                 out_shape: tuple[int, ...]) -> ChannelInfo | None:
         """Elementwise union of operands (info, shape) broadcast to ``out_shape``."""
         nd = len(out_shape)
         mapped: list[tuple[dict[int, int], ChannelInfo]] = []
@@ -696,7 +700,7 @@ class ChannelAtoms:
             for r in rs[1:]:
                 self._uf.union(rs[0], r)  # a contracted index: pruning it needs every operand
         parts = []
-        for term, t, ci in zip(terms, node.inputs, ins):
+        for term, ci in zip(terms, ins):
             if ci is None:
                 continue
             red: ChannelInfo | None = ci
@@ -823,22 +827,22 @@ class ChannelAtoms:
         for lost, kept, allatoms, note in self._cond_pins:
             if not np.isin(self.root[lost], self.root[kept]).all():
                 self._pins.append((allatoms.reshape(-1), note))
+        notes: dict[int, dict[str, None]] = {}
         for atoms, note in self._pins + self._stop_notes:
             atoms = atoms[atoms >= 0]
-            for c in np.unique(self.root[atoms]):
-                lst = self.class_notes.setdefault(int(c), [])
-                d = note.describe()
-                if d not in lst:
-                    lst.append(d)
+            d = note.describe()
+            for c in np.unique(self.root[atoms]).tolist():
+                notes.setdefault(c, {})[d] = None
+        self.class_notes = {c: list(v) for c, v in notes.items()}
         self.unsafe: dict[str, list[str]] = {}
-        for li in self._layer_list:
-            reasons: list[str] = []
-            for c in np.unique(self.layer_classes(li.name)):
-                for r in self.class_notes.get(int(c), []):
-                    if r not in reasons:
-                        reasons.append(r)
-            if reasons:
-                self.unsafe[li.name] = reasons
+        if notes:
+            for li in self._layer_list:
+                reasons: dict[str, None] = {}
+                for c in np.unique(self.layer_classes(li.name)).tolist():
+                    if c in notes:
+                        reasons.update(notes[c])
+                if reasons:
+                    self.unsafe[li.name] = list(reasons)
         if self._stop_notes:
             stopped_layers: dict[str, list[str]] = {}
             for atoms, note in self._stop_notes:
@@ -993,7 +997,8 @@ def _fast_split(node: OpNode, ins: Sequence[ChannelInfo | None]) -> list[Channel
     return res
 
 
-def _prefix_suffix(ci: ChannelInfo, ishape: tuple[int, ...], oshape: tuple[int, ...]) -> list[ChannelInfo | None] | None:
+def _prefix_suffix(ci: ChannelInfo, ishape: tuple[int, ...],
+                   oshape: tuple[int, ...]) -> list[ChannelInfo | None] | None:
     """A reshape that only regroups non-channel axes: the channel axes sit in an unchanged prefix/suffix."""
     p = 0
     while p < min(len(ishape), len(oshape)) and ishape[p] == oshape[p]:
@@ -1048,7 +1053,7 @@ def map_channels(node: OpNode, infos: Sequence[ChannelInfo | None]) -> list[Chan
             n = ci.atoms.size
             ids = torch.arange(1 + offset, 1 + offset + n, dtype=torch.float64).reshape(ci.atoms.shape)
             view = [t.shape[a] if a in ci.axes else 1 for a in range(len(t.shape))]
-            v = ids.reshape(view).expand(t.shape).contiguous()
+            v = ids.reshape(view).expand(t.shape)
             table.append(ci.atoms.reshape(-1))
             offset += n
         id_of[t.id] = v
@@ -1069,7 +1074,11 @@ def map_channels(node: OpNode, infos: Sequence[ChannelInfo | None]) -> list[Chan
         kwargs["value"] = 0.0
     try:
         with torch.no_grad():
-            res = node.func(*args, **kwargs)
+            try:
+                res = node.func(*args, **kwargs)
+            except RuntimeError:  # e.g. view() of an expanded (non-contiguous) id tensor: copy and retry
+                args = pytree.tree_map(lambda v: v.contiguous() if isinstance(v, torch.Tensor) else v, args)
+                res = node.func(*args, **kwargs)
     except Exception:
         return None
     if res is None or node.name == "__setitem__":
@@ -1096,15 +1105,15 @@ def map_channels(node: OpNode, infos: Sequence[ChannelInfo | None]) -> list[Chan
 def _read_grid(r: torch.Tensor, lut: np.ndarray) -> ChannelInfo | None | bool:
     if r.numel() == 0:
         return None
-    axes = []
-    for a in range(r.ndim):
-        if r.shape[a] > 1 and bool((r != r.narrow(a, 0, 1)).any()):
-            axes.append(a)
-    g = r
-    for a in reversed(range(r.ndim)):
-        if a not in axes:
-            g = g.select(a, 0)
-    vals = g.numpy() if g.ndim else np.asarray(g.item())
+    origin = r[(0,) * r.ndim] if r.ndim else r
+    # cheap guess: the axes along which the ids vary on the lines through the origin; verified below
+    axes = [a for a in range(r.ndim) if r.shape[a] > 1 and bool(
+        (r[tuple(slice(None) if b == a else 0 for b in range(r.ndim))] != origin).any())]
+    grid = _grid_on(r, axes)
+    if not bool((r == grid.reshape([r.shape[a] if a in axes else 1 for a in range(r.ndim)])).all()):
+        axes = [a for a in range(r.ndim) if r.shape[a] > 1 and bool((r != r.narrow(a, 0, 1)).any())]
+        grid = _grid_on(r, axes)
+    vals = grid.numpy() if grid.ndim else np.asarray(grid.item())
     if not np.all(np.isfinite(vals)) or not np.all(vals == np.round(vals)):
         return False
     iv = vals.astype(np.int64)
@@ -1113,6 +1122,14 @@ def _read_grid(r: torch.Tensor, lut: np.ndarray) -> ChannelInfo | None | bool:
     if not axes or not (atoms >= 0).any():
         return None
     return ChannelInfo(tuple(axes), atoms.reshape([r.shape[a] for a in axes]))
+
+
+def _grid_on(r: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    g = r
+    for a in reversed(range(r.ndim)):
+        if a not in axes:
+            g = g.select(a, 0)
+    return g
 
 
 _CACHE: WeakKeyDictionary[ModelGraph, ChannelAtoms] = WeakKeyDictionary()
