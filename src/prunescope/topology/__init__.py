@@ -188,8 +188,8 @@ class InputChannelDependency(ChannelDependency):
 
     >>> import torch, torchvision
     >>> dep = InputChannelDependency(torchvision.models.resnet18(), torch.ones(1, 3, 224, 224))
-    >>> ['layer2.0.conv1', 'layer2.0.downsample.0'] in dep.sets
-    True
+    >>> dep.sets[1]  # all read the stage-1 residual channels
+    ['layer1.0.conv1', 'layer1.1.conv1', 'layer2.0.conv1', 'layer2.0.downsample.0']
     """
 
     def _build(self) -> list[list[str]]:
