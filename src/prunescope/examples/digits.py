@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from functools import lru_cache
 
 import torch
 from torch import nn
+
+from .._io import atomic_open
 
 __all__ = ["DigitsNet", "load_data", "train", "load_trained", "evaluate", "INPUT_SIZE", "cache_dir"]
 
@@ -125,12 +126,6 @@ def load_trained(use_cache: bool = True) -> DigitsNet:
     model = train()
     if use_cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=os.path.dirname(path))
-        os.close(fd)
-        try:
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(path, "wb") as f:
+            torch.save(model.state_dict(), f)
     return model

@@ -6,13 +6,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..errors import ConfigError, MaskError
 from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, trace
 from .formulas import FORMULAS, MAC_CATEGORIES, Formula
@@ -137,23 +137,8 @@ class FlopsReport:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, newline: str | None = None) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "w", newline=newline) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (see :mod:`prunescope._io`)."""
+    atomic_write(path, text, newline=newline)
 
 
 def _fmt_shape(s: Any) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any, Union
@@ -20,6 +19,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .._io import atomic_open
 from ..errors import MaskError
 from .layers import bias_of, weight_of
 
@@ -119,21 +119,8 @@ def save_masks(masks: Mapping[str, Mapping[str, torch.Tensor | None]], path: Pat
     torch.Size([2, 2])
     """
     data = check_structure(masks, "save_masks")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(data, f)
 
 
 def load_masks(path: PathLike, map_location: Any = "cpu") -> Masks:

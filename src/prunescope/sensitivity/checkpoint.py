@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..errors import ConfigError
 
 FORMAT = "prunescope-sensitivity-checkpoint"
@@ -99,18 +99,7 @@ class Checkpoint:
     # -- writing ---------------------------------------------------------------------------------
     def _create(self) -> None:
         header = {"format": FORMAT, "version": 1, "fingerprint": self.fingerprint}
-        d = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".sensckpt-", dir=d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(header, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, json.dumps(header, sort_keys=True) + "\n")
 
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
         data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8")

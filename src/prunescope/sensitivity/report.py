@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._io import atomic_write
 from ..errors import ConfigError
 
 Sensitivities = Mapping[str, Mapping[float, Any]]
@@ -30,20 +30,8 @@ def csv_bytes(sparsities: Sequence[float], sensitivities: Sensitivities) -> byte
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".prunescope-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` atomically (temporary file, fsync, ``os.replace``; see :mod:`prunescope._io`)."""
+    atomic_write(path, data)
 
 
 def load_sensitivity(path: str | os.PathLike[str]) -> dict[str, dict[float, float]]:
