@@ -62,7 +62,42 @@ def get_graph(model: nn.Module | None, dummy_input: Any, traced_model: Any = Non
         )
     if model is None or dummy_input is None:
         raise TypeError("give model and dummy_input, or traced_model=ModelGraph")
-    return trace(model, dummy_input)
+    meta = _meta_trace(model, dummy_input)
+    return meta if meta is not None else trace(model, dummy_input)
+
+
+def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
+    """Trace a parameter-free ``meta`` copy of the model: topology needs shapes, not values.
+
+    A forward that reads tensor values (data-dependent control flow, ``.item()``, ``.tolist()``) or uses an
+    op without a meta kernel raises on ``meta``; then ``None`` is returned and the caller traces the real
+    model, so the branch actually taken on ``dummy_input`` is what gets analysed.
+    """
+    import copy
+    import itertools
+
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from ..errors import TraceError
+
+    memo: dict[int, Any] = {}
+    try:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if id(t) not in memo and t.device.type != "meta":
+                m = torch.empty_like(t, device="meta")
+                memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        if not memo:
+            return None
+        meta_model = copy.deepcopy(model, memo)
+        x = pytree.tree_map(
+            lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, dummy_input)
+        if isinstance(x, tuple) and all(isinstance(v, int) for v in x):
+            x = tuple(x)
+        g = trace(meta_model, x)
+    except (TraceError, RuntimeError, NotImplementedError, TypeError, copy.Error):
+        return None
+    return g
 
 
 def _atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None:
