@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from typing import Any, Iterable
 
 import numpy as np
@@ -101,19 +100,13 @@ def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
 
 
 def _atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".prunescope-", suffix=".csv", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            for r in rows:
-                w.writerow(r)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write CSV rows atomically (temp file in the same folder, then ``os.replace``; see prunescope._io)."""
+    from .._io import atomic_open
+
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        for r in rows:
+            w.writerow(r)
 
 
 def _is_module_layer(ca: ChannelAtoms, name: str) -> bool:
