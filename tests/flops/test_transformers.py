@@ -17,8 +17,8 @@ def test_bert_base():
         model = transformers.BertModel(transformers.BertConfig())
     ids = torch.ones(1, 128, dtype=torch.long, device="meta")
     rep = flops_report(model, {"input_ids": ids})
-    L, H, I, n = 128, 768, 3072, 12
-    assert rep.total_flops == n * (4 * L * H * H + 2 * L * L * H + 2 * L * H * I) + H * H  # + pooler (CLS)
+    L, H, FF, n = 128, 768, 3072, 12
+    assert rep.total_flops == n * (4 * L * H * H + 2 * L * L * H + 2 * L * H * FF) + H * H  # + pooler (CLS)
     assert rep.by_category["attention"] == n * 2 * L * L * H
     assert rep.total_params == sum(p.numel() for p in model.parameters())
 

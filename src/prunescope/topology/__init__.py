@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 from torch import nn
 
+from .._io import atomic_open
 from ..errors import ConfigError
 from ..graph import ModelGraph, trace
 from .atoms import (
@@ -100,9 +101,6 @@ def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
 
 
 def _atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None:
-    """Write CSV rows atomically (temp file in the same folder, then ``os.replace``; see prunescope._io)."""
-    from .._io import atomic_open
-
     with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         for r in rows:
