@@ -118,38 +118,36 @@ def param_bytes(model: nn.Module) -> int:
 SPARS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
+def _sweep(analysis_cls: type, kind: str, **kwargs: object) -> dict:
+    """One timed sweep of ``analysis_cls`` (NNI's or ours) on the benchmark model."""
+    torch.set_num_threads(1)
+    model = build()
+    evaluate(model)
+    val = Timed(evaluate, memory=kind == "memory")
+    val.baseline_tensors(model)
+    t0 = time.perf_counter()
+    sa = analysis_cls(model, val, sparsities=SPARS, **kwargs)
+    sa.analysis(val_args=[model])
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "val": val.total, "calls": val.calls, "extra": val.extra, "params": param_bytes(model),
+            "result": {k: [repr(v) for v in r.values()] for k, r in sa.sensitivities.items()}}
+
+
 def nni_side(kind: str) -> dict:
     import logging
 
     logging.disable(logging.CRITICAL)
     from nni.compression.pytorch.utils.sensitivity_analysis import SensitivityAnalysis
 
-    torch.set_num_threads(1)
-    model = build()
-    evaluate(model)
-    val = Timed(evaluate, memory=kind == "memory")
-    val.baseline_tensors(model)
-    t0 = time.perf_counter()
-    sa = SensitivityAnalysis(model, val, sparsities=SPARS)
-    sa.analysis(val_args=[model])
-    wall = time.perf_counter() - t0
-    return {"wall": wall, "val": val.total, "calls": val.calls, "extra": val.extra, "params": param_bytes(model)}
+    out = _sweep(SensitivityAnalysis, kind)
+    out.pop("result")
+    return out
 
 
 def ours(kind: str) -> dict:
     from prunescope.sensitivity import SensitivityAnalysis
 
-    torch.set_num_threads(1)
-    model = build()
-    evaluate(model)
-    val = Timed(evaluate, memory=kind == "memory")
-    val.baseline_tensors(model)
-    t0 = time.perf_counter()
-    sa = SensitivityAnalysis(model, val, sparsities=SPARS, progress=False)
-    sa.analysis(val_args=[model])
-    wall = time.perf_counter() - t0
-    return {"wall": wall, "val": val.total, "calls": val.calls, "extra": val.extra, "params": param_bytes(model),
-            "result": {k: [repr(v) for v in r.values()] for k, r in sa.sensitivities.items()}}
+    return _sweep(SensitivityAnalysis, kind, progress=False)
 
 
 def run_nni(kind: str) -> dict | None:

@@ -37,6 +37,7 @@ from .atoms import (
     TopologyWarning,
     channel_atoms,
     map_channels,
+    sets_from_classes,
 )
 
 __all__ = [
@@ -111,31 +112,6 @@ def _is_module_layer(ca: ChannelAtoms, name: str) -> bool:
     return not name.startswith("<")
 
 
-def _sets_from_classes(names: list[str], classes: dict[str, np.ndarray]) -> list[list[str]]:
-    """Group names that share a class id; ordered by first member, members in ``names`` order."""
-    parent = list(range(len(names)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[int, int] = {}
-    for i, n in enumerate(names):
-        for c in np.unique(classes[n]):
-            if c < 0:
-                continue
-            j = first.setdefault(int(c), i)
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[str]] = {}
-    for i, n in enumerate(names):
-        groups.setdefault(find(i), []).append(n)
-    return list(groups.values())
-
-
 class ChannelDependency:
     """Layers whose output channels (filters) must be pruned together.
 
@@ -193,7 +169,7 @@ class ChannelDependency:
             classes = {n: np.concatenate([ca.atom_class(r) for r in ca.followers[n]]) for n in names}
         else:
             classes = {n: ca.layer_classes(n) for n in names}
-        return _sets_from_classes(names, classes)
+        return sets_from_classes(names, classes)
 
     @property
     def dependency_sets(self) -> list[set[str]]:

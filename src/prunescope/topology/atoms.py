@@ -300,27 +300,7 @@ class ChannelAtoms:
         """
         inc = None if include is None else set(include)
         names = [n for n in self.layers if inc is None or n in inc]
-        pos = {n: i for i, n in enumerate(names)}
-        parent = list(range(len(names)))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        first_of_class: dict[int, int] = {}
-        for n in names:
-            i = pos[n]
-            for c in np.unique(self.layer_classes(n)):
-                j = first_of_class.setdefault(int(c), i)
-                ri, rj = find(i), find(j)
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-        groups: dict[int, list[str]] = {}
-        for n in names:
-            groups.setdefault(find(pos[n]), []).append(n)
-        return list(groups.values())
+        return sets_from_classes(names, {n: self.layer_classes(n) for n in names})
 
     # ------------------------------------------------------------------ building
     def _new_layer(self, name: str, kind: str, node: OpNode, out_ch: int) -> LayerInfo:
@@ -1150,6 +1130,31 @@ def channel_atoms(graph: ModelGraph) -> ChannelAtoms:
         ca = ChannelAtoms(graph)
         _CACHE[graph] = ca
     return ca
+
+
+def sets_from_classes(names: list[str], classes: dict[str, np.ndarray]) -> list[list[str]]:
+    """Group names that share a class id; ordered by first member, members in ``names`` order."""
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[int, int] = {}
+    for i, n in enumerate(names):
+        for c in np.unique(classes[n]):
+            if c < 0:
+                continue
+            j = first.setdefault(int(c), i)
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[str]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(find(i), []).append(n)
+    return list(groups.values())
 
 
 def _gcd_list(v: Iterable[int]) -> int:
