@@ -156,3 +156,22 @@ def test_unstructured_masks_save_nothing_and_docstring_numbers():
     flops, params, _ = count_flops_params(net, (1, 3, 2, 2), masks={"0": {"weight": m}}, effective=True,
                                           verbose=False)
     assert (flops, params) == (4 * 3 * 4 + 2 * 4 * 4, 12 + 8)
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_bad_masks_name_the_layer(effective):
+    from prunescope.errors import MaskError
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(MaskError, match="layer 'nope'"):
+        count_flops_params(net, (1, 3, 2, 2), masks={"nope": {"weight": torch.ones(1)}}, effective=effective,
+                           verbose=False)
+    with pytest.raises(MaskError, match="layer '0'.*shape"):
+        count_flops_params(net, (1, 3, 2, 2), masks={"0": {"weight": torch.ones(4, 3)}}, effective=effective,
+                           verbose=False)
+    with pytest.raises(MaskError, match="layer '1'.*cannot be masked"):
+        count_flops_params(net, (1, 3, 2, 2), masks={"1": {"weight": torch.ones(1)}}, effective=effective,
+                           verbose=False)
+    with pytest.raises(MaskError, match="other than 0 and 1"):
+        count_flops_params(net, (1, 3, 2, 2), masks={"0": {"weight": torch.full((4, 3, 1, 1), 0.5)}},
+                           effective=effective, verbose=False)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..errors import ConfigError, MaskError
+from ..errors import ConfigError
 from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, trace
 from .formulas import FORMULAS, MAC_CATEGORIES, Formula
 
@@ -164,20 +164,14 @@ def _mask_fractions(masks: Mapping[str, Any] | None, model: nn.Module) -> dict[s
     """Weight-parameter FQN -> fraction of output filters kept, counted NNI's way (nnz // filter size)."""
     if not masks:
         return {}
+    from ..masks.io import validate_masks
+
     modules = dict(model.named_modules())
     out: dict[str, float] = {}
-    for layer, m in masks.items():
-        if layer not in modules:
-            raise MaskError(f"mask given for unknown layer {layer!r}")
-        w = m.get("weight") if isinstance(m, Mapping) else m
-        if w is None:
-            continue
+    for layer, m in validate_masks(masks, model, "count_flops_params masks").items():
+        w = m["weight"]
         mod = modules[layer]
-        weight = getattr(mod, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise MaskError(f"layer {layer!r} ({type(mod).__name__}) has no weight to mask")
-        if tuple(w.shape) != tuple(weight.shape):
-            raise MaskError(f"mask for layer {layer!r} has shape {tuple(w.shape)}, weight is {tuple(weight.shape)}")
+        weight = mod.weight
         nnz = int(torch.count_nonzero(w).item())
         if isinstance(mod, nn.modules.conv._ConvTransposeNd):
             n_filters = weight.shape[1] * mod.groups

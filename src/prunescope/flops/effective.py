@@ -104,11 +104,10 @@ def effective_report(
     from ..topology import channel_atoms
 
     g = graph if graph is not None else trace(model, x)
-    masks = masks or {}
+    from ..masks.io import validate_masks
+
+    masks = validate_masks(masks or {}, model, "count_flops_params masks")
     modules = dict(model.named_modules())
-    for layer in masks:
-        if layer not in modules:
-            raise MaskError(f"mask given for unknown layer {layer!r}")
     ca = channel_atoms(g)
     removed = removed_channels(g, masks)
     atom_removed = np.zeros(len(ca.root), dtype=bool)
