@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 
-def _best(fn, repeat: int = 5) -> float:
+def _best(fn, repeat: int = 9) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeat):
@@ -80,12 +80,16 @@ def _nni_time(name: str) -> float | None:
 
 
 def main() -> None:
+    import logging
+
     import torchvision
+
+    logging.disable(logging.WARNING)  # fvcore logs every uncalled submodule
 
     from prunescope.flops import flops_report
 
     torch.set_num_threads(2)
-    print("== FLOPs counting (CPU, batch 1, 224x224; median of 5) ==")
+    print("== FLOPs counting (CPU, batch 1, 224x224; median of 9) ==")
     print(f"{'model':<10} {'forward s':>10} {'prunescope s':>13} {'ratio':>6}   peers (s, ratio to forward)")
     for name in ("resnet50", "vit_b_16"):
         model = torchvision.models.get_model(name).eval()

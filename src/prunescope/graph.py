@@ -232,11 +232,20 @@ class _Recorder(TorchFunctionMode):
 
     _buffers: frozenset[str] = frozenset()
 
-    def _wrap(self, x: Any, inputs: list[TensorInfo]) -> Any:
+    def _wrap(self, x: Any, inputs: list[TensorInfo], tensors: list[torch.Tensor]) -> Any:
+        """``x`` with every tensor replaced by its TensorInfo (lists, tuples and dicts walked; cheaper than
+        pytree on the hot path)."""
         if isinstance(x, torch.Tensor):
             ti = self.info(x)
             inputs.append(ti)
+            tensors.append(x)
             return ti
+        if type(x) in (list, tuple):
+            return type(x)(self._wrap(v, inputs, tensors) for v in x)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple (PackedSequence, ...)
+            return type(x)(*(self._wrap(v, inputs, tensors) for v in x))
+        if type(x) is dict:
+            return {k: self._wrap(v, inputs, tensors) for k, v in x.items()}
         return x
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -262,14 +271,15 @@ class _Recorder(TorchFunctionMode):
         if not out_tensors and not is_setitem:
             return out
         inputs: list[TensorInfo] = []
-        wargs = tuple(pytree.tree_map(lambda x: self._wrap(x, inputs), list(args)))
-        wkwargs = pytree.tree_map(lambda x: self._wrap(x, inputs), dict(kwargs))
+        in_tensors: list[torch.Tensor] = []
+        wargs = tuple(self._wrap(a, inputs, in_tensors) for a in args)
+        wkwargs = {k: self._wrap(v, inputs, in_tensors) for k, v in kwargs.items()}
         index = len(self.g.nodes)
         call = self.stack[-1] if self.stack else None
         node = OpNode(index, name, func, wargs, wkwargs, inputs, [], call.name if call else "",
                       call.index if call else None)
         # in-place writes: an output that *is* an input, or the target of __setitem__
-        in_ids = {id(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        in_ids = {id(a) for a in in_tensors}
         if is_setitem and isinstance(args[0], torch.Tensor):
             node.mutated.append(self.info(args[0]))
             node.outputs.append(self.new(args[0], "op", index, 0))
