@@ -159,26 +159,19 @@ def _bilinear(node: OpNode) -> int:
     return _prod(x1[:-1]) * _prod(w)
 
 
-def _contracted_matmul(a: tuple[int, ...], out: TensorInfo) -> int:
-    return out.numel() * (a[-1] if a else 1)
+def _contracting(pos: int) -> Callable[[OpNode], int]:
+    """MACs of a matrix product whose first factor is argument ``pos``: numel(output) · contracted size."""
+
+    def fn(node: OpNode) -> int:
+        a = _shape(node.args[pos])
+        return _out(node).numel() * (a[-1] if a else 1)
+
+    return fn
 
 
-@register_formula("matmul", "__matmul__", "mm", "bmm", "mv", "dot", "vdot", "inner", category="gemm")
-def _matmul(node: OpNode) -> int:
-    a = _shape(node.args[0])
-    return _contracted_matmul(a, _out(node))
-
-
-@register_formula("__rmatmul__", category="gemm")
-def _rmatmul(node: OpNode) -> int:
-    a = _shape(node.args[1])
-    return _contracted_matmul(a, _out(node))
-
-
-@register_formula("addmm", "baddbmm", "addmv", "addmm_", "baddbmm_", category="gemm")
-def _addmm(node: OpNode) -> int:
-    a = _shape(node.args[1])
-    return _contracted_matmul(a, _out(node))
+register_formula("matmul", "__matmul__", "mm", "bmm", "mv", "dot", "vdot", "inner", category="gemm")(_contracting(0))
+register_formula("__rmatmul__", category="gemm")(_contracting(1))  # other @ self
+register_formula("addmm", "baddbmm", "addmv", "addmm_", "baddbmm_", category="gemm")(_contracting(1))
 
 
 @register_formula("addbmm", category="gemm")
