@@ -9,7 +9,7 @@ from __future__ import annotations
 from .apply import apply_masks
 from .conflict import ConflictChange, FixedMasks, fix_mask_conflict, fix_masks_with
 from .io import load_masks, save_masks, validate_masks
-from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, layer_mask
+from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, group_masks, layer_mask
 
 __all__ = [
     "ConflictChange",
@@ -22,6 +22,7 @@ __all__ = [
     "apply_masks",
     "fix_mask_conflict",
     "fix_masks_with",
+    "group_masks",
     "layer_mask",
     "load_masks",
     "save_masks",

@@ -119,9 +119,9 @@ def run_report(
     from ..flops import flops_report
     from ..graph import trace
     from ..masks import apply_masks, fix_mask_conflict, save_masks
+    from ..masks.pruners import group_masks
     from ..plan import Option, max_saving, solve
     from ..sensitivity import SensitivityAnalysis
-    from ..sensitivity.engine import group_masks
     from ..topology import ChannelDependency, GroupDependency
     from .html import render_html, table_html
 

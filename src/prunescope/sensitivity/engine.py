@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunescopeError
+from ..masks.pruners import group_masks
 
 EARLY_STOP_MODES = ("minimize", "maximize", "dropped", "raised")
 
@@ -121,42 +122,6 @@ def need_to_stop(mode: str | None, threshold: float | None, ori: float, cur: flo
     if mode == "raised":
         return cur > ori + threshold
     return False
-
-
-@torch.no_grad()
-def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str) -> list[dict[str, Any]]:
-    """Masks for layers pruned together; filter pruners keep the same output channels in every member.
-
-    One layer: exactly :func:`prunescope.masks.pruners.layer_mask` (NNI's mask). Several layers and a
-    filter prune type: per-channel scores are summed over the members (NNI v2's dependency-aware rule),
-    then NNI's selection rule (floor count, ``<= threshold``, FPGM stable order) picks the channels.
-    ``level`` masks each member on its own at the same sparsity.
-    """
-    from ..masks.layers import expand_filters, num_filters
-    from ..masks.pruners import filter_scores, layer_mask
-
-    if len(modules) == 1 or prune_type == "level":
-        return [layer_mask(m, sparsity, prune_type) for m in modules]
-    n = num_filters(modules[0])
-    scores = sum(filter_scores(m, prune_type).to(torch.float64) for m in modules)
-    num_prune = int(n * sparsity)
-    assert isinstance(scores, torch.Tensor)
-    if n < 2 or num_prune < 1:
-        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
-    elif prune_type == "fpgm":
-        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
-        keep[torch.argsort(scores, stable=True)[:num_prune]] = False
-    else:
-        threshold = torch.topk(scores, num_prune, largest=False)[0].max()
-        keep = torch.gt(scores, threshold)
-    out = []
-    for m in modules:
-        w = m.weight
-        ones = torch.ones(w.shape, dtype=w.dtype, device=w.device)
-        b = getattr(m, "bias", None)
-        out.append({"weight": expand_filters(m, keep, ones),
-                    "bias": None if b is None else keep.to(device=b.device, dtype=b.dtype)})
-    return out
 
 
 class _StateGuard:
