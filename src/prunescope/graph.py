@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -441,7 +441,3 @@ def trace(
             g.outputs.append(ti if ti is not None else rec.new(o, "const", None, 0))
     return g
 
-
-def iter_tensor_infos(x: Any) -> Sequence[TensorInfo]:
-    """The TensorInfo leaves of a recorded argument structure."""
-    return [a for a in pytree.tree_leaves(x) if isinstance(a, TensorInfo)]

@@ -365,7 +365,3 @@ def count_flops_params(
     return rep.total_flops, rep.total_params, rep.results()
 
 
-def gflops(n: int) -> float:
-    return n / 1e9 if n else 0.0
-
-
