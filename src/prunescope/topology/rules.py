@@ -1,0 +1,484 @@
+"""Op rules of the channel engine: what each family of recorded ops does to channel atoms.
+
+Every rule is a function ``rule(ca, node, ins)`` of the :class:`~prunescope.topology.engine.ChannelAtoms`
+being built, one recorded :class:`~prunescope.graph.OpNode` and the :class:`ChannelInfo` of each of its tensor
+inputs (``None``: no channels). A rule sets the channel info of the node's outputs and records ties
+(``ca.union``), pins (``ca.pin``) and stops (raise :class:`UnknownOp`) through the engine's builder methods.
+:data:`RULES` maps an op name to its rule; an op that is in no family stops the analysis.
+
+Families: layers (conv, linear, embedding, ``nn.MultiheadAttention``), norms, elementwise (broadcast ties),
+channel-preserving ops, reductions, matrix products (``matmul``/``bmm``/``einsum``/SDPA: the contracted
+index ties both operands), and shape ops, which are replayed on channel ids (:mod:`.replay`) and pinned
+when they write a channel count into the code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from ..graph import OpNode, TensorInfo
+from .base import ChannelInfo, UnknownOp, arg, first_valid, norm_axis, renumber
+from .replay import fast_map, map_channels
+
+if TYPE_CHECKING:
+    from .engine import ChannelAtoms
+
+__all__ = ["RULES", "LAYER_OPS", "CONV_OPS", "LINEAR_OPS", "Rule", "layer_op"]
+
+Rule = Callable[["ChannelAtoms", OpNode, "list[ChannelInfo | None]"], None]
+
+CONV_OPS = frozenset("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split())
+LINEAR_OPS = frozenset({"linear"})
+_TRANSPOSED = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+_NORM_OPS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
+_ELEMENTWISE = frozenset(
+    """add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub subtract subtract_ mul mul_
+    __mul__ __rmul__ __imul__ multiply multiply_ div div_ __truediv__ __rtruediv__ __itruediv__ divide divide_
+    true_divide floor_divide __floordiv__ __rfloordiv__ __mod__ remainder fmod pow __pow__ __rpow__ pow_
+    addcmul addcmul_ addcdiv addcdiv_ where maximum minimum fmax fmin max min lerp lerp_ logical_and
+    logical_or logical_xor logical_and_ logical_or_ logical_xor_ __and__ __or__ __xor__ __iand__ __ior__
+    eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ masked_fill masked_fill_ copysign atan2
+    hypot xlogy clamp clamp_ clip clip_ squared_difference""".split()
+)
+# ops whose output has the first tensor input's layout (shape may change on non-channel axes only)
+_PASS = frozenset(
+    """relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu gelu silu silu_ mish
+    hardswish hardswish_ hardsigmoid hardsigmoid_ sigmoid sigmoid_ tanh tanh_ softplus softsign tanhshrink
+    logsigmoid prelu rrelu glu_ threshold threshold_ abs abs_ neg neg_ __neg__ __pos__ __abs__ exp exp_
+    log log_ log1p log2 sqrt sqrt_ rsqrt rsqrt_ square reciprocal reciprocal_ sign erf sin cos floor ceil
+    round trunc frac nan_to_num clamp_min clamp_max
+    dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
+    max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+    adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+    max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices lp_pool1d lp_pool2d
+    interpolate upsample upsample_nearest upsample_bilinear
+    softmax log_softmax softmin normalize local_response_norm
+    contiguous clone detach detach_ to float half double bfloat16 type type_as cpu cuda requires_grad_
+    __deepcopy__ zero_ fill_ new_zeros new_ones new_full new_empty zeros_like ones_like empty_like
+    full_like rand_like randn_like""".split()
+)
+_FRESH = frozenset(
+    "new_zeros new_ones new_full new_empty zeros_like ones_like empty_like full_like rand_like randn_like zero_ "
+    "fill_".split()
+)
+_REDUCE = frozenset("mean sum amax amin max min std var norm logsumexp prod argmax argmin nansum nanmean".split())
+_EXEC = frozenset(
+    """view reshape flatten unflatten permute transpose swapaxes swapdims movedim moveaxis t T mT squeeze
+    unsqueeze expand expand_as repeat tile chunk split tensor_split split_with_sizes unsafe_split
+    unsafe_chunk unbind cat concat concatenate stack hstack vstack __getitem__ __setitem__ narrow select
+    index_select roll flip pad constant_pad_nd pixel_shuffle pixel_unshuffle channel_shuffle
+    native_channel_shuffle view_as reshape_as ravel diagonal gather take_along_dim""".split()
+)
+_RESHAPE = frozenset({"view", "reshape", "unflatten", "expand"})
+_SPLIT = frozenset({"chunk", "split", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk",
+                    "unbind"})
+_MATMUL = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"})
+# ops that create a layer (make new channel atoms), also when their input carries no channels
+LAYER_OPS = CONV_OPS | LINEAR_OPS | {"multi_head_attention_forward", "embedding"}
+
+
+def explicit_sizes(node: OpNode) -> list[int | None] | None:
+    """Per output axis of a view/reshape/expand/unflatten, the size written in the call (``None``: derived)."""
+    out = node.outputs[0]
+    if node.name in ("view", "reshape", "expand"):
+        rest = [a for a in node.args[1:]]
+        if "shape" in node.kwargs:
+            rest = [node.kwargs["shape"]]
+        if "size" in node.kwargs:
+            rest = [node.kwargs["size"]]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+            rest = list(rest[0])
+        if not all(isinstance(r, int) for r in rest) or len(rest) != out.ndim:
+            return None
+        return [int(r) for r in rest]
+    if node.name == "unflatten":
+        dim = arg(node, 1, "dim")
+        sizes = arg(node, 2, "sizes")
+        if not isinstance(dim, int) or not isinstance(sizes, (tuple, list, torch.Size)):
+            return None
+        d = norm_axis(dim, node.inputs[0].ndim)
+        res: list[int | None] = [None] * out.ndim
+        for k, s in enumerate(sizes):
+            res[d + k] = int(s)
+        return res
+    return None
+
+
+
+# -- layers
+
+def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    name = node.name
+    x = node.inputs[0] if node.inputs else None
+    cin = ins[0] if ins else None
+    if name in CONV_OPS:
+        w = arg(node, 1, "weight")
+        if not isinstance(w, TensorInfo) or x is None:
+            raise UnknownOp(f"'{name}' without a weight tensor")
+        groups = arg(node, 6, "groups", 1)  # conv*d and conv_transpose*d both have it 7th
+        groups = int(groups) if isinstance(groups, int) else 1
+        transposed = name in _TRANSPOSED
+        out_ch = w.shape[1] * groups if transposed else w.shape[0]
+        ax = 1 if x.ndim == w.ndim else 0
+        in_ch = x.shape[ax]
+        owner = ca.weight_owner(w, node)
+        li = ca.new_layer(owner, "conv_transpose" if transposed else "conv", node, out_ch)
+        li.in_channels, li.groups = in_ch, groups
+        rep = ca.reps(cin, x.ndim, ax, in_ch)
+        ca.record_input(li, rep, x.id, node)
+        atoms = ca.layer_atoms(owner)
+        if groups > 1 and groups == in_ch and out_ch % in_ch == 0:
+            li.depthwise = True
+            ca.union(atoms, rep[np.arange(out_ch) // (out_ch // in_ch)])
+        for o in node.outputs[:1]:
+            ca.set_info(o, ChannelInfo((ax,), atoms.copy()))
+    elif name == "linear":
+        w = arg(node, 1, "weight")
+        if not isinstance(w, TensorInfo) or x is None:
+            raise UnknownOp("'linear' without a weight tensor")
+        owner = ca.weight_owner(w, node)
+        li = ca.new_layer(owner, "linear", node, w.shape[0] if w.ndim == 2 else 1)
+        li.in_channels = x.shape[-1] if x.ndim else 1
+        ca.record_input(li, ca.reps(cin, x.ndim, x.ndim - 1, li.in_channels), x.id, node)
+        for o in node.outputs[:1]:
+            if o.ndim:
+                ca.set_info(o, ChannelInfo((o.ndim - 1,), ca.layer_atoms(owner)))
+    elif name == "embedding":
+        w = arg(node, 1, "weight")
+        if not isinstance(w, TensorInfo):
+            raise UnknownOp("'embedding' without a weight tensor")
+        owner = ca.weight_owner(w, node)
+        ca.new_layer(owner, "embedding", node, w.shape[1])
+        for o in node.outputs[:1]:
+            ca.set_info(o, ChannelInfo((o.ndim - 1,), ca.layer_atoms(owner)))
+    else:  # multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight, ...)
+        params = [t for t in node.inputs if t.kind == "param"]
+        if not params:
+            raise UnknownOp("attention without parameters")
+        owner = ca.weight_owner(params[0], node)
+        q = node.inputs[0]
+        e = q.shape[-1]
+        out = node.outputs[0]
+        li = ca.new_layer(owner, "attention", node, out.shape[-1])
+        li.in_channels = e
+        reps = []
+        for k in range(min(3, len(node.inputs))):
+            t = node.inputs[k]
+            if t.kind == "param":
+                break
+            reps.append(ca.reps(ins[k], t.ndim, t.ndim - 1, t.shape[-1]))
+        ca.record_input(li, reps[0] if reps else np.full(e, -1, np.int64), q.id, node)
+        atoms = ca.layer_atoms(owner)
+        if reps and len(reps[0]) == len(atoms):  # nn.MultiheadAttention: one embed_dim in and out
+            ca.union(atoms, reps[0])
+        ca.set_info(out, ChannelInfo((out.ndim - 1,), atoms))
+
+
+def norm_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    x = node.inputs[0]
+    out = node.outputs[0]
+    ca.set_info(out, ins[0])
+    params = [t for t in node.inputs[1:] if t.kind in ("param", "buffer")]
+    if params and ins[0] is not None:
+        owner = ca.graph.param_owner(params[0]) or ""
+        ax = _NORM_OPS[node.name]
+        ax = x.ndim - 1 if ax < 0 else (1 if x.ndim > 1 else 0)
+        rep = ca.reps(ins[0], x.ndim, ax, x.shape[ax])
+        ca.followers.setdefault(owner, []).append(rep)
+        mod = ca.graph.modules.get(owner)
+        ca.follower_types[owner] = type(mod).__name__ if mod is not None else ""
+
+
+def elementwise(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    out = node.outputs[0] if node.outputs else None
+    if out is None:
+        return
+    parts = [(ci, t.shape) for ci, t in zip(ins, node.inputs) if ci is not None and t.ndim <= out.ndim]
+    res = ca.combine(parts, out.shape)
+    for o in node.outputs:
+        if o.shape == out.shape:
+            ca.set_info(o, res)
+
+
+def passthrough(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    if node.name in _FRESH:
+        return  # a new tensor of the same shape carries no channels
+    x, ci = node.inputs[0], ins[0]
+    if ci is None:
+        return
+    for o in node.outputs:
+        if o.ndim == x.ndim and all(o.shape[a] == x.shape[a] for a in ci.axes):
+            ca.set_info(o, ci)
+        elif o.ndim == x.ndim and o.dtype in (torch.int64,):  # pooling indices
+            continue
+        else:
+            raise UnknownOp(f"'{node.name}' changes the size of a channel axis")
+
+
+def reduce_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    x, ci = node.inputs[0], ins[0]
+    if ci is None:
+        return
+    dims = arg(node, 1, "dim", None)
+    if isinstance(dims, TensorInfo):  # max(a, b) is elementwise
+        elementwise(ca, node, ins)
+        return
+    keep = bool(arg(node, 2, "keepdim", False))
+    if dims is None:
+        dims_t = tuple(range(x.ndim))
+    elif isinstance(dims, int):
+        dims_t = (dims,)
+    else:
+        dims_t = tuple(dims)
+    red = {norm_axis(int(d), x.ndim) for d in dims_t}
+    g = ci.atoms
+    axes = list(ci.axes)
+    for a in sorted(red & set(ci.axes), reverse=True):
+        k = axes.index(a)
+        gm = np.moveaxis(g, k, -1)
+        # positions left on the other channel axes now depend on all reduced atoms: tie them
+        flat = gm.reshape(-1, gm.shape[-1])
+        rep = first_valid(flat)
+        if gm.ndim > 1:
+            ca.union(np.repeat(rep, flat.shape[1]), flat.reshape(-1))
+        g = rep.reshape(gm.shape[:-1])
+        axes.pop(k)
+    new_axes = []
+    for a in axes:
+        new_axes.append(a if keep else a - sum(1 for r in red if r < a))
+    res = ChannelInfo(tuple(new_axes), g) if new_axes else None
+    for o in node.outputs:
+        if o.dtype.is_floating_point or o is node.outputs[0]:
+            ca.set_info(o, res)
+
+
+def cat_nonchannel(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> bool:
+    """``cat``/``stack`` along an axis that carries no channels ties the inputs; True if handled."""
+    out = node.outputs[0]
+    dim = arg(node, 1, "dim", 0)
+    if not isinstance(dim, int):
+        return False
+    stack = node.name == "stack"
+    nd_in = out.ndim - 1 if stack else out.ndim
+    d = norm_axis(dim, out.ndim if stack else nd_in)
+    parts = [(ci, t.shape) for ci, t in zip(ins, node.inputs) if ci is not None]
+    if any(t.ndim != nd_in for ci, t in zip(ins, node.inputs) if ci is not None):
+        return False
+    if not stack and any(d in ci.axes for ci, _ in parts):
+        return False
+    if stack:
+        parts = [(ChannelInfo(tuple(a + (a >= d) for a in ci.axes), ci.atoms),
+                  shp[:d] + (1,) + shp[d:]) for ci, shp in parts]
+        ref = out.shape
+    else:
+        ref = out.shape[:d] + (1,) + out.shape[d + 1:]
+        parts = [(ci, shp[:d] + (1,) + shp[d + 1:]) for ci, shp in parts]
+    res = ca.combine(parts, ref)
+    ca.set_info(out, res)
+    return True
+
+
+def matmul(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    if len(node.inputs) != 2:
+        raise UnknownOp(f"'{node.name}' with {len(node.inputs)} tensor inputs")
+    a, b = node.inputs
+    ia, ib = ins
+    if node.name == "__rmatmul__":
+        a, b, ia, ib = b, a, ib, ia
+    out = node.outputs[0]
+    if a.ndim < 2 or b.ndim < 2:
+        raise UnknownOp(f"'{node.name}' on a 1-D operand")
+    ra = ca.reps(ia, a.ndim, a.ndim - 1, a.shape[-1])
+    rb = ca.reps(ib, b.ndim, b.ndim - 2, b.shape[-2])
+    ca.union(ra, rb)  # the contracted index: pruning it needs both operands
+    parts = []
+    if ia is not None:
+        red = drop_axis(ia, a.ndim - 1)
+        if red is not None:
+            parts.append((red, a.shape[:-1] + (1,)))
+    if ib is not None:
+        red = drop_axis(ib, b.ndim - 2)
+        if red is not None:
+            parts.append((red, b.shape[:-2] + (1, b.shape[-1])))
+    res = ca.combine(parts, out.shape) if parts else None
+    if b.kind == "param" or a.kind == "param":  # x @ W: W's owner is a layer making new channels
+        w = b if b.kind == "param" else a
+        owner = ca.weight_owner(w, node)
+        axis = out.ndim - 1 if w is b else out.ndim - 2
+        ca.new_layer(owner, "matmul", node, out.shape[axis])
+        res = ChannelInfo((axis,), ca.layer_atoms(owner))
+    ca.set_info(out, res)
+
+
+def einsum(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    eq = node.args[0] if node.args and isinstance(node.args[0], str) else None
+    if eq is None or "..." in eq or "->" not in eq:
+        raise UnknownOp("'einsum' without an explicit equation")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    out = node.outputs[0]
+    if len(terms) != len(node.inputs) or any(len(t) != len(set(t)) for t in terms) or len(rhs) != out.ndim:
+        raise UnknownOp(f"'einsum' equation {eq!r} not supported")
+    reps: dict[str, list[np.ndarray]] = {}
+    for term, t, ci in zip(terms, node.inputs, ins):
+        for a, letter in enumerate(term):
+            if letter not in rhs:
+                reps.setdefault(letter, []).append(ca.reps(ci, t.ndim, a, t.shape[a]))
+    for rs in reps.values():
+        for r in rs[1:]:
+            ca.union(rs[0], r)  # a contracted index: pruning it needs every operand
+    parts = []
+    for term, ci in zip(terms, ins):
+        if ci is None:
+            continue
+        red: ChannelInfo | None = ci
+        for a in sorted((a for a, letter in enumerate(term) if letter not in rhs), reverse=True):
+            red = drop_axis(red, a) if red is not None else None
+        if red is None:
+            continue
+        keep = [a for a, letter in enumerate(term) if letter in rhs]
+        # after dropping, grid axes are the kept ones; renumber to output positions
+        pos = {a: rhs.index(term[a]) for a in keep}
+        red = renumber(ChannelInfo(red.axes, red.atoms), {a: pos[a] for a in red.axes})
+        shp = tuple(out.shape[j] if any(pos[a] == j for a in keep) else 1 for j in range(out.ndim))
+        parts.append((red, shp))
+    ca.set_info(out, ca.combine(parts, out.shape) if parts else None)
+
+
+def drop_axis(ci: ChannelInfo, axis: int) -> ChannelInfo | None:
+    """Grid with ``axis`` replaced by size 1 (its atoms already consumed/tied)."""
+    if axis not in ci.axes:
+        return ci
+    k = ci.axes.index(axis)
+    if len(ci.axes) == 1:
+        return None
+    g = np.take(ci.atoms, [0], axis=k)
+    axes = ci.axes[:k] + ci.axes[k + 1:]
+    return ChannelInfo(axes, np.squeeze(g, axis=k))
+
+
+def sdpa(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    q, k, v = node.inputs[:3]
+    cq, ck, cv = ins[:3]
+    rq = ca.reps(cq, q.ndim, q.ndim - 1, q.shape[-1])
+    rk = ca.reps(ck, k.ndim, k.ndim - 1, k.shape[-1])
+    ca.union(rq, rk)
+    parts = []
+    for ci, t in ((cq, q), (ck, k), (cv, v)):
+        if ci is None:
+            continue
+        red = drop_axis(ci, t.ndim - 1) if t is not v else ci
+        red = drop_axis(red, t.ndim - 2) if red is not None and t is not q else red
+        if red is not None:
+            parts.append((red, t.shape[:-2] + ((t.shape[-2] if t is q else 1), (t.shape[-1] if t is v else 1))))
+    out = node.outputs[0]
+    ca.set_info(out, ca.combine(parts, out.shape) if parts else None)
+
+
+# -- executed shape ops
+
+def shape_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    outs = fast_map(node, ins)
+    if outs is None:
+        outs = map_channels(node, ins)
+    if outs is None:
+        raise UnknownOp(f"'{node.name}' could not be replayed on channel ids")
+    name = node.name
+    if name in _RESHAPE and ins[0] is not None and outs and outs[0] is not None:
+        reshape_rule(ca, node, ins[0], outs[0])
+    elif name in _SPLIT and ins[0] is not None:
+        split_rule(ca, node, ins[0], outs)
+    else:
+        present = np.unique(np.concatenate([o.atoms.reshape(-1) for o in outs if o is not None])) \
+            if any(o is not None for o in outs) else np.zeros(0, np.int64)
+        for ci in ins:
+            if ci is None:
+                continue
+            lost = ~np.isin(ci.atoms, present) & (ci.atoms >= 0)
+            if lost.any():
+                if any(not t.dtype.is_floating_point for t in node.inputs):
+                    raise UnknownOp(f"'{name}' indexes channels with a tensor of indices")
+                # fine if every dropped channel is tied to a kept one (a whole group of a group split)
+                ca.pin_unless_tied(ci.atoms[lost], present[present >= 0], ci.atoms, node,
+                                   f"'{name}' keeps or overwrites a fixed subset of the {ci.atoms.size} channels")
+    targets = node.outputs
+    for o, ci in zip(targets, outs):
+        ca.set_info(o, ci)
+
+
+def reshape_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, co: ChannelInfo) -> None:
+    sizes = explicit_sizes(node)
+    gi, go = ci.atoms, co.atoms
+    if len(ci.axes) == 1 and len(co.axes) >= 2 and go.size == gi.size and np.array_equal(go.reshape(-1), gi):
+        inner = go.shape[-1]
+        g2 = go.reshape(-1, inner)
+        ca.union(np.tile(g2[0], g2.shape[0]), g2.reshape(-1))  # same in-group index in every group
+        return
+    if len(co.axes) == 1 and len(ci.axes) >= 2 and go.size == gi.size and np.array_equal(go, gi.reshape(-1)):
+        return  # merge of a group split: follows the pruned count
+    if sizes is None:
+        return
+    for a in co.axes:
+        if a < len(sizes) and sizes[a] is not None and sizes[a] != -1:
+            ca.pin(gi, node, f"'{node.name}' writes the size {sizes[a]} of a channel-carrying axis "
+                      f"(axis {a} of {list(node.outputs[0].shape)})")
+            return
+
+
+def split_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, outs: list[ChannelInfo | None]) -> None:
+    x = node.inputs[0]
+    dim = arg(node, 2 if node.name != "unbind" else 1, "dim", 0)
+    if not isinstance(dim, int):
+        return
+    d = norm_axis(dim, x.ndim)
+    if d not in ci.axes:
+        return
+    size_arg = arg(node, 1, "split_size_or_sections" if node.name != "chunk" else "chunks", None)
+    if node.name == "split" and size_arg is None:
+        size_arg = node.kwargs.get("split_size")
+    sizes = [o.shape[d] for o in node.outputs] if node.name != "unbind" else []
+    equal = len(set(sizes)) == 1 and len(sizes) > 1
+    computed = node.name in ("chunk", "unsafe_chunk") or (node.name in ("split", "unsafe_split")
+                                                           and isinstance(size_arg, int))
+    if equal and computed:
+        reps = [ca.reps(o, x.ndim, d, sz) for o, sz in zip(outs, sizes)]
+        for r in reps[1:]:
+            ca.union(reps[0], r)  # chunk re-splits at C'/n: prune the same position in every piece
+    else:
+        ca.pin(ci.atoms, node, f"'{node.name}' cuts the channel axis at fixed sizes {sizes or 1}")
+
+
+def _reduce_or_elementwise(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    """``max``/``min``: a reduction with one tensor input, elementwise with two."""
+    if len(node.inputs) == 1:
+        reduce_op(ca, node, ins)
+    else:
+        elementwise(ca, node, ins)
+
+
+def _cat_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    if not cat_nonchannel(ca, node, ins):
+        shape_op(ca, node, ins)
+
+
+def _build_rules() -> dict[str, Rule]:
+    rules: dict[str, Rule] = {}
+    # lowest precedence first: a later family overrides an op name that is in several
+    rules.update(dict.fromkeys(_MATMUL, matmul))
+    rules.update(dict.fromkeys(_EXEC, shape_op))
+    rules.update(dict.fromkeys(("cat", "concat", "concatenate", "stack"), _cat_op))
+    rules.update(dict.fromkeys(_REDUCE, reduce_op))
+    rules.update(dict.fromkeys(_PASS, passthrough))
+    rules.update(dict.fromkeys(_ELEMENTWISE, elementwise))
+    rules.update(dict.fromkeys(_REDUCE & _ELEMENTWISE, _reduce_or_elementwise))
+    rules.update(dict.fromkeys(_NORM_OPS, norm_op))
+    rules.update(dict.fromkeys(LAYER_OPS, layer_op))
+    rules["scaled_dot_product_attention"] = sdpa
+    rules["einsum"] = einsum
+    return rules
+
+
+RULES: dict[str, Rule] = _build_rules()
