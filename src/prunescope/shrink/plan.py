@@ -1,0 +1,585 @@
+"""The removal plan: which channels physically go, and how every stored tensor narrows with them.
+
+One plan, computed once from the channel engine of one trace (:func:`prunescope.topology.channel_atoms`), is
+read by both the effective counter (:func:`prunescope.flops.effective.effective_report`) and
+:func:`prunescope.shrink.shrink`, so the two can never disagree.
+
+Which channels go
+-----------------
+Every output channel of every layer is an *atom*; the engine joins atoms into *classes* that must be pruned
+together (a residual add, an SE scale, a depthwise convolution, a channel shuffle ...). A class is removed
+when **every** member that votes is masked (its filter is all zeros) — the outcome of ``fix_mask_conflict``'s
+union policy followed by physical pruning. Depthwise output channels do not vote: they follow their input
+channel. A class is **kept** (*protected*) when removing it could not be expressed by narrowing stored
+tensors of the same modules:
+
+* it reaches a model output (removing it would change the output's shape);
+* it is read by a layer that cannot be narrowed: attention, an embedding, a matrix product with a parameter,
+  a layer whose weight is computed (a parametrization, weight standardisation) instead of stored;
+* it is combined with a tensor derived from a parameter in a way other than a direct elementwise use
+  (``torch.cat([cls_token.expand(...), x])``);
+* a grouped convolution would keep unequal numbers of channels per group, or a ``GroupNorm`` would keep a
+  channel count its group count does not divide.
+
+Protection repeats until nothing changes (protecting a class can only keep more). A removed class that the
+engine *pins* (``not_safe_to_prune``: a literal size in a reshape, an op with unknown channel semantics) is an
+error: :class:`ShrinkError` names the layer and the op.
+
+How tensors narrow
+------------------
+A :class:`Cut` says, for one stored parameter or buffer (by its qualified name), which indices to keep along
+which axes: the output (and input) channels of convolutions and linear layers — per group for grouped
+convolutions —, the channels of norms (weight, bias, running statistics), PReLU slopes, and parameters used
+directly (or through a pure reshape) in an elementwise op with a channel tensor (a layer scale, a position
+embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import MaskError, PrunescopeError
+from ..graph import ModelGraph, OpNode, TensorInfo
+
+__all__ = ["ShrinkError", "Cut", "RemovalPlan", "plan_removal", "removed_channels"]
+
+_CONV = frozenset("conv1d conv2d conv3d".split())
+_CONVT = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
+_NORM_AXIS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
+# ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
+_RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
+                          "half double bfloat16 type_as".split())
+
+
+class ShrinkError(PrunescopeError, ValueError):
+    """The masks cannot be turned into a physically smaller model (a pinned layer, a model that no longer runs).
+
+    ``layer`` names the layer concerned, ``op`` the op that pins it or failed, when known.
+    """
+
+    def __init__(self, message: str, layer: str | None = None, op: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.op = op
+
+
+@dataclass
+class Cut:
+    """How one stored tensor narrows: ``keep`` per axis (bool arrays); ``grouped`` for grouped layers.
+
+    ``grouped = (groups, out_axis, in_axis, out_keep, in_keep)``: the weight of a grouped convolution, whose
+    in-axis index depends on the group of the output channel (``in_keep`` covers all input channels).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    keep: dict[int, np.ndarray] = field(default_factory=dict)
+    grouped: tuple[int, int, int, np.ndarray, np.ndarray] | None = None
+
+    def new_shape(self) -> tuple[int, ...]:
+        s = list(self.shape)
+        for ax, k in self.keep.items():
+            s[ax] = int(k.sum())
+        if self.grouped is not None:
+            g, oa, ia, ok, ik = self.grouped
+            s[oa] = int(ok.sum()) if oa == 0 else int(ok.sum()) // g
+            s[ia] = int(ik.sum()) // g if ia == 1 else int(ik.sum())
+        return tuple(s)
+
+    def changes(self) -> bool:
+        return self.new_shape() != tuple(self.shape)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """The narrowed copy of ``t`` (which has ``self.shape``)."""
+        out = t
+        if self.grouped is not None:
+            g, oa, ia, ok, ik = self.grouped
+            out = _grouped_select(out, g, oa, ia, ok, ik)
+        for ax, k in sorted(self.keep.items()):
+            if not k.all():
+                idx = torch.as_tensor(np.nonzero(k)[0], dtype=torch.long, device=out.device)
+                out = out.index_select(ax, idx)
+        return out.clone() if out is t else out
+
+    def merge(self, axis: int, keep: np.ndarray, where: str) -> None:
+        old = self.keep.get(axis)
+        if old is not None and not np.array_equal(old, keep):
+            raise ShrinkError(f"tensor '{self.name}' would be narrowed differently along axis {axis} by two uses "
+                              f"({where}); a shared tensor must keep the same channels everywhere", self.name)
+        self.keep[axis] = keep
+
+
+def _grouped_select(t: torch.Tensor, g: int, oa: int, ia: int, ok: np.ndarray, ik: np.ndarray) -> torch.Tensor:
+    """Select per group: conv weight (C_out, C_in/g, k) with oa=0, ia=1; transposed (C_in, C_out/g, k): oa=1, ia=0."""
+    parts = []
+    if oa == 0:  # conv: rows = output channels (all groups), columns = in-group input channels
+        cout, cpg = t.shape[0] // g, t.shape[1]
+        for k in range(g):
+            rows = np.nonzero(ok[k * cout:(k + 1) * cout])[0] + k * cout
+            cols = np.nonzero(ik[k * cpg:(k + 1) * cpg])[0]
+            blk = t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device))
+            parts.append(blk.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device)))
+        return torch.cat(parts, 0)
+    cin, opg = t.shape[0] // g, t.shape[1]  # transposed: rows = input channels, columns = in-group outputs
+    for k in range(g):
+        rows = np.nonzero(ik[k * cin:(k + 1) * cin])[0] + k * cin
+        cols = np.nonzero(ok[k * opg:(k + 1) * opg])[0]
+        blk = t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device))
+        parts.append(blk.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device)))
+    return torch.cat(parts, 0)
+
+
+@dataclass
+class RemovalPlan:
+    """The outcome of :func:`plan_removal`.
+
+    * ``removed``: ``{layer: bool array}`` of removed output channels, for every layer of the engine;
+    * ``atom_removed``: per engine atom;
+    * ``cuts``: ``{tensor FQN: Cut}`` for every stored parameter/buffer that narrows;
+    * ``attrs``: ``{module name: {attribute: new value}}`` (``in_channels``, ``num_features``, ...);
+    * ``protected``: ``{layer: [reason, ...]}`` for layers whose masked channels had to be kept;
+    * ``ignored``: masked layers whose masks remove no channel here (unstructured masks, unnarrowable layers).
+    """
+
+    graph: ModelGraph
+    atoms: Any
+    removed: dict[str, np.ndarray]
+    atom_removed: np.ndarray
+    cuts: dict[str, Cut] = field(default_factory=dict)
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protected: dict[str, list[str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    def alive(self, atoms: np.ndarray) -> np.ndarray:
+        a = np.asarray(atoms).reshape(-1)
+        return np.where(a >= 0, ~self.atom_removed[np.maximum(a, 0)], True)
+
+    @property
+    def removed_count(self) -> int:
+        return int(sum(int(v.sum()) for v in self.removed.values()))
+
+    def param_count(self, model: torch.nn.Module) -> int:
+        """Parameters of the narrowed model (shared parameters once)."""
+        total = 0
+        for name, p in model.named_parameters():
+            c = self.cuts.get(name)
+            total += int(np.prod(c.new_shape())) if c is not None else p.numel()
+        return total
+
+
+def _arg(node: OpNode, pos: int, key: str, default: Any = None) -> Any:
+    if key in node.kwargs:
+        return node.kwargs[key]
+    if len(node.args) > pos:
+        return node.args[pos]
+    return default
+
+
+def _filter_keep(mask: torch.Tensor, kind: str, groups: int) -> np.ndarray:
+    """Per output channel: does the mask keep any weight of that channel's filter?"""
+    m = mask.detach().to("cpu") != 0
+    if kind == "conv_transpose":  # weight (C_in, C_out/g, *k): output channel = g * (C_out/g) + j
+        cin, cpg = m.shape[0], m.shape[1]
+        per_group = m.reshape(groups, cin // groups, cpg, -1).any(dim=(1, 3))  # (g, C_out/g)
+        return per_group.reshape(-1).numpy()
+    return m.reshape(m.shape[0], -1).any(dim=1).numpy()
+
+
+def _masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.ndarray:
+    n = len(ca.root)
+    masked = np.zeros(n, dtype=bool)
+    for layer, m in masks.items():
+        w = m.get("weight") if isinstance(m, Mapping) else m
+        if w is None:
+            continue
+        li = ca.layers.get(layer)
+        if li is None or li.kind not in ("conv", "conv_transpose", "linear"):
+            ignored.append(layer)
+            continue
+        if w.device.type == "meta":
+            raise MaskError(f"mask of layer {layer!r} is on the meta device: it has no values to read")
+        keep = _filter_keep(w, li.kind, li.groups)
+        if keep.shape[0] != li.out_channels:
+            raise MaskError(f"mask of layer {layer!r} covers {keep.shape[0]} output channels, the layer has "
+                            f"{li.out_channels}")
+        masked[li.atom_start: li.atom_start + li.out_channels] = ~keep
+    return masked
+
+
+def _decide(ca: Any, masked: np.ndarray, protected: np.ndarray) -> np.ndarray:
+    n = len(ca.root)
+    voter = np.ones(n, dtype=bool)
+    for li in ca.layers.values():
+        if li.depthwise:
+            voter[li.atom_start: li.atom_start + li.out_channels] = False
+    root = ca.root
+    alive_vote = np.zeros(n, dtype=bool)
+    np.logical_or.at(alive_vote, root[voter], ~masked[voter])
+    has_voter = np.zeros(n, dtype=bool)
+    np.logical_or.at(has_voter, root[voter], True)
+    class_removed = has_voter & ~alive_vote
+    prot_cls = np.zeros(n, dtype=bool)
+    prot_cls[root[protected]] = True
+    class_removed &= ~prot_cls
+    atom_removed = class_removed[root]
+    # a depthwise filter removed by its own mask goes too (its input channel may stay: checked later)
+    atom_removed |= masked & ~voter & ~prot_cls[root]
+    return atom_removed
+
+
+def removed_channels(graph: ModelGraph, masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{layer: bool array}`` of output channels that are physically removed (see the module docs)."""
+    return plan_removal(graph, masks, check_pins=False).removed
+
+
+class _Planner:
+    def __init__(self, graph: ModelGraph, masks: Mapping[str, Any]) -> None:
+        from ..topology import channel_atoms
+
+        self.g = graph
+        self.ca = channel_atoms(graph)
+        self.ignored: list[str] = []
+        self.masked = _masked_atoms(self.ca, masks, self.ignored)
+        self.prot = np.zeros(len(self.ca.root), dtype=bool)
+        self.reasons: dict[int, str] = {}  # class root -> first reason it was protected
+        self.derived = self._param_derived()
+
+    # -- helpers
+    def protect(self, atoms: np.ndarray, reason: str) -> bool:
+        a = np.asarray(atoms).reshape(-1)
+        a = a[a >= 0]
+        new = a[~self.prot[a]]
+        if new.size == 0:
+            return False
+        self.prot[new] = True
+        for c in np.unique(self.ca.root[new]).tolist():
+            self.reasons.setdefault(int(c), reason)
+        return True
+
+    def info_atoms(self, t: TensorInfo) -> np.ndarray:
+        ci = self.ca.info(t)
+        return ci.atoms.reshape(-1) if ci is not None else np.zeros(0, np.int64)
+
+    def _param_derived(self) -> dict[int, tuple[str, int | None]]:
+        """Tensors computed from one stored tensor alone: id -> (FQN, axis of the 1-D source or None)."""
+        out: dict[int, tuple[str, int | None]] = {}
+        for t in self.g.tensors:
+            if t.kind in ("param", "buffer") and t.name:
+                out[t.id] = (t.name, 0 if sum(s > 1 for s in t.shape) <= 1 and t.ndim == 1 else None)
+        for node in self.g.nodes:
+            tins = [t for t in node.inputs if t.kind != "const"]
+            if not tins or not all(t.id in out for t in tins) or node.name in _CONV | _CONVT | {"linear"}:
+                continue
+            if node.name in _NORM_AXIS or node.name == "embedding":
+                continue
+            src = out[tins[0].id]
+            for o in node.outputs:
+                axis = None
+                if len(tins) == 1 and node.name in _RESHAPE_LIKE and src[1] is not None:
+                    big = [i for i, s in enumerate(o.shape) if s > 1]
+                    if len(big) == 1 and o.numel() == tins[0].numel():
+                        axis = big[0]
+                out[o.id] = (src[0], axis)
+        return out
+
+    # -- protection rules that do not depend on the decision
+    def static_protection(self) -> None:
+        ca, g = self.ca, self.g
+        for t in g.outputs:
+            self.protect(self.info_atoms(t), "its channels reach a model output")
+        for name, li in ca.layers.items():
+            if li.kind not in ("conv", "conv_transpose", "linear"):
+                for rep in li.inputs:
+                    self.protect(rep, f"it feeds '{name}' ({li.kind}), which shrink does not narrow")
+                self.protect(ca.layer_atoms(name), f"'{name}' ({li.kind}) is not narrowed by shrink")
+                continue
+            for idx in li.nodes:
+                node = g.nodes[idx]
+                w = _arg(node, 1, "weight")
+                if not isinstance(w, TensorInfo) or w.kind != "param" or not w.name:
+                    why = f"the weight of '{name}' is computed, not stored (narrowing stored tensors only)"
+                    self.protect(ca.layer_atoms(name), why)
+                    for rep in li.inputs:
+                        self.protect(rep, why)
+        for node in g.nodes:
+            self._protect_param_uses(node)
+
+    def _protect_param_uses(self, node: OpNode) -> None:
+        name = node.name
+        if name in _CONV | _CONVT or name == "linear" or name in _NORM_AXIS or name == "embedding":
+            return
+        derived = [t for t in node.inputs if t.id in self.derived]
+        if not derived:
+            return
+        chan = [t for t in list(node.inputs) + list(node.outputs) if self.ca.info(t) is not None]
+        if not chan:
+            return
+        if name == "prelu":
+            return
+        from ..topology.rules import _ELEMENTWISE  # the engine's own list of elementwise ops
+
+        if name in _ELEMENTWISE and self._elementwise_ok(node, derived):
+            return
+        why = f"'{name}' combines them with a tensor derived from parameter '{self.derived[derived[0].id][0]}'"
+        for t in chan:
+            self.protect(self.info_atoms(t), why)
+
+    def _elementwise_ok(self, node: OpNode, derived: list[TensorInfo]) -> bool:
+        out = node.outputs[0] if node.outputs else None
+        ci = self.ca.info(out) if out is not None else None
+        if ci is None:
+            return True
+        for t in derived:
+            fqn, src_axis = self.derived[t.id]
+            off = out.ndim - t.ndim
+            for a in ci.axes:
+                pa = a - off
+                if pa < 0 or t.shape[pa] == 1:
+                    continue
+                if len(ci.axes) != 1:
+                    return False
+                if t.kind not in ("param", "buffer") and src_axis != pa:
+                    return False
+        return True
+
+    # -- rules that depend on the decision
+    def layer_keeps(self, atom_removed: np.ndarray, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        li = self.ca.layers[name]
+        out_keep = ~atom_removed[li.atom_start: li.atom_start + li.out_channels]
+        ins = [np.where(r >= 0, ~atom_removed[np.maximum(r, 0)], True) for r in li.inputs]
+        return out_keep, ins
+
+    def dynamic_protection(self, atom_removed: np.ndarray) -> bool:
+        changed = False
+        ca = self.ca
+        for name, li in ca.layers.items():
+            if li.kind not in ("conv", "conv_transpose") or li.groups <= 1:
+                continue
+            out_keep, ins = self.layer_keeps(atom_removed, name)
+            gr = li.groups
+            for in_keep in ins[:1]:
+                if li.depthwise:
+                    mult = li.out_channels // max(1, li.in_channels)
+                    per = out_keep.reshape(-1, mult)
+                    ok = (per.all(1) | ~per.any(1)) & (per.any(1) == in_keep)
+                    if not ok.all():
+                        bad = np.nonzero(~ok)[0]
+                        outs = (bad[:, None] * mult + np.arange(mult)).reshape(-1)
+                        changed |= self.protect(ca.layer_atoms(name)[outs],
+                                                f"depthwise '{name}' would lose an output channel whose input stays")
+                        changed |= self.protect(li.inputs[0][bad], f"depthwise '{name}' keeps its input channel")
+                    continue
+                oc = out_keep.reshape(gr, -1).sum(1)
+                ic = in_keep.reshape(gr, -1).sum(1)
+                if len(set(oc.tolist())) > 1 or (oc == 0).any():
+                    changed |= self.protect(ca.layer_atoms(name), f"grouped '{name}' ({gr} groups) would keep "
+                                            f"unequal output channels per group {sorted(set(oc.tolist()))}")
+                if len(set(ic.tolist())) > 1 or (ic == 0).any():
+                    changed |= self.protect(li.inputs[0], f"grouped '{name}' ({gr} groups) would keep unequal "
+                                            f"input channels per group {sorted(set(ic.tolist()))}")
+        for node in self.g.nodes:
+            if node.name != "group_norm":
+                continue
+            ci = self.ca.info(node.inputs[0])
+            if ci is None or 1 not in ci.axes:
+                continue
+            keep = self.axis_keep(ci, 1, atom_removed)
+            if keep is None:
+                changed |= self.protect(ci.atoms, f"group_norm in '{node.module}': channels are mixed")
+                continue
+            groups = _arg(node, 1, "num_groups")
+            n = int(keep.sum())
+            if isinstance(groups, int) and n != len(keep) and (n == 0 or n % groups):
+                changed |= self.protect(ci.atoms, f"GroupNorm '{node.module}' has {groups} groups, which do not "
+                                        f"divide {n} channels")
+        return changed
+
+    @staticmethod
+    def axis_keep(ci: Any, axis: int, atom_removed: np.ndarray) -> np.ndarray | None:
+        """Keep per position of ``axis``; None if a position mixes removed and kept atoms."""
+        k = ci.axes.index(axis)
+        grid = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
+        valid = grid >= 0
+        rem = np.where(valid, atom_removed[np.maximum(grid, 0)], False)
+        all_rem = valid.any(1) & (rem | ~valid).all(1)
+        mixed = rem.any(1) & ~all_rem
+        if mixed.any():
+            return None
+        return ~all_rem
+
+    def decide(self) -> np.ndarray:
+        self.static_protection()
+        for _ in range(100):
+            atom_removed = _decide(self.ca, self.masked, self.prot)
+            if not self.dynamic_protection(atom_removed):
+                return atom_removed
+        return _decide(self.ca, self.masked, self.prot)
+
+
+def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: bool = True) -> RemovalPlan:
+    """The :class:`RemovalPlan` of ``masks`` (NNI layout, ``{layer: {'weight': t, 'bias': t}}``) on ``graph``."""
+    pl = _Planner(graph, masks)
+    ca = pl.ca
+    atom_removed = pl.decide()
+    removed = {name: atom_removed[li.atom_start: li.atom_start + li.out_channels].copy()
+               for name, li in ca.layers.items()}
+    plan = RemovalPlan(graph, ca, removed, atom_removed, ignored=pl.ignored)
+    for name, li in ca.layers.items():
+        cls = ca.root[ca.layer_atoms(name)]
+        mine = pl.masked[li.atom_start: li.atom_start + li.out_channels] & ~removed[name]
+        if mine.any():
+            rs = sorted({pl.reasons[int(c)] for c in np.unique(cls[mine]).tolist() if int(c) in pl.reasons})
+            if rs:
+                plan.protected[name] = rs
+    if check_pins:
+        notes = getattr(ca, "class_notes", {})
+        for name, rem in removed.items():
+            if not rem.any():
+                continue
+            for c in np.unique(ca.root[ca.layer_atoms(name)[rem]]).tolist():
+                if c in notes:
+                    raise ShrinkError(f"cannot remove channels of layer '{name}': it is unsafe to prune "
+                                      f"({notes[c][0]})", name, notes[c][0])
+    if plan.removed_count:
+        _make_cuts(plan, pl)
+    return plan
+
+
+def _put(plan: RemovalPlan, t: TensorInfo, axis: int, keep: np.ndarray, where: str) -> None:
+    if keep.all() or not t.name:
+        return
+    c = plan.cuts.get(t.name)
+    if c is None:
+        c = plan.cuts[t.name] = Cut(t.name, tuple(t.shape))
+    c.merge(axis, keep, where)
+
+
+def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
+    g, ca = plan.graph, plan.atoms
+    ar = plan.atom_removed
+    for name, li in ca.layers.items():
+        if li.kind not in ("conv", "conv_transpose", "linear"):
+            continue
+        out_keep, ins = pl.layer_keeps(ar, name)
+        in_keep = ins[0] if ins else np.ones(li.in_channels, bool)
+        for more in ins[1:]:
+            if not np.array_equal(more, in_keep):
+                raise ShrinkError(f"layer '{name}' is called on inputs that lose different channels", name)
+        if out_keep.all() and in_keep.all():
+            continue
+        node = g.nodes[li.nodes[0]]
+        w = _arg(node, 1, "weight")
+        b = _arg(node, 2, "bias")
+        gr = max(1, li.groups)
+        attrs = plan.attrs.setdefault(name, {})
+        if li.kind == "linear":
+            _put(plan, w, 0, out_keep, name)
+            _put(plan, w, 1, in_keep, name)
+            attrs.update(in_features=int(in_keep.sum()), out_features=int(out_keep.sum()))
+        elif li.depthwise:
+            _put(plan, w, 0, out_keep, name)
+            attrs.update(in_channels=int(in_keep.sum()), out_channels=int(out_keep.sum()),
+                         groups=int(in_keep.sum()))
+        elif gr == 1:
+            oa, ia = (1, 0) if li.kind == "conv_transpose" else (0, 1)
+            _put(plan, w, oa, out_keep, name)
+            _put(plan, w, ia, in_keep, name)
+            attrs.update(in_channels=int(in_keep.sum()), out_channels=int(out_keep.sum()))
+        else:
+            oa, ia = (1, 0) if li.kind == "conv_transpose" else (0, 1)
+            if w.name in plan.cuts:
+                raise ShrinkError(f"grouped layer '{name}' shares its weight with another layer", name)
+            plan.cuts[w.name] = Cut(w.name, tuple(w.shape), grouped=(gr, oa, ia, out_keep, in_keep))
+            attrs.update(in_channels=int(in_keep.sum()), out_channels=int(out_keep.sum()))
+        if isinstance(b, TensorInfo):
+            _put(plan, b, 0, out_keep, name)
+    for node in g.nodes:
+        if node.name in _NORM_AXIS:
+            _norm_cuts(plan, pl, node)
+        elif node.name == "prelu":
+            w = node.inputs[1] if len(node.inputs) > 1 else None
+            ci = ca.info(node.inputs[0])
+            x = node.inputs[0]
+            if w is not None and w.numel() > 1 and ci is not None:
+                ax = 1 if x.ndim >= 2 else 0
+                if ax in ci.axes:
+                    keep = pl.axis_keep(ci, ax, ar)
+                    if keep is not None and not keep.all():
+                        _put(plan, w, 0, keep, f"prelu in '{node.module}'")
+                        plan.attrs.setdefault(node.module, {})["num_parameters"] = int(keep.sum())
+        else:
+            _elementwise_cuts(plan, pl, node)
+
+
+def _norm_cuts(plan: RemovalPlan, pl: _Planner, node: OpNode) -> None:
+    x = node.inputs[0]
+    ci = plan.atoms.info(x)
+    if ci is None:
+        return
+    ln = node.name == "layer_norm"
+    params = [t for t in node.inputs[1:] if t.kind in ("param", "buffer") and t.name]
+    new_shape: list[int] | None = None
+    if ln:
+        ns = _arg(node, 1, "normalized_shape")
+        ns = [ns] if isinstance(ns, int) else list(ns) if ns is not None else []
+        new_shape = list(ns)
+    for a in ci.axes:
+        keep = pl.axis_keep(ci, a, plan.atom_removed)
+        if keep is None:
+            raise ShrinkError(f"{node.name} in '{node.module}' mixes removed and kept channels on one axis",
+                              node.module, node.name)
+        if keep.all():
+            continue
+        if ln:
+            pa = a - (x.ndim - len(new_shape or []))
+            if new_shape is None or pa < 0:
+                continue  # layer_norm over other axes: channels are batch-like there
+            new_shape[pa] = int(keep.sum())
+        else:
+            if a != (1 if x.ndim > 1 else 0):
+                continue
+            pa = 0
+        for t in params:
+            _put(plan, t, pa, keep, f"{node.name} in '{node.module}'")
+        attrs = plan.attrs.setdefault(node.module, {})
+        if ln:
+            attrs["normalized_shape"] = tuple(new_shape or [])
+        elif node.name == "group_norm":
+            attrs["num_channels"] = int(keep.sum())
+        else:
+            attrs["num_features"] = int(keep.sum())
+
+
+def _elementwise_cuts(plan: RemovalPlan, pl: _Planner, node: OpNode) -> None:
+    from ..topology.rules import _ELEMENTWISE
+
+    if node.name not in _ELEMENTWISE:
+        return
+    derived = [t for t in node.inputs if t.id in pl.derived]
+    if not derived or not node.outputs:
+        return
+    out = node.outputs[0]
+    ci = plan.atoms.info(out)
+    if ci is None:
+        return
+    for t in derived:
+        fqn, src_axis = pl.derived[t.id]
+        off = out.ndim - t.ndim
+        for a in ci.axes:
+            pa = a - off
+            if pa < 0 or t.shape[pa] == 1:
+                continue
+            keep = pl.axis_keep(ci, a, plan.atom_removed)
+            if keep is None or keep.all():
+                continue
+            if t.kind in ("param", "buffer"):
+                _put(plan, t, pa, keep, f"{node.name} in '{node.module}'")
+            else:  # a pure reshape of a 1-D parameter: narrow the parameter itself
+                src = next((s for s in plan.graph.tensors if s.name == fqn and s.kind in ("param", "buffer")),
+                           None)
+                if src is not None:
+                    _put(plan, src, 0, keep, f"{node.name} in '{node.module}'")
