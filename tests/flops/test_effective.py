@@ -2,42 +2,17 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from narrow_models import DW, Cat, Chain, FlatLinear, Res, filt_mask
 from prunescope import count_flops_params
 from prunescope.flops import flops_report
-
-
-def filt_mask(conv: nn.Module, keep: list[int]) -> dict:
-    w = torch.zeros_like(conv.weight)
-    w[keep] = 1
-    b = None
-    if getattr(conv, "bias", None) is not None:
-        b = torch.zeros_like(conv.bias)
-        b[keep] = 1
-    return {"weight": w, "bias": b}
 
 
 def both(full, masks, narrow, x, mode="default"):
     eff = flops_report(full, x, masks=masks, effective=True, mode=mode)
     dense = flops_report(narrow, x, mode=mode)
     return eff, dense
-
-
-class Chain(nn.Module):
-    def __init__(self, c=(3, 8, 6, 4)):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c[0], c[1], 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c[1])
-        self.conv2 = nn.Conv2d(c[1], c[2], 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c[2])
-        self.conv3 = nn.Conv2d(c[2], c[3], 1)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.conv3(x)
 
 
 @pytest.mark.parametrize("mode", ["default", "full"])
@@ -49,24 +24,6 @@ def test_conv_chain(mode):
     assert eff.total_params == dense.total_params
     nni = flops_report(full, (1, 3, 8, 8), masks=masks, mode=mode)
     assert nni.total_flops > eff.total_flops  # NNI ignores the removed input channels of conv2/conv3
-
-
-class Res(nn.Module):
-    def __init__(self, w=8, mid=8):
-        super().__init__()
-        self.stem = nn.Conv2d(3, w, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(w)
-        self.conv1 = nn.Conv2d(w, mid, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, w, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(w)
-        self.head = nn.Conv2d(w, 5, 1)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        y = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(y)) + x)
-        return self.head(x)
 
 
 def test_residual_block_consistent_and_partial_masks():
@@ -82,21 +39,6 @@ def test_residual_block_consistent_and_partial_masks():
     assert eff2.total_flops == dense2.total_flops
 
 
-class DW(nn.Module):
-    def __init__(self, c=8, e=16):
-        super().__init__()
-        self.expand = nn.Conv2d(c, e, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(e)
-        self.dw = nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False)
-        self.bn2 = nn.BatchNorm2d(e)
-        self.project = nn.Conv2d(e, c, 1, bias=False)
-
-    def forward(self, x):
-        y = F.relu6(self.bn1(self.expand(x)))
-        y = F.relu6(self.bn2(self.dw(y)))
-        return self.project(y)
-
-
 @pytest.mark.parametrize("mask_dw", [False, True])
 def test_depthwise_block(mask_dw):
     full = DW()
@@ -108,35 +50,11 @@ def test_depthwise_block(mask_dw):
     assert (eff.total_flops, eff.total_params) == (dense.total_flops, dense.total_params)
 
 
-class Cat(nn.Module):
-    def __init__(self, a=6, b=4):
-        super().__init__()
-        self.a = nn.Conv2d(3, a, 1, bias=False)
-        self.b = nn.Conv2d(3, b, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(a + b)
-        self.c = nn.Conv2d(a + b, 7, 3)
-
-    def forward(self, x):
-        return self.c(F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
-
-
 def test_concat_block():
     full = Cat()
     masks = {"a": filt_mask(full.a, [1, 2, 5]), "b": filt_mask(full.b, [0])}
     eff, dense = both(full, masks, Cat(3, 1), (1, 3, 7, 7), "full")
     assert (eff.total_flops, eff.total_params) == (dense.total_flops, dense.total_params)
-
-
-class FlatLinear(nn.Module):
-    def __init__(self, c=6):
-        super().__init__()
-        self.conv = nn.Conv2d(2, c, 3, padding=1)
-        self.fc = nn.Linear(c * 4 * 4, 10)
-        self.out = nn.Linear(10, 3)
-
-    def forward(self, x):
-        x = torch.flatten(F.relu(self.conv(x)), 1)
-        return self.out(F.relu(self.fc(x)))
 
 
 def test_conv_flatten_linear():
