@@ -147,6 +147,9 @@ def test_grouped_conv_with_uneven_groups_keeps_channels_instead_of_breaking():
     with pytest.warns(ShrinkWarning):
         small, res = shrink(net, masks, torch.randn(1, 3, 5, 5), return_result=True)
     assert small[2].groups == 4 and small(torch.randn(1, 3, 5, 5)).shape == (1, 2, 3, 3)
+    assert small[0].out_channels == 8 and res.fixed[0].kind == "group"  # fix_mask_conflict's group step
+    with pytest.warns(ShrinkWarning, match="cannot be removed"):  # unfixed: the plan keeps them itself
+        small, res = shrink(net, masks, torch.randn(1, 3, 5, 5), fix_conflicts=False, return_result=True)
     assert small[0].out_channels == 8 and "unequal input channels per group" in res.protected["0"][0]
     # an even removal (one channel of every group) goes through
     small = shrink(net, {"0": filt_mask(net[0], [1, 3, 5, 7])}, torch.randn(1, 3, 5, 5))
