@@ -43,3 +43,19 @@ class Counting:
                 raise self.exc
             return self.returns
         return self.metric(model)
+
+
+def zero_filters(model: nn.Module) -> tuple[int, ...]:
+    """Number of all-zero output filters of every Conv layer: identifies which layer is pruned how far."""
+    return tuple(int((m.weight.detach().flatten(1).abs().sum(1) == 0).sum())
+                 for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+
+
+class BadAt:
+    """Picklable val function returning ``returns`` when the conv filters zeroed are exactly ``zeros``."""
+
+    def __init__(self, metric, zeros: tuple[int, ...], returns=float("nan")) -> None:
+        self.metric, self.zeros, self.returns = metric, tuple(zeros), returns
+
+    def __call__(self, model: nn.Module):
+        return self.returns if zero_filters(model) == self.zeros else self.metric(model)

@@ -1,9 +1,11 @@
 """workers=N and executor= (a real Dask LocalCluster) give exactly the serial results."""
 
+import json
+
 import pytest
 import sens_models as M
 import torch
-from sens_helpers import Counting, state_bytes
+from sens_helpers import BadAt, Counting, state_bytes
 
 from prunescope.errors import ConfigError
 from prunescope.sensitivity import MetricError, SensitivityAnalysis
@@ -35,12 +37,19 @@ def test_workers_equal_serial(tmp_path, one_thread):
 
 def test_worker_error_keeps_finished_results(tmp_path, one_thread):
     model = M.build_cnn()
-    val = Counting(M.loss, fail_at=2, returns=float("nan"))  # each worker's 2nd call (its copy's counter)
+    ref = SensitivityAnalysis(M.build_cnn(), M.loss, progress=False, sparsities=[0.25, 0.5, 0.75])
+    ref.analysis([ref.model])
+    val = BadAt(M.loss, zeros=(0, 8, 0))  # conv2 at 0.5 (8 of 16 filters) returns NaN
     ck = tmp_path / "ck.jsonl"
     sa = SensitivityAnalysis(model, val, workers=2, checkpoint=ck, progress=False, sparsities=[0.25, 0.5, 0.75])
-    with pytest.raises(MetricError, match="at sparsity 0.5"):
+    with pytest.raises(MetricError, match="'conv2' at sparsity 0.5"):
         sa.analysis([model])
-    assert len(ck.read_text().splitlines()) >= 3  # header, baseline, at least one layer's 0.25
+    recs = [json.loads(x) for x in ck.read_text().splitlines()[2:]]
+    assert recs, "finished evaluations must be in the checkpoint"
+    for r in recs:  # every finished value is the serial one
+        assert ref.sensitivities[r["layer"]][r["sparsity"]] == r["value"]
+    for k, v in sa.sensitivities.items():
+        assert v == {s: ref.sensitivities[k][s] for s in v}
 
 
 def test_unpicklable_arguments_rejected_up_front():

@@ -8,6 +8,7 @@ import logging
 import math
 import numbers
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -20,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError
 from . import report
 from .checkpoint import Checkpoint, state_hash
-from .engine import EARLY_STOP_MODES, Job, JobResult, _StateGuard, coerce_metric, need_to_stop, run_job
+from .engine import EARLY_STOP_MODES, Eval, Job, _StateGuard, coerce_metric, run_job
+from .schedule import BASELINE, SweepState
 
 logger = logging.getLogger("prunescope.sensitivity")
 
@@ -53,9 +55,14 @@ class SensitivityAnalysis:
     * ``group_dependencies=True`` (needs ``dummy_input``): prune each channel-dependency set (layers whose
       outputs are added together) as one unit, keeping the same channels in every member, which is what a
       real pruner must do. Rows are keyed by the members joined with ``+``.
-    * ``checkpoint=path``: JSON-lines checkpoint; a rerun skips every finished evaluation.
-    * ``workers=N`` / ``executor=``: run layers on N local processes or any ``concurrent.futures``
-      executor (Dask: ``Client(...).get_executor()``); ``device``: a device or list of devices for them.
+    * ``checkpoint=path``: JSON-lines checkpoint, appended the moment each evaluation finishes (every
+      mode); a rerun skips every finished evaluation.
+    * ``workers=N`` / ``executor=``: run the evaluations on N local processes or any ``concurrent.futures``
+      executor (Dask: ``Client(...).get_executor()``; a ``ThreadPoolExecutor`` gives each thread its own copy
+      of the model). Every evaluation ``(layer, sparsity)`` is its own job, the longest layers first, as
+      many in flight as there are workers; with early stop, later sparsities of a layer are evaluated
+      speculatively on idle workers and discarded past the stop, so the results are the serial ones.
+      ``device``: a device or list of devices for the workers.
     * ``progress``: tqdm progress bar; ``restore_buffers``: snapshot and restore the model's buffers.
 
     Metrics are coerced to Python floats; NaN, infinities and non-numbers raise :class:`MetricError`.
@@ -146,6 +153,15 @@ class SensitivityAnalysis:
             if not 0.0 < s < 1.0:
                 extra = "" if float(given) == s else f" (rounds to {s} with 2 decimals)"
                 raise ConfigError(f"sparsity {float(given)!r} is outside (0, 1){extra}")
+        dups: dict[float, list[float]] = {}
+        for given, s in zip(raw, out):
+            dups.setdefault(s, []).append(float(given))
+        dups = {s: g for s, g in dups.items() if len(g) > 1}
+        if dups:
+            # NNI evaluates such a sparsity twice and writes a CSV whose values no longer line up with the header
+            what = "; ".join(f"{s} (given as {', '.join(map(repr, g))})" for s, g in dups.items())
+            raise ConfigError(f"duplicate sparsities after rounding to 2 decimals (NNI's rule, also the CSV's): "
+                              f"{what}; give each sparsity once")
         return out
 
     def model_parse(self) -> None:
@@ -261,6 +277,10 @@ class SensitivityAnalysis:
         ``val_func(*val_args, **val_kwargs)`` is called once for the baseline (``self.ori_metric``) and
         once per layer and sparsity until the early stop fires. ``specified_layers`` restricts the sweep
         (model order is kept; unknown names are an error, NNI ignores them).
+
+        With ``workers``/``executor`` every evaluation is its own job; with early stop, evaluations past a
+        layer's stop may run speculatively on otherwise idle workers and are then discarded, so the result
+        (and ``self.sensitivities``) is the serial one.
         """
         val_args = list(val_args) if val_args is not None else []
         val_kwargs = dict(val_kwargs) if val_kwargs is not None else {}
@@ -272,135 +292,175 @@ class SensitivityAnalysis:
 
             bundle = make_bundle(self.model, self.val_func, val_args, val_kwargs)
         ckpt = Checkpoint(self.checkpoint, self._fingerprint()) if self.checkpoint else None
-
-        n = len(self.sparsities)
-        todo = sum(n - len(ckpt.done(k, n)) if ckpt else n for k in keys)
-        bar = _progress(self.progress, todo + (0 if ckpt and ckpt.baseline is not None else 1))
+        state = SweepState(keys, len(self.sparsities), self.early_stop_mode, self.early_stop_value,
+                           baseline=ckpt.baseline if ckpt else None,
+                           known={k: ckpt.known(k) for k in keys} if ckpt else None)
+        bar = _Progress(self.progress, state)
         try:
-            if ckpt is not None and ckpt.baseline is not None:
-                self.ori_metric = ckpt.baseline
-            else:
-                bar.set_postfix_str("baseline")
-                guard = _StateGuard(self.model, [], self.restore_buffers)
-                try:
-                    value = self.val_func(*val_args, **val_kwargs)
-                    guard.check("the unpruned model (baseline)")
-                finally:
-                    guard.restore()
-                self.ori_metric = coerce_metric(value, "", None)
-                if ckpt is not None:
-                    ckpt.add_baseline(self.ori_metric)
-                bar.update(1)
-            jobs, finished = self._plan(keys, ckpt)
             if remote:
                 assert bundle is not None
-                results = self._run_remote(jobs, bundle, ckpt, bar)
+                self._run_remote(keys, state, bundle, ckpt, bar)
             else:
-                results = self._run_serial(keys, jobs, finished, val_args, val_kwargs, ckpt, bar)
-            results.update(finished)
-            error = None
-            for k in keys:
-                res = results.get(k)
-                if res is None:
-                    continue
-                self.sensitivities[k] = dict(zip(self.sparsities, res.values))
-                if res.error is not None and error is None:
-                    error = res.error
-            if error is not None:
-                raise error
+                self._run_serial(keys, state, val_args, val_kwargs, ckpt, bar)
         finally:
             bar.close()
         return self.sensitivities
 
-    def _plan(self, keys: list[str], ckpt: Checkpoint | None) -> tuple[list[Job], dict[str, JobResult]]:
-        jobs: list[Job] = []
-        finished: dict[str, JobResult] = {}
-        n = len(self.sparsities)
-        assert self.ori_metric is not None
-        for idx, k in enumerate(keys):
-            done = ckpt.done(k, n) if ckpt else ()
-            stop = next((i for i, v in enumerate(done)
-                         if need_to_stop(self.early_stop_mode, self.early_stop_value, self.ori_metric, v)), None)
-            if stop is not None or len(done) == n:
-                vals = list(done[: stop + 1] if stop is not None else done)
-                finished[k] = JobResult(k, vals, stopped=stop is not None)
-                continue
-            members = self.groups[k]
-            device = self.devices[idx % len(self.devices)] if self.devices and self.executor else None
-            jobs.append(Job(
-                key=k, members=members, sparsities=tuple(self.sparsities),
-                real_sparsities=tuple(self._real(k, s) for s in self.sparsities), prune_type=self.prune_type,
-                ori_metric=self.ori_metric, early_stop_mode=self.early_stop_mode,
-                early_stop_value=self.early_stop_value, prune=all(self._pruned[m] for m in members), done=done,
-                restore_buffers=self.restore_buffers, device=device,
-                threads=1 if self.executor is not None else None, index=idx))
-        return jobs, finished
+    def _record(self, ckpt: Checkpoint | None, key: str, i: int, value: float) -> None:
+        """A finished evaluation: logged (NNI's line) and appended to the checkpoint at once."""
+        if i < 0:
+            if ckpt is not None:
+                ckpt.add_baseline(value)
+            return
+        ap = self.already_pruned[self.groups[key][0]]
+        logger.info("Layer: %s Sparsity: %.2f Validation Metric: %.4f", key, (1.0 - ap) * self.sparsities[i] + ap,
+                    value)
+        if ckpt is not None:
+            ckpt.add(key, [(i, self.sparsities[i], value)])
 
-    def _record(self, ckpt: Checkpoint | None, job: Job, start: int, values: list[float]) -> None:
-        for i in range(start, len(values)):
-            logger.info("Layer: %s Sparsity: %.2f Validation Metric: %.4f", job.key, job.real_sparsities[i],
-                        values[i])
-        if ckpt is not None and len(values) > start:
-            ckpt.add(job.key, [(i, job.sparsities[i], values[i]) for i in range(start, len(values))])
-
-    def _run_serial(self, keys: list[str], jobs: list[Job], finished: dict[str, JobResult],
-                    val_args: list[Any], val_kwargs: dict[str, Any], ckpt: Checkpoint | None,
-                    bar: Any) -> dict[str, JobResult]:
-        results: dict[str, JobResult] = {}
+    def _run_serial(self, keys: list[str], state: SweepState, val_args: list[Any], val_kwargs: dict[str, Any],
+                    ckpt: Checkpoint | None, bar: _Progress) -> None:
+        """NNI's order in this process: the baseline, then each layer's sparsities in order, masks applied
+        incrementally; every new value goes to the checkpoint as soon as it is known."""
+        if state.baseline is None:
+            bar.show(1, 1, "baseline")
+            guard = _StateGuard(self.model, [], self.restore_buffers)
+            try:
+                value = self.val_func(*val_args, **val_kwargs)
+                guard.check("the unpruned model (baseline)")
+            finally:
+                guard.restore()
+            value = coerce_metric(value, "", None)
+            self._record(ckpt, "", -1, value)
+            state.finish(BASELINE, -1, value)
+        self.ori_metric = state.baseline
 
         def on_result(job: Job, i: int, value: float) -> None:
             self.sensitivities[job.key][job.sparsities[i]] = value
-            self._record(ckpt, job, i, [*([0.0] * i), value])
-            bar.update(1)
-            if i + 1 < len(job.sparsities):
-                bar.set_postfix_str(f"{job.key} @ {job.sparsities[i + 1]}")
+            self._record(ckpt, job.key, i, value)
+            state.finish(job.key, i, value)
+            nxt = f"{job.key} @ {job.sparsities[i + 1]}" if i + 1 < len(job.sparsities) else job.key
+            bar.show(1, 1, nxt)
 
-        by_key = {job.key: job for job in jobs}
         for key in keys:  # layers in model order, as NNI fills its dict
-            if key in finished:
-                self.sensitivities[key] = dict(zip(self.sparsities, finished[key].values))
+            if state.layer_done(key):
+                self.sensitivities[key] = dict(zip(self.sparsities, state.result(key)))
                 continue
-            job = by_key[key]
-            self.sensitivities[job.key] = dict(zip(job.sparsities, job.done))
-            bar.set_postfix_str(f"{job.key} @ {job.sparsities[len(job.done)]}")
-            results[job.key] = run_job(self.model, self.val_func, val_args, val_kwargs, job, on_result)
-        return results
+            members = self.groups[key]
+            known = state.layers[key].values
+            assert self.ori_metric is not None
+            job = Job(key=key, members=members, sparsities=tuple(self.sparsities),
+                      real_sparsities=tuple(self._real(key, s) for s in self.sparsities),
+                      prune_type=self.prune_type, ori_metric=self.ori_metric, early_stop_mode=self.early_stop_mode,
+                      early_stop_value=self.early_stop_value, prune=all(self._pruned[m] for m in members),
+                      done=dict(known), restore_buffers=self.restore_buffers)
+            first = next((i for i in range(len(self.sparsities)) if i not in known), 0)
+            self.sensitivities[key] = {s: known[i] for i, s in enumerate(self.sparsities[:first])}
+            bar.show(1, 1, f"{key} @ {self.sparsities[first]}")
+            res = run_job(self.model, self.val_func, val_args, val_kwargs, job, on_result)
+            self.sensitivities[key] = dict(zip(self.sparsities, res.values))
 
-    def _run_remote(self, jobs: list[Job], bundle: tuple[str, bytes], ckpt: Checkpoint | None,
-                    bar: Any) -> dict[str, JobResult]:
-        from concurrent.futures import as_completed
+    def _eval(self, key: str, i: int, threads: int | None) -> Eval:
+        if i < 0:
+            device = self.devices[0] if self.devices and self.executor else None
+            return Eval(BASELINE, (), -1, None, (), self.prune_type, prune=False,
+                        restore_buffers=self.restore_buffers, device=device, threads=threads)
+        members = self.groups[key]
+        idx = list(self.groups).index(key)
+        device = self.devices[idx % len(self.devices)] if self.devices and self.executor else None
+        return Eval(key, members, i, self.sparsities[i], tuple(self._real(key, s) for s in self.sparsities[: i + 1]),
+                    self.prune_type, prune=all(self._pruned[m] for m in members),
+                    restore_buffers=self.restore_buffers, device=device, threads=threads)
 
-        from .parallel import process_pool, remote_job
+    def _run_remote(self, keys: list[str], state: SweepState, bundle: tuple[str, bytes], ckpt: Checkpoint | None,
+                    bar: _Progress) -> None:
+        """One evaluation per job on worker processes / an executor, the most urgent first, as many in flight
+        as there are workers; a finished evaluation is checkpointed the moment it arrives."""
+        from concurrent.futures import FIRST_COMPLETED, CancelledError, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        from .parallel import Backend, process_pool
 
         digest, data = bundle
-        own = self.executor is None
-        pool = process_pool(self.workers or 1, digest, data, self.devices) if own else self.executor
-        assert pool is not None
-        results: dict[str, JobResult] = {}
-        futures: dict[Future[JobResult], Job] = {}
+
+        def backend() -> Backend:
+            if self.executor is not None:
+                return Backend(self.executor, digest, data, own=False)
+            assert self.workers is not None
+            return Backend(process_pool(self.workers, digest, data, self.devices), digest, data, own=True,
+                           workers=self.workers)
+
+        be = backend()
+        threads = None if be.threads_pool else 1
+        inflight: dict[Future[float], tuple[str, int, float]] = {}
+        error: BaseException | None = None
+        restarts = 0
+        aborted = True
         try:
-            for job in jobs:
-                fut = pool.submit(remote_job, job, digest, None if own else data)
-                futures[fut] = job
-            bar.set_postfix_str(f"{len(jobs)} layers on {self.workers or 'executor'} workers")
-            failed = False
-            for fut in as_completed(futures):
-                job = futures[fut]
-                try:
-                    res = fut.result()
-                except Exception as e:  # noqa: BLE001 - worker crashed, result not unpicklable, ...
-                    res = JobResult(job.key, list(job.done), error=e)
-                self._record(ckpt, job, len(job.done), res.values)
-                bar.update(len(res.values) - len(job.done))
-                results[job.key] = res
-                if res.error is not None and not failed:
-                    failed = True
-                    for f in futures:
-                        f.cancel()
+            while not state.done():
+                slots = be.slots()
+                while error is None and len(inflight) < slots:
+                    task = state.next_task()
+                    if task is None:
+                        break
+                    fut = be.submit(self._eval(*task, threads))
+                    inflight[fut] = (*task, time.monotonic())
+                if not inflight:
+                    break
+                bar.show(len(inflight), slots, be.kind)
+                finished, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    key, i, t0 = inflight.pop(fut)
+                    try:
+                        value = fut.result()
+                    except (CancelledError, BrokenProcessPool) as e:
+                        state.abandon(key, i)
+                        if isinstance(e, BrokenProcessPool) and be.own and restarts < 3 and error is None:
+                            restarts += 1  # a local worker died (OOM killer, ...): new pool, same evaluations
+                            logger.warning("a worker process died; restarting the pool (%d/3)", restarts)
+                            for other in list(inflight):
+                                state.abandon(*inflight.pop(other)[:2])
+                            be.close(abort=True)
+                            be = backend()
+                            break
+                        error = error or e
+                        continue
+                    except Exception as e:  # noqa: BLE001 - val_func's error, raised after the in-flight ones land
+                        state.abandon(key, i)
+                        error = error or e
+                        continue
+                    self._record(ckpt, key, i, value)
+                    state.finish(key, i, value, time.monotonic() - t0)
+                    if key == BASELINE:
+                        self.ori_metric = value
+                # evaluations a stop has made useless: cancel those not started yet
+                for fut, (key, i, _) in list(inflight.items()):
+                    if key != BASELINE and not state.needed(key, i) and fut.cancel():
+                        del inflight[fut]
+                        state.abandon(key, i)
+            aborted = False
         finally:
-            if own:
-                pool.shutdown(wait=True, cancel_futures=True)
-        return results
+            for fut in inflight:
+                fut.cancel()
+            be.close(abort=aborted or bool(inflight))
+            self._collect(keys, state)
+        if error is not None:
+            raise error
+
+    def _collect(self, keys: list[str], state: SweepState) -> None:
+        """Results into ``self.sensitivities``: finished layers whole, others their contiguous known start."""
+        if state.baseline is not None:
+            self.ori_metric = state.baseline
+        for k in keys:
+            if state.layer_done(k):
+                vals = state.result(k)
+            else:
+                known = state.layers[k].values
+                vals = []
+                while len(vals) in known:
+                    vals.append(known[len(vals)])
+            if vals:
+                self.sensitivities[k] = dict(zip(self.sparsities, vals))
 
     # -- output -----------------------------------------------------------------------------------------
     def export(self, filepath: str | os.PathLike[str]) -> None:
@@ -421,7 +481,30 @@ class SensitivityAnalysis:
         return report.to_dataframe(self.sensitivities, baseline=self.ori_metric)
 
 
-def _progress(enabled: bool, total: int) -> Any:
-    from tqdm.auto import tqdm
+class _Progress:
+    """The one progress bar, in every mode: evaluations done / total (the total shrinks when an early stop
+    drops a layer's remaining sparsities), workers busy, what runs, and tqdm's ETA (average rate)."""
 
-    return tqdm(total=total, desc="sensitivity", unit="eval", disable=not enabled, dynamic_ncols=True)
+    def __init__(self, enabled: bool, state: SweepState) -> None:
+        from tqdm.auto import tqdm
+
+        self.state = state
+        fin, tot = state.counts()
+        self.bar = tqdm(total=tot, initial=fin, desc="sensitivity", unit="eval", disable=not enabled,
+                        dynamic_ncols=True, smoothing=0)
+        self.enabled = enabled
+
+    def show(self, busy: int, slots: int, what: str) -> None:
+        if not self.enabled:
+            return
+        fin, tot = self.state.counts()
+        self.bar.total = tot
+        self.bar.n = fin
+        self.bar.set_postfix_str(f"{busy}/{slots} busy, {what}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.enabled:
+            fin, tot = self.state.counts()
+            self.bar.total, self.bar.n = tot, fin
+        self.bar.close()

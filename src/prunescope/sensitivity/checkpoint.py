@@ -8,8 +8,14 @@ Layout (UTF-8, ``\\n``-terminated lines)::
     ...
 
 * The header is created atomically (written to a temporary file, fsync'ed, ``os.replace``'d).
-* Each record is appended with a single ``os.write`` on an ``O_APPEND`` descriptor and fsync'ed, so a
-  crash leaves at most one torn last line; it is ignored (and cut off) when the file is read back.
+* Each record is appended with a single ``os.write`` on an ``O_APPEND`` descriptor and fsync'ed the moment
+  its evaluation finishes (in every execution mode), so a crash leaves at most one torn last line; it is
+  ignored (and cut off) when the file is read back. Evaluations may finish in any order (workers): a
+  record names its sparsity index, and a layer may have values past its early stop (speculative
+  evaluations), which the sweep ignores.
+* Any other damaged line (not UTF-8, not JSON, missing keys, wrong types, NaN or infinite values, a
+  sparsity or layer the fingerprint does not know) raises :class:`CheckpointError` naming the file and
+  the line number.
 * Floats are written with ``repr`` by :mod:`json` and read back bit for bit. No pickle.
 * ``fingerprint`` names everything the numbers depend on (a SHA-256 of the model's parameters and
   buffers, target layers, sparsities, prune type, early stop, already-pruned ratios, grouping). A file
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +38,10 @@ from .._io import atomic_write
 from ..errors import ConfigError
 
 FORMAT = "prunescope-sensitivity-checkpoint"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file is damaged or foreign; the message names the file and, for a bad record, the line."""
 
 
 def state_hash(model: nn.Module) -> str:
@@ -61,32 +72,61 @@ class Checkpoint:
         with open(self.path, "rb") as f:
             data = f.read()
         good = data[: data.rfind(b"\n") + 1]  # a torn last line (crash mid-write) is dropped
-        lines = good.decode("utf-8").splitlines()
+        lines = good.split(b"\n")[:-1]
         try:
-            header = json.loads(lines[0]) if lines else None
-        except json.JSONDecodeError:
+            header = json.loads(lines[0].decode("utf-8")) if lines else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
             header = None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ConfigError(f"checkpoint {self.path!r} is not a prunescope sensitivity checkpoint")
+            raise CheckpointError(f"checkpoint {self.path!r} is not a prunescope sensitivity checkpoint "
+                                  "(line 1 is not its header)")
         theirs = header.get("fingerprint", {})
         if theirs != self.fingerprint:
-            keys = sorted(set(theirs) | set(self.fingerprint))
-            diff = [k for k in keys if theirs.get(k) != self.fingerprint.get(k)]
+            keys = sorted(set(theirs) | set(self.fingerprint)) if isinstance(theirs, dict) else ["fingerprint"]
+            diff = [k for k in keys if not isinstance(theirs, dict) or theirs.get(k) != self.fingerprint.get(k)]
             what = ", ".join("model weights" if k == "weights" else k for k in diff)
-            raise ConfigError(
+            raise CheckpointError(
                 f"checkpoint {self.path!r} was written for a different model or configuration "
                 f"(differs in: {what}); delete it or pass another checkpoint path")
-        for ln in lines[1:]:
-            rec = json.loads(ln)
-            if "baseline" in rec:
-                self.baseline = float(rec["baseline"])
-            else:
-                self.values.setdefault(rec["layer"], {})[int(rec["i"])] = float(rec["value"])
+        sparsities = list(self.fingerprint.get("sparsities", []))
+        layers = {t[0] for t in self.fingerprint.get("targets", [])}
+        for lineno, raw in enumerate(lines[1:], start=2):
+            self._read_record(raw, lineno, sparsities, layers)
         if len(good) != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(good))
                 f.flush()
                 os.fsync(f.fileno())
+
+    def _read_record(self, raw: bytes, lineno: int, sparsities: list[float], layers: set[str]) -> None:
+        where = f"checkpoint {self.path!r}, line {lineno}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{where}: not a JSON record ({e.msg}, column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if "baseline" in rec:
+            self.baseline = _finite(rec["baseline"], f"{where}: baseline")
+            return
+        missing = [k for k in ("layer", "i", "sparsity", "value") if k not in rec]
+        if missing:
+            raise CheckpointError(f"{where}: record lacks {', '.join(map(repr, missing))}")
+        layer, i = rec["layer"], rec["i"]
+        if not isinstance(layer, str) or layer not in layers:
+            raise CheckpointError(f"{where}: layer {layer!r} is not a target of this sweep")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(sparsities):
+            raise CheckpointError(f"{where}: sparsity index {i!r} is not an integer in [0, {len(sparsities)})")
+        s = _finite(rec["sparsity"], f"{where}: sparsity")
+        if s != sparsities[i]:
+            raise CheckpointError(f"{where}: sparsity {s!r} does not match index {i} ({sparsities[i]!r})")
+        self.values.setdefault(layer, {})[i] = _finite(rec["value"], f"{where}: value")
+
+    def known(self, key: str) -> dict[int, float]:
+        """Every finished value of ``key``, by sparsity index (not necessarily contiguous)."""
+        return dict(self.values.get(key, {}))
 
     def done(self, key: str, n: int) -> tuple[float, ...]:
         """The contiguous run of finished values for ``key`` from index 0 (at most ``n``)."""
@@ -123,3 +163,11 @@ class Checkpoint:
             self.values.setdefault(key, {})[i] = v
             recs.append({"layer": key, "i": i, "sparsity": s, "value": v})
         self._append(recs)
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{what} is {value!r} ({type(value).__name__}), not a number")
+    if not math.isfinite(value):
+        raise CheckpointError(f"{what} is {value!r}; a recorded metric must be finite")
+    return float(value)

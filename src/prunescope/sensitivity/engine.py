@@ -1,9 +1,14 @@
-"""The prune → evaluate → restore loop for one job (one layer, or one channel-dependency group).
+"""The prune → evaluate → restore loop: a whole layer in order (serial), or one evaluation (workers).
 
-:func:`run_job` is the single job function: the serial path calls it in the parent, the process-pool and
-Dask paths call it (through :func:`prunescope.sensitivity.parallel.remote_job`) on a worker's copy of the
-model. Everything it changes on the model is undone in ``finally`` - also when ``val_func`` raises or the
-user presses Ctrl-C:
+* :func:`run_job` sweeps one job (one layer, or one channel-dependency group) through its sparsities in
+  order, applying the nested masks incrementally: the serial path, NNI's order and call count.
+* :func:`run_eval` is one evaluation ``(layer, sparsity index)`` on its own: it applies the same chain of
+  nested masks from the unpruned weights up to that index, evaluates once and restores. Worker processes,
+  thread pools and Dask run it (through :func:`prunescope.sensitivity.parallel.remote_eval`); since the
+  masks are recomputed deterministically, its value is the one the serial sweep gets, bit for bit.
+
+Masks are applied in one place, :func:`prune_step`. Everything a job or an evaluation changes on the
+model is undone in ``finally`` - also when ``val_func`` raises or the user presses Ctrl-C:
 
 * the weight and bias of the pruned layer(s) are snapshotted (``clone``) before the first mask and copied
   back bit for bit afterwards; nothing else of the model's parameters is copied;
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +50,11 @@ class ModelStateError(PrunescopeError, RuntimeError):
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work: sweep ``sparsities`` on the layer(s) ``members``, reported under ``key``.
+    """A serial layer sweep: ``sparsities`` in order on the layer(s) ``members``, reported under ``key``.
 
-    ``done`` holds the values already known (from a checkpoint) for the leading sparsities: their masks
-    are re-applied (masks are nested, each computed from the already-pruned weights) but ``val_func`` is
-    not called again.
+    ``done`` maps sparsity indices to values already known (from a checkpoint): their masks are still
+    applied (masks are nested, each computed from the already-pruned weights) but ``val_func`` is not
+    called again.
     """
 
     key: str
@@ -61,11 +66,26 @@ class Job:
     early_stop_mode: str | None = None
     early_stop_value: float | None = None
     prune: bool = True
-    done: tuple[float, ...] = ()
+    done: Mapping[int, float] = field(default_factory=dict)
+    restore_buffers: bool = True
+
+
+@dataclass(frozen=True)
+class Eval:
+    """One evaluation: the layer(s) ``members`` pruned by the nested masks of ``chain`` (the real
+    sparsities of indices ``0 .. index``), ``val_func`` called once. ``index == -1`` is the baseline
+    (nothing pruned). ``threads`` sets torch's thread count first (worker processes use one)."""
+
+    key: str
+    members: tuple[str, ...]
+    index: int
+    sparsity: float | None
+    chain: tuple[float, ...]
+    prune_type: str
+    prune: bool = True
     restore_buffers: bool = True
     device: str | None = None
     threads: int | None = None
-    index: int = 0
 
 
 @dataclass
@@ -161,6 +181,21 @@ class _StateGuard:
             m.training = mode
 
 
+def prune_step(modules: Sequence[nn.Module], real_sparsity: float, prune_type: str) -> None:
+    """Apply one step of the nested masks: compute masks at ``real_sparsity`` from the layers' current
+    (already pruned) weights and multiply them in place, as NNI's ``weight.data.mul_(mask)``.
+
+    This is the one place where the sweep prunes; every execution mode goes through it.
+    """
+    masks = group_masks(modules, real_sparsity, prune_type)
+    with torch.no_grad():
+        for m, mask in zip(modules, masks):
+            m.weight.mul_(mask["weight"])
+            if mask.get("bias") is not None and getattr(m, "bias", None) is not None:
+                m.bias.mul_(mask["bias"])
+    del masks  # free the masks before val_func runs: only the snapshot stays
+
+
 def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[Any],
             val_kwargs: dict[str, Any], job: Job,
             on_result: Callable[[Job, int, float], None] | None = None) -> JobResult:
@@ -176,22 +211,14 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
     >>> len(res.values), res.stopped
     (1, False)
     """
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
     modules = [model.get_submodule(n) for n in job.members]
     result = JobResult(job.key)
     guard = _StateGuard(model, modules, job.restore_buffers)
     try:
         for i, (s, real) in enumerate(zip(job.sparsities, job.real_sparsities)):
             if job.prune:
-                masks = group_masks(modules, real, job.prune_type)
-                with torch.no_grad():
-                    for m, mask in zip(modules, masks):
-                        m.weight.mul_(mask["weight"])
-                        if mask.get("bias") is not None and getattr(m, "bias", None) is not None:
-                            m.bias.mul_(mask["bias"])
-                del masks, mask  # free the masks before val_func runs: only the snapshot stays
-            if i < len(job.done):
+                prune_step(modules, real, job.prune_type)
+            if i in job.done:
                 value = job.done[i]
             else:
                 value = coerce_metric(val_func(*val_args, **val_kwargs), job.key, s)
@@ -205,3 +232,32 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
     finally:
         guard.restore()
     return result
+
+
+def run_eval(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[Any],
+             val_kwargs: dict[str, Any], ev: Eval) -> float:
+    """One evaluation on ``model``: prune ``ev.members`` by the chain of nested masks, call ``val_func``
+    once, restore the model. Returns the metric as a finite float.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
+    >>> x = torch.ones(1, 1, 5, 5)
+    >>> ev = Eval("0", ("0",), 1, 0.5, (0.25, 0.5), "l1")
+    >>> v = run_eval(net, lambda m: m(x).abs().sum().item(), [net], {}, ev)
+    >>> type(v)
+    <class 'float'>
+    """
+    if ev.threads is not None and torch.get_num_threads() != ev.threads:
+        torch.set_num_threads(ev.threads)
+    modules = [model.get_submodule(n) for n in ev.members]
+    guard = _StateGuard(model, modules, ev.restore_buffers)
+    where = "the unpruned model (baseline)" if ev.index < 0 else f"{ev.key!r} at sparsity {ev.sparsity}"
+    try:
+        if ev.prune:
+            for real in ev.chain:
+                prune_step(modules, real, ev.prune_type)
+        value = coerce_metric(val_func(*val_args, **val_kwargs), ev.key, ev.sparsity)
+        guard.check(where)
+    finally:
+        guard.restore()
+    return value
