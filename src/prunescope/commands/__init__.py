@@ -4,4 +4,4 @@ Each module defines ``register(subparsers)``, which adds its parser and sets ``f
 parsed arguments and returning an exit code).
 """
 
-COMMANDS = ("flops", "deps", "masks", "sensitivity", "report")
+COMMANDS = ("flops", "deps", "masks", "shrink", "sensitivity", "report")
