@@ -30,3 +30,21 @@ class MaskError(PrunescopeError, ValueError):
 
 class ConfigError(PrunescopeError, ValueError):
     """An argument or configuration value is out of range or unknown."""
+
+
+class UnsupportedModelError(TraceError, TypeError):
+    """The model (or one of its modules) is of a kind prunescope cannot analyse, e.g. TorchScript.
+
+    ``module`` names the offending module ('' for the root model).
+    """
+
+
+class OutputError(PrunescopeError, OSError):
+    """A result file cannot be written; the message names the path the caller gave."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:  # OSError's own __str__ would format errno/filename fields we do not set
+        return str(self.args[0]) if self.args else ""

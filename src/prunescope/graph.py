@@ -30,6 +30,18 @@ A Python-level function that dispatches ``__torch_function__`` itself (``F.layer
 Nothing is left on the model: no hooks, attributes or buffers; every module's ``training`` flag is restored,
 also when the model raises.
 
+Threads: the function mode is thread-local, and the global module hooks of a recording ignore calls made by any
+other thread, so several threads may trace (and count) at once. Traces of *one* model instance are serialised
+by a per-model lock, because each one switches the model's train/eval flags for its duration.
+
+Parametrized tensors (``torch.nn.utils.parametrize``, ``weight_norm``): the parametrization's own computation is
+not recorded; the tensor it returns is recorded as the parameter ``<layer>.weight`` of the layer that owns it,
+so a parametrized ``conv3`` is the layer ``conv3``, exactly as without the parametrization.
+
+Refused with :class:`~prunescope.errors.UnsupportedModelError`: TorchScript modules (``torch.jit.script`` /
+``torch.jit.trace``), whose code runs inside the TorchScript interpreter where no Python-level recording sees
+it (counting them would silently give 0 MACs).
+
 Example
 -------
 >>> import torch
@@ -44,18 +56,24 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
+import sys
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import TraceError
+from .errors import ConfigError, TraceError, UnsupportedModelError
 
-__all__ = ["TensorInfo", "OpNode", "ModuleCall", "ModelGraph", "trace", "make_inputs", "model_device"]
+__all__ = ["TensorInfo", "OpNode", "ModuleCall", "ModelGraph", "trace", "make_inputs", "model_device",
+           "quantized_kind"]
 
 
 @dataclass(eq=False)
@@ -197,7 +215,18 @@ _SKIP = frozenset(
 )
 
 
+_CONV_OPS = frozenset(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
+
+
 def _op_name(func: Callable[..., Any]) -> str:
+    if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        # torch.ops.<ns>.<op>: aten ops keep their plain name (same arguments as the torch function); other
+        # namespaces are qualified, so torch.ops.quantized.conv2d (packed int8 weights) is never mistaken for
+        # the float conv2d by the formulas or the channel analysis.
+        qual = getattr(func, "_qualified_op_name", None) or str(func)
+        ns, _, op = qual.partition("::")
+        op = op.split(".")[0]
+        return op if ns == "aten" else f"{ns}::{op}"
     name = getattr(func, "__name__", None) or repr(func)
     if name == "__get__":  # property of Tensor (x.T, x.mT, x.data ...)
         owner = getattr(func, "__self__", None)
@@ -212,6 +241,7 @@ class _Recorder(TorchFunctionMode):
         self.infos = infos
         self.stack = stack
         self.counter = itertools.count()
+        self.hidden = 0  # > 0 while a parametrization computes a tensor (its ops are not recorded)
 
     # tensor bookkeeping ---------------------------------------------------------------------------------
     def info(self, t: torch.Tensor) -> TensorInfo:
@@ -248,11 +278,29 @@ class _Recorder(TorchFunctionMode):
             return {k: self._wrap(v, inputs, tensors) for k, v in x.items()}
         return x
 
+    def _check_batched(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse an unbatched convolution input: ``(C, H, W)`` for ``conv2d`` runs in PyTorch, but every
+        analysis reads dim 1 as the channel axis, so it would silently analyse the wrong axis."""
+        x = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == w.dim() - 1:
+            mod = self.stack[-1].name if self.stack else ""
+            where = f"module '{mod}'" if mod else "the model's own forward"
+            shape = tuple(x.shape)
+            raise TraceError(
+                f"op '{name}' in {where} got an input of shape {shape} without a batch dimension ('{name}' "
+                f"takes {w.dim()}-D (N, C, ...) inputs); give a batched input size such as {(1, *shape)}",
+                module=mod, op=name)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if self.hidden:
+            return func(*args, **kwargs)
         name = _op_name(func)
         if name in _SKIP:
             return func(*args, **kwargs)
+        if name in _CONV_OPS:
+            self._check_batched(name, args, kwargs)
         try:
             out = func(*args, **kwargs)
         except TraceError:
@@ -312,25 +360,71 @@ def make_inputs(model: nn.Module, x: Any) -> tuple[tuple[Any, ...], dict[str, An
         return (x,), {}
     if isinstance(x, dict):
         return (), dict(x)
-    if isinstance(x, torch.Size) or (
-        isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
-    ):
-        if any(v <= 0 for v in x):
-            raise ValueError(f"input size must contain positive integers, got {tuple(x)}")
-        return (torch.ones(tuple(x), device=model_device(model)),), {}
+    if isinstance(x, (tuple, list)) and len(x) > 0 and all(
+            isinstance(v, numbers.Number) and not isinstance(v, bool) for v in x):
+        # only numbers: an input *size*. A float in it (224.0) is refused: it is not a size, and treating the
+        # tuple as positional inputs would call the model with four numbers.
+        for i, v in enumerate(x):
+            if not isinstance(v, numbers.Integral):
+                raise ConfigError(f"input size {tuple(x)!r}: {v!r} at position {i} is not an integer; "
+                                  "a size is integers, e.g. (1, 3, 224, 224)")
+        size = tuple(int(v) for v in x)
+        if any(v <= 0 for v in size):
+            raise ConfigError(f"input size must contain positive integers, got {size}")
+        return (torch.ones(size, device=model_device(model)),), {}
     if isinstance(x, (tuple, list)):
         return tuple(x), {}
-    raise TypeError(
+    raise ConfigError(
         f"unsupported input {type(x).__name__}: give a size tuple, a tensor, a tuple of tensors or a dict"
     )
 
 
+class _Failure:
+    """The innermost module of the model that an exception left, so the error can name it."""
+
+    def __init__(self) -> None:
+        self.outer = sys.exc_info()[1]  # an exception being handled around the whole trace is not ours
+        self.seen: list[tuple[BaseException, str, str]] = []  # (exception, module name, type), innermost first
+
+    def note(self, name: str, module_type: str) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None and exc is not self.outer and not any(e is exc for e, _, _ in self.seen):
+            self.seen.append((exc, name, module_type))
+
+    def where(self, e: BaseException) -> tuple[str, str] | None:
+        chain: list[BaseException] = []
+        cur: BaseException | None = e
+        while cur is not None and not any(c is cur for c in chain):  # the exception, or those it came from
+            chain.append(cur)
+            cur = cur.__cause__ or cur.__context__
+        for c in chain:
+            for exc, name, mtype in self.seen:
+                if exc is c:
+                    return name, mtype
+        return None
+
+
+def _param_alias(name: str) -> str:
+    """``'conv3.parametrizations.weight'`` (a ParametrizationList) -> ``'conv3.weight'``."""
+    if name.startswith("parametrizations."):
+        return name[len("parametrizations."):]
+    owner, _, tensor = name.rpartition(".parametrizations.")
+    return f"{owner}.{tensor}"
+
+
 @contextlib.contextmanager
-def _global_module_hooks(model: nn.Module, graph: ModelGraph, rec: _Recorder, stack: list[ModuleCall]):
+def _global_module_hooks(model: nn.Module, graph: ModelGraph, rec: _Recorder, stack: list[ModuleCall],
+                         failure: _Failure):
     names = graph.module_names
     counts: dict[str, int] = {}
+    thread = threading.get_ident()  # global hooks see every thread's module calls; record only ours
 
     def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        if threading.get_ident() != thread:
+            return None
+        if rec.hidden or isinstance(mod, parametrize.ParametrizationList):
+            rec.hidden += 1
+            return None
         name = names.get(id(mod))
         if name is None:
             return None
@@ -347,9 +441,22 @@ def _global_module_hooks(model: nn.Module, graph: ModelGraph, rec: _Recorder, st
         return None
 
     def post(mod: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
+        if threading.get_ident() != thread:
+            return None
+        if rec.hidden:
+            rec.hidden -= 1
+            name = names.get(id(mod))
+            if not rec.hidden and name is not None and isinstance(output, torch.Tensor):
+                # the parametrized tensor, as the parameter of the layer that owns it
+                plist = mod
+                kind = "param" if any(isinstance(p, nn.Parameter) for p in plist.parameters(recurse=False)) \
+                    else "buffer"
+                rec.new(output, kind, None, 0, _param_alias(name))
+            return None
         if id(mod) not in names or not stack:
             return None
         call = stack.pop()
+        failure.note(call.name, call.module_type)
         for o in pytree.tree_leaves(output):
             if isinstance(o, torch.Tensor):
                 ti = rec.infos.get(o)
@@ -366,6 +473,47 @@ def _global_module_hooks(model: nn.Module, graph: ModelGraph, rec: _Recorder, st
     finally:
         h1.remove()
         h2.remove()
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    """One re-entrant lock per model instance: traces of the same model run one at a time."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """What a quantized module is: ``'linear'``, ``'conv'`` or ``'conv_transpose'`` for the quantized (static,
+    dynamic or fused) Linear/Conv layers; ``'other'`` for another module holding packed quantized weights
+    (quantized LSTM, Embedding ...); None for a module that is not quantized (reference modules included:
+    they compute with float weights)."""
+    nnq = getattr(getattr(getattr(torch, "ao", None), "nn", None), "quantized", None)
+    if nnq is not None:
+        if isinstance(module, nnq.Linear):
+            return "linear"
+        if isinstance(module, nnq.modules.conv._ConvNd):
+            return "conv_transpose" if getattr(module, "transposed", False) else "conv"
+    mod = type(module).__module__ or ""
+    if ".quantized" in mod and ".reference" not in mod and mod.startswith("torch.") and (
+            hasattr(module, "_packed_params") or hasattr(module, "_all_weight_values")):
+        return "other"
+    return None
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            what = "the model" if not name else f"module '{name}'"
+            raise UnsupportedModelError(
+                f"{what} is a TorchScript module ({type(m).__name__}, from torch.jit.script/torch.jit.trace): "
+                "its code runs in the TorchScript interpreter, where prunescope cannot record what it does; "
+                "analyse the eager model (before scripting)", module=name)
 
 
 @contextlib.contextmanager
@@ -398,7 +546,8 @@ def trace(
     Raises :class:`~prunescope.errors.TraceError` naming the module and the op when the model fails.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_unsupported(model)
     args, kw = make_inputs(model, inputs) if inputs is not None else ((), {})
     if kwargs:
         kw.update(kwargs)
@@ -426,14 +575,21 @@ def trace(
             if isinstance(t, torch.Tensor):
                 g.inputs.append(rec.new(t, "input", None, 0, k))
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    failure = _Failure()
     try:
-        with preserved_training(model, training), grad_ctx, _global_module_hooks(model, g, rec, stack), rec:
+        with _model_lock(model), preserved_training(model, training), grad_ctx, \
+                _global_module_hooks(model, g, rec, stack, failure), rec:
             out = model(*args, **kw)
     except TraceError:
         raise
     except Exception as e:
-        mod = stack[-1].name if stack else ""
-        where = f"module '{mod}'" if mod else "the model's forward"
+        found = failure.where(e)
+        if found is not None:
+            mod, mtype = found
+            where = f"module '{mod}' ({mtype})" if mod else f"the model's own forward ({mtype})"
+        else:
+            mod = stack[-1].name if stack else ""
+            where = f"module '{mod}'" if mod else "the model's forward"
         raise TraceError(f"the model failed in {where}: {type(e).__name__}: {e}", module=mod) from e
     for o in pytree.tree_leaves(out):
         if isinstance(o, torch.Tensor):
