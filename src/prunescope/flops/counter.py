@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
@@ -13,8 +16,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..errors import ConfigError
-from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, trace
+from ..errors import ConfigError, UnsupportedModelError
+from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, quantized_kind, trace
 from .formulas import FORMULAS, MAC_CATEGORIES, Formula
 
 __all__ = ["LayerRow", "FlopsReport", "flops_report", "count_flops_params"]
@@ -149,11 +152,131 @@ def _fmt_shape(s: Any) -> str:
     return str(s)
 
 
-def _custom_for(module: nn.Module, custom: Mapping[type, Callable[..., Any]]) -> Callable[..., Any] | None:
+CUSTOM_OPS_CONTRACT = ("fn(module, inputs, output) -> int >= 0 (or a dict {'flops': int >= 0, "
+                       "'params': int >= 0})")
+
+
+def _type_name(cls: Any) -> str:
+    return getattr(cls, "__qualname__", None) or getattr(cls, "__name__", None) or repr(cls)
+
+
+def check_custom_ops(custom: Any) -> dict[type, Callable[..., Any]]:
+    """Validate ``custom_ops`` up front: keys are module classes, values callables taking three arguments.
+
+    Raises :class:`~prunescope.errors.ConfigError` naming ``custom_ops``, the key and the contract.
+    """
+    if custom is None:
+        return {}
+    if not isinstance(custom, Mapping):
+        raise ConfigError(f"custom_ops must be a dict {{ModuleClass: fn}}, got {type(custom).__name__}; "
+                          f"each fn is {CUSTOM_OPS_CONTRACT}")
+    out: dict[type, Callable[..., Any]] = {}
+    for k, fn in custom.items():
+        if not (isinstance(k, type) and issubclass(k, nn.Module)):
+            raise ConfigError(
+                f"custom_ops: key {k!r} ({type(k).__name__}) is not a module class; keys are nn.Module "
+                f"subclasses such as torch.nn.Conv2d (not names), values {CUSTOM_OPS_CONTRACT}")
+        if not callable(fn):
+            raise ConfigError(f"custom_ops[{_type_name(k)}]: {fn!r} is not callable; expected {CUSTOM_OPS_CONTRACT}")
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            sig = None  # builtins without a signature: checked when called
+        if sig is not None:
+            try:
+                sig.bind(None, (), None)
+            except TypeError as e:
+                raise ConfigError(f"custom_ops[{_type_name(k)}]: {getattr(fn, '__name__', fn)!r} cannot be called "
+                                  f"with three arguments ({e}); expected {CUSTOM_OPS_CONTRACT}") from None
+        out[k] = fn
+    return out
+
+
+def _custom_value(v: Any, field_name: str, where: str) -> int:
+    """A custom_ops count as an int >= 0, or a ConfigError naming custom_ops, the module and the contract."""
+    x = v
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.device.type != "meta" and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        ok = False
+    elif isinstance(x, numbers.Integral):
+        ok = int(x) >= 0
+    else:
+        ok = math.isfinite(float(x)) and float(x) >= 0
+    if not ok:
+        raise ConfigError(f"{where} returned {field_name} {v!r} ({type(v).__name__}); expected "
+                          f"{CUSTOM_OPS_CONTRACT}")
+    return int(x)
+
+
+def _custom_for(module: nn.Module, custom: Mapping[type, Callable[..., Any]]) -> tuple[type, Callable[..., Any]] | None:
     for cls in type(module).__mro__:  # most specific class first
         if cls in custom:
-            return custom[cls]
+            return cls, custom[cls]
     return None
+
+
+def _run_custom(cls: type, fn: Callable[..., Any], call: ModuleCall, module: nn.Module) -> tuple[int, int]:
+    where = f"custom_ops[{_type_name(cls)}] for module '{call.name}' ({type(module).__name__})"
+    try:
+        res = fn(module, tuple(_meta(t) for t in call.inputs), _meta(call.outputs[0]) if call.outputs else None)
+    except Exception as e:
+        raise ConfigError(f"{where} raised {type(e).__name__}: {e}; expected {CUSTOM_OPS_CONTRACT}") from e
+    if isinstance(res, Mapping):
+        extra = set(res) - {"flops", "params"}
+        if extra or "flops" not in res:
+            raise ConfigError(f"{where} returned a dict with keys {sorted(map(str, res))}; expected "
+                              f"{CUSTOM_OPS_CONTRACT}")
+        flops = _custom_value(res["flops"], "flops", where)
+        p = res.get("params")
+        params = _custom_value(p, "params", where) if p is not None else sum(x.numel() for x in module.parameters())
+    else:
+        flops = _custom_value(res, "flops", where)
+        params = sum(x.numel() for x in module.parameters())
+    return flops, params
+
+
+# ---- quantized modules -----------------------------------------------------------------------------------
+# A quantized Linear/Conv runs one opaque kernel on packed int8 weights (torch.ops.quantized.*), so it is counted
+# per module, exactly as its float counterpart: the same MACs formula, weight and bias elements as parameters.
+
+
+def _quantized_tensors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = module.weight()  # type: ignore[operator]
+    b = module.bias() if callable(getattr(module, "bias", None)) else None  # type: ignore[operator]
+    return w, b
+
+
+def _quantized_cost(kind: str, call: ModuleCall, module: nn.Module) -> tuple[int, str, int, tuple[int, ...]]:
+    """(MACs, category, params, weight shape) of one call of a quantized Linear/Conv, as its float counterpart."""
+    w, b = _quantized_tensors(module)
+    params = w.numel() + (b.numel() if isinstance(b, torch.Tensor) else 0)
+    x = call.inputs[0] if call.inputs else None
+    out = call.outputs[0] if call.outputs else None
+    if kind == "linear":  # float: numel(input) * out_features
+        macs = x.numel() * w.shape[0] if x is not None else 0
+        return macs, "gemm", params, tuple(w.shape)
+    k = math.prod(module.kernel_size)  # type: ignore[attr-defined]
+    g = module.groups  # type: ignore[attr-defined]
+    if kind == "conv":  # float: numel(output) * in_channels/groups * kernel
+        macs = out.numel() * (module.in_channels // g) * k if out is not None else 0  # type: ignore[attr-defined]
+    else:  # float transposed: numel(input) * out_channels/groups * kernel
+        macs = x.numel() * (module.out_channels // g) * k if x is not None else 0  # type: ignore[attr-defined]
+    return macs, "conv", params, tuple(w.shape)
+
+
+def _quantized_params(model: nn.Module) -> int:
+    """Weight and bias elements held packed by quantized Linear/Conv modules (not in ``parameters()``)."""
+    n = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if quantized_kind(m) in ("linear", "conv", "conv_transpose"):
+            w, b = _quantized_tensors(m)
+            n += w.numel() + (b.numel() if isinstance(b, torch.Tensor) else 0)
+    return n
 
 
 def _meta(t: TensorInfo) -> torch.Tensor:
@@ -198,6 +321,7 @@ def flops_report(
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}: use 'default' or 'full'")
+    check_custom_ops(custom_ops)
     if effective:
         from .effective import effective_report
 
@@ -233,6 +357,7 @@ def _build(
     fractions: Mapping[str, float],
     op_scale: Callable[[OpNode], tuple[float, int | None]] | None,
 ) -> FlopsReport:
+    custom = check_custom_ops(custom)
     rows: list[LayerRow] = []
     uncounted: dict[str, list[str]] = {}
     by_cat: dict[str, int] = {}
@@ -247,17 +372,31 @@ def _build(
             covered.update(call.children)
             continue
         module = g.modules.get(call.name, model)
-        fn = _custom_for(module, custom) if custom and call.index >= 0 else None
-        if fn is not None:
+        found = _custom_for(module, custom) if custom and call.index >= 0 else None
+        if found is not None:
             covered.update(call.children)
-            res = fn(module, tuple(_meta(t) for t in call.inputs), _meta(call.outputs[0]) if call.outputs else None)
-            flops = res.get("flops", 0) if isinstance(res, Mapping) else res
-            params = res.get("params") if isinstance(res, Mapping) else None
-            if params is None:
-                params = sum(p.numel() for p in module.parameters())
-            flops = int(flops)
-            rows.append(_row(call, module, flops, 2 * flops, int(params), {type(module).__name__: flops}))
+            flops, params = _run_custom(found[0], found[1], call, module)
+            rows.append(_row(call, module, flops, 2 * flops, params, {type(module).__name__: flops}))
             by_cat["custom"] = by_cat.get("custom", 0) + flops
+            continue
+        qkind = quantized_kind(module) if call.index >= 0 else None
+        if qkind == "other":
+            raise UnsupportedModelError(
+                f"module '{call.name}' is a quantized {type(module).__name__} ({type(module).__module__}), "
+                "which prunescope cannot count; count the float model (before quantization) or give "
+                f"custom_ops={{{type(module).__name__}: fn}}", module=call.name)
+        if qkind is not None:
+            covered.update(call.children)
+            macs, cat, params, wshape = _quantized_cost(qkind, call, module)
+            fp = 2 * macs
+            if op_scale is not None:
+                raise UnsupportedModelError(
+                    f"module '{call.name}' is a quantized {type(module).__name__}: effective counts need float "
+                    "layers that masks can narrow; count the float model", module=call.name)
+            row = _row(call, module, macs, fp, params, {type(module).__name__: macs})
+            row.weight_size = wshape
+            rows.append(row)
+            by_cat[cat] = by_cat.get(cat, 0) + macs
             continue
         total = fp_total = 0
         op_counts: dict[str, int] = {}
@@ -299,7 +438,7 @@ def _build(
             if op_scale is not None:
                 row.effective_params = eff_params
             rows.append(row)
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = sum(p.numel() for p in model.parameters()) + _quantized_params(model)
     return FlopsReport(rows, sum(r.flops for r in rows), sum(r.flops_fp for r in rows), total_params, mode,
                        {k: sorted(set(v)) for k, v in uncounted.items()}, by_cat, op_scale is not None)
 
@@ -333,9 +472,11 @@ def count_flops_params(
         model: the model. It is run once (eval mode, no autograd) and left exactly as it was.
         x: an input size tuple (a tensor of ones is made on the model's device), a tensor, a tuple of
            tensors (positional inputs) or a dict (keyword inputs). Tensors may be on ``meta``.
-        custom_ops: ``{ModuleType: fn(module, inputs, output)}`` returning the module call's FLOPs (an int, or
-           a dict with ``'flops'`` and optionally ``'params'``); replaces the module's whole count. ``inputs``
-           and ``output`` are meta tensors with the recorded shapes.
+        custom_ops: ``{ModuleType: fn(module, inputs, output)}`` returning the module call's FLOPs (an int
+           >= 0, or a dict with ``'flops'`` and optionally ``'params'``); replaces the module's whole count.
+           ``inputs`` and ``output`` are meta tensors with the recorded shapes. Keys that are not module
+           classes, functions that do not take three arguments, and results that are not counts >= 0 raise
+           :class:`~prunescope.errors.ConfigError` naming ``custom_ops`` and the module.
         verbose: print the per-layer table and totals.
         mode: ``'default'`` counts convolutions, linear layers, matrix products, attention and recurrent
            gates (MACs); ``'full'`` also counts norms, activations, pooling, upsampling, elementwise ops and

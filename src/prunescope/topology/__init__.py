@@ -26,8 +26,8 @@ import numpy as np
 from torch import nn
 
 from .._io import atomic_open
-from ..errors import ConfigError
-from ..graph import ModelGraph, trace
+from ..errors import ConfigError, UnsupportedModelError
+from ..graph import ModelGraph, quantized_kind, trace
 from .atoms import (
     CONV_OPS,
     LINEAR_OPS,
@@ -63,8 +63,32 @@ def get_graph(model: nn.Module | None, dummy_input: Any, traced_model: Any = Non
         )
     if model is None or dummy_input is None:
         raise TypeError("give model and dummy_input, or traced_model=ModelGraph")
+    _refuse_quantized(model)
     meta = _meta_trace(model, dummy_input)
     return meta if meta is not None else trace(model, dummy_input)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """Quantized layers hold packed int8 weights behind opaque kernels: their channels cannot be followed, and
+    a silent empty answer would read as "nothing to prune". Refuse them by name (analyse the float model)."""
+    for name, m in model.named_modules():
+        if quantized_kind(m) is not None:
+            where = f"module '{name}'" if name else "the model"
+            raise UnsupportedModelError(
+                f"{where} is a quantized {type(m).__name__} ({type(m).__module__}): channel dependencies are "
+                "analysed on float layers; analyse the model before quantization (the same channels apply "
+                "after it)", module=name)
+
+
+def _channel_atoms(graph: ModelGraph) -> ChannelAtoms:
+    """:func:`channel_atoms`, with a quantized layer refused by name and no private exception escaping."""
+    _refuse_quantized(graph.model)
+    try:
+        return channel_atoms(graph)
+    except Exception as e:
+        if type(e).__name__ != "_Unknown":
+            raise
+        raise UnsupportedModelError(f"channel analysis cannot interpret the model: {e}") from None
 
 
 def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
@@ -146,7 +170,7 @@ class ChannelDependency:
         self.model = model if model is not None else self.graph.model
         self.prune_type = prune_type
         self.include_linear = include_linear
-        self.atoms = channel_atoms(self.graph)
+        self.atoms = _channel_atoms(self.graph)
         self.sets: list[list[str]] = self._build()
         self.dependency: dict[str, set[str]] = {}
         for s in self.sets:
@@ -337,7 +361,7 @@ class ReshapeDependency:
                  graph: ModelGraph | None = None) -> None:
         self.graph = get_graph(model, dummy_input, traced_model, graph)
         self.model = model if model is not None else self.graph.model
-        ca = self.atoms = channel_atoms(self.graph)
+        ca = self.atoms = _channel_atoms(self.graph)
         self.reasons: dict[str, list[str]] = {
             n: list(r) for n, r in ca.unsafe.items() if _is_module_layer(ca, n)
         }
