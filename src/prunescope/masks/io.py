@@ -58,6 +58,10 @@ def check_structure(masks: Any, source: str = "masks") -> Masks:
             raise MaskError(f"{source}: layer {name!r}: 'weight' must be a tensor, got {type(w).__name__}")
         if b is not None and not isinstance(b, torch.Tensor):
             raise MaskError(f"{source}: layer {name!r}: 'bias' must be a tensor or None, got {type(b).__name__}")
+        for key, t in (("weight", w), ("bias", b)):
+            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                raise MaskError(f"{source}: layer {name!r}: the {key!r} mask is a meta tensor (a shape without "
+                                "values); masks need real 0/1 values")
         out[name] = {"weight": w, "bias": b}
     return out
 
@@ -136,14 +140,29 @@ def load_masks(path: PathLike, map_location: Any = "cpu") -> Masks:
     ['conv']
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MaskError(f"mask file {path!r} is a directory, not a mask file")
     if not os.path.isfile(path):
         raise MaskError(f"mask file {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise MaskError(f"mask file {path!r} cannot be read: {e.strerror or e}") from None
+    # torch.save writes a zip archive (PK\x03\x04), or a pickle (protocol byte 0x80) in the legacy format
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        kind = "an empty file" if not head else (
+            "a text file" if _looks_like_text(head) else "not a torch.save file")
+        raise MaskError(f"mask file {path!r} is not a mask file ({kind}; expected a file written by save_masks "
+                        "or NNI's export_model)")
     try:
         with warnings.catch_warnings():  # torch warns about non-default pickle protocols; the error says more
             warnings.simplefilter("ignore", UserWarning)
             data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" not in str(e).lower():
+            raise MaskError(f"mask file {path!r} is not a mask file: it could not be unpickled ({first})") from None
         raise MaskError(
             f"mask file {path!r} was refused: it contains objects other than tensors and plain containers, "
             f"so loading it could run code ({first})"
@@ -151,3 +170,11 @@ def load_masks(path: PathLike, map_location: Any = "cpu") -> Masks:
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all, ...
         raise MaskError(f"mask file {path!r} could not be read as a mask file: {type(e).__name__}: {e}") from None
     return check_structure(data, f"mask file {path!r}")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c >= 32 or c in (9, 10, 13) for c in head)
