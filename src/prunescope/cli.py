@@ -27,12 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. Errors prunescope raises on purpose (and failures to write an output) become one
+    line on stderr and exit code 2; an interrupt exits 130 without a traceback."""
+    from .commands.common import CLIError, one_line
+    from .errors import PrunescopeError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (PrunescopeError, CLIError, OSError) as e:
+        print(f"prunescope: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunescope: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,8 +40,48 @@ def load_object(spec: str, what: str = "object") -> Any:
     return obj
 
 
+def check_device(text: str | None) -> str | None:
+    """Validate ``--device`` before anything is built: a known device type that exists on this machine."""
+    if text is None:
+        return None
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise CLIError(f"unknown --device {text!r}: expected cpu, meta, cuda or cuda:N (a torch device string)") \
+            from None
+    if dev.type in ("cpu", "meta"):
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text!r}: no CUDA GPU is available on this machine "
+                           "(torch.cuda.is_available() is False); use --device cpu or meta")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return text
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # backend not built in or no such device
+        first = " ".join(str(e).split())[:200]
+        raise CLIError(f"--device {text!r} is not usable on this machine: {first}") from None
+    return text
+
+
+def check_out(path: str, what: str = "--out") -> None:
+    """Fail before any work when an output file cannot be written (a directory, a missing folder ...)."""
+    from .._io import check_writable
+
+    check_writable(path, what)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line of text (messages from torch can span several lines)."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
 def load_model(spec: str, device: str | None = None) -> nn.Module:
     """A torchvision model name (random weights, no download) or ``package.module:callable``."""
+    check_device(device)
     if ":" in spec:
         obj = load_object(spec, "model")
         model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
@@ -81,8 +121,8 @@ def run_guarded(func: Callable[[], int]) -> int:
 
     try:
         return func()
-    except (CLIError, PrunescopeError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"prunescope: error: {e}", file=sys.stderr)
+    except (CLIError, PrunescopeError, OSError, ValueError, TypeError) as e:
+        print(f"prunescope: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .common import CLIError, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,9 @@ def _graph(a: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .common import build_on_meta
 
     size = parse_size(a.input_size)
+    check_device(a.device)
+    if getattr(a, "csv", None):
+        check_out(a.csv, "--csv")
     model = build_on_meta(lambda: load_model(a.model)) if a.device == "meta" else load_model(a.model, a.device)
     try:
         x = torch.ones(size, device=a.device or "cpu")

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .common import CLIError, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,6 +30,9 @@ def _run(a: argparse.Namespace) -> int:
     from .common import build_on_meta
 
     size = parse_size(a.input_size)
+    check_device(a.device)
+    if a.out:
+        check_out(a.out)
     if a.device == "meta":
         model = build_on_meta(lambda: load_model(a.model))
     else:

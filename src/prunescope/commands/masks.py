@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -87,6 +87,8 @@ def _run(a: argparse.Namespace) -> int:
     if a.fix and not a.input_size:
         raise CLIError("--fix needs --input-size (the model is traced to find its dependencies)")
     size = parse_size(a.input_size) if a.input_size else None
+    check_device(a.device)
+    check_out(a.out)
     if a.seed is not None:
         torch.manual_seed(a.seed)
     model = load_model(a.model, a.device)
