@@ -11,11 +11,12 @@ import torch
 from prunescope import count_flops_params
 from prunescope.cli import main
 from prunescope.examples import digits
-from prunescope.masks import apply_masks, load_masks
+from prunescope.masks import load_masks
 from prunescope.report import run_report
+from prunescope.shrink import as_pruned, load_pruned
 
 FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "flops.csv", "dependencies.csv", "plan.json",
-         "masks.pth", "summary.json"]
+         "masks.pth", "pruned.pt", "summary.json"]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,14 @@ def test_numbers_recomputed_independently(report):
     assert (s["flops_before"], s["params_before"]) == dense[:2]
     assert (s["flops_after"], s["params_after"]) == eff[:2]
     assert s["metric_before"] == digits.evaluate(model)
-    with apply_masks(model, masks):
+    # the measured metric is the shipped (shrunk) model's: reload it from pruned.pt into a fresh DigitsNet
+    small = load_pruned(digits.DigitsNet(), out / "pruned.pt")
+    assert s["metric_after_measured"] == digits.evaluate(small)
+    assert (s["flops_after"], s["params_after"]) == count_flops_params(small, x, verbose=False)[:2]
+    # ... which is the masked model with as-pruned semantics, not the NNI-masked one
+    with as_pruned(model, masks, x):
         assert s["metric_after_measured"] == digits.evaluate(model)
+    assert s["latency_before_ms"] > 0 and s["latency_after_ms"] > 0
     # the model is left exactly as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -118,3 +125,33 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 20_000  # a rendered page with a plot, not a blank one
+
+
+def test_train_mode_model_comes_back_exactly(tmp_path):
+    model = digits.load_trained().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_report(model, digits.evaluate, torch.ones(digits.INPUT_SIZE), tmp_path / "r", flops_target=0.8,
+               sparsities=[0.5], progress=False, console=None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics included
+    assert all(m.training for m in model.modules())
+
+
+def test_folder_is_replaced_as_a_whole_and_foreign_folders_refused(tmp_path):
+    from prunescope.errors import ConfigError
+
+    out = tmp_path / "r"
+    kw = dict(flops_target=0.8, sparsities=[0.5], progress=False, console=None)
+    first = run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), out, **kw)
+    (tmp_path / ".r.tmp-999999999-x").mkdir()  # left by a killed run (no such PID)
+    second = run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), out, **kw)
+    assert first.summary["run_id"] != second.summary["run_id"]
+    assert json.loads((out / "summary.json").read_text())["run_id"] == second.summary["run_id"]
+    assert (out / ".prunescope-report").read_text().strip() == second.summary["run_id"]
+    assert second.summary["run_id"] in (out / "report.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folder left behind
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="other files"):
+        run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), mine, **kw)
+    assert (mine / "notes.txt").read_text() == "keep me"

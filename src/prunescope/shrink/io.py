@@ -58,7 +58,8 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str]) -> None:
     attrs = {name: a for name, m in model.named_modules() if (a := _attrs_of(m))}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "model_class": type(model).__qualname__,
-               "shapes": shapes, "attrs": attrs, "state_dict": state}
+               "shapes": shapes, "attrs": attrs, "state_dict": state,
+               "eval_modules": [name for name, m in model.named_modules() if not m.training]}
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write(path, buf.getvalue())
@@ -88,7 +89,8 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_pruned(dense_model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Narrow ``dense_model`` (freshly built, same class as the pruned model) to the file's shapes; load weights.
 
-    The model is changed in place and returned. A file that does not fit the model raises
+    The model is changed in place and returned, in the train/eval mode the pruned model was saved in. A file
+    that does not fit the model raises
     :class:`~prunescope.shrink.ShrinkError` naming the first tensor or layer that does not fit.
     """
     data = _read(path)
@@ -133,4 +135,7 @@ def load_pruned(dense_model: nn.Module, path: str | os.PathLike[str]) -> nn.Modu
         dense_model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as e:
         raise ShrinkError(f"the file's weights do not fit the model: {str(e).splitlines()[0]}") from e
+    evals = set(data.get("eval_modules", []))
+    for name, m in modules.items():
+        m.training = name not in evals
     return dense_model
