@@ -59,3 +59,43 @@ class BadAt:
 
     def __call__(self, model: nn.Module):
         return self.returns if zero_filters(model) == self.zeros else self.metric(model)
+
+
+class Slow:
+    """Picklable val function that waits ``seconds`` (``time.sleep``: the evaluation waits on something else,
+    an accelerator or a remote service) and then returns ``sens_models.<metric>(model)``."""
+
+    def __init__(self, metric: str, seconds: float, log: str | None = None) -> None:
+        self.metric, self.seconds, self.log = metric, seconds, log
+
+    def __call__(self, model: nn.Module) -> float:
+        import os
+        import time
+
+        import sens_models
+
+        if self.log is not None:  # one line per evaluation, appended atomically: which layer, how far pruned
+            fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (",".join(map(str, zero_filters(model))) + "\n").encode())
+            finally:
+                os.close(fd)
+        time.sleep(self.seconds)
+        return getattr(sens_models, self.metric)(model)
+
+
+_LAYER_JOB_CACHE: dict[str, tuple] = {}
+
+
+def layer_job(job, digest: str, data: bytes) -> list[float]:
+    """The previous design, for the benchmark: one job sweeps a whole layer (``engine.run_job``)."""
+    import pickle
+
+    from prunescope.sensitivity.engine import run_job
+
+    if digest not in _LAYER_JOB_CACHE:
+        _LAYER_JOB_CACHE.clear()
+        _LAYER_JOB_CACHE[digest] = pickle.loads(data)
+    model, val, args, kwargs = _LAYER_JOB_CACHE[digest]
+    torch.set_num_threads(1)
+    return run_job(model, val, args, kwargs, job).values

@@ -398,8 +398,8 @@ class SensitivityAnalysis:
         aborted = True
         try:
             while not state.done():
-                slots = be.slots()
-                while error is None and len(inflight) < slots:
+                slots, window = be.slots(), be.window()
+                while error is None and len(inflight) < window:
                     task = state.next_task()
                     if task is None:
                         break
@@ -407,7 +407,7 @@ class SensitivityAnalysis:
                     inflight[fut] = (*task, time.monotonic())
                 if not inflight:
                     break
-                bar.show(len(inflight), slots, be.kind)
+                bar.show(min(len(inflight), slots), slots, be.kind)
                 finished, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     key, i, t0 = inflight.pop(fut)
