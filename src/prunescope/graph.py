@@ -430,7 +430,8 @@ def _global_module_hooks(model: nn.Module, graph: ModelGraph, rec: _Recorder, st
             return None
         parent = stack[-1] if stack else None
         counts[name] = counts.get(name, 0) + 1
-        call = ModuleCall(len(graph.calls), name, type(mod).__name__, parent.index if parent else None, counts[name])
+        mtype = parametrize.type_before_parametrizations(mod).__name__  # 'Conv2d', not 'ParametrizedConv2d'
+        call = ModuleCall(len(graph.calls), name, mtype, parent.index if parent else None, counts[name])
         for a in pytree.tree_leaves((args, kwargs or {})):
             if isinstance(a, torch.Tensor):
                 call.inputs.append(rec.info(a))
@@ -529,6 +530,24 @@ def preserved_training(model: nn.Module, training: bool | None) -> Iterator[None
             m.training = f
 
 
+@contextlib.contextmanager
+def _preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """A forward in train mode updates buffers (BatchNorm running statistics): put their values back."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if any(m.training for m in model.modules()):
+        seen: set[int] = set()
+        for b in model.buffers():
+            if id(b) not in seen:
+                seen.add(id(b))
+                saved.append((b, b.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
 def trace(
     model: nn.Module,
     inputs: Any = None,
@@ -542,6 +561,7 @@ def trace(
     ``inputs`` takes the forms of :func:`make_inputs` (size tuple, tensor, tuple of tensors, dict);
     ``kwargs`` adds keyword inputs. The model runs in eval mode (``training=False``; ``None`` keeps the
     current mode) and without autograd unless ``grad=True``. Inputs may live on any device, ``meta`` included.
+    Buffers a train-mode forward updates (BatchNorm statistics) are restored afterwards.
 
     Raises :class:`~prunescope.errors.TraceError` naming the module and the op when the model fails.
     """
@@ -577,7 +597,7 @@ def trace(
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     failure = _Failure()
     try:
-        with _model_lock(model), preserved_training(model, training), grad_ctx, \
+        with _model_lock(model), preserved_training(model, training), _preserved_buffers(model), grad_ctx, \
                 _global_module_hooks(model, g, rec, stack, failure), rec:
             out = model(*args, **kw)
     except TraceError:
