@@ -77,7 +77,7 @@ class Slow:
         if self.log is not None:  # one line per evaluation, appended atomically: which layer, how far pruned
             fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, (",".join(map(str, zero_filters(model))) + "\n").encode())
+                os.write(fd, f"{os.getpid()} {','.join(map(str, zero_filters(model)))}\n".encode())
             finally:
                 os.close(fd)
         time.sleep(self.seconds)

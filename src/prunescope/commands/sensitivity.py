@@ -13,6 +13,8 @@ callable that takes the model and returns its metric.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from typing import Any
 
 from .common import CLIError, load_model, load_object, run_guarded
@@ -37,9 +39,31 @@ def _early_stop(text: str | None) -> tuple[str | None, float | None]:
         raise CLIError(f"malformed --early-stop value {value!r}: expected a number") from None
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ..sensitivity import SensitivityAnalysis
+def check_writable(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written, before any evaluation runs (not after the sweep)."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise CLIError(f"{option} {path!r} is a directory; give a file path")
+    if not os.path.isdir(folder):
+        what = "is not a directory" if os.path.exists(folder) else "does not exist"
+        raise CLIError(f"{option} {path!r}: folder {folder!r} {what}")
+    try:  # the real test (permissions, read-only file systems): create and remove a file beside it
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CLIError(f"{option} {path!r} cannot be written: {e.strerror or e}") from None
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise CLIError(f"{option} {path!r} exists and is not writable")
 
+
+def _run(args: argparse.Namespace) -> int:
+    from ..sensitivity import MetricError, SensitivityAnalysis
+
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     model = load_model(args.model)
     val = load_object(args.val, "validation function")
     if not callable(val):
@@ -50,7 +74,10 @@ def _run(args: argparse.Namespace) -> int:
         model, val, sparsities=_floats(args.sparsities) if args.sparsities else None, prune_type=args.prune_type,
         early_stop_mode=mode, early_stop_value=value, checkpoint=args.checkpoint, workers=args.workers,
         progress=not args.no_progress)
-    sa.analysis(val_args=[model], specified_layers=layers)
+    try:
+        sa.analysis(val_args=[model], specified_layers=layers)
+    except MetricError as e:  # name the option the user wrote, not only the API's val_func
+        raise CLIError(f"--val {args.val!r} (the val_func): {e}") from None
     sa.export(args.out)
     msg = f"baseline {sa.ori_metric!r}; {len(sa.sensitivities)} layers -> {args.out}"
     if args.plot:
@@ -72,7 +99,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prune-type", default="l1", choices=("l1", "l2", "fpgm", "level"))
     p.add_argument("--early-stop", metavar="MODE:VALUE", help="minimize|maximize|dropped|raised, e.g. dropped:0.05")
     p.add_argument("--layers", help="comma-separated layer names to analyse (default: all targets)")
-    p.add_argument("--workers", type=int, help="run layers in N local processes")
+    p.add_argument("--workers", type=int, help="run the evaluations in N local processes (pays off only when "
+                   "evaluations wait on something else: a GPU each, a remote service)")
     p.add_argument("--checkpoint", help="JSON-lines checkpoint: finished evaluations are skipped on rerun")
     p.add_argument("--out", required=True, help="CSV file to write (NNI's format)")
     p.add_argument("--plot", help="also write a PNG plot")

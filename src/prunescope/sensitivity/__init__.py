@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from .analysis import SensitivityAnalysis
+from .checkpoint import CheckpointError
 from .engine import MetricError, ModelStateError
 from .report import load_sensitivity
 
-__all__ = ["MetricError", "ModelStateError", "SensitivityAnalysis", "load_sensitivity"]
+__all__ = ["CheckpointError", "MetricError", "ModelStateError", "SensitivityAnalysis", "load_sensitivity"]

@@ -80,7 +80,11 @@ def to_dataframe(sensitivities: Sensitivities, baseline: float | None = None) ->
 
 def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: float | None = None,
          title: str = "Pruning sensitivity") -> None:
-    """Write a PNG with one metric-vs-sparsity curve per layer and the unpruned baseline."""
+    """Write a PNG with one metric-vs-sparsity curve per layer and the unpruned baseline.
+
+    Labels are literal text: a module name such as ``a$\\frac{x$`` is shown as written, not parsed as
+    mathtext.
+    """
     try:
         import matplotlib
 
@@ -97,10 +101,11 @@ def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: f
             ax.axhline(float(baseline), color="black", ls="--", lw=1, label="baseline (unpruned)")
         ax.set_xlabel("sparsity of the layer")
         ax.set_ylabel("validation metric")
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)  # layer and model names are text, never mathtext ('a$x$')
         ax.grid(alpha=0.3)
         if len(sensitivities) <= 20:
-            ax.legend(fontsize="small", loc="best")
+            for text in ax.legend(fontsize="small", loc="best").get_texts():
+                text.set_parse_math(False)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     finally:
