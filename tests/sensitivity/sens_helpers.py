@@ -99,3 +99,19 @@ def layer_job(job, digest: str, data: bytes) -> list[float]:
     model, val, args, kwargs = _LAYER_JOB_CACHE[digest]
     torch.set_num_threads(1)
     return run_job(model, val, args, kwargs, job).values
+
+
+CALLS: list[int] = []
+
+
+def counted_loss(model: nn.Module) -> float:
+    """``sens_models.loss`` that records each call in ``CALLS`` (for CLI tests, which load it by name)."""
+    import sens_models
+
+    CALLS.append(1)
+    return sens_models.loss(model)
+
+
+def string_metric(model: nn.Module) -> str:
+    """A broken val function: returns the metric as text."""
+    return "0.5"
