@@ -9,8 +9,10 @@ this file is also the NNI-side script (``--nni-child``), so it imports nothing f
    data's, found with ``gc`` at every ``val_func`` call (max over calls), relative to the model's
    parameter bytes. Ours: the analysed layer's weight/bias snapshot + buffers; NNI: a full state-dict
    copy + its wrapper's mask buffers.
-3. **workers=2** on a sweep whose evaluations take >= 0.3 s each, against the serial sweep with one
-   torch thread (what each worker uses) and with the default thread count.
+3. **workers=2** on a sweep whose compute-bound evaluations take >= 0.3 s each, against the serial sweep
+   with one torch thread (what each worker uses) and with the default thread count ("plain serial"). On
+   a 2-core machine this cannot scale: PyTorch's intra-op threads already use both cores. Sweeps whose
+   evaluations wait on something else are measured by ``bench_sensitivity_scale.py``.
 """
 
 from __future__ import annotations
@@ -203,10 +205,12 @@ def main() -> None:
     print(f"{'largest analysed layer (w+b) bytes':34}{largest:>14,}")
     w = workers_speedup()
     base1 = w["serial, 1 thread"]["wall"]
+    plain = next(r["wall"] for k, r in w.items() if k.startswith("serial, ") and k != "serial, 1 thread")
     print(f"\nworkers speed-up (6 layers x 3 sparsities, one evaluation = "
-          f"{w['serial, 1 thread']['eval']:.2f} s single-threaded)")
+          f"{w['serial, 1 thread']['eval']:.2f} s single-threaded, compute-bound)")
     for label, r in w.items():
-        print(f"  {label:22} {r['wall']:7.2f} s   speed-up vs serial 1 thread {base1 / r['wall']:.2f}x")
+        print(f"  {label:22} {r['wall']:7.2f} s   speed-up vs serial 1 thread {base1 / r['wall']:.2f}x, "
+              f"vs plain serial {plain / r['wall']:.2f}x")
     same = w["workers=2"]["result"] == w["serial, 1 thread"]["result"]
     print(f"  workers=2 results identical to serial (1 thread): {same}")
 

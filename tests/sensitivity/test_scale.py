@@ -259,3 +259,67 @@ def test_sigkill_during_worker_sweep_then_resume(tmp_path, one_thread):
         assert not finished_before & set(ran), "a resumed sweep repeated a finished evaluation"
     assert kills == 2
     assert json.loads(stdout.decode().strip().splitlines()[-1]) == nni("cnn_minimize")["results"]
+
+
+# -- scheduling rules --------------------------------------------------------------------------------------
+def test_schedule_longest_layer_first_then_by_measured_time():
+    from prunescope.sensitivity.schedule import SweepState
+
+    # resumed: 'a' has 3 of 4 values, 'b' 1 of 4, 'c' none -> c (4 left), b (3 left), a (1 left)
+    st = SweepState(["a", "b", "c"], 4, None, None, baseline=1.0,
+                    known={"a": {0: 1.0, 1: 1.0, 2: 1.0}, "b": {0: 1.0}})
+    assert [st.next_task() for _ in range(3)] == [("c", 0), ("b", 1), ("c", 1)]
+    # a layer measured 10x slower counts as 10x longer
+    st = SweepState(["a", "b"], 4, None, None, baseline=1.0)
+    st.finish("a", 0, 1.0, seconds=10.0)
+    st.finish("b", 0, 1.0, seconds=1.0)
+    assert st.next_task() == ("a", 1)
+    assert st.counts() == (3, 9)
+
+
+def test_schedule_speculates_only_when_nothing_certain_is_left():
+    from prunescope.sensitivity.schedule import BASELINE, SweepState
+
+    st = SweepState(["a", "b"], 3, "dropped", 0.1)
+    # the baseline first; 'dropped' cannot decide a stop without it, but evaluations may already run
+    assert st.next_task() == (BASELINE, -1)
+    assert [st.next_task() for _ in range(3)] == [("a", 0), ("b", 0), ("a", 1)]  # depth 0, 0, then 1
+    st.finish("a", 1, 0.5)  # would stop 'a' at index 1 - but the baseline is unknown: nothing decided yet
+    assert st.needed("a", 2) and not st.done()
+    st.finish(BASELINE, -1, 1.0)  # 0.5 < 1.0 - 0.1: 'a' stops at 1 at the latest; index 2 is dropped
+    assert not st.needed("a", 2) and st.needed("a", 1)
+    st.finish("a", 0, 0.95)
+    assert st.layer_done("a") and st.result("a") == [0.95, 0.5]
+    st.finish("b", 0, 0.8)  # 'b' stops at 0: nothing else is needed
+    assert st.done() and st.result("b") == [0.8] and st.next_task() is None
+    assert st.counts() == (4, 4)
+
+
+def test_progress_bar_counts_busy_and_eta(capsys, one_thread):
+    model = M.build_cnn()
+    sa = SensitivityAnalysis(model, Slow("loss", 0.05), sparsities=Q, early_stop_mode="minimize",
+                             early_stop_value=1.188, workers=2)
+    sa.analysis([model])
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert "7/7" in err[-1] and "2 busy" in err[-1]  # evaluations done/total (the total shrank at the stops)
+    assert any("/10 [" in ln for ln in err)  # it started at 1 + 3 x 3 before any stop was known
+    assert all("<" in ln and "eval/s" in ln for ln in err[1:])  # elapsed<ETA, rate
+
+
+@pytest.mark.slow
+def test_local_worker_killed_pool_is_restarted(tmp_path, caplog, one_thread):
+    ref = nni("cnn_default_l2_loss")
+    log = tmp_path / "evals.log"
+    model = M.build_cnn()
+    sa = SensitivityAnalysis(model, Slow("loss", 0.05, log=str(log)), prune_type="l2", workers=2, progress=False)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(res=sa.analysis([model])), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while (not log.exists() or len(log.read_text().splitlines()) < 4) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(int(log.read_text().split()[0]), signal.SIGKILL)  # a worker process, mid-sweep
+    t.join(60)
+    assert not t.is_alive()
+    assert reprs(out["res"]) == ref["results"]
+    assert "a worker process died; restarting the pool (1/3)" in caplog.text
