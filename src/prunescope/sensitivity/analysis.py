@@ -55,6 +55,10 @@ class SensitivityAnalysis:
     * ``group_dependencies=True`` (needs ``dummy_input``): prune each channel-dependency set (layers whose
       outputs are added together) as one unit, keeping the same channels in every member, which is what a
       real pruner must do. Rows are keyed by the members joined with ``+``.
+    * ``as_pruned=True`` (needs ``dummy_input``): measure the model as it will be once the pruned channels are
+      physically removed: a pruned channel is also zero after its normalisation (the constant an eval-mode
+      BatchNorm adds to a zeroed channel is gone), which is what :func:`prunescope.shrink` builds. The default
+      keeps NNI's mask semantics (and NNI's numbers).
     * ``checkpoint=path``: JSON-lines checkpoint, appended the moment each evaluation finishes (every
       mode); a rerun skips every finished evaluation.
     * ``workers=N`` / ``executor=``: run the evaluations on N local processes or any ``concurrent.futures``
@@ -88,7 +92,7 @@ class SensitivityAnalysis:
                  dummy_input: Any = None, checkpoint: str | os.PathLike[str] | None = None,
                  workers: int | None = None, executor: Executor | None = None,
                  device: str | Sequence[str] | None = None, progress: bool = True,
-                 restore_buffers: bool = True) -> None:
+                 restore_buffers: bool = True, as_pruned: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(val_func):
@@ -127,6 +131,11 @@ class SensitivityAnalysis:
         self.restore_buffers = restore_buffers
         self.group_dependencies = group_dependencies
         self.dummy_input = dummy_input
+        if as_pruned and dummy_input is None:
+            raise ConfigError("as_pruned=True needs dummy_input (the model is traced to find where each pruned "
+                              "channel is normalised)")
+        self.as_pruned = bool(as_pruned)
+        self._zero_after: dict[str, tuple] = {}
         self.layer_types = tuple(layer_types) if layer_types is not None else None
         self.ori_metric: float | None = None
         self.sensitivities: dict[str, dict[float, float]] = {}
@@ -264,6 +273,7 @@ class SensitivityAnalysis:
             "prune_type": self.prune_type,
             "early_stop": [self.early_stop_mode, self.early_stop_value],
             "already_pruned": {k: float(v) for k, v in self.already_pruned.items() if v},
+            **({"semantics": "as pruned"} if self.as_pruned else {}),
         }
 
     def _real(self, key: str, s: float) -> float:
@@ -349,7 +359,7 @@ class SensitivityAnalysis:
             members = self.groups[key]
             known = state.layers[key].values
             assert self.ori_metric is not None
-            job = Job(key=key, members=members, sparsities=tuple(self.sparsities),
+            job = Job(key=key, members=members, sparsities=tuple(self.sparsities), zero_after=self._zeros(key),
                       real_sparsities=tuple(self._real(key, s) for s in self.sparsities),
                       prune_type=self.prune_type, ori_metric=self.ori_metric, early_stop_mode=self.early_stop_mode,
                       early_stop_value=self.early_stop_value, prune=all(self._pruned[m] for m in members),
@@ -370,7 +380,20 @@ class SensitivityAnalysis:
         device = self.devices[idx % len(self.devices)] if self.devices and self.executor else None
         return Eval(key, members, i, self.sparsities[i], tuple(self._real(key, s) for s in self.sparsities[: i + 1]),
                     self.prune_type, prune=all(self._pruned[m] for m in members),
-                    restore_buffers=self.restore_buffers, device=device, threads=threads)
+                    restore_buffers=self.restore_buffers, device=device, threads=threads,
+                    zero_after=self._zeros(key))
+
+    def _zeros(self, key: str) -> tuple:
+        """As-pruned semantics (``as_pruned=True``): where the key's pruned channels are normalised."""
+        if not self.as_pruned:
+            return ()
+        if not self._zero_after:
+            from ..graph import trace
+            from ..shrink.core import follower_zero_map
+
+            graph = trace(self.model, self.dummy_input)
+            self._zero_after = {k: follower_zero_map(graph, g) for k, g in self.groups.items()}
+        return self._zero_after.get(key, ())
 
     def _run_remote(self, keys: list[str], state: SweepState, bundle: tuple[str, bytes], ckpt: Checkpoint | None,
                     bar: _Progress) -> None:

@@ -68,6 +68,7 @@ class Job:
     prune: bool = True
     done: Mapping[int, float] = field(default_factory=dict)
     restore_buffers: bool = True
+    zero_after: tuple = ()  # as-pruned semantics: prunescope.shrink.core.follower_zero_map points
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Eval:
     restore_buffers: bool = True
     device: str | None = None
     threads: int | None = None
+    zero_after: tuple = ()  # as-pruned semantics: prunescope.shrink.core.follower_zero_map points
 
 
 @dataclass
@@ -181,6 +183,15 @@ class _StateGuard:
             m.training = mode
 
 
+def _zero_hooks(model: nn.Module, points: tuple) -> list[Any]:
+    """As-pruned semantics: zero a pruned channel after its normalisation too (removed again on exit)."""
+    if not points:
+        return []
+    from ..shrink.core import zero_hooks
+
+    return zero_hooks(model, points)
+
+
 def prune_step(modules: Sequence[nn.Module], real_sparsity: float, prune_type: str) -> None:
     """Apply one step of the nested masks: compute masks at ``real_sparsity`` from the layers' current
     (already pruned) weights and multiply them in place, as NNI's ``weight.data.mul_(mask)``.
@@ -214,6 +225,7 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
     modules = [model.get_submodule(n) for n in job.members]
     result = JobResult(job.key)
     guard = _StateGuard(model, modules, job.restore_buffers)
+    hooks = _zero_hooks(model, job.zero_after)
     try:
         for i, (s, real) in enumerate(zip(job.sparsities, job.real_sparsities)):
             if job.prune:
@@ -230,6 +242,8 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
                 result.stopped = True
                 break
     finally:
+        for h in hooks:
+            h.remove()
         guard.restore()
     return result
 
@@ -252,6 +266,7 @@ def run_eval(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[
     modules = [model.get_submodule(n) for n in ev.members]
     guard = _StateGuard(model, modules, ev.restore_buffers)
     where = "the unpruned model (baseline)" if ev.index < 0 else f"{ev.key!r} at sparsity {ev.sparsity}"
+    hooks = _zero_hooks(model, ev.zero_after)
     try:
         if ev.prune:
             for real in ev.chain:
@@ -259,5 +274,7 @@ def run_eval(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[
         value = coerce_metric(val_func(*val_args, **val_kwargs), ev.key, ev.sparsity)
         guard.check(where)
     finally:
+        for h in hooks:
+            h.remove()
         guard.restore()
     return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -258,3 +258,74 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
     finally:
         for h in handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------------- as-pruned sensitivity support
+ZeroPoint = tuple  # (module name, axis from the end, layer name, per-channel filter index of that layer or -1)
+
+
+def follower_zero_map(graph: ModelGraph, layers: Iterable[str]) -> tuple[ZeroPoint, ...]:
+    """Where the channels of ``layers`` are normalised: ``(norm module, axis, layer, index)`` per norm call.
+
+    ``index[p]`` is the output channel of ``layer`` that sits at channel ``p`` of the norm's output (``-1``: a
+    channel of no layer in ``layers``). With a filter of the layer all zero (pruned), :func:`zero_hooks` zeroes
+    that channel after the norm, which is what physical removal does (the as-pruned semantics), without a plan.
+    """
+    from ..topology import channel_atoms
+
+    ca = channel_atoms(graph)
+    wanted = set(layers)
+    out: list[ZeroPoint] = []
+    seen: set[str] = set()
+    for node in graph.nodes:
+        if node.name not in ("batch_norm", "instance_norm", "group_norm", "layer_norm") or not node.module:
+            continue
+        o = node.outputs[0]
+        ci = ca.info(o)
+        if ci is None or len(ci.axes) != 1 or node.module in seen:
+            continue
+        atoms = ci.atoms.reshape(-1)
+        idx = np.full(atoms.shape, -1, np.int64)
+        layer_of: str | None = None
+        for p, a in enumerate(atoms.tolist()):
+            if a < 0:
+                continue
+            for name, ch in ca.class_members(a):
+                if name in wanted and (layer_of is None or name == layer_of):
+                    layer_of, idx[p] = name, ch
+                    break
+        if layer_of is not None:
+            seen.add(node.module)
+            out.append((node.module, ci.axes[0] - o.ndim, layer_of, idx))
+    return tuple(out)
+
+
+def zero_hooks(model: nn.Module, points: Iterable[ZeroPoint]) -> list[Any]:
+    """Register the forward hooks of :func:`follower_zero_map` points; returns the handles (remove them)."""
+    from ..masks.layers import filter_matrix, weight_of
+
+    handles = []
+    for module_name, axis, layer, idx in points:
+        mod = model.get_submodule(module_name)
+        lay = model.get_submodule(layer)
+        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+
+        def hook(_m: nn.Module, _a: Any, out: Any, lay: nn.Module = lay, index: torch.Tensor = index,
+                 axis: int = axis) -> Any:
+            w = weight_of(lay)
+            if not isinstance(out, torch.Tensor) or w is None:
+                return out
+            alive = filter_matrix(lay, w.detach()).ne(0).any(1)
+            keep = torch.where(index >= 0, alive[index.clamp(min=0).to(alive.device)].cpu(), torch.ones_like(
+                index, dtype=torch.bool))
+            if keep.all():
+                return out
+            ax = out.ndim + axis
+            if out.shape[ax] != keep.numel():
+                return out
+            shape = [1] * out.ndim
+            shape[ax] = keep.numel()
+            return out * keep.to(device=out.device, dtype=out.dtype).reshape(shape)
+
+        handles.append(mod.register_forward_hook(hook))
+    return handles
