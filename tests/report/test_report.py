@@ -15,8 +15,8 @@ from prunescope.masks import load_masks
 from prunescope.report import run_report
 from prunescope.shrink import as_pruned, load_pruned
 
-FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "flops.csv", "dependencies.csv", "plan.json",
-         "masks.pth", "pruned.pt", "summary.json"]
+FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "macs_per_layer.png", "flops.csv", "dependencies.csv",
+         "plan.json", "masks.pth", "pruned.pt", "summary.json"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     model = digits.load_trained()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = run_report(model, digits.evaluate, torch.ones(digits.INPUT_SIZE), out, flops_target=0.6,
+    res = run_report(model, digits.evaluate, torch.ones(digits.INPUT_SIZE), out, flops_target=0.6, plan_evals=4,
                      sparsities=[0.25, 0.5, 0.75], progress=False, console=None, metric_name="accuracy")
     return model, before, res, out
 
@@ -86,10 +86,12 @@ def test_infeasible_target_says_why(tmp_path):
 
 
 def test_cli_main_job(tmp_path, capsys):
-    code = main(["report", "--out", str(tmp_path), "--sparsities", "0.3,0.6", "--flops-target", "0.7"])
+    code = main(["report", "--out", str(tmp_path), "--sparsities", "0.3,0.6", "--flops-target", "0.7",
+                 "--plan-evals", "4", "--no-recovery"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "[5/5] verify" in out and "report:" in out and (tmp_path / "report.html").exists()
+    assert "[5/6] verify" in out and "[6/6] recover" in out and "report:" in out
+    assert (tmp_path / "report.html").exists()
 
 
 def test_cli_bad_input(capsys, tmp_path):
@@ -118,9 +120,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}"]
     url = (out / "report.html").as_uri()
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    for table in ("plan", "sensitivity", "dependencies", "flops"):
+    for table in ("plan", "recovery", "candidates", "sensitivity", "dependencies", "flops"):
         assert f'<table id="{table}">' in dom
-    assert 'src="data:image/png;base64,' in dom
+    assert dom.count('src="data:image/png;base64,') == 2  # MACs per layer, sensitivity curves
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
                    capture_output=True, timeout=120)
@@ -140,7 +142,7 @@ def test_folder_is_replaced_as_a_whole_and_foreign_folders_refused(tmp_path):
     from prunescope.errors import ConfigError
 
     out = tmp_path / "r"
-    kw = dict(flops_target=0.8, sparsities=[0.5], progress=False, console=None)
+    kw = dict(flops_target=0.8, sparsities=[0.5], progress=False, console=None, plan_evals=2)
     first = run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), out, **kw)
     (tmp_path / ".r.tmp-999999999-x").mkdir()  # left by a killed run (no such PID)
     second = run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), out, **kw)

@@ -29,6 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                                       "(default 0.1..0.9)")
     p.add_argument("--workers", type=int, default=None, help="run the sensitivity sweep in N processes")
     p.add_argument("--lower-is-better", action="store_true", help="the metric is a loss (lower is better)")
+    p.add_argument("--plan-evals", type=int, default=16,
+                   help="candidate plans measured to choose the plan (one evaluation each; default 16)")
+    p.add_argument("--calibrate", default=None,
+                   help="package.module:batches -- BatchNorm re-estimation of the pruned model on these inputs "
+                        "(an iterable, or a function returning one; the embedded default uses its training split)")
+    p.add_argument("--finetune", default=None,
+                   help="package.module:fn -- fn(model) fine-tunes the pruned model in place (the embedded default "
+                        "ships one: a few epochs on its training split)")
+    p.add_argument("--no-recovery", action="store_true",
+                   help="ship the shrunk model without the embedded default's calibration and fine-tuning")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
 
@@ -47,6 +57,7 @@ def _run(a: argparse.Namespace) -> int:
         val = digits.evaluate
         x = torch.ones(digits.INPUT_SIZE)
         name, metric = "digits CNN (embedded default)", "accuracy"
+        calibrate, finetune = (None, None) if a.no_recovery else (digits.calibration_batches, digits.finetune)
     else:
         if not a.val or not a.input_size:
             raise CLIError("MODEL needs --input-size and --val package.module:evaluate")
@@ -56,6 +67,15 @@ def _run(a: argparse.Namespace) -> int:
             raise CLIError(f"--val {a.val!r} is not callable")
         x = torch.ones(parse_size(a.input_size))
         name, metric = a.model, a.val.rpartition(":")[2]
+        calibrate = finetune = None
+    if a.calibrate:
+        calibrate = load_object(a.calibrate, "calibration batches")
+    if a.finetune:
+        finetune = load_object(a.finetune, "fine-tuning function")
+        if not callable(finetune):
+            raise CLIError(f"--finetune {a.finetune!r} is not callable")
+    if a.no_recovery:
+        calibrate = finetune = None
     sparsities = None
     if a.sparsities:
         try:
@@ -64,14 +84,19 @@ def _run(a: argparse.Namespace) -> int:
             raise CLIError(f"malformed --sparsities {a.sparsities!r}") from None
     res = run_report(model, val, x, a.out, flops_target=a.flops_target, sparsities=sparsities, workers=a.workers,
                      higher_is_better=not a.lower_is_better, model_name=name, metric_name=metric,
-                     progress=not a.no_progress and sys.stderr.isatty())
+                     progress=not a.no_progress and sys.stderr.isatty(), plan_evals=a.plan_evals,
+                     calibrate=calibrate, finetune=finetune)
     s = res.summary
     print()
     print(f"  MACs    {s['flops_before']:>12,} -> {s['flops_after']:>12,}  "
           f"({s['flops_after'] / max(1, s['flops_before']):.1%}, target {s['flops_target']:.0%})")
     print(f"  params  {s['params_before']:>12,} -> {s['params_after']:>12,}")
     print(f"  {metric:<7} {s['metric_before']:>12.4f} -> {s['metric_after_measured']:>12.4f}  "
-          f"(predicted {s['metric_after_predicted']:.4f})")
+          f"(shrunk; predicted {s['metric_after_predicted']:.4f}; uniform baseline "
+          f"{s['uniform_metric_measured'] if s['uniform_metric_measured'] is not None else float('nan'):.4f})")
+    if s["recovery_steps"]:
+        print(f"  final   {s['metric_final']:>12.4f}  after " + ", ".join(st["step"] for st in s["recovery_steps"]))
+    print(f"  latency {s['latency_before_ms']:>10.3f}ms -> {s['latency_after_ms']:>10.3f}ms  (CPU, median)")
     if s["note"]:
         print(f"  note: {s['note']}")
     print(f"  report: {res.files['report']}")

@@ -129,3 +129,30 @@ def load_trained(use_cache: bool = True) -> DigitsNet:
         with atomic_open(path, "wb") as f:
             torch.save(model.state_dict(), f)
     return model
+
+
+def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:
+    """The training split in batches: inputs for BatchNorm re-estimation after pruning."""
+    xt, _, _, _ = load_data()
+    return [xt[i : i + batch_size] for i in range(0, len(xt), batch_size)]
+
+
+def finetune(model: nn.Module, epochs: int = 5, lr: float = 2e-3, seed: int = _SEED) -> nn.Module:
+    """Fine-tune ``model`` in place on the training split (Adam, cross-entropy; a few seconds on a CPU).
+
+    The model comes back in the train/eval mode it had.
+    """
+    xt, yt, _, _ = load_data()
+    was = model.training
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.train(was)
+    return model

@@ -35,10 +35,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..errors import MaskError
 from ..graph import ModelGraph, OpNode, trace
 from .counter import FlopsReport, _build
 

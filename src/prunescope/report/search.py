@@ -1,0 +1,193 @@
+"""Choosing the plan by measurement: the knapsack optimum, the uniform baseline and a local search around them.
+
+Single-set drops do not add up (pruning several sets together usually costs more than the sum of their
+separate drops), so the additive knapsack optimum is a starting point, not the answer. :class:`PlanSearch`
+measures a small budget of candidate plans that all meet the MACs target (exact effective count) and keeps the
+best *measured* one:
+
+1. the **uniform** plan — the largest common sparsity of every prunable set that meets the target (also the
+   baseline the page shows);
+2. the **knapsack** plan — per-set sparsities minimising the sum of single-set losses (:mod:`prunescope.plan`);
+3. **neighbours** of the best plan measured so far: one set one sparsity step lighter and another one step
+   heavier, or one set one step heavier, kept only if they meet the target; the most promising (by the
+   prediction below) are measured first; the search moves whenever a neighbour measures better.
+
+**Prediction.** Before a candidate is measured its metric is predicted from the candidates measured *so
+far*: from each of the nearest measured plans ``Q``, ``measured(Q) − c · (A(P) − A(Q))``, where ``A`` is the sum
+of the single-set losses of the sweep and ``c`` the interaction factor fitted (least squares through the
+origin) on all measured plans; the nearest plans are averaged, closer ones weighing more. Before any
+measurement it is the additive prediction ``before − A(P)``. The chosen plan's prediction is the one
+recorded before its own measurement, so ``|predicted − measured|`` is an honest out-of-sample error; the page
+lists every candidate's prediction and measurement.
+
+Candidates are measured on the masked model with as-pruned semantics (:func:`prunescope.shrink.as_pruned`,
+equal to the shrunk model's output), each costing one ``val_func`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+__all__ = ["Candidate", "PlanSearch"]
+
+Plan = dict[str, float]  # set key -> sparsity (absent or 0.0: not pruned)
+
+
+@dataclass
+class Candidate:
+    plan: Plan
+    macs: int
+    additive_loss: float
+    source: str
+    predicted: float | None = None
+    measured: float | None = None
+    order: int = -1  # measurement order (0 = first)
+
+
+@dataclass
+class PlanSearch:
+    """See the module docs. ``loss(key, s)``: the single-set loss (≥ 0) measured by the sweep; ``macs(plan)``:
+    the exact effective MACs of a plan; ``measure(plan)``: the metric of the plan's model."""
+
+    keys: Sequence[str]
+    grid: Mapping[str, Sequence[float]]  # per set, the allowed sparsities (ascending), without 0
+    loss: Callable[[str, float], float]
+    macs: Callable[[Plan], int]
+    measure: Callable[[Plan], float]
+    metric_before: float
+    sign: float
+    target_macs: int
+    budget: int = 16
+    candidates: dict[tuple, Candidate] = field(default_factory=dict)
+    measured: list[Candidate] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ helpers
+    def _key(self, plan: Plan) -> tuple:
+        return tuple((k, plan.get(k, 0.0)) for k in self.keys if plan.get(k, 0.0) > 0)
+
+    def candidate(self, plan: Plan, source: str) -> Candidate:
+        plan = {k: v for k, v in plan.items() if v > 0}
+        key = self._key(plan)
+        c = self.candidates.get(key)
+        if c is None:
+            add = sum(self.loss(k, s) for k, s in plan.items())
+            c = self.candidates[key] = Candidate(plan, self.macs(plan), add, source)
+        return c
+
+    def factor(self) -> float:
+        pts = [(c.additive_loss, self.sign * (self.metric_before - c.measured)) for c in self.measured
+               if c.measured is not None]
+        den = sum(a * a for a, _ in pts)
+        if den <= 0:
+            return 1.0
+        return max(0.0, sum(a * m for a, m in pts) / den)
+
+    def predict(self, c: Candidate, k: int = 3) -> float:
+        """Before ``c`` is measured: from the ``k`` nearest measured plans ``Q`` (L1 distance of the sparsity
+        vectors), ``measured(Q) − c·(additive(P) − additive(Q))``, averaged with weights ``1 / (1 + distance)``;
+        the plain scaled-additive prediction while nothing is measured."""
+        f = self.factor()
+        done = [q for q in self.measured if q.measured is not None and q is not c]
+        if not done:
+            return self.metric_before - self.sign * f * c.additive_loss
+        keys = set(c.plan) | {k2 for q in done for k2 in q.plan}
+
+        def dist(q: Candidate) -> float:
+            return sum(abs(c.plan.get(k2, 0.0) - q.plan.get(k2, 0.0)) for k2 in keys)
+
+        near = sorted(done, key=dist)[:k]
+        num = den = 0.0
+        for q in near:
+            w = 1.0 / (1.0 + 10.0 * dist(q))
+            assert q.measured is not None
+            num += w * (q.measured - self.sign * f * (c.additive_loss - q.additive_loss))
+            den += w
+        return num / den
+
+    def feasible(self, c: Candidate) -> bool:
+        return c.macs <= self.target_macs
+
+    def run_measure(self, c: Candidate) -> Candidate:
+        if c.measured is None:
+            c.predicted = self.predict(c)
+            c.measured = float(self.measure(c.plan))
+            c.order = len(self.measured)
+            self.measured.append(c)
+        return c
+
+    def better(self, a: Candidate, b: Candidate | None) -> bool:
+        if b is None or b.measured is None:
+            return True
+        assert a.measured is not None
+        return self.sign * (a.measured - b.measured) > 1e-12 or (
+            abs(a.measured - b.measured) <= 1e-12 and a.macs < b.macs)
+
+    # ------------------------------------------------------------------ the search
+    def uniform(self, common: Callable[[float], Plan] | None = None, steps: int = 24) -> Candidate | None:
+        """The uniform baseline: the smallest common sparsity whose plan meets the target (bisection on
+        ``s`` in (0, 1); ``common(s)`` gives the plan of a common sparsity, by default every set at ``s``)."""
+        common = common or (lambda s: {k: s for k in self.keys})
+        hi_c = self.candidate(common(0.99), "uniform 0.99")
+        if not self.feasible(hi_c):
+            return None
+        lo, hi = 0.0, 0.99
+        for _ in range(steps):
+            mid = round((lo + hi) / 2, 4)
+            if mid in (lo, hi):
+                break
+            if self.feasible(self.candidate(common(mid), f"uniform {mid:g}")):
+                hi = mid
+            else:
+                lo = mid
+        return self.candidate(common(hi), f"uniform {hi:g}")
+
+    def neighbours(self, c: Candidate) -> list[Candidate]:
+        out = []
+        steps = {k: list(self.grid.get(k, ())) for k in self.keys}
+
+        def move(k: str, d: int, plan: Plan) -> bool:
+            levels = [0.0, *steps[k]]
+            cur = plan.get(k, 0.0)
+            nxt = [v for v in levels if v > cur + 1e-12] if d > 0 else [v for v in levels if v < cur - 1e-12]
+            if not nxt:
+                return False
+            plan[k] = nxt[0] if d > 0 else nxt[-1]
+            return True
+
+        for a in self.keys:
+            p = dict(c.plan)
+            if move(a, +1, p):
+                out.append(self.candidate(p, f"neighbour: {a} heavier"))
+            for b in self.keys:
+                if a == b:
+                    continue
+                p = dict(c.plan)
+                if move(a, -1, p) and move(b, +1, p):
+                    out.append(self.candidate(p, f"neighbour: {a} lighter, {b} heavier"))
+        return [n for n in out if self.feasible(n)]
+
+    def run(self, start: Sequence[Candidate]) -> Candidate | None:
+        """Measure ``start`` (uniform, knapsack ...) then search; return the best measured feasible candidate."""
+        best: Candidate | None = None
+        for c in start:
+            if c is not None and self.feasible(c) and len(self.measured) < self.budget:
+                self.run_measure(c)
+                if self.better(c, best):
+                    best = c
+        while best is not None and len(self.measured) < self.budget:
+            todo = [n for n in self.neighbours(best) if n.measured is None]
+            if not todo:
+                break
+            todo.sort(key=lambda n: (-self.sign * self.predict(n), n.macs))
+            moved = False
+            for n in todo:
+                if len(self.measured) >= self.budget:
+                    break
+                self.run_measure(n)
+                if self.better(n, best):
+                    best, moved = n, True
+                    break
+            if not moved:
+                break
+        return best

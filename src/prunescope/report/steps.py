@@ -1,0 +1,341 @@
+"""The steps of ``prunescope report``, each a function of the shared :class:`Run` (see the package docs)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .search import Candidate, PlanSearch
+
+__all__ = ["Run", "STEPS"]
+
+
+@dataclass
+class Shipped:
+    """One shrunk model and what was measured on it."""
+
+    plan: dict[str, float]
+    masks: dict[str, Any]
+    model: nn.Module
+    flops: int
+    params: int
+    metric: float
+    report: Any = None
+    latency_ms: float = float("nan")
+
+
+@dataclass
+class Run:
+    """What the steps share."""
+
+    model: nn.Module
+    val_func: Callable[[nn.Module], Any]
+    x: Any
+    flops_target: float
+    sparsities: Sequence[float] | None
+    workers: int | None
+    sign: float
+    model_name: str
+    metric_name: str
+    progress: bool
+    console: Callable[[str], None] | None
+    plan_evals: int = 16
+    calibrate: Callable[[], Iterable[Any]] | Iterable[Any] | None = None
+    finetune: Callable[[nn.Module], Any] | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    graph: Any = None
+    dense: Any = None
+    metric_before: float = 0.0
+    cd: Any = None
+    gd: Any = None
+    sets: list[tuple[str, ...]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    group_lcm: dict[str, int] = field(default_factory=dict)
+    sa: Any = None
+    sens: dict[str, dict[float, float]] = field(default_factory=dict)
+    search: PlanSearch | None = None
+    chosen: Candidate | None = None
+    knapsack: Candidate | None = None
+    uniform: Candidate | None = None
+    note: str = ""
+    shipped: Shipped | None = None
+    baseline: Shipped | None = None
+    recovery: list[tuple[str, float, float]] = field(default_factory=list)  # (step, metric, seconds)
+    latency_dense_ms: float = float("nan")
+    final: nn.Module | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    _masks_cache: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console(text)
+
+    @property
+    def dense_device(self) -> str:
+        p = next(self.model.parameters(), None)
+        return p.device.type if p is not None else "cpu"
+
+    @property
+    def target_macs(self) -> int:
+        return int(math.floor(self.flops_target * self.dense.total_flops))
+
+    def evaluate(self, model: nn.Module, what: str) -> float:
+        from ..sensitivity.engine import MetricError
+        from . import borrowed
+
+        if model is self.model:
+            with borrowed(model):
+                value = self.val_func(model)
+        else:
+            value = self.val_func(model)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise MetricError(f"val_func returned {type(value).__name__} {value!r:.60} for {what}; expected a "
+                              "number") from None
+        if not math.isfinite(out):
+            raise MetricError(f"val_func returned {out} for {what}; expected a finite number")
+        return out
+
+    # -- plans -> masks -> counts / metrics
+    def masks_for(self, plan: dict[str, float]) -> dict[str, Any]:
+        """Conflict-free masks of a plan (each set's channels by the L1 norm of its members' filters)."""
+        from ..masks import fix_mask_conflict
+        from ..masks.pruners import group_masks
+
+        key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
+        hit = self._masks_cache.get(key)
+        if hit is not None:
+            return hit
+        modules = dict(self.model.named_modules())
+        merged: dict[str, Any] = {}
+        for k, s in key:
+            members = k.split("+")
+            merged.update(zip(members, group_masks([modules[m] for m in members], float(s), "l1")))
+        out = dict(fix_mask_conflict(merged, self.model, self.x, traced=self.graph)) if merged else {}
+        self._masks_cache[key] = out
+        return out
+
+    def macs_of(self, plan: dict[str, float]) -> int:
+        from ..flops import flops_report
+
+        masks = self.masks_for(plan)
+        if not masks:
+            return int(self.dense.total_flops)
+        return int(flops_report(self.model, self.x, graph=self.graph, masks=masks, effective=True).total_flops)
+
+    def measure_plan(self, plan: dict[str, float]) -> float:
+        """The metric of the plan's model, measured as pruned (equal to the shrunk model's output)."""
+        from ..shrink import as_pruned
+
+        masks = self.masks_for(plan)
+        with as_pruned(self.model, masks, graph=self.graph):
+            return self.evaluate(self.model, f"plan {plan}")
+
+    def ship(self, plan: dict[str, float]) -> Shipped:
+        """Shrink the plan's model and measure it (metric, dense counts)."""
+        from ..flops import flops_report
+        from ..shrink import shrink
+
+        masks = self.masks_for(plan)
+        small = shrink(self.model, masks, self.x, graph=self.graph, fix_conflicts=False) if masks else \
+            copy.deepcopy(self.model)
+        rep = flops_report(small, self.x)
+        return Shipped(dict(plan), masks, small, rep.total_flops, rep.total_params,
+                       self.evaluate(small, f"the shrunk model of plan {plan}"), rep)
+
+
+def step_cost(r: Run) -> None:
+    from ..flops import flops_report
+    from ..graph import trace
+
+    r.graph = trace(r.model, r.x)
+    r.dense = flops_report(r.model, r.x, graph=r.graph)
+    r.metric_before = r.evaluate(r.model, "the dense model")
+    r.say(f"[1/6] cost     {r.dense.total_flops:,} MACs, {r.dense.total_params:,} params, "
+          f"{r.metric_name} {r.metric_before:.4f}")
+
+
+def step_topology(r: Run) -> None:
+    from ..topology import ChannelDependency, GroupDependency
+    from . import prunable_sets
+
+    r.cd = ChannelDependency(r.model, r.x, traced_model=r.graph, include_linear=True)
+    r.gd = GroupDependency(r.model, r.x, traced_model=r.graph)
+    r.sets, r.excluded, r.group_lcm = prunable_sets(r.model, r.graph, r.x)
+    r.keys = ["+".join(s) for s in r.sets]
+    r.say(f"[2/6] topology {len(r.cd.sets)} dependency sets, {len(r.sets)} prunable, "
+          f"{sum(1 for v in r.gd.dependency.values() if v > 1)} group constraints, {len(r.excluded)} left alone")
+
+
+def step_sensitivity(r: Run) -> None:
+    import inspect
+
+    from ..sensitivity import SensitivityAnalysis
+    from . import borrowed
+
+    layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    kw: dict[str, Any] = {}
+    if "as_pruned" in inspect.signature(SensitivityAnalysis.__init__).parameters:
+        kw["as_pruned"] = True
+    r.sa = SensitivityAnalysis(r.model, r.val_func, sparsities=r.sparsities, prune_type="l1",
+                               layer_types=layer_types, group_dependencies=True, dummy_input=r.x,
+                               workers=r.workers, progress=r.progress, **kw)
+    with borrowed(r.model):
+        sens = r.sa.analysis(val_args=[r.model], specified_layers=[s[0] for s in r.sets]) if r.sets else {}
+    r.sens = {k: v for k, v in sens.items() if k in r.keys}
+    r.say(f"[3/6] sensitivity {len(r.sens)} sets x {len(r.sa.sparsities)} sparsities "
+          f"({sum(len(v) for v in r.sens.values()) + 1} evaluations)")
+
+
+def _knapsack(r: Run, search: PlanSearch) -> Candidate | None:
+    """The additive optimum: exact knapsack over single-set savings and losses, re-solved with a tighter budget
+    until the exact count of the conflict-free masks meets the target."""
+    from ..plan import Option, max_saving, solve
+
+    base = r.dense.total_flops
+    options: dict[str, list[Option]] = {}
+    for key in r.keys:
+        opts = []
+        for s in search.grid.get(key, ()):
+            opts.append(Option(float(s), base - r.macs_of({key: s}), search.loss(key, s)))
+        if opts:
+            options[key] = opts
+    required = base - r.target_macs
+    for _ in range(20):
+        plan = solve(options, required)
+        if plan is None:
+            best = max_saving(options)
+            r.note = (f"cannot reach the FLOPs target {r.flops_target:.0%}: pruning every prunable set at its "
+                      f"highest measured sparsity saves {best:,} of {base:,} MACs "
+                      f"(keeps {1 - best / max(1, base):.1%}); {len(r.excluded)} sets are left alone "
+                      "(unsafe or model outputs). Lower the target or add higher sparsities.")
+            return search.candidate({k: max(v, key=lambda o: o.saving).sparsity for k, v in options.items()},
+                                    "heaviest (target not reachable)")
+        c = search.candidate({k: o.sparsity for k, o in plan.items()}, "knapsack (additive)")
+        if search.feasible(c):
+            return c
+        required += c.macs - r.target_macs  # savings were not additive: tighten and re-solve
+    return None
+
+
+def step_plan(r: Run) -> None:
+    modules = dict(r.model.named_modules())
+    grid: dict[str, list[float]] = {}
+    for members, key in zip(r.sets, r.keys):
+        lcm = max(r.group_lcm.get(m, 1) for m in members)
+        n = modules[members[0]].weight.shape[0]
+        levels = []
+        for s in sorted(r.sens.get(key, {})):
+            pruned = int(n * float(s))  # NNI's rule: int(n * sparsity) filters
+            if lcm > 1 and pruned % lcm:
+                continue  # would break a grouped convolution's divisibility
+            levels.append(float(s))
+        grid[key] = levels
+
+    def loss(key: str, s: float) -> float:
+        """The single-set loss at ``s``: measured on the sweep's grid, linear in between (0 at sparsity 0)."""
+        curve = sorted((float(k), max(0.0, r.sign * (r.metric_before - float(v)))) for k, v in r.sens[key].items())
+        pts = [(0.0, 0.0), *curve]
+        for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
+            if s0 <= s <= s1:
+                return l0 + (l1 - l0) * (s - s0) / (s1 - s0) if s1 > s0 else l1
+        return pts[-1][1]
+
+    def common(s: float) -> dict[str, float]:
+        """Every set at sparsity ``s``, rounded down to a filter count its group constraint allows."""
+        plan = {}
+        for members, key in zip(r.sets, r.keys):
+            lcm = max(r.group_lcm.get(m, 1) for m in members)
+            n = modules[members[0]].weight.shape[0]
+            k = int(n * s)
+            k -= k % lcm
+            if k > 0:
+                plan[key] = round(k / n + 1e-9, 6) if lcm > 1 else s
+        return plan
+
+    search = PlanSearch(r.keys, grid, loss, r.macs_of, r.measure_plan, r.metric_before, r.sign, r.target_macs,
+                        budget=max(2, r.plan_evals))
+    r.search = search
+    r.uniform = search.uniform(common)
+    r.knapsack = _knapsack(r, search)
+    if r.note or r.knapsack is None:  # the target cannot be met: ship the heaviest plan, no search
+        r.chosen = r.knapsack
+        if r.chosen is not None:
+            search.run_measure(r.chosen)
+    else:
+        r.chosen = search.run([c for c in (r.uniform, r.knapsack) if c is not None])
+    assert r.chosen is not None
+    c = r.chosen
+    r.say(f"[4/6] plan     {len(c.plan)} sets pruned, {c.macs:,} MACs "
+          f"({c.macs / max(1, r.dense.total_flops):.1%} of dense, target {r.flops_target:.0%}); "
+          f"{len(search.measured)} candidate plans measured, best: {c.source}"
+          + (f" -- {r.note}" if r.note else ""))
+
+
+def step_verify(r: Run) -> None:
+    from ..flops import flops_report
+    from ..shrink.latency import measure_latency
+
+    assert r.chosen is not None
+    r.shipped = ship = r.ship(r.chosen.plan)
+    eff = flops_report(r.model, r.x, graph=r.graph, masks=ship.masks, effective=True) if ship.masks else r.dense
+    if (ship.flops, ship.params) != (eff.total_flops, eff.total_params):
+        r.note = (r.note + " " if r.note else "") + (
+            f"the shrunk model counts {ship.flops:,} MACs / {ship.params:,} params, the effective count said "
+            f"{eff.total_flops:,} / {eff.total_params:,}")
+    if r.uniform is not None:
+        r.baseline = r.ship(r.uniform.plan)
+    models = {"dense": r.model, "plan": ship.model}
+    if r.baseline is not None:
+        models["uniform"] = r.baseline.model
+    ms = measure_latency(models, r.x)
+    r.latency_dense_ms = ms["dense"]
+    ship.latency_ms = ms["plan"]
+    if r.baseline is not None:
+        r.baseline.latency_ms = ms["uniform"]
+    uni = (f"; uniform {r.uniform.source.split()[-1]}: {r.baseline.metric:.4f} at {r.baseline.flops:,} MACs"
+           if r.baseline is not None and r.uniform is not None else "")
+    r.say(f"[5/6] verify   {r.metric_name} (shrunk models): before {r.metric_before:.4f}, plan predicted "
+          f"{r.chosen.predicted:.4f}, measured {ship.metric:.4f}{uni}; CPU latency {ms['dense']:.2f} -> "
+          f"{ms['plan']:.2f} ms")
+
+
+def step_recover(r: Run) -> None:
+    """BatchNorm re-estimation and fine-tuning of the shrunk model, each measured; the result is shipped."""
+    from .recovery import recalibrate_bn
+
+    assert r.shipped is not None
+    model = r.shipped.model
+    r.final = model
+    if r.calibrate is None and r.finetune is None:
+        r.say("[6/6] recover  (no --calibrate / --finetune given: the shrunk model is shipped as it is)")
+        return
+    parts = []
+    if r.calibrate is not None:
+        t = time.perf_counter()
+        batches = r.calibrate() if callable(r.calibrate) else r.calibrate
+        n = recalibrate_bn(model, batches)
+        value = r.evaluate(model, "the shrunk model after BatchNorm re-estimation")
+        r.recovery.append((f"BatchNorm re-estimation ({n} batches)", value, time.perf_counter() - t))
+        parts.append(f"calibrated {value:.4f}")
+    if r.finetune is not None:
+        t = time.perf_counter()
+        r.finetune(model)
+        value = r.evaluate(model, "the shrunk model after fine-tuning")
+        r.recovery.append(("fine-tuning", value, time.perf_counter() - t))
+        parts.append(f"fine-tuned {value:.4f}")
+    r.say(f"[6/6] recover  {r.metric_name}: shrunk {r.shipped.metric:.4f}, " + ", ".join(parts)
+          + f" ({sum(s for _, _, s in r.recovery):.1f} s)")
+
+
+STEPS = (step_cost, step_topology, step_sensitivity, step_plan, step_verify, step_recover)
