@@ -31,6 +31,8 @@ def _tmp_prefix(base: str) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never judge, keep the file
+        return True
     if pid <= 0:
         return False
     try:
@@ -128,7 +130,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -
     else:  # pragma: no cover - 100 collisions of 32 random bits
         raise OutputError(f"cannot write {given!r}: no free temporary file name", given)
     try:
-        if keep_mode is not None:
+        if keep_mode is not None and hasattr(os, "fchmod"):
             with contextlib.suppress(OSError):
                 os.fchmod(fd, keep_mode)
         with os.fdopen(fd, mode, **kwargs) as f:
