@@ -49,6 +49,7 @@ class LayerInfo:
     inputs: list[np.ndarray] = field(default_factory=list)  # per call: atom per input channel (-1: none)
     input_ids: list[int] = field(default_factory=list)  # per call: id of the TensorInfo it read
     nodes: list[int] = field(default_factory=list)  # per call: index of the op node
+    weight_out_dim: int = 0  # axis of the weight that holds the output channels (1: Conv1D, transposed conv)
 
 
 

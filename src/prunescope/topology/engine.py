@@ -77,11 +77,17 @@ __all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes"]
 
 
 class _UF:
-    """Deferred union-find: edges are collected as arrays and solved once, vectorised."""
+    """Deferred union-find: edges are collected as arrays and solved vectorised, incrementally on demand.
+
+    ``solve(n)`` resumes from the previous solution and only processes the edges added since, so a rule that
+    needs the classes found so far (a contraction asking whether a head is one unit) costs little.
+    """
 
     def __init__(self) -> None:
         self.a: list[np.ndarray] = []
         self.b: list[np.ndarray] = []
+        self._parent = np.zeros(0, np.int64)
+        self._done = 0
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         a = np.asarray(a, dtype=np.int64).reshape(-1)
@@ -92,24 +98,29 @@ class _UF:
             self.b.append(b[m])
 
     def solve(self, n: int) -> np.ndarray:
-        parent = np.arange(n, dtype=np.int64)
-        if not self.a or n == 0:
-            return parent
-        a = np.concatenate(self.a)
-        b = np.concatenate(self.b)
-        while True:  # hook roots to the smaller root, then jump pointers to the roots (Shiloach-Vishkin)
-            pa, pb = parent[a], parent[b]
-            diff = pa != pb
-            if not diff.any():
-                return parent
-            pa, pb = pa[diff], pb[diff]
-            lo, hi = np.minimum(pa, pb), np.maximum(pa, pb)
-            np.minimum.at(parent, hi, lo)
-            while True:
-                pp = parent[parent]
-                if np.array_equal(pp, parent):
+        """Root (smallest member) of every element ``0 .. n-1`` (a new array)."""
+        parent = self._parent
+        if len(parent) < n:
+            parent = np.concatenate([parent, np.arange(len(parent), n, dtype=np.int64)])
+        if self._done < len(self.a) and n:
+            a = np.concatenate(self.a[self._done:])
+            b = np.concatenate(self.b[self._done:])
+            while True:  # hook roots to the smaller root, then jump pointers to the roots (Shiloach-Vishkin)
+                pa, pb = parent[a], parent[b]
+                diff = pa != pb
+                if not diff.any():
                     break
-                parent = pp
+                pa, pb = pa[diff], pb[diff]
+                lo, hi = np.minimum(pa, pb), np.maximum(pa, pb)
+                np.minimum.at(parent, hi, lo)
+                while True:
+                    pp = parent[parent]
+                    if np.array_equal(pp, parent):
+                        break
+                    parent = pp
+            self._done = len(self.a)
+        self._parent = parent
+        return parent.copy()
 
 
 @dataclass
@@ -151,6 +162,7 @@ class ChannelAtoms:
         self._owner: list[int] = []  # per layer block: (layer index) expanded lazily
         self._pins: list[tuple[np.ndarray, _Note]] = []
         self._cond_pins: list[tuple[np.ndarray, np.ndarray, np.ndarray, _Note]] = []
+        self._axis_pins: list[tuple[np.ndarray, tuple[int, ...], _Note]] = []
         self.stopped_ops: list[str] = []
         self._stop_notes: list[tuple[np.ndarray, _Note]] = []
         self._run()
@@ -220,6 +232,24 @@ class ChannelAtoms:
                         text: str) -> None:
         """Pin ``grid`` unless, once all ties are known, every atom in ``lost`` is tied to one in ``kept``."""
         self._cond_pins.append((lost, kept, grid.copy(), _Note("pin", node.name, node.module, node.index, text)))
+
+    def pin_axes(self, grid: np.ndarray, axes: Sequence[int], node: OpNode, text: str) -> None:
+        """Pin every class whose removal would change the size of grid axis ``k`` for ``k`` in ``axes``.
+
+        Used where a size is fixed (written in the code, or an operand of full size that cannot follow): a
+        class changes the size of axis ``k`` when it holds a whole slice of the grid across ``k`` (for a
+        one-axis grid: any position). Decided once all ties are known, so a head whose channels are one unit
+        pins nothing on a fixed head_dim axis.
+        """
+        if grid.size and axes:
+            self._axis_pins.append((grid.copy(), tuple(axes),
+                                    _Note("pin", node.name, node.module, node.index, text)))
+
+    def classes_now(self, atoms: np.ndarray) -> np.ndarray:
+        """Class (representative atom) of each atom with the ties recorded so far (``-1`` stays ``-1``)."""
+        root = self._uf.solve(self._natoms)
+        a = np.asarray(atoms)
+        return np.where(a >= 0, root[np.maximum(a, 0)], -1)
 
     def new_layer(self, name: str, kind: str, node: OpNode, out_ch: int) -> LayerInfo:
         li = self.layers.get(name)
@@ -363,6 +393,15 @@ class ChannelAtoms:
         for lost, kept, allatoms, note in self._cond_pins:
             if not np.isin(self.root[lost], self.root[kept]).all():
                 self._pins.append((allatoms.reshape(-1), note))
+        for grid, axes, note in self._axis_pins:
+            cls = np.where(grid >= 0, self.root[np.maximum(grid, 0)], -1)
+            hit: set[int] = set()
+            for k in axes:
+                sl = np.moveaxis(cls, k, 0).reshape(cls.shape[k], -1)
+                whole = (sl == sl[:, :1]).all(1) & (sl[:, 0] >= 0)
+                hit.update(sl[whole, 0].tolist())
+            if hit:
+                self._pins.append((np.array(sorted(hit), np.int64), note))
         notes: dict[int, dict[str, None]] = {}
         for atoms, note in self._pins + self._stop_notes:
             atoms = atoms[atoms >= 0]

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..graph import OpNode, TensorInfo
-from .base import ChannelInfo, UnknownOp, arg, first_valid, norm_axis, renumber
+from .base import ChannelInfo, UnknownOp, arg, first_valid, norm_axis
+from .contract import addmm, einsum, matmul, sdpa
 from .replay import fast_map, map_channels
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
         owner = ca.weight_owner(w, node)
         li = ca.new_layer(owner, "conv_transpose" if transposed else "conv", node, out_ch)
         li.in_channels, li.groups = in_ch, groups
+        li.weight_out_dim = 1 if transposed else 0
         rep = ca.reps(cin, x.ndim, ax, in_ch)
         ca.record_input(li, rep, x.id, node)
         atoms = ca.layer_atoms(owner)
@@ -151,7 +153,7 @@ def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
         if not isinstance(w, TensorInfo):
             raise UnknownOp("'embedding' without a weight tensor")
         owner = ca.weight_owner(w, node)
-        ca.new_layer(owner, "embedding", node, w.shape[1])
+        ca.new_layer(owner, "embedding", node, w.shape[1]).weight_out_dim = 1
         for o in node.outputs[:1]:
             ca.set_info(o, ChannelInfo((o.ndim - 1,), ca.layer_atoms(owner)))
     else:  # multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight, ...)
@@ -201,6 +203,27 @@ def elementwise(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -
     for o in node.outputs:
         if o.shape == out.shape:
             ca.set_info(o, res)
+    if res is not None and len(node.inputs) > 1:
+        _fixed_operands(ca, node, ins, res)
+
+
+def _fixed_operands(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None], res: ChannelInfo) -> None:
+    """An operand that has a channel axis at full size but no channels there (a per-head attention mask
+    given as input or built from constants) fixes that size: pin the classes that would change it."""
+    out = node.outputs[0]
+    for a in res.axes:
+        if out.shape[a] <= 1:
+            continue
+        for t, ci in zip(node.inputs, ins):
+            off = out.ndim - t.ndim
+            if a < off or t.shape[a - off] != out.shape[a] or (ci is not None and a - off in ci.axes):
+                continue
+            prod = ca.graph.producer(t)
+            if t.kind in ("input", "const") or (t.kind == "op" and prod is not None and prod.name not in _FRESH
+                                                and prod.name not in _PASS):
+                ca.pin_axes(res.atoms, [res.axes.index(a)], node,
+                            f"'{node.name}' meets an operand whose axis of size {out.shape[a]} cannot shrink")
+                break
 
 
 def passthrough(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
@@ -281,103 +304,6 @@ def cat_nonchannel(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]
     return True
 
 
-def matmul(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
-    if len(node.inputs) != 2:
-        raise UnknownOp(f"'{node.name}' with {len(node.inputs)} tensor inputs")
-    a, b = node.inputs
-    ia, ib = ins
-    if node.name == "__rmatmul__":
-        a, b, ia, ib = b, a, ib, ia
-    out = node.outputs[0]
-    if a.ndim < 2 or b.ndim < 2:
-        raise UnknownOp(f"'{node.name}' on a 1-D operand")
-    ra = ca.reps(ia, a.ndim, a.ndim - 1, a.shape[-1])
-    rb = ca.reps(ib, b.ndim, b.ndim - 2, b.shape[-2])
-    ca.union(ra, rb)  # the contracted index: pruning it needs both operands
-    parts = []
-    if ia is not None:
-        red = drop_axis(ia, a.ndim - 1)
-        if red is not None:
-            parts.append((red, a.shape[:-1] + (1,)))
-    if ib is not None:
-        red = drop_axis(ib, b.ndim - 2)
-        if red is not None:
-            parts.append((red, b.shape[:-2] + (1, b.shape[-1])))
-    res = ca.combine(parts, out.shape) if parts else None
-    if b.kind == "param" or a.kind == "param":  # x @ W: W's owner is a layer making new channels
-        w = b if b.kind == "param" else a
-        owner = ca.weight_owner(w, node)
-        axis = out.ndim - 1 if w is b else out.ndim - 2
-        ca.new_layer(owner, "matmul", node, out.shape[axis])
-        res = ChannelInfo((axis,), ca.layer_atoms(owner))
-    ca.set_info(out, res)
-
-
-def einsum(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
-    eq = node.args[0] if node.args and isinstance(node.args[0], str) else None
-    if eq is None or "..." in eq or "->" not in eq:
-        raise UnknownOp("'einsum' without an explicit equation")
-    lhs, rhs = eq.replace(" ", "").split("->")
-    terms = lhs.split(",")
-    out = node.outputs[0]
-    if len(terms) != len(node.inputs) or any(len(t) != len(set(t)) for t in terms) or len(rhs) != out.ndim:
-        raise UnknownOp(f"'einsum' equation {eq!r} not supported")
-    reps: dict[str, list[np.ndarray]] = {}
-    for term, t, ci in zip(terms, node.inputs, ins):
-        for a, letter in enumerate(term):
-            if letter not in rhs:
-                reps.setdefault(letter, []).append(ca.reps(ci, t.ndim, a, t.shape[a]))
-    for rs in reps.values():
-        for r in rs[1:]:
-            ca.union(rs[0], r)  # a contracted index: pruning it needs every operand
-    parts = []
-    for term, ci in zip(terms, ins):
-        if ci is None:
-            continue
-        red: ChannelInfo | None = ci
-        for a in sorted((a for a, letter in enumerate(term) if letter not in rhs), reverse=True):
-            red = drop_axis(red, a) if red is not None else None
-        if red is None:
-            continue
-        keep = [a for a, letter in enumerate(term) if letter in rhs]
-        # after dropping, grid axes are the kept ones; renumber to output positions
-        pos = {a: rhs.index(term[a]) for a in keep}
-        red = renumber(ChannelInfo(red.axes, red.atoms), {a: pos[a] for a in red.axes})
-        shp = tuple(out.shape[j] if any(pos[a] == j for a in keep) else 1 for j in range(out.ndim))
-        parts.append((red, shp))
-    ca.set_info(out, ca.combine(parts, out.shape) if parts else None)
-
-
-def drop_axis(ci: ChannelInfo, axis: int) -> ChannelInfo | None:
-    """Grid with ``axis`` replaced by size 1 (its atoms already consumed/tied)."""
-    if axis not in ci.axes:
-        return ci
-    k = ci.axes.index(axis)
-    if len(ci.axes) == 1:
-        return None
-    g = np.take(ci.atoms, [0], axis=k)
-    axes = ci.axes[:k] + ci.axes[k + 1:]
-    return ChannelInfo(axes, np.squeeze(g, axis=k))
-
-
-def sdpa(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
-    q, k, v = node.inputs[:3]
-    cq, ck, cv = ins[:3]
-    rq = ca.reps(cq, q.ndim, q.ndim - 1, q.shape[-1])
-    rk = ca.reps(ck, k.ndim, k.ndim - 1, k.shape[-1])
-    ca.union(rq, rk)
-    parts = []
-    for ci, t in ((cq, q), (ck, k), (cv, v)):
-        if ci is None:
-            continue
-        red = drop_axis(ci, t.ndim - 1) if t is not v else ci
-        red = drop_axis(red, t.ndim - 2) if red is not None and t is not q else red
-        if red is not None:
-            parts.append((red, t.shape[:-2] + ((t.shape[-2] if t is q else 1), (t.shape[-1] if t is v else 1))))
-    out = node.outputs[0]
-    ca.set_info(out, ca.combine(parts, out.shape) if parts else None)
-
-
 # -- executed shape ops
 
 def shape_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
@@ -410,22 +336,84 @@ def shape_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
 
 
 def reshape_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, co: ChannelInfo) -> None:
+    """Ties and pins of a ``view``/``reshape``/``unflatten``/``expand`` that moves channels.
+
+    * A split of one channel axis into several (``(C,) -> (G, D)``, heads or channel groups): the axis written
+      as ``-1`` is the one that shrinks, so one unit is a slice across it: ``view(B, L, -1, D)`` (a literal
+      head size) makes every head one unit, ``view(B, L, H, -1)`` ties the same in-head index of every head.
+      Without a ``-1`` on the grid axes the innermost axis shrinks (channel shuffle ``view(N, g, C // g, H, W)``);
+      a split into three or more axes with every size written (``reshape(B, N, 3, heads, C // heads)``) pins it.
+    * The merge back of such a split follows the pruned count (``reshape(B, L, -1)``, a shuffle's merge).
+    * Elsewhere a size written on a channel-carrying axis pins the classes that would change it
+      (:meth:`~prunescope.topology.engine.ChannelAtoms.pin_axes`); two idioms are read as following the
+      tensor instead: a repeat of heads for grouped-query attention (``expand`` + ``reshape``, ``repeat_kv``)
+      and a trailing channel axis kept as is while the leading axes are flattened for a weight product and
+      restored after it (HF ``Conv1D``: ``addmm(b, x.view(-1, nx), W).view(..., nf)``).
+    """
     sizes = explicit_sizes(node)
     gi, go = ci.atoms, co.atoms
     if len(ci.axes) == 1 and len(co.axes) >= 2 and go.size == gi.size and np.array_equal(go.reshape(-1), gi):
-        inner = go.shape[-1]
-        g2 = go.reshape(-1, inner)
-        ca.union(np.tile(g2[0], g2.shape[0]), g2.reshape(-1))  # same in-group index in every group
+        derived = [k for k, a in enumerate(co.axes) if sizes is not None and sizes[a] == -1]
+        k = derived[0] if len(derived) == 1 else len(co.axes) - 1
+        rows = np.moveaxis(go, k, 0).reshape(go.shape[k], -1)
+        ca.union(np.repeat(rows[:, :1], rows.shape[1], axis=1), rows)  # one unit = one slice across axis k
+        if sizes is not None and not derived and len(co.axes) >= 3:
+            # (3, heads, head_dim) all written: the sizes are read from elsewhere (torchvision swin's C // heads
+            # with C the block's input width), not from this tensor, so the shrinking axis cannot follow
+            a = co.axes[k]
+            ca.pin_axes(go, [k], node, f"'{node.name}' writes the size {sizes[a]} of a channel-carrying axis "
+                        f"(axis {a} of {list(node.outputs[0].shape)})")
         return
     if len(co.axes) == 1 and len(ci.axes) >= 2 and go.size == gi.size and np.array_equal(go, gi.reshape(-1)):
         return  # merge of a group split: follows the pruned count
     if sizes is None:
         return
-    for a in co.axes:
-        if a < len(sizes) and sizes[a] is not None and sizes[a] != -1:
-            ca.pin(gi, node, f"'{node.name}' writes the size {sizes[a]} of a channel-carrying axis "
-                      f"(axis {a} of {list(node.outputs[0].shape)})")
-            return
+    out = node.outputs[0]
+    if node.name == "expand":  # a size equal to the input's on a non-broadcast axis can only restate it
+        x = node.inputs[0]
+        off = out.ndim - x.ndim
+        sizes = [None if a >= off and x.shape[a - off] == out.shape[a] and x.shape[a - off] != 1 else s
+                 for a, s in enumerate(sizes)]
+    prod = ca.graph.producer(node.inputs[0])
+    free = _repeated_axis(ci, co) if prod is not None and prod.name == "expand" else None
+    if free is None and _weight_product_reshape(ca, node, ci, co):
+        return
+    fixed = [k for k, a in enumerate(co.axes)
+             if a < len(sizes) and sizes[a] is not None and sizes[a] != -1 and a != free]
+    if fixed:
+        a = co.axes[fixed[0]]
+        ca.pin_axes(go, fixed, node, f"'{node.name}' writes the size {sizes[a]} of a channel-carrying axis "
+                    f"(axis {a} of {list(out.shape)})")
+
+
+def _repeated_axis(ci: ChannelInfo, co: ChannelInfo) -> int | None:
+    """The output axis along which every input position is repeated ``r`` times in a row (``repeat_kv``)."""
+    gi, go = ci.atoms, co.atoms
+    if gi.ndim != go.ndim or go.size <= gi.size or go.size % gi.size:
+        return None
+    for k in range(gi.ndim):
+        if go.shape[k] % gi.shape[k] == 0 and go.shape[:k] + go.shape[k + 1:] == gi.shape[:k] + gi.shape[k + 1:]:
+            r = go.shape[k] // gi.shape[k]
+            if r > 1 and np.array_equal(np.repeat(gi, r, axis=k), go):
+                return co.axes[k]
+    return None
+
+
+_WEIGHT_PRODUCTS = frozenset({"addmm", "mm", "matmul", "linear"})
+
+
+def _weight_product_reshape(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, co: ChannelInfo) -> bool:
+    """A reshape that keeps the trailing channel axis as is, next to a product with a weight (``Conv1D``)."""
+    x, out = node.inputs[0], node.outputs[0]
+    if ci.axes != (x.ndim - 1,) or co.axes != (out.ndim - 1,) or not np.array_equal(ci.atoms, co.atoms):
+        return False
+
+    def weight_product(n: OpNode | None) -> bool:
+        return n is not None and n.name in _WEIGHT_PRODUCTS and any(t.kind == "param" and t.ndim == 2
+                                                                    for t in n.inputs)
+
+    cons = ca.graph.consumers(out)
+    return weight_product(ca.graph.producer(x)) or (bool(cons) and all(weight_product(n) for n in cons))
 
 
 def split_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, outs: list[ChannelInfo | None]) -> None:
@@ -476,6 +464,7 @@ def _build_rules() -> dict[str, Rule]:
     rules.update(dict.fromkeys(_REDUCE & _ELEMENTWISE, _reduce_or_elementwise))
     rules.update(dict.fromkeys(_NORM_OPS, norm_op))
     rules.update(dict.fromkeys(LAYER_OPS, layer_op))
+    rules.update(dict.fromkeys(("addmm", "baddbmm"), addmm))
     rules["scaled_dot_product_attention"] = sdpa
     rules["einsum"] = einsum
     return rules
