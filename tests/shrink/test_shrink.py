@@ -259,3 +259,35 @@ def test_save_and_load_pruned_round_trip_and_mismatch(tmp_path):
         load_pruned(Res(), tmp_path / "x.json")
     with pytest.raises(PrunescopeError, match="directory"):
         load_pruned(Res(), tmp_path)
+
+
+def test_odd_models_tied_weights_parametrized_shared_all_removed():
+    x = torch.randn(1, 3, 6, 6)
+
+    class Tied(nn.Module):  # two modules share one weight (own biases); the consumer sees both
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.b.weight = self.a.weight
+            self.c = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+    t = Tied()
+    small, _ = check(t, {"a": filt_mask(t.a, [0, 1, 2, 3])}, x)
+    assert small.a.weight is small.b.weight and small.b.bias.shape == (4,) and small.c.in_channels == 8
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+    net[0] = wn
+    with pytest.raises(ShrinkError, match="layer '0' has parametrized tensors"):
+        shrink(net, {"0": filt_mask(nn.Conv2d(3, 8, 3), [0, 1])}, x)
+    # channels feeding a parametrized layer stay (its weight is computed, not stored)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1)),
+                        nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.warns(ShrinkWarning, match="computed"):
+        small = shrink(net, {"0": filt_mask(net[0], [0, 1])}, x)
+    assert small[0].out_channels == 8 and small(x).shape == net(x).shape
+    chain = Chain()
+    with pytest.raises(ShrinkError, match="remove all 8 output channels of layer 'conv1'"):
+        shrink(chain, {"conv1": filt_mask(chain.conv1, [])}, torch.ones(1, 3, 8, 8))

@@ -160,7 +160,16 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     >>> small[0].out_channels, small[1].num_features, small[3].in_channels, net[0].out_channels
     (5, 5, 5, 8)
     """
+    from torch.nn.utils import parametrize
+
     g = _graph_of(model, dummy_input, graph)
+    modules = dict(model.named_modules())
+    for name in masks:
+        mod = modules.get(name)
+        if mod is not None and parametrize.is_parametrized(mod):
+            raise ShrinkError(f"layer '{name}' has parametrized tensors ({', '.join(mod.parametrizations.keys())}"
+                              "): shrink narrows stored tensors; make them plain first with "
+                              "torch.nn.utils.parametrize.remove_parametrizations", name)
     masks, changed = prepare_masks(model, masks, dummy_input, g, fix_conflicts)
     plan = plan_removal(g, masks)
     if changed:
@@ -212,13 +221,14 @@ def zero_points(plan: RemovalPlan) -> dict[str, tuple[int, np.ndarray]]:
     out: dict[str, tuple[int, np.ndarray]] = {}
     for name, rem in plan.removed.items():
         li = ca.layers[name]
-        if not rem.any() or name not in g.modules:
+        if not rem.any():
             continue
-        node = g.nodes[li.nodes[0]]
-        o = node.outputs[0]
-        ci = ca.info(o)
-        if ci is not None and len(ci.axes) == 1:
-            out[name] = (ci.axes[0] - o.ndim, ~rem)
+        for idx in li.nodes:  # every module that runs the layer's weight (a weight shared by two modules)
+            node = g.nodes[idx]
+            o = node.outputs[0]
+            ci = ca.info(o)
+            if node.module in g.modules and ci is not None and len(ci.axes) == 1 and node.module not in out:
+                out[node.module] = (ci.axes[0] - o.ndim, ~rem)
     for node in g.nodes:
         if node.name not in ("batch_norm", "instance_norm", "group_norm", "layer_norm") or not node.module:
             continue

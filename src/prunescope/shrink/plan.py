@@ -247,6 +247,9 @@ class _Planner:
         self.prot = np.zeros(len(self.ca.root), dtype=bool)
         self.reasons: dict[int, str] = {}  # class root -> first reason it was protected
         self.derived = self._param_derived()
+        model = graph.model
+        self.stored = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+            n for n, _ in model.named_buffers(remove_duplicate=False)}
 
     # -- helpers
     def protect(self, atoms: np.ndarray, reason: str) -> bool:
@@ -300,8 +303,9 @@ class _Planner:
             for idx in li.nodes:
                 node = g.nodes[idx]
                 w = _arg(node, 1, "weight")
-                if not isinstance(w, TensorInfo) or w.kind != "param" or not w.name:
-                    why = f"the weight of '{name}' is computed, not stored (narrowing stored tensors only)"
+                if not isinstance(w, TensorInfo) or w.kind != "param" or not w.name or w.name not in self.stored:
+                    why = (f"the weight of '{name}' is computed (a parametrization, weight standardisation ...), "
+                           "not a stored tensor shrink can narrow")
                     self.protect(ca.layer_atoms(name), why)
                     for rep in li.inputs:
                         self.protect(rep, why)
@@ -444,6 +448,10 @@ def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: boo
                 if c in notes:
                     raise ShrinkError(f"cannot remove channels of layer '{name}': it is unsafe to prune "
                                       f"({notes[c][0]})", name, notes[c][0])
+        for name, rem in removed.items():
+            if rem.size and rem.all():
+                raise ShrinkError(f"the masks remove all {rem.size} output channels of layer '{name}'; a layer keeps "
+                                  "at least one (drop the layer from the model instead)", name)
     if plan.removed_count:
         _make_cuts(plan, pl)
     return plan
@@ -473,7 +481,6 @@ def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
             continue
         node = g.nodes[li.nodes[0]]
         w = _arg(node, 1, "weight")
-        b = _arg(node, 2, "bias")
         gr = max(1, li.groups)
         attrs = plan.attrs.setdefault(name, {})
         if li.kind == "linear":
@@ -495,8 +502,10 @@ def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
                 raise ShrinkError(f"grouped layer '{name}' shares its weight with another layer", name)
             plan.cuts[w.name] = Cut(w.name, tuple(w.shape), grouped=(gr, oa, ia, out_keep, in_keep))
             attrs.update(in_channels=int(in_keep.sum()), out_channels=int(out_keep.sum()))
-        if isinstance(b, TensorInfo):
-            _put(plan, b, 0, out_keep, name)
+        for idx in li.nodes:  # a weight shared by several modules: every call's own bias narrows too
+            b = _arg(g.nodes[idx], 2, "bias")
+            if isinstance(b, TensorInfo):
+                _put(plan, b, 0, out_keep, name)
     for node in g.nodes:
         if node.name in _NORM_AXIS:
             _norm_cuts(plan, pl, node)
