@@ -7,8 +7,10 @@ removing what the old answer called a unit must not.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,10 +18,10 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from prune_helpers import classes_of, mask, partition, prune  # noqa: E402
+
 from prunescope.graph import trace  # noqa: E402
 from prunescope.topology import ChannelDependency, TopologyWarning, channel_atoms, not_safe_to_prune  # noqa: E402
-
-from prune_helpers import classes_of, mask, partition, prune  # noqa: E402
 
 HEADS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # 4 heads of head_dim 4
 SAME_INDEX = [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
@@ -190,13 +192,11 @@ def test_literal_head_size_makes_whole_heads(sdpa: bool) -> None:
     other = prune_channels(model, {p: SAME_INDEX[1] for p in "qkv"}, {"o": SAME_INDEX[1]})
     zeroed = zero_channels(model, {p: SAME_INDEX[1] for p in "qkv"})
     assert wrong  # channels of 4 different units
-    assert len(set(ca.atom_class(__import__("numpy").array(wrong)).tolist())) == 4
+    assert len(set(ca.atom_class(np.array(wrong)).tolist())) == 4
     assert not torch.allclose(_run(other, x), _run(zeroed, x), atol=1e-3)
 
 
 def prune_channels(model: nn.Module, rows: dict[str, list[int]], cols: dict[str, list[int]]) -> nn.Module:
-    import copy
-
     m = copy.deepcopy(model)
     with torch.no_grad():
         for name, drop in rows.items():
@@ -211,8 +211,6 @@ def prune_channels(model: nn.Module, rows: dict[str, list[int]], cols: dict[str,
 
 
 def zero_channels(model: nn.Module, rows: dict[str, list[int]]) -> nn.Module:
-    import copy
-
     m = copy.deepcopy(model)
     with torch.no_grad():
         for name, drop in rows.items():

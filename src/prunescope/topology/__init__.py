@@ -39,11 +39,12 @@ from .atoms import (
     map_channels,
     sets_from_classes,
 )
+from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
 
 __all__ = [
     "ChannelDependency", "InputChannelDependency", "GroupDependency", "ReshapeDependency", "not_safe_to_prune",
     "channel_atoms", "map_channels", "ChannelAtoms", "ChannelInfo", "LayerInfo", "TopologyWarning",
-    "get_graph",
+    "get_graph", "HeadDependency", "AttentionWeightDependency", "AttentionHeads",
 ]
 
 _CONV_KINDS = ("conv", "conv_transpose")
