@@ -174,6 +174,21 @@ register_formula("__rmatmul__", category="gemm")(_contracting(1))  # other @ sel
 register_formula("addmm", "baddbmm", "addmv", "addmm_", "baddbmm_", category="gemm")(_contracting(1))
 
 
+@register_formula("_grouped_mm", "grouped_mm", category="gemm")
+def _grouped_mm(node: OpNode) -> int:
+    """Grouped matrix product (mixture-of-experts kernels: ``torch._grouped_mm``, ``F.grouped_mm``).
+
+    ``(S, K) x (G, K, N)`` with ``offs`` (rows sorted by group, each row multiplied by its group's weight only):
+    ``S·K·N`` — every token-expert pair once, not ``G`` times. ``(G, M, K) x (G, K, N)``: ``G·M·K·N``.
+    ``(M, K) x (K, N)`` grouped along ``K`` (output ``(G, M, N)``): ``M·K·N``. In general every output element
+    contracts ``K`` (the last size of the first factor), except the ``K``-grouped 2-D x 2-D form.
+    """
+    a, b = _shape(arg(node, 0, "mat_a", arg(node, 0, "input"))), _shape(arg(node, 1, "mat_b", arg(node, 1, "weight")))
+    if len(a) == 2 and len(b) == 2:
+        return a[0] * a[1] * b[1]
+    return _out(node).numel() * (a[-1] if a else 1)
+
+
 @register_formula("addbmm", category="gemm")
 def _addbmm(node: OpNode) -> int:
     b1 = _shape(node.args[1])
@@ -366,7 +381,7 @@ new_empty new_full new_tensor zeros ones empty full arange linspace zeros_like o
 rand randn rand_like randn_like tensor as_tensor as_strided copy_ fill_ zero_ channel_shuffle pixel_shuffle
 pixel_unshuffle data narrow_copy embedding one_hot tril triu diag diagonal meshgrid broadcast_to
 broadcast_tensors cumsum argmax argmin topk sort argsort index_put_ index_put index_add masked_select nonzero
-split_copy identity""".split()
+split_copy identity histc bincount""".split()
 
 
 register_formula(*_ACTIVATIONS, category="activation")(_numel_out)
