@@ -295,7 +295,8 @@ class _Planner:
         for t in g.outputs:
             self.protect(self.info_atoms(t), "its channels reach a model output")
         for name, li in ca.layers.items():
-            if li.kind not in ("conv", "conv_transpose", "linear"):
+            ops = {g.nodes[i].name for i in li.nodes}
+            if li.kind not in ("conv", "conv_transpose", "linear") or not ops <= (_CONV | _CONVT | {"linear"}):
                 for rep in li.inputs:
                     self.protect(rep, f"it feeds '{name}' ({li.kind}), which shrink does not narrow")
                 self.protect(ca.layer_atoms(name), f"'{name}' ({li.kind}) is not narrowed by shrink")
