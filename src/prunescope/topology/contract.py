@@ -10,9 +10,9 @@ A contraction is written with one label per axis (``bhle,bhse->bhls`` for attent
   ``h`` are removed only if the whole head goes; so head ``h`` of the output carries the class of ``q``'s head
   ``h`` when, with the ties known so far, all channels of that head are one class (a head split with a literal
   head size makes them one), and nothing otherwise (the head count is then fixed).
-* **A fixed size blocks removal.** When an operand has a label at full size without channels there (an
-  attention mask with a per-head axis, scores whose heads are fixed), every class that holds a whole slice
-  of another operand across that label is pinned: removing it would change a size that cannot follow.
+* **A fixed size blocks removal.** When an operand has a label at full size without channels there and its
+  sizes cannot follow a layer (scores whose heads are fixed, an attention mask with a per-head axis computed
+  from the inputs), every class that holds a whole slice of another operand across that label is pinned.
 
 Grouped-query attention (``enable_gqa=True``) repeats the key/value head axis ``Hq / Hk`` times, exactly as
 ``repeat_kv`` does before a plain SDPA, so both paths give the same ties.
@@ -32,14 +32,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Operand", "contract", "matmul", "einsum", "sdpa", "addmm"]
 
-_FIXED_KINDS = ("input", "op", "const")  # parameters and buffers are weights a pruner may narrow
 
 
 class Operand(NamedTuple):
     ci: ChannelInfo | None
     shape: tuple[int, ...]
     labels: str
-    kind: str  # TensorInfo.kind of the tensor ('op' for an intermediate)
+    tensor: TensorInfo | None  # None: an intermediate of the rule (attention scores)
 
 
 def _grid(op: Operand, sizes: dict[str, int]) -> tuple[np.ndarray, str] | None:
@@ -125,7 +124,7 @@ def contract(ca: ChannelAtoms, node: OpNode, ops: list[Operand], out_labels: str
             continue
         blocked = any(
             lab in op.labels and op.shape[op.labels.index(lab)] == out_shape[j]
-            and op.kind in _FIXED_KINDS
+            and (op.tensor is None or ca.from_inputs_only(op.tensor))
             and (grids[i] is None or lab not in grids[i][1] or lab in fixed[i])
             for i, op in enumerate(ops))
         if not blocked:
@@ -146,7 +145,7 @@ def _matmul_ops(a: TensorInfo, b: TensorInfo, ia: ChannelInfo | None, ib: Channe
     batch = _letters(out_nd - 2)
     la = batch[len(batch) - (a.ndim - 2):] + "ik" if a.ndim > 2 else "ik"
     lb = batch[len(batch) - (b.ndim - 2):] + "kj" if b.ndim > 2 else "kj"
-    return [Operand(ia, a.shape, la, a.kind), Operand(ib, b.shape, lb, b.kind)], batch + "ij"
+    return [Operand(ia, a.shape, la, a), Operand(ib, b.shape, lb, b)], batch + "ij"
 
 
 def matmul(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
@@ -205,7 +204,7 @@ def einsum(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> Non
     out = node.outputs[0]
     if len(terms) != len(node.inputs) or any(len(t) != len(set(t)) for t in terms) or len(rhs) != out.ndim:
         raise UnknownOp(f"'einsum' equation {eq!r} not supported")
-    ops = [Operand(ci, t.shape, term, t.kind) for term, t, ci in zip(terms, node.inputs, ins)]
+    ops = [Operand(ci, t.shape, term, t) for term, t, ci in zip(terms, node.inputs, ins)]
     ca.set_info(out, contract(ca, node, ops, rhs, out.shape))
 
 
@@ -237,13 +236,13 @@ def sdpa(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
         return batch[nb - (nd - 2):] + tail
 
     scores_shape = out.shape[:-2] + (q.shape[-2], ks[-2])
-    scores = contract(ca, node, [Operand(info.get(q.id), q.shape, lab(q.ndim, "le"), q.kind),
-                                 Operand(ck, ks, lab(k.ndim, "se"), k.kind)], batch + "ls", scores_shape)
+    scores = contract(ca, node, [Operand(info.get(q.id), q.shape, lab(q.ndim, "le"), q),
+                                 Operand(ck, ks, lab(k.ndim, "se"), k)], batch + "ls", scores_shape)
     if isinstance(mask, TensorInfo):
         mlab = (batch + "ls")[len(batch) + 2 - mask.ndim:]
-        scores = contract(ca, node, [Operand(scores, scores_shape, batch + "ls", "op"),
-                                     Operand(info.get(mask.id), mask.shape, mlab, mask.kind)],
+        scores = contract(ca, node, [Operand(scores, scores_shape, batch + "ls", None),
+                                     Operand(info.get(mask.id), mask.shape, mlab, mask)],
                           batch + "ls", scores_shape)
-    res = contract(ca, node, [Operand(scores, scores_shape, batch + "ls", "op"),
-                              Operand(cv, vs, lab(v.ndim, "sf"), v.kind)], batch + "lf", out.shape)
+    res = contract(ca, node, [Operand(scores, scores_shape, batch + "ls", None),
+                              Operand(cv, vs, lab(v.ndim, "sf"), v)], batch + "lf", out.shape)
     ca.set_info(out, res)

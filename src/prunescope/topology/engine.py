@@ -163,6 +163,7 @@ class ChannelAtoms:
         self._pins: list[tuple[np.ndarray, _Note]] = []
         self._cond_pins: list[tuple[np.ndarray, np.ndarray, np.ndarray, _Note]] = []
         self._axis_pins: list[tuple[np.ndarray, tuple[int, ...], _Note]] = []
+        self._inputs_only: dict[int, bool] = {}
         self.stopped_ops: list[str] = []
         self._stop_notes: list[tuple[np.ndarray, _Note]] = []
         self._run()
@@ -244,6 +245,33 @@ class ChannelAtoms:
         if grid.size and axes:
             self._axis_pins.append((grid.copy(), tuple(axes),
                                     _Note("pin", node.name, node.module, node.index, text)))
+
+    def from_inputs_only(self, t: TensorInfo) -> bool:
+        """``t`` is computed from model inputs and constants only (no parameter, buffer or layer channel on
+        the way): its sizes are those of the example input or written in the code, never a layer's width."""
+        memo = self._inputs_only
+        stack = [t]
+        while stack:
+            cur = stack[-1]
+            if cur.id in memo:
+                stack.pop()
+                continue
+            if cur.kind in ("param", "buffer") or cur.id in self._infos:
+                memo[cur.id] = False
+                stack.pop()
+                continue
+            prod = self.graph.producer(cur) if cur.kind == "op" else None
+            if prod is None:
+                memo[cur.id] = cur.kind in ("input", "const")
+                stack.pop()
+                continue
+            todo = [x for x in prod.inputs if x.id not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            memo[cur.id] = all(memo[x.id] for x in prod.inputs)
+            stack.pop()
+        return memo[t.id]
 
     def classes_now(self, atoms: np.ndarray) -> np.ndarray:
         """Class (representative atom) of each atom with the ties recorded so far (``-1`` stays ``-1``)."""

@@ -208,8 +208,9 @@ def elementwise(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -
 
 
 def _fixed_operands(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None], res: ChannelInfo) -> None:
-    """An operand that has a channel axis at full size but no channels there (a per-head attention mask
-    given as input or built from constants) fixes that size: pin the classes that would change it."""
+    """An operand computed from model inputs and constants only that has a channel axis at full size (a
+    per-head attention mask given as input or built from constants) fixes that size: pin the classes that would
+    change it. (Operands derived from parameters - layer scales, class tokens - are not judged here.)"""
     out = node.outputs[0]
     for a in res.axes:
         if out.shape[a] <= 1:
@@ -218,9 +219,7 @@ def _fixed_operands(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None
             off = out.ndim - t.ndim
             if a < off or t.shape[a - off] != out.shape[a] or (ci is not None and a - off in ci.axes):
                 continue
-            prod = ca.graph.producer(t)
-            if t.kind in ("input", "const") or (t.kind == "op" and prod is not None and prod.name not in _FRESH
-                                                and prod.name not in _PASS):
+            if ca.from_inputs_only(t):
                 ca.pin_axes(res.atoms, [res.axes.index(a)], node,
                             f"'{node.name}' meets an operand whose axis of size {out.shape[a]} cannot shrink")
                 break
