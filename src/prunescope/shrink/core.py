@@ -52,11 +52,10 @@ class ShrinkResult:
 
 
 def _graph_of(model: nn.Module, dummy_input: Any, graph: ModelGraph | None) -> ModelGraph:
+    """One trace of the model as it runs (meta inputs give a meta trace; nothing is computed then)."""
     if graph is not None:
         return graph
-    from ..topology import get_graph
-
-    return get_graph(model, dummy_input)
+    return trace(model, dummy_input)
 
 
 def prepare_masks(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, graph: ModelGraph,
@@ -65,10 +64,14 @@ def prepare_masks(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, 
     from ..masks import fix_mask_conflict
     from ..masks.io import validate_masks
 
-    checked = validate_masks(masks, model, "shrink masks")
-    if not fix or not checked:
-        return dict(checked), []
-    fixed = fix_mask_conflict(checked, model, dummy_input, traced=graph)
+    if not fix or not masks:
+        return dict(validate_masks(masks, model, "shrink masks")), []
+    from ..errors import MaskError
+
+    try:
+        fixed = fix_mask_conflict(masks, model, dummy_input, traced=graph)  # validates the masks itself
+    except MaskError as e:
+        raise MaskError(str(e).replace("fix_mask_conflict", "shrink masks", 1)) from None
     return dict(fixed), list(getattr(fixed, "changed", []))
 
 
@@ -121,17 +124,6 @@ def _mask_in_place(small: nn.Module, masks: Mapping[str, Any]) -> None:
             for t, mk in ((weight_of(mod), m.get("weight")), (bias_of(mod), m.get("bias"))):
                 if t is not None and mk is not None:
                     t.mul_(mk.to(device=t.device, dtype=t.dtype))
-
-
-def _meta_outputs(model: nn.Module, dummy_input: Any) -> list[tuple[int, ...]] | None:
-    """Output shapes of ``model`` run on a meta copy (None when the forward needs real values)."""
-    from ..topology import get_graph
-
-    try:
-        g = get_graph(model, dummy_input)
-    except Exception:  # noqa: BLE001 - reported by the caller with the op
-        raise
-    return [tuple(t.shape) for t in g.outputs]
 
 
 def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_conflicts: bool = True,
@@ -189,14 +181,25 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
 
 
 def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]]) -> None:
-    from ..errors import TraceError
+    """Run the shrunk copy once (eval mode, no autograd); on failure trace it to name the op that failed."""
+    from torch.utils import _pytree as pytree
 
+    from ..errors import TraceError
+    from ..graph import make_inputs, preserved_training
+
+    args, kw = make_inputs(small, dummy_input)
     try:
-        got = _meta_outputs(small, dummy_input)
-    except TraceError as e:
-        raise ShrinkError(f"the shrunk model no longer runs: {e}", getattr(e, "module", None),
-                          getattr(e, "op", None)) from e
-    if got is not None and got != want:
+        with torch.no_grad(), preserved_training(small, False):
+            out = small(*args, **kw)
+    except Exception as first:  # noqa: BLE001 - re-run under the recorder to name the op
+        try:
+            trace(small, dummy_input)
+        except TraceError as e:
+            raise ShrinkError(f"the shrunk model no longer runs: {e}", getattr(e, "module", None),
+                              getattr(e, "op", None)) from e
+        raise ShrinkError(f"the shrunk model no longer runs: {type(first).__name__}: {first}") from first
+    got = [tuple(t.shape) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if got != want:
         raise ShrinkError(f"the shrunk model's output shapes {got} differ from the model's {want}")
 
 
