@@ -193,13 +193,21 @@ def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str) 
     return out
 
 
+def _type_name(module: nn.Module) -> str:
+    """NNI's ``op_types`` name of a module: its class name, the original class for a parametrized module
+    (``weight_norm`` makes a ``Conv2d`` a ``ParametrizedConv2d``)."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.type_before_parametrizations(module).__name__
+
+
 def _validate_config(model: nn.Module, config_list: Any) -> list[dict[str, Any]]:
     if not isinstance(config_list, (list, tuple)):
         raise ConfigError(f"config_list must be a list of dicts, got {type(config_list).__name__}")
     if not config_list:
         raise ConfigError("config_list is empty: nothing to prune")
     names = {n for n, _ in model.named_modules()}
-    types = {type(m).__name__ for _, m in model.named_modules()} | {"default"}
+    types = {_type_name(m) for _, m in model.named_modules()} | {"default"}
     out = []
     for i, entry in enumerate(config_list):
         where = f"config_list[{i}] ({entry!r})"
@@ -248,7 +256,7 @@ def select_config(config_list: Iterable[dict[str, Any]], name: str, module: nn.M
     """
     ret = None
     for c in config_list:
-        if "op_types" in c and type(module).__name__ not in c["op_types"]:
+        if "op_types" in c and _type_name(module) not in c["op_types"]:
             continue
         if "op_names" in c and name not in c["op_names"]:
             continue
