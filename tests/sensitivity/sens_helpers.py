@@ -115,3 +115,15 @@ def counted_loss(model: nn.Module) -> float:
 def string_metric(model: nn.Module) -> str:
     """A broken val function: returns the metric as text."""
     return "0.5"
+
+
+class RaiseAt:
+    """Picklable val function raising ``exc`` when the conv filters zeroed are exactly ``zeros``."""
+
+    def __init__(self, metric, zeros: tuple[int, ...], exc: BaseException) -> None:
+        self.metric, self.zeros, self.exc = metric, tuple(zeros), exc
+
+    def __call__(self, model: nn.Module):
+        if zero_filters(model) == self.zeros:
+            raise self.exc
+        return self.metric(model)

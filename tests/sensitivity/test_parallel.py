@@ -1,11 +1,13 @@
 """workers=N and executor= (a real Dask LocalCluster) give exactly the serial results."""
 
 import json
+import os
+import sys
 
 import pytest
 import sens_models as M
 import torch
-from sens_helpers import BadAt, Counting, state_bytes
+from sens_helpers import BadAt, Counting, RaiseAt, state_bytes
 
 from prunescope.errors import ConfigError
 from prunescope.sensitivity import MetricError, SensitivityAnalysis
@@ -74,3 +76,34 @@ def test_dask_local_cluster_equals_serial(one_thread):
         res = sa.analysis(val_args=[model])
     assert res == ref and list(res) == list(ref)
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_in_worker_mode_stops_workers_and_keeps_model(tmp_path, one_thread):
+    def children() -> set[int]:
+        out = set()
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                out.add(int(d))
+        return out
+
+    before_children = children()
+    model = M.build_cnn()
+    before = state_bytes(model)
+    val = RaiseAt(M.loss, zeros=(0, 8, 0), exc=KeyboardInterrupt())  # Ctrl-C while conv2 is at 0.5
+    ck = tmp_path / "ck.jsonl"
+    sa = SensitivityAnalysis(model, val, workers=2, checkpoint=ck, progress=False, sparsities=[0.25, 0.5, 0.75])
+    with pytest.raises(KeyboardInterrupt):
+        sa.analysis([model])
+    assert state_bytes(model) == before and not model.training
+    assert children() - before_children == set()  # the pool's processes are gone
+    ref = SensitivityAnalysis(M.build_cnn(), M.loss, progress=False, sparsities=[0.25, 0.5, 0.75])
+    ref.analysis([ref.model])
+    for r in map(json.loads, ck.read_text().splitlines()[1:]):  # what landed before the interrupt is right
+        if "layer" in r:
+            assert ref.sensitivities[r["layer"]][r["sparsity"]] == r["value"]
