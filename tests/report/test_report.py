@@ -157,3 +157,9 @@ def test_folder_is_replaced_as_a_whole_and_foreign_folders_refused(tmp_path):
     with pytest.raises(ConfigError, match="other files"):
         run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), mine, **kw)
     assert (mine / "notes.txt").read_text() == "keep me"
+    old = tmp_path / "old"  # a report folder written before the marker existed is replaced
+    old.mkdir()
+    (old / "summary.json").write_text("{}")
+    (old / "report.html").write_text("<html></html>")
+    run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), old, **kw)
+    assert (old / ".prunescope-report").exists() and (old / "pruned.pt").exists()

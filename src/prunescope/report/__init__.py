@@ -153,7 +153,7 @@ def run_report(
     ``finetune``: ``fn(model)`` that trains the shrunk model in place. Both run on the shrunk copy only.
     """
     from ..errors import ConfigError
-    from .page import write_folder
+    from .page import FILES, write_folder
     from .steps import STEPS, Run
 
     if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) or not 0 < flops_target <= 1:
@@ -162,7 +162,7 @@ def run_report(
         raise ConfigError(f"plan_evals must be an integer >= 2 (uniform and knapsack plans), got {plan_evals!r}")
     if finetune is not None and not callable(finetune):
         raise ConfigError(f"finetune must be a function fn(model), got {type(finetune).__name__}")
-    folder = ReportFolder(out_dir)
+    folder = ReportFolder(out_dir, tuple(FILES.values()))
     folder.check()  # before any work: a bad --out is reported at once
     r = Run(model, val_func, dummy_input, float(flops_target), sparsities, workers,
             1.0 if higher_is_better else -1.0, model_name, metric_name, progress, console, plan_evals=plan_evals,

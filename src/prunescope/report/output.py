@@ -4,7 +4,8 @@ Every file is written into a fresh temporary folder beside the target (``.NAME.t
 written the folder is swapped in with two renames (the old folder is moved aside, the new one moved in, the
 old one removed). A run that is killed leaves only its temporary folder, which the next run removes (its PID is
 no longer alive); a concurrent run builds its own and the last swap wins. A target folder that holds files
-prunescope did not write (no ``.prunescope-report`` marker) is refused instead of replaced.
+prunescope did not write (no ``.prunescope-report`` marker, and files other than a report's) is refused
+instead of replaced.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _alive(pid: int) -> bool:
 class ReportFolder:
     """``with ReportFolder(out) as tmp: write files into tmp`` — then ``out`` is replaced atomically."""
 
-    def __init__(self, out: str | os.PathLike[str]) -> None:
+    def __init__(self, out: str | os.PathLike[str], names: tuple[str, ...] = ()) -> None:
+        self.names = names  # files a report writes: a folder holding only these (an older report) is replaced
         self.out = os.path.abspath(os.fspath(out))
         self.parent = os.path.dirname(self.out)
         self.base = os.path.basename(self.out)
@@ -48,7 +50,8 @@ class ReportFolder:
             raise ConfigError(f"--out {self.out!r} is a file, not a folder")
         if os.path.isdir(self.out):
             entries = [e for e in os.listdir(self.out) if e != MARKER]
-            if entries and not os.path.exists(os.path.join(self.out, MARKER)):
+            ours = set(self.names)
+            if entries and not os.path.exists(os.path.join(self.out, MARKER)) and not set(entries) <= ours:
                 raise ConfigError(f"--out {self.out!r} is a folder with other files in it ({entries[0]!r}, ...); "
                                   "the report replaces its folder as a whole, so give a new or a report folder")
         if not os.path.isdir(self.parent):
