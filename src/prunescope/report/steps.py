@@ -266,6 +266,13 @@ def step_plan(r: Run) -> None:
     search = PlanSearch(r.keys, grid, loss, r.macs_of, r.measure_plan, r.metric_before, r.sign, r.target_macs,
                         budget=max(2, r.plan_evals))
     r.search = search
+    if not r.keys:
+        r.note = (f"nothing to prune: no prunable dependency set ({len(r.excluded)} left alone: unsafe or model "
+                  "outputs); the model is shipped unpruned")
+        r.chosen = search.candidate({}, "unpruned (nothing prunable)")
+        search.run_measure(r.chosen)
+        r.say(f"[4/6] plan     -- {r.note}")
+        return
     r.uniform = search.uniform(common)
     r.knapsack = _knapsack(r, search)
     if r.note or r.knapsack is None:  # the target cannot be met: ship the heaviest plan, no search
