@@ -87,8 +87,14 @@ def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsNet:
     """Train a fresh :class:`DigitsNet` (a few seconds on a CPU)."""
     torch.manual_seed(seed)
     model = DigitsNet()
+    _fit(model, epochs, 3e-3, seed)
+    return model.eval()
+
+
+def _fit(model: nn.Module, epochs: int, lr: float, seed: int) -> None:
+    """Adam on the training split, batches of 64 in a seeded order, cross-entropy; leaves the model in train mode."""
     xt, yt, _, _ = load_data()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -96,10 +102,8 @@ def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsNet:
         for i in range(0, len(xt), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            loss.backward()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
-    return model.eval()
 
 
 def cache_dir() -> str:
@@ -142,17 +146,7 @@ def finetune(model: nn.Module, epochs: int = 5, lr: float = 2e-3, seed: int = _S
 
     The model comes back in the train/eval mode it had.
     """
-    xt, yt, _, _ = load_data()
     was = model.training
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
+    _fit(model, epochs, lr, seed)
     model.train(was)
     return model

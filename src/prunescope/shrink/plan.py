@@ -44,6 +44,7 @@ import torch
 
 from ..errors import MaskError, PrunescopeError
 from ..graph import ModelGraph, OpNode, TensorInfo
+from ..topology.base import arg as _arg
 
 __all__ = ["ShrinkError", "Cut", "RemovalPlan", "plan_removal", "removed_channels"]
 
@@ -169,14 +170,6 @@ class RemovalPlan:
             c = self.cuts.get(name)
             total += int(np.prod(c.new_shape())) if c is not None else p.numel()
         return total
-
-
-def _arg(node: OpNode, pos: int, key: str, default: Any = None) -> Any:
-    if key in node.kwargs:
-        return node.kwargs[key]
-    if len(node.args) > pos:
-        return node.args[pos]
-    return default
 
 
 def _filter_keep(mask: torch.Tensor, kind: str, groups: int) -> np.ndarray:
@@ -340,11 +333,7 @@ class _Planner:
             return True
         for t in derived:
             fqn, src_axis = self.derived[t.id]
-            off = out.ndim - t.ndim
-            for a in ci.axes:
-                pa = a - off
-                if pa < 0 or t.shape[pa] == 1:
-                    continue
+            for _a, pa in _aligned(out, ci, t):
                 if len(ci.axes) != 1:
                     return False
                 if t.kind not in ("param", "buffer") and src_axis != pa:
@@ -456,6 +445,12 @@ def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: boo
     if plan.removed_count:
         _make_cuts(plan, pl)
     return plan
+
+
+def _aligned(out: TensorInfo, ci: Any, t: TensorInfo) -> list[tuple[int, int]]:
+    """``(output channel axis, axis of t)`` pairs where operand ``t`` is not broadcast (right-aligned shapes)."""
+    off = out.ndim - t.ndim
+    return [(a, a - off) for a in ci.axes if a - off >= 0 and t.shape[a - off] != 1]
 
 
 def _put(plan: RemovalPlan, t: TensorInfo, axis: int, keep: np.ndarray, where: str) -> None:
@@ -577,12 +572,8 @@ def _elementwise_cuts(plan: RemovalPlan, pl: _Planner, node: OpNode) -> None:
     if ci is None:
         return
     for t in derived:
-        fqn, src_axis = pl.derived[t.id]
-        off = out.ndim - t.ndim
-        for a in ci.axes:
-            pa = a - off
-            if pa < 0 or t.shape[pa] == 1:
-                continue
+        fqn, _src_axis = pl.derived[t.id]
+        for a, pa in _aligned(out, ci, t):
             keep = pl.axis_keep(ci, a, plan.atom_removed)
             if keep is None or keep.all():
                 continue
