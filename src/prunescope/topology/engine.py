@@ -32,7 +32,9 @@ the op named, and its outputs carry no channels (never a silent tie nor a silent
 
 Layout: this module is the engine (the walk, the union-find, the queries and the builder methods that the
 op rules call); :mod:`.rules` holds the per-op-family rules and the table :data:`~.rules.RULES` that maps an
-op name to its rule; :mod:`.replay` replays shape ops on channel ids; :mod:`.base` holds the data types.
+op name to its rule, :mod:`.contract` the rules of contractions and attention (heads, GQA, masks);
+:mod:`.replay` replays shape ops on channel ids; :mod:`.base` holds the data types; :mod:`.heads` reads
+the head-level view (:class:`~prunescope.topology.heads.HeadDependency`) off a finished engine.
 
 Atoms are also *pinned* (unsafe to prune) when a shape op writes their count into the code: a
 ``view``/``reshape``/``expand`` whose channel-carrying output axis has an explicit size (``x.view(-1, 1024)``,
