@@ -9,7 +9,10 @@ built model to the smaller model; a run past ``--timeout`` seconds counts as a f
 installed in this interpreter (``pip install torch-pruning==1.6.1``; it is never a dependency of prunescope);
 NNI runs in ``NNI_PYTHON`` (default ``/work/nni-venv/bin/python``). The tools resolve residual ties
 differently (prunescope: NNI's union rule on per-layer L1 masks; Torch-Pruning: 30% of every dependency group),
-so the MACs they keep differ: the table prints them (prunescope's counter, same formulas for all).
+so the MACs they keep differ: the table prints them (prunescope's counter, same formulas for all; NNI's venv
+has no prunescope, so its column shows none). prunescope follows its documented workflow: the layers
+``not_safe_to_prune`` reports are excluded like the classifier (``--tools prunescope_strict`` masks them too;
+shrink then refuses those models by name).
 
 Then: resnet50 with half of every prunable dependency set removed (the report's sets), shrunk; CPU latency
 (median of interleaved runs, batch 8 at 224x224) against the dense model, next to the MACs ratio.
@@ -108,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in tools:
             r = run_one(t, m, a.timeout)
             results[t].append(r)
-            cell = (f"ok {r['seconds']:6.2f}s {r.get('macs_ratio', float('nan')):.2f}" if r["ok"]
-                    else f"FAIL {str(r.get('error', ''))[:20]}")
+            macs = f"{r['macs_ratio']:.2f}" if "macs_ratio" in r else "  - "
+            cell = f"ok {r['seconds']:6.2f}s {macs}" if r["ok"] else f"FAIL {str(r.get('error', ''))[:20]}"
             row.append(f"{cell:>28}")
         print(f"{m:<22}" + "".join(row), flush=True)
     print()

@@ -1,6 +1,7 @@
 """One model, one tool: prune 30% of every conv/linear layer except the classifier, shrink, run. Prints JSON.
 
-``python bench/shrink_worker.py TOOL MODEL [SPARSITY]`` with TOOL in ``prunescope``, ``torch_pruning`` (run with
+``python bench/shrink_worker.py TOOL MODEL [SPARSITY]`` with TOOL in ``prunescope`` (``prunescope_strict``: the
+unsafe layers masked too), ``torch_pruning`` (run with
 prunescope's venv, which has Torch-Pruning 1.6.1 installed for the benchmark) or ``nni`` (run with NNI 2.10.1's
 interpreter). Timed inside this process: from the model with random weights to the smaller model (masks or
 importance, dependency graph, pruning/speedup); model construction and imports are excluded. ``ok`` means the
@@ -41,13 +42,18 @@ def build(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, weights=None, **kw).eval()
 
 
-def run_prunescope(model, x, sparsity, cls):
+def run_prunescope(model, x, sparsity, cls, strict=False):
+    """The documented workflow: layers ``not_safe_to_prune`` reports are excluded like the classifier (with
+    ``strict``, masks on them too: shrink then refuses by name, e.g. swin's window reshape ``view(..., C)``)."""
+    from prunescope import not_safe_to_prune, trace
     from prunescope.masks import L1FilterPruner
     from prunescope.shrink import shrink
 
-    cfg = [{"sparsity": sparsity, "op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": cls}]
+    g = trace(model, x)
+    unsafe = [] if strict else sorted(not_safe_to_prune(model, x, traced_model=g))
+    cfg = [{"sparsity": sparsity, "op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": cls + unsafe}]
     masks = L1FilterPruner(model, cfg).compute_masks()
-    return shrink(model, masks, x)
+    return shrink(model, masks, x, graph=g)
 
 
 def run_torch_pruning(model, x, sparsity, cls):
@@ -88,7 +94,8 @@ def main() -> None:
     except ImportError:
         flops_report, dense = None, None
     cls = classifier_names(model)
-    fn = {"prunescope": run_prunescope, "torch_pruning": run_torch_pruning, "nni": run_nni}[tool]
+    fn = {"prunescope": run_prunescope, "prunescope_strict": lambda *a: run_prunescope(*a, strict=True),
+          "torch_pruning": run_torch_pruning, "nni": run_nni}[tool]
     res: dict = {"tool": tool, "model": name}
     t0 = time.perf_counter()
     try:
