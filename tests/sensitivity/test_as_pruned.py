@@ -69,3 +69,12 @@ def test_as_pruned_needs_dummy_input():
 
     with pytest.raises(ConfigError, match="as_pruned=True needs dummy_input"):
         SensitivityAnalysis(make(), metric, as_pruned=True)
+
+
+def test_parametrized_layer_is_refused_by_name():
+    from prunescope.errors import ConfigError
+
+    net = make()
+    net.c2 = nn.utils.parametrizations.weight_norm(net.c2)
+    with pytest.raises(ConfigError, match="layer 'c2' has a parametrized weight"):
+        SensitivityAnalysis(net, metric, sparsities=[0.5]).analysis(val_args=[net])

@@ -187,8 +187,15 @@ class SensitivityAnalysis:
             if filter_prune and not issubclass(t, FILTER_TYPES):
                 raise ConfigError(f"{self.prune_type} filter pruning cannot prune {t.__name__}; supported: "
                                   f"{', '.join(c.__name__ for c in FILTER_TYPES)} (or use prune_type='level')")
+        from torch.nn.utils import parametrize
+
         compat = self.layer_types is None and not self.group_dependencies
         for name, m in self.model.named_modules():
+            if isinstance(m, types) and parametrize.is_parametrized(m, "weight"):
+                raise ConfigError(f"layer {name!r} has a parametrized weight ({type(m).__name__}, e.g. weight_norm): "
+                                  "the sweep prunes stored weights, which would leave its effective weight "
+                                  "unpruned; make it plain first (torch.nn.utils.parametrize."
+                                  "remove_parametrizations) or leave the layer type out of layer_types")
             if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor):
                 self.target_layer[name] = m
                 self.already_pruned[name] = 0
