@@ -208,7 +208,8 @@ def test_forward_failure_leaves_model_unchanged(variant, analysis, how, tmp_path
     assert_unchanged(before, model)
 
 
-@pytest.mark.parametrize("variant", ["eval", "train", "hooks", "parametrized"])
+# (the parametrized variant is refused before the first evaluation: see KNOWN_REFUSALS)
+@pytest.mark.parametrize("variant", ["eval", "train", "hooks"])
 @pytest.mark.parametrize("exc", [RuntimeError("val broke"), KeyboardInterrupt()], ids=["raises", "interrupt"])
 @pytest.mark.parametrize("where", ["sensitivity", "run-report"])
 def test_val_func_failure_leaves_model_unchanged(variant, exc, where, tmp_path):
