@@ -55,7 +55,8 @@ def test_sensitivity_restores_cuda_model():
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).cuda()
     x = torch.randn(4, 3, 16, 16, device="cuda")
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    sa = SensitivityAnalysis(m, lambda model: float(model(x).detach().abs().mean()), sparsities=[0.25, 0.5], progress=False)
+    sa = SensitivityAnalysis(m, lambda model: float(model(x).detach().abs().mean()), sparsities=[0.25, 0.5],
+                             progress=False)
     res = sa.analysis(val_args=[m])
     assert set(res) == {"0", "2"}
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
