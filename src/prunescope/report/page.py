@@ -18,9 +18,10 @@ FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensiti
          "macs_png": "macs_per_layer.png", "flops": "flops.csv", "dependencies": "dependencies.csv",
          "plan": "plan.json", "masks": "masks.pth", "pruned": "pruned.pt", "summary": "summary.json"}
 
-PREDICTION = ("predicted before its own measurement from the nearest candidate plans measured before it: "
-              "measured(Q) − c · (A(plan) − A(Q)), A = sum of the single-set losses of the sweep, c = interaction "
-              "factor fitted on the plans measured so far (the first plan: the additive prediction)")
+PREDICTION = ("predicted before its own measurement as a first-order step from the nearest plan Q measured before "
+              "it: measured(Q) − Σ_k w_k · (l_k(plan) − l_k(Q)), l_k = set k's single-set loss from the sweep, w_k "
+              "= per-set interaction factors fitted by least squares on the plans measured so far (the first "
+              "plan: the additive prediction)")
 
 
 def summary(r: Run, run_id: str) -> dict[str, Any]:

@@ -13,10 +13,11 @@ best *measured* one:
    prediction below) are measured first; the search moves whenever a neighbour measures better.
 
 **Prediction.** Before a candidate is measured its metric is predicted from the candidates measured *so
-far*: from each of the nearest measured plans ``Q``, ``measured(Q) − c · (A(P) − A(Q))``, where ``A`` is the sum
-of the single-set losses of the sweep and ``c`` the interaction factor fitted (least squares through the
-origin) on all measured plans; the nearest plans are averaged, closer ones weighing more. Before any
-measurement it is the additive prediction ``before − A(P)``. The chosen plan's prediction is the one
+far*: a first-order step from the nearest measured plan ``Q``, ``measured(Q) − Σ_k w_k · (l_k(P) − l_k(Q))``,
+where ``l_k`` is set ``k``'s single-set loss from the sweep at the plan's sparsity and ``w_k`` its interaction
+factor, fitted by least squares on all plans measured so far (``before − measured ≈ Σ_k w_k · l_k``, weakly
+pulled towards one common factor). Before any measurement it is the additive prediction ``before − Σ l_k``.
+The chosen plan's prediction is the one
 recorded before its own measurement, so ``|predicted − measured|`` is an honest out-of-sample error; the page
 lists every candidate's prediction and measurement.
 
@@ -83,27 +84,43 @@ class PlanSearch:
             return 1.0
         return max(0.0, sum(a * m for a, m in pts) / den)
 
-    def predict(self, c: Candidate, k: int = 3) -> float:
-        """Before ``c`` is measured: from the ``k`` nearest measured plans ``Q`` (L1 distance of the sparsity
-        vectors), ``measured(Q) − c·(additive(P) − additive(Q))``, averaged with weights ``1 / (1 + distance)``;
-        the plain scaled-additive prediction while nothing is measured."""
-        f = self.factor()
+    def losses(self, plan: Plan) -> list[float]:
+        """Per set (in ``keys`` order), the single-set loss of the plan's sparsity (0 when not pruned)."""
+        return [self.loss(k, plan[k]) if plan.get(k, 0.0) > 0 else 0.0 for k in self.keys]
+
+    def slopes(self) -> list[float]:
+        """Per-set interaction factors ``w``: ``before − measured ≈ Σ_k w_k · loss_k`` over the measured plans
+        (least squares, weakly pulled towards the common factor :meth:`factor` so that few measurements stay
+        well posed)."""
+        import numpy as np
+
+        done = [q for q in self.measured if q.measured is not None]
+        prior = np.full(len(self.keys), self.factor())
+        if not done:
+            return prior.tolist()
+        x = np.array([self.losses(q.plan) for q in done])
+        y = np.array([self.sign * (self.metric_before - float(q.measured)) for q in done])  # type: ignore[arg-type]
+        lam = 1e-2 * max(float(np.trace(x.T @ x)) / len(self.keys), 1e-12)  # scale-free ridge
+        w = np.linalg.solve(x.T @ x + lam * np.eye(len(self.keys)), x.T @ y + lam * prior)
+        return w.tolist()
+
+    def predict(self, c: Candidate) -> float:
+        """Before ``c`` is measured: a first-order step from the nearest measured plan ``Q`` (L1 distance of the
+        sparsity vectors; the earlier one on ties), ``measured(Q) − Σ_k w_k · (loss_k(P) − loss_k(Q))`` with the
+        per-set factors of :meth:`slopes`; the additive prediction while nothing is measured."""
         done = [q for q in self.measured if q.measured is not None and q is not c]
         if not done:
-            return self.metric_before - self.sign * f * c.additive_loss
-        keys = set(c.plan) | {k2 for q in done for k2 in q.plan}
+            return self.metric_before - self.sign * self.factor() * c.additive_loss
+        keys = sorted(set(c.plan) | {k2 for q in done for k2 in q.plan})
 
-        def dist(q: Candidate) -> float:
-            return sum(abs(c.plan.get(k2, 0.0) - q.plan.get(k2, 0.0)) for k2 in keys)
+        def dist(q: Candidate) -> float:  # rounded: equal distances tie exactly (then measurement order decides)
+            return round(sum(abs(c.plan.get(k2, 0.0) - q.plan.get(k2, 0.0)) for k2 in keys), 9)
 
-        near = sorted(done, key=dist)[:k]
-        num = den = 0.0
-        for q in near:
-            w = 1.0 / (1.0 + 10.0 * dist(q))
-            assert q.measured is not None
-            num += w * (q.measured - self.sign * f * (c.additive_loss - q.additive_loss))
-            den += w
-        return num / den
+        q = min(done, key=dist)
+        assert q.measured is not None
+        w = self.slopes()
+        step = sum(wk * (a - b) for wk, a, b in zip(w, self.losses(c.plan), self.losses(q.plan)))
+        return float(q.measured) - self.sign * step
 
     def feasible(self, c: Candidate) -> bool:
         return c.macs <= self.target_macs

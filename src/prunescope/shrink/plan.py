@@ -115,20 +115,14 @@ class Cut:
 
 
 def _grouped_select(t: torch.Tensor, g: int, oa: int, ia: int, ok: np.ndarray, ik: np.ndarray) -> torch.Tensor:
-    """Select per group: conv weight (C_out, C_in/g, k) with oa=0, ia=1; transposed (C_in, C_out/g, k): oa=1, ia=0."""
+    """Select per group. Conv weight ``(C_out, C_in/g, k)`` (``oa=0``): rows are output channels of all groups,
+    columns the in-group input channels; transposed ``(C_in, C_out/g, k)`` (``oa=1``): the other way round."""
+    row_keep, col_keep = (ok, ik) if oa == 0 else (ik, ok)
+    rpg, cpg = t.shape[0] // g, t.shape[1]
     parts = []
-    if oa == 0:  # conv: rows = output channels (all groups), columns = in-group input channels
-        cout, cpg = t.shape[0] // g, t.shape[1]
-        for k in range(g):
-            rows = np.nonzero(ok[k * cout:(k + 1) * cout])[0] + k * cout
-            cols = np.nonzero(ik[k * cpg:(k + 1) * cpg])[0]
-            blk = t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device))
-            parts.append(blk.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device)))
-        return torch.cat(parts, 0)
-    cin, opg = t.shape[0] // g, t.shape[1]  # transposed: rows = input channels, columns = in-group outputs
     for k in range(g):
-        rows = np.nonzero(ik[k * cin:(k + 1) * cin])[0] + k * cin
-        cols = np.nonzero(ok[k * opg:(k + 1) * opg])[0]
+        rows = np.nonzero(row_keep[k * rpg:(k + 1) * rpg])[0] + k * rpg
+        cols = np.nonzero(col_keep[k * cpg:(k + 1) * cpg])[0]
         blk = t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device))
         parts.append(blk.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device)))
     return torch.cat(parts, 0)
