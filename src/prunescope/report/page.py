@@ -64,7 +64,7 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "uniform_params_after": base.params if base is not None else None,
         "uniform_latency_ms": round(base.latency_ms, 4) if base is not None else None,
         "uniform_metric_measured": base.metric if base is not None else None,
-        "sensitivity_semantics": "as pruned" if getattr(r.sa, "as_pruned", False) else "masked (NNI)",
+        "sensitivity_semantics": "as pruned" if r.sa.as_pruned else "masked (NNI)",
         "excluded_sets": r.excluded,
         "seconds": round(time.perf_counter() - r.t0, 2),
     }

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from torch import nn
 
 from .search import Candidate, PlanSearch
@@ -87,7 +86,8 @@ class Run:
         return int(math.floor(self.flops_target * self.dense.total_flops))
 
     def evaluate(self, model: nn.Module, what: str) -> float:
-        from ..sensitivity.engine import MetricError
+        """``val_func(model)`` as a finite float; the user's model is borrowed and given back exactly."""
+        from ..sensitivity.engine import coerce_metric
         from . import borrowed
 
         if model is self.model:
@@ -95,16 +95,7 @@ class Run:
                 value = self.val_func(model)
         else:
             value = self.val_func(model)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise MetricError(f"val_func returned {type(value).__name__} {value!r:.60} for {what}; expected a "
-                              "number") from None
-        if not math.isfinite(out):
-            raise MetricError(f"val_func returned {out} for {what}; expected a finite number")
-        return out
+        return coerce_metric(value, "", None, where=what)
 
     # -- plans -> masks -> counts / metrics
     def masks_for(self, plan: dict[str, float]) -> dict[str, Any]:
@@ -178,18 +169,13 @@ def step_topology(r: Run) -> None:
 
 
 def step_sensitivity(r: Run) -> None:
-    import inspect
-
     from ..sensitivity import SensitivityAnalysis
     from . import borrowed
 
     layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    kw: dict[str, Any] = {}
-    if "as_pruned" in inspect.signature(SensitivityAnalysis.__init__).parameters:
-        kw["as_pruned"] = True
     r.sa = SensitivityAnalysis(r.model, r.val_func, sparsities=r.sparsities, prune_type="l1",
                                layer_types=layer_types, group_dependencies=True, dummy_input=r.x,
-                               workers=r.workers, progress=r.progress, **kw)
+                               workers=r.workers, progress=r.progress, as_pruned=True)
     with borrowed(r.model):
         sens = r.sa.analysis(val_args=[r.model], specified_layers=[s[0] for s in r.sets]) if r.sets else {}
     r.sens = {k: v for k, v in sens.items() if k in r.keys}

@@ -100,13 +100,16 @@ class JobResult:
     error: BaseException | None = None
 
 
-def coerce_metric(value: Any, layer: str, sparsity: float | None) -> float:
+def coerce_metric(value: Any, layer: str, sparsity: float | None, where: str | None = None) -> float:
     """``val_func``'s return value as a finite Python float (tensors, numpy scalars and ints accepted).
+
+    Errors say which evaluation returned it: ``where`` if given, else the layer and sparsity.
 
     >>> coerce_metric(torch.tensor(0.5), "conv1", 0.25)
     0.5
     """
-    where = "the unpruned model (baseline)" if sparsity is None else f"layer {layer!r} at sparsity {sparsity}"
+    if where is None:
+        where = "the unpruned model (baseline)" if sparsity is None else f"layer {layer!r} at sparsity {sparsity}"
     raw = value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
