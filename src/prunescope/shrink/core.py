@@ -80,6 +80,16 @@ def _resolve(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(mod_name) if mod_name else root), attr
 
 
+def replace_tensors(root: nn.Module, new_by_id: Mapping[int, torch.Tensor]) -> None:
+    """Put ``new_by_id[id(old)]`` wherever a module of ``root`` holds ``old`` as a parameter or buffer (a tensor
+    shared by several modules is replaced everywhere, so it stays shared)."""
+    for mod in root.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, v in list(store.items()):
+                if v is not None and id(v) in new_by_id:
+                    store[k] = new_by_id[id(v)]  # type: ignore[assignment]
+
+
 def _apply_plan(small: nn.Module, plan: RemovalPlan) -> None:
     new_by_id: dict[int, torch.Tensor] = {}
     for fqn, cut in plan.cuts.items():
@@ -94,12 +104,7 @@ def _apply_plan(small: nn.Module, plan: RemovalPlan) -> None:
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         new_by_id[id(old)] = new
-    # replace every reference (a tensor shared by several modules is narrowed once)
-    for mod in small.modules():
-        for store in (mod._parameters, mod._buffers):
-            for k, v in list(store.items()):
-                if v is not None and id(v) in new_by_id:
-                    store[k] = new_by_id[id(v)]  # type: ignore[assignment]
+    replace_tensors(small, new_by_id)
     for name, values in plan.attrs.items():
         try:
             mod = small.get_submodule(name) if name else small

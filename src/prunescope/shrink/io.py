@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .core import _ATTRS
+from .core import _ATTRS, replace_tensors
 from .plan import ShrinkError
 
 __all__ = ["save_pruned", "load_pruned", "FORMAT"]
@@ -117,11 +117,7 @@ def load_pruned(dense_model: nn.Module, path: str | os.PathLike[str]) -> nn.Modu
             new = torch.empty(shape, dtype=t.dtype, device=t.device)
             new_by_id[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                 else new
-    for mod in dense_model.modules():
-        for store in (mod._parameters, mod._buffers):
-            for k, v in list(store.items()):
-                if v is not None and id(v) in new_by_id:
-                    store[k] = new_by_id[id(v)]  # type: ignore[assignment]
+    replace_tensors(dense_model, new_by_id)
     modules = dict(dense_model.named_modules())
     for name, values in data["attrs"].items():
         mod = modules.get(name)

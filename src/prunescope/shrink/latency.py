@@ -11,6 +11,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Mapping
@@ -29,23 +30,18 @@ def measure_latency(models: Mapping[str, nn.Module], x: Any, *, runs: int = 15, 
     items = list(models.items())
     inputs = {name: make_inputs(m, x) for name, m in items}
     times: dict[str, list[float]] = {name: [] for name, _ in items}
-    with torch.no_grad():
-        ctxs = [preserved_training(m, False) for _, m in items]
-        for c in ctxs:
-            c.__enter__()
-        try:
-            start = time.perf_counter()
-            for r in range(warmup + runs):
-                for name, m in items:
-                    args, kw = inputs[name]
-                    t0 = time.perf_counter()
-                    m(*args, **kw)
-                    dt = time.perf_counter() - t0
-                    if r >= warmup:
-                        times[name].append(dt)
-                if budget_s is not None and r >= warmup + 2 and time.perf_counter() - start > budget_s:
-                    break
-        finally:
-            for c in reversed(ctxs):
-                c.__exit__(None, None, None)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for _, m in items:
+            stack.enter_context(preserved_training(m, False))
+        start = time.perf_counter()
+        for r in range(warmup + runs):
+            for name, m in items:
+                args, kw = inputs[name]
+                t0 = time.perf_counter()
+                m(*args, **kw)
+                dt = time.perf_counter() - t0
+                if r >= warmup:
+                    times[name].append(dt)
+            if budget_s is not None and r >= warmup + 2 and time.perf_counter() - start > budget_s:
+                break
     return {name: statistics.median(v) * 1e3 for name, v in times.items()}
