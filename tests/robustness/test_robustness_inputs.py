@@ -186,8 +186,9 @@ def test_api_bad_input_is_refused_by_name(case, tmp_path):
     assert ".tmp" not in msg
 
 
-def test_unwritable_output_names_the_given_path(tmp_path, monkeypatch):
-    """The temporary file cannot be created (EACCES): the error names the path given, not the temp file."""
+@pytest.fixture
+def temp_files_denied(monkeypatch):
+    """Creating the atomic writer's temporary file fails with EACCES (as in a read-only folder, even for root)."""
     real_open = os.open
 
     def deny(path, *a, **k):
@@ -196,6 +197,10 @@ def test_unwritable_output_names_the_given_path(tmp_path, monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(os, "open", deny)
+
+
+def test_unwritable_output_names_the_given_path(tmp_path, temp_files_denied):
+    """The temporary file cannot be created (EACCES): the error names the path given, not the temp file."""
     target = tmp_path / "out.csv"
     with pytest.raises(OutputError) as info:
         atomic_write(target, "x")
@@ -358,15 +363,7 @@ def test_cli_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
-def test_cli_unwritable_output_names_the_given_path(tmp_path, capsys, monkeypatch):
-    real_open = os.open
-
-    def deny(path, *a, **k):
-        if str(path).endswith(".tmp"):
-            raise PermissionError(13, "Permission denied", path)
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr(os, "open", deny)
+def test_cli_unwritable_output_names_the_given_path(tmp_path, capsys, temp_files_denied):
     out = tmp_path / "masks.pth"
     code = main(["masks", SMALL, "--sparsity", "0.5", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip()
