@@ -163,3 +163,13 @@ def test_folder_is_replaced_as_a_whole_and_foreign_folders_refused(tmp_path):
     (old / "report.html").write_text("<html></html>")
     run_report(digits.load_trained(), digits.evaluate, torch.ones(digits.INPUT_SIZE), old, **kw)
     assert (old / ".prunescope-report").exists() and (old / "pruned.pt").exists()
+
+
+@pytest.mark.parametrize("bad", ["0.9", True, float("nan"), torch.ones(2)])
+def test_val_func_returning_a_non_number_is_refused_naming_the_evaluation(tmp_path, bad):
+    from prunescope.sensitivity.engine import MetricError
+
+    with pytest.raises(MetricError, match="for the dense model"):
+        run_report(digits.load_trained(), lambda m: bad, torch.ones(digits.INPUT_SIZE), tmp_path / "r",
+                   progress=False, console=None)
+    assert not (tmp_path / "r").exists()  # nothing written
