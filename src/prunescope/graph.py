@@ -306,11 +306,17 @@ class _Recorder(TorchFunctionMode):
         except TraceError:
             raise
         except Exception as e:  # name the op and the module that ran it
+            out = _meta_result(name, args, kwargs)
+            if out is not None:
+                return self._record(name, func, args, kwargs, out)
             mod = self.stack[-1].name if self.stack else ""
             where = f"module '{mod}'" if mod else "the model's own forward"
             raise TraceError(
                 f"op '{name}' failed in {where}: {type(e).__name__}: {e}", module=mod, op=name
             ) from e
+        return self._record(name, func, args, kwargs, out)
+
+    def _record(self, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         is_setitem = name == "__setitem__"
         if not is_setitem and (out is None or isinstance(out, (bool, int, float, torch.Size, str))):
             return out
@@ -339,6 +345,42 @@ class _Recorder(TorchFunctionMode):
         if call is not None:
             call.ops.append(index)
         return out
+
+
+# -- ops whose meta kernel refuses what the device kernels run: the output is made here, from the shapes.
+# ``_grouped_mm`` (mixture-of-experts layers) has CPU/CUDA kernels for float32 but its meta kernel accepts only
+# bfloat16/float16; on meta every input is a shape, so the output shape is all a trace needs.
+def _grouped_mm_meta(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    a = args[0] if args else kwargs.get("mat_a", kwargs.get("input"))
+    b = args[1] if len(args) > 1 else kwargs.get("mat_b", kwargs.get("weight"))
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return None
+    if a.dim() == 2 and b.dim() == 3 and a.shape[1] == b.shape[1]:  # tokens x experts, grouped by offs
+        shape: tuple[int, ...] = (a.shape[0], b.shape[2])
+    elif a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1]:
+        shape = (a.shape[0], a.shape[1], b.shape[2])
+    elif a.dim() == 2 and b.dim() == 2 and isinstance(offs, torch.Tensor) and a.shape[1] == b.shape[0]:
+        shape = (offs.shape[0], a.shape[0], b.shape[1])  # grouped along the contracted axis
+    else:
+        return None
+    dtype = kwargs.get("out_dtype") or a.dtype
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+_META_SHAPES: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor | None]] = {
+    "_grouped_mm": _grouped_mm_meta, "grouped_mm": _grouped_mm_meta}
+
+
+def _meta_result(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The output of op ``name`` on meta inputs, for an op of :data:`_META_SHAPES` (None: not one of them)."""
+    fn = _META_SHAPES.get(name)
+    if fn is None:
+        return None
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors or any(t.device.type != "meta" for t in tensors):
+        return None
+    return fn(args, kwargs)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -66,6 +66,13 @@ def effective_report(
     # per op node of a layer call: MAC scale (pairs of kept input and output channels / dense pairs)
     layer_scale: dict[int, tuple[float, int | None]] = {}
     for name, li in ca.layers.items():
+        if li.kind == "experts":  # a fused expert layer: pairs per expert (the plan keeps equal counts per expert)
+            ok = (~plan.removed[name]).reshape(li.experts, -1)
+            for node_idx, ins in zip(li.nodes, li.inputs):
+                ik = alive_in(ins).reshape(li.experts, -1)
+                pairs = float((ik.sum(1) * ok.sum(1)).mean())
+                layer_scale[node_idx] = (pairs / (ik.shape[1] * ok.shape[1]) if ik.size and ok.size else 1.0, None)
+            continue
         if li.kind not in ("conv", "conv_transpose", "linear"):
             continue
         out_keep = ~plan.removed[name]

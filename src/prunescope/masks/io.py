@@ -87,6 +87,8 @@ def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks
     modules = dict(model.named_modules())
     for name, m in masks.items():
         module = modules.get(name)
+        if module is None and _fused_expert_mask(model, name, m, source):
+            continue
         if module is None:
             known = [n for n, mod in modules.items() if n and weight_of(mod) is not None]
             hint = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
@@ -111,6 +113,25 @@ def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks
             if not _binary(bm):
                 raise MaskError(f"{source}: layer {name!r}: bias mask has values other than 0 and 1")
     return masks
+
+
+def _fused_expert_mask(model: nn.Module, name: str, m: Mapping[str, Any], source: str) -> bool:
+    """A mask keyed by a fused expert parameter (a 3-D parameter, ``'layers.0.mlp.experts.gate_up_proj'``): check
+    it has the parameter's shape, 0/1 values and no bias; False when ``name`` is no such parameter."""
+    from ..shrink.experts import expert_param_shape
+
+    shape = expert_param_shape(model, name)
+    if shape is None:
+        return False
+    if tuple(m["weight"].shape) != shape:
+        raise MaskError(f"{source}: fused expert parameter {name!r}: mask has shape {tuple(m['weight'].shape)}, "
+                        f"the parameter has shape {shape}")
+    if not _binary(m["weight"]):
+        raise MaskError(f"{source}: fused expert parameter {name!r}: mask has values other than 0 and 1")
+    if m.get("bias") is not None:
+        raise MaskError(f"{source}: fused expert parameter {name!r}: a bias mask is given, but a fused expert "
+                        "parameter is masked as one tensor ('weight' only)")
+    return True
 
 
 def save_masks(masks: Mapping[str, Mapping[str, torch.Tensor | None]], path: PathLike) -> None:

@@ -125,6 +125,10 @@ def _mask_in_place(small: nn.Module, masks: Mapping[str, Any]) -> None:
     modules = dict(small.named_modules())
     with torch.no_grad():
         for name, m in masks.items():
+            if name not in modules:  # a fused expert parameter (shrink/experts.py): masked as one tensor
+                owner, attr = _resolve(small, name)
+                getattr(owner, attr).mul_(m["weight"].to(device=getattr(owner, attr).device))
+                continue
             mod = modules[name]
             for t, mk in ((weight_of(mod), m.get("weight")), (bias_of(mod), m.get("bias"))):
                 if t is not None and mk is not None:

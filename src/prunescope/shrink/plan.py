@@ -45,6 +45,8 @@ import torch
 from ..errors import MaskError, PrunescopeError
 from ..graph import ModelGraph, OpNode, TensorInfo
 from ..topology.base import arg as _arg
+from ..topology.moe import EXPERT_OPS
+from .experts import expert_cuts, expert_filter_keep, expert_protection
 
 __all__ = ["ShrinkError", "Cut", "RemovalPlan", "plan_removal", "removed_channels"]
 
@@ -184,12 +186,15 @@ def _masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.n
         if w is None:
             continue
         li = ca.layers.get(layer)
-        if li is None or li.kind not in ("conv", "conv_transpose", "linear"):
+        if li is None or li.kind not in ("conv", "conv_transpose", "linear", "experts"):
             ignored.append(layer)
             continue
         if w.device.type == "meta":
             raise MaskError(f"mask of layer {layer!r} is on the meta device: it has no values to read")
-        keep = _filter_keep(w, li.kind, li.groups)
+        if li.kind == "experts":  # a fused expert parameter (shrink/experts.py)
+            keep = expert_filter_keep(w, li)
+        else:
+            keep = _filter_keep(w, li.kind, li.groups)
         if keep.shape[0] != li.out_channels:
             raise MaskError(f"mask of layer {layer!r} covers {keep.shape[0]} output channels, the layer has "
                             f"{li.out_channels}")
@@ -282,6 +287,8 @@ class _Planner:
         for t in g.outputs:
             self.protect(self.info_atoms(t), "its channels reach a model output")
         for name, li in ca.layers.items():
+            if li.kind == "experts":  # narrowed through its stored 3-D parameter (shrink/experts.py)
+                continue
             ops = {g.nodes[i].name for i in li.nodes}
             if li.kind not in ("conv", "conv_transpose", "linear") or not ops <= (_CONV | _CONVT | {"linear"}):
                 for rep in li.inputs:
@@ -302,7 +309,8 @@ class _Planner:
 
     def _protect_param_uses(self, node: OpNode) -> None:
         name = node.name
-        if name in _CONV | _CONVT or name == "linear" or name in _NORM_AXIS or name == "embedding":
+        if name in _CONV | _CONVT or name == "linear" or name in _NORM_AXIS or name == "embedding" \
+                or name in EXPERT_OPS:
             return
         derived = [t for t in node.inputs if t.id in self.derived]
         if not derived:
@@ -342,7 +350,7 @@ class _Planner:
         return out_keep, ins
 
     def dynamic_protection(self, atom_removed: np.ndarray) -> bool:
-        changed = False
+        changed = expert_protection(self, atom_removed)  # fused experts: equal units per expert
         ca = self.ca
         for name, li in ca.layers.items():
             if li.kind not in ("conv", "conv_transpose") or li.groups <= 1:
@@ -438,6 +446,7 @@ def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: boo
                                   "at least one (drop the layer from the model instead)", name)
     if plan.removed_count:
         _make_cuts(plan, pl)
+        expert_cuts(plan, pl)
     return plan
 
 

@@ -18,6 +18,7 @@ feeds several analyses.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from typing import Any, Iterable
@@ -121,7 +122,11 @@ def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
         if isinstance(x, tuple) and all(isinstance(v, int) for v in x):
             x = tuple(x)
         g = trace(meta_model, x)
-    except (TraceError, RuntimeError, NotImplementedError, TypeError, copy.Error):
+    except (TraceError, RuntimeError, NotImplementedError, TypeError, copy.Error) as e:
+        # e.g. a data-dependent op (nonzero, one-argument where, .item()) in the forward: a one-line note
+        logging.getLogger("prunescope").info(
+            "prunescope: the meta-device trace failed (%s); tracing on the model's own device instead",
+            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         return None
     return g
 
@@ -134,7 +139,9 @@ def _atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None
 
 
 def _is_module_layer(ca: ChannelAtoms, name: str) -> bool:
-    return not name.startswith("<")
+    # fused expert parameters (topology/moe.py) are layers of the engine but not modules: the NNI-compatible
+    # views list modules only (their units are read off the engine: channel_atoms(graph).layers)
+    return not name.startswith("<") and ca.layers[name].kind != "experts"
 
 
 class ChannelDependency:

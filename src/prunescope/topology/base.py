@@ -50,6 +50,7 @@ class LayerInfo:
     input_ids: list[int] = field(default_factory=list)  # per call: id of the TensorInfo it read
     nodes: list[int] = field(default_factory=list)  # per call: index of the op node
     weight_out_dim: int = 0  # axis of the weight that holds the output channels (1: Conv1D, transposed conv)
+    experts: int = 0  # a fused expert parameter (E, ...) (kind 'experts', topology/moe.py): E; channels e * N + j
 
 
 

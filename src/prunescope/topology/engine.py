@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 from weakref import WeakKeyDictionary
 
 import numpy as np
@@ -168,6 +168,8 @@ class ChannelAtoms:
         self._inputs_only: dict[int, bool] = {}
         self.stopped_ops: list[str] = []
         self._stop_notes: list[tuple[np.ndarray, _Note]] = []
+        # work a rule registers to run once the walk is done, before classes are solved (topology/moe.py)
+        self.finishers: list[Callable[[ChannelAtoms], None]] = []
         self._run()
         self._finish()
 
@@ -411,6 +413,8 @@ class ChannelAtoms:
                 self.stop([ci.atoms for ci in ins if ci is not None], node, str(e))
 
     def _finish(self) -> None:
+        for fn in self.finishers:
+            fn(self)
         n = self._natoms
         self._layer_list = list(self.layers.values())
         self.atom_layer = np.zeros(n, np.int64)

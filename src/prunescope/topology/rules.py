@@ -470,3 +470,14 @@ def _build_rules() -> dict[str, Rule]:
 
 
 RULES: dict[str, Rule] = _build_rules()
+
+
+# -- mixture of experts (routing and fused expert weights): rules live in topology/moe.py
+def _register_moe() -> None:
+    from .moe import EXPERT_OPS, grouped_mm_rule, topk_rule
+
+    RULES["topk"] = topk_rule
+    RULES.update(dict.fromkeys(EXPERT_OPS, grouped_mm_rule))
+
+
+_register_moe()

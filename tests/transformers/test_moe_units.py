@@ -1,0 +1,214 @@
+"""Mixture-of-experts units (Mixtral, Qwen2-MoE; transformers 5 fused experts, ``grouped_mm``) against hand tables.
+
+Configs: hidden 32, 4 heads, 2 kv heads, 4 experts, top-2 routing, expert width W = 16, 2 layers (Qwen2-MoE: a
+shared expert of width 24). Per layer, derived from the modelling code (``gate_up_proj`` is ``(E, 2I, H)``,
+rows ``[gate; up]``; ``down_proj`` is ``(E, H, W)``):
+
+* fused layer ``experts.gate_up_proj``: ``E · 2I = 128`` output channels, channel ``e · 2I + r`` = row ``r`` of
+  expert ``e``. Unit ``(e, j)`` = rows ``j`` and ``W + j`` of expert ``e`` (gate and up), read by column ``j`` of
+  ``down_proj[e]`` (its input column ``e · W + j``). 64 units, no unit spans two experts.
+* fused layer ``experts.down_proj``: ``E · H`` output channels; channel ``e · H + h`` is hidden channel ``h`` of
+  the residual stream for every expert (tied to ``embed_tokens`` channel ``h``).
+* the router ``mlp.gate``: 4 output channels (one per expert), each its own class, not tied to anything, and
+  reported unsafe (``topk`` fixes their number).
+* Qwen2-MoE's shared expert: unit ``j`` = ``gate_proj`` row ``j`` + ``up_proj`` row ``j``.
+
+Physical proof: remove 25 % of every expert's units (4 of 16, different ones per expert, same count) and 25 % of
+the shared expert's units, shrink, compare with the masked model (fp32, rtol 1e-4) and compare the MACs of the
+shrunk model with the effective MACs of the masked one. Routing is discontinuous (top-k), but the router reads the
+residual stream, which neither model changes, so both route every token to the same experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from prunescope import count_flops_params  # noqa: E402
+from prunescope.errors import MaskError  # noqa: E402
+from prunescope.graph import trace  # noqa: E402
+from prunescope.shrink import shrink  # noqa: E402
+from prunescope.shrink.plan import plan_removal  # noqa: E402
+from prunescope.topology import TopologyWarning, _meta_trace, channel_atoms  # noqa: E402
+
+H, E, K, W, LAYERS = 32, 4, 2, 16, 2
+SHARED = 24
+
+
+def build(kind: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=K, max_position_embeddings=32,
+                  attn_implementation=attn)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=W, num_local_experts=E, **common)
+        model = transformers.MixtralModel(cfg)
+    else:
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=40, moe_intermediate_size=W, num_experts=E,
+                                          shared_expert_intermediate_size=SHARED, **common)
+        model = transformers.Qwen2MoeModel(cfg)
+    with torch.no_grad():  # experts are created empty: give them values
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))}
+
+
+def partition(ca, layer: str) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for c, k in enumerate(ca.layer_classes(layer).tolist()):
+        groups.setdefault(k, []).append(c)
+    return list(groups.values())
+
+
+def engine(kind: str, attn: str):
+    model = build(kind, attn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TopologyWarning)
+        g = trace(model, inputs())
+        ca = channel_atoms(g)
+    return model, g, ca
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_unit_table(kind: str, attn: str) -> None:
+    model, g, ca = engine(kind, attn)
+    for layer in range(LAYERS):
+        p = f"layers.{layer}.mlp"
+        gu, down, router = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj", f"{p}.gate"
+        li = ca.layers[gu]
+        assert (li.kind, li.experts, li.out_channels, li.in_channels) == ("experts", E, E * 2 * W, H)
+        assert partition(ca, gu) == [[e * 2 * W + j, e * 2 * W + W + j] for e in range(E) for j in range(W)]
+        # down_proj column j of expert e reads unit (e, j) and nothing else
+        dli = ca.layers[down]
+        assert (dli.kind, dli.experts, dli.out_channels, dli.in_channels) == ("experts", E, E * H, W)
+        want = np.array([ca.atom_class(ca.atom(gu, e * 2 * W + j)) for e in range(E) for j in range(W)])
+        assert np.array_equal(ca.atom_class(dli.inputs[0]), want)
+        assert len(set(want.tolist())) == E * W  # 64 independent units
+        # down_proj output channel h of every expert is hidden channel h of the residual stream
+        for h in (0, 5, H - 1):
+            cls = {ca.atom_class(ca.atom(down, e * H + h)) for e in range(E)}
+            assert cls == {ca.atom_class(ca.atom("embed_tokens", h))}
+        # the router's channels are experts: separate, tied to nothing, pinned by topk
+        assert partition(ca, router) == [[0], [1], [2], [3]]
+        assert all(len(ca.class_members(int(c))) == 1 for c in ca.layer_classes(router))
+        assert any("'topk'" in r for r in ca.unsafe[router])
+        assert gu not in ca.unsafe
+        if kind == "qwen2_moe":
+            s = f"{p}.shared_expert"
+            assert partition(ca, f"{s}.gate_proj") == [[j] for j in range(SHARED)]
+            for j in (0, 7, SHARED - 1):
+                assert sorted(ca.class_members(ca.atom_class(ca.atom(f"{s}.gate_proj", j)))) == [
+                    (f"{s}.gate_proj", j), (f"{s}.up_proj", j)]
+            assert f"{s}.gate_proj" not in ca.unsafe
+    assert not ca.stopped_ops
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_eager_equals_sdpa_and_meta_trace(kind: str) -> None:
+    _, _, a = engine(kind, "eager")
+    _, _, b = engine(kind, "sdpa")
+    for layer in a.layers:
+        if a.layers[layer].kind == "experts":
+            assert partition(a, layer) == partition(b, layer)
+    g = _meta_trace(build(kind, "sdpa"), inputs())  # _grouped_mm on meta: the output is made from the shapes
+    assert g is not None
+    assert sum(n.name == "_grouped_mm" for n in g.nodes) == 2 * LAYERS
+
+
+def moe_masks(model: torch.nn.Module, kind: str, per_expert: list[int] | None = None) -> dict:
+    """Remove ``per_expert[e]`` units (default 25 %) of expert e, different units per expert, and 25 % of the
+    shared expert's units."""
+    rng = np.random.default_rng(0)
+    per_expert = per_expert or [W // 4] * E
+    masks: dict = {}
+    for layer in range(LAYERS):
+        p = f"layers.{layer}.mlp"
+        w = model.get_submodule(f"{p}.experts").gate_up_proj
+        m = torch.ones_like(w)
+        for e in range(E):
+            for j in rng.permutation(W)[:per_expert[e]].tolist():
+                m[e, j] = 0
+                m[e, W + j] = 0
+        masks[f"{p}.experts.gate_up_proj"] = {"weight": m}
+        if kind == "qwen2_moe":
+            drop = rng.permutation(SHARED)[:SHARED // 4].tolist()
+            for proj in ("gate_proj", "up_proj"):
+                mm = torch.ones(SHARED, H)
+                mm[drop] = 0
+                masks[f"{p}.shared_expert.{proj}"] = {"weight": mm}
+    return masks
+
+
+def masked_copy(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, entry in masks.items():
+            key = name if name in params else f"{name}.weight"
+            params[key].mul_(entry["weight"])
+    return m
+
+
+@pytest.mark.parametrize("fix", [False, True])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_remove_quarter_of_every_expert_physically(kind: str, fix: bool) -> None:
+    model = build(kind, "sdpa")
+    x = inputs()
+    masks = moe_masks(model, kind)
+    small, res = shrink(model, masks, x, fix_conflicts=fix, return_result=True)
+    assert not res.protected
+    for layer in range(LAYERS):
+        ex = small.get_submodule(f"layers.{layer}.mlp.experts")
+        assert tuple(ex.gate_up_proj.shape) == (E, 2 * (W - W // 4), H)
+        assert tuple(ex.down_proj.shape) == (E, H, W - W // 4)
+        if kind == "qwen2_moe":
+            sh = small.get_submodule(f"layers.{layer}.mlp.shared_expert")
+            assert sh.gate_proj.weight.shape[0] == sh.down_proj.weight.shape[1] == SHARED - SHARED // 4
+    with torch.no_grad():
+        want = masked_copy(model, masks)(**x).last_hidden_state
+        got = small(**x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    macs_small = count_flops_params(small, x, verbose=False)[0]
+    macs_eff = count_flops_params(model, x, masks=masks, effective=True, verbose=False)[0]
+    macs_dense = count_flops_params(model, x, verbose=False)[0]
+    assert macs_small == macs_eff < macs_dense
+    # by hand: every token-expert pair (T·k of them) does 3·H·W MACs in the experts; a quarter of W goes
+    T = x["input_ids"].numel()
+    saved = LAYERS * T * K * 3 * H * (W // 4)
+    if kind == "qwen2_moe":
+        saved += LAYERS * T * 3 * H * (SHARED // 4)
+    assert macs_dense - macs_small == saved
+
+
+def test_unequal_counts_per_expert_are_kept_with_a_reason() -> None:
+    model = build("mixtral", "sdpa")
+    x = inputs()
+    masks = moe_masks(model, "mixtral", per_expert=[4, 4, 4, 2])
+    plan = plan_removal(trace(model, x), masks)
+    name = "layers.0.mlp.experts.gate_up_proj"
+    assert not plan.removed[name].any()
+    assert "unequal output channels per expert [24, 28]" in plan.protected[name][0]
+
+
+def test_fused_masks_are_validated() -> None:
+    model = build("mixtral", "sdpa")
+    x = inputs()
+    with pytest.raises(MaskError, match="fused expert parameter 'layers.0.mlp.experts.gate_up_proj'.*shape"):
+        count_flops_params(model, x, masks={"layers.0.mlp.experts.gate_up_proj": {"weight": torch.ones(4, 32)}},
+                           effective=True, verbose=False)
+    with pytest.raises(MaskError, match="values other than 0 and 1"):
+        w = torch.full((E, 2 * W, H), 0.5)
+        count_flops_params(model, x, masks={"layers.0.mlp.experts.gate_up_proj": {"weight": w}},
+                           effective=True, verbose=False)
