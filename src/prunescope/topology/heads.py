@@ -46,7 +46,7 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode, TensorInfo
-from .base import ChannelInfo
+from .base import ChannelInfo, arg
 from .engine import ChannelAtoms, channel_atoms
 from .replay import fast_map, map_channels
 from .rules import RULES, passthrough, shape_op
@@ -70,7 +70,16 @@ class AttentionHeads:
     ``o_columns[j]``: input columns of ``o`` that read head ``j``; ``kv_group[j]``: the kv head of query head
     ``j``. ``units``: lists of query heads that go together (one kv group under GQA, one head otherwise); empty
     when the head count is fixed (the channel classes are in-head positions, e.g. ``view(B, L, H, -1)`` with
-    a literal head count). ``pinned``: reasons why a unit cannot be removed (from the channel engine).
+    a literal head count). ``pinned``: reasons why a unit (or, with no units, a head) cannot be removed (from
+    the channel engine). ``tied``: the other layers whose channels go with these heads (a relative position
+    bias shared by several attentions: T5's ``relative_attention_bias``, column ``h`` per head, and the q/k/v
+    of every attention that adds it).
+
+    An attention that is one recorded op (``nn.MultiheadAttention``, ``F.multi_head_attention_forward``) has
+    no q/k/v layers of its own: ``q``/``k``/``v`` name the module, ``weights`` the parameter holding each
+    one's rows (``q_channels`` are rows of the packed ``in_proj_weight``, ``k_channels`` rows ``E + ..``,
+    ``v_channels`` rows ``2E + ..``; with ``kdim``/``vdim`` set, rows of ``q/k/v_proj_weight``) and ``o`` the
+    module whose weight's columns ``o_columns`` are (``out_proj``).
     """
 
     module: str
@@ -90,6 +99,8 @@ class AttentionHeads:
     kv_group: list[int]
     units: list[list[int]] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
+    weights: dict[str, str] = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:
@@ -187,9 +198,47 @@ def _attention_ops(ca: ChannelAtoms) -> list[tuple[OpNode, TensorInfo, TensorInf
     return found
 
 
+_MHA_PIN = ("a head of '{module}' (F.multi_head_attention_forward) cannot be removed: the op derives head_dim = "
+            "embed_dim // num_heads from the query width and requires the query, the q/k/v projections and "
+            "out_proj to be embed_dim wide, so fewer heads means a narrower embed_dim (its input and output "
+            "width), not fewer rows of in_proj_weight")
+
+
+def _mha_heads(ca: ChannelAtoms, node: OpNode) -> AttentionHeads | None:
+    """The heads of one ``multi_head_attention_forward`` call (``nn.MultiheadAttention``)."""
+    e, h = arg(node, 3, "embed_dim_to_check"), arg(node, 4, "num_heads")
+    packed, out_w = arg(node, 5, "in_proj_weight"), arg(node, 11, "out_proj_weight")
+    if not isinstance(e, int) or not isinstance(h, int) or h <= 0 or e % h or not isinstance(out_w, TensorInfo):
+        return None
+    d = e // h
+    g = ca.graph
+    if isinstance(packed, TensorInfo) and not arg(node, 17, "use_separate_proj_weight", False):
+        ws = {p: packed for p in "qkv"}
+        off = {"q": 0, "k": e, "v": 2 * e}
+    else:
+        ws = {p: arg(node, 18 + i, f"{p}_proj_weight") for i, p in enumerate("qkv")}
+        off = dict.fromkeys("qkv", 0)
+        if not all(isinstance(w, TensorInfo) for w in ws.values()):
+            return None
+    names = {p: g.param_owner(w) or w.name or "" for p, w in ws.items()}
+    rows = {p: [list(range(off[p] + d * j, off[p] + d * (j + 1))) for j in range(h)] for p in "qkv"}
+    att = AttentionHeads(node.module, node.index, names["q"], names["k"], names["v"], g.param_owner(out_w), h, d,
+                         h, d, rows["q"], rows["k"], rows["v"], [list(range(d * j, d * (j + 1))) for j in range(h)],
+                         list(range(h)), units=[[j] for j in range(h)],
+                         weights={**{p: w.name or "" for p, w in ws.items()}, "o": out_w.name or ""})
+    att.pinned = [_MHA_PIN.format(module=node.module)]
+    return att
+
+
 def find_attentions(ca: ChannelAtoms) -> list[AttentionHeads]:
-    """Every attention of the graph whose q, k and v come from layers through a head split."""
+    """Every attention of the graph whose q, k and v come from layers through a head split, and every
+    ``nn.MultiheadAttention`` call (heads listed from its packed weights, pinned: see :data:`_MHA_PIN`)."""
     res = []
+    for node in ca.graph.nodes:
+        if node.name == "multi_head_attention_forward":
+            att = _mha_heads(ca, node)
+            if att is not None:
+                res.append(att)
     for node, q, k, v, out, k_t in _attention_ops(ca):
         nd = q.ndim
         gq = _head_grid(ca, q, nd - 3, nd - 1)
@@ -225,6 +274,7 @@ def find_attentions(ca: ChannelAtoms) -> list[AttentionHeads]:
                              [r.tolist() for r in v_rows], o_cols, kv_group)
         _units(ca, att)
         res.append(att)
+    res.sort(key=lambda a: a.node)
     return res
 
 
@@ -236,17 +286,25 @@ def _units(ca: ChannelAtoms, att: AttentionHeads) -> None:
         atoms += [ca.atom(att.k, c) for c in att.k_channels[att.kv_group[j]]]
         atoms += [ca.atom(att.v, c) for c in att.v_channels[att.kv_group[j]]]
         cls = np.unique(ca.atom_class(np.array(atoms)))
-        if len(cls) != 1:
-            return  # the head's channels are several units: the head count is fixed
+        if len(cls) != 1:  # the head's channels are several units: the head count is fixed
+            notes: dict[str, None] = {}
+            for c in np.unique(ca.atom_class(np.array([ca.atom(n, c) for n in (att.q, att.k, att.v)
+                                                        for c in range(ca.layers[n].out_channels)]))).tolist():
+                notes.update(dict.fromkeys(ca.class_notes.get(c, [])))
+            att.pinned = list(notes)
+            return
         cls_of_head.append(int(cls[0]))
     units: dict[int, list[int]] = {}
     for j, c in enumerate(cls_of_head):
         units.setdefault(c, []).append(j)
     att.units = list(units.values())
-    notes: dict[str, None] = {}
+    notes = {}
     for c in units:
         notes.update(dict.fromkeys(ca.class_notes.get(c, [])))
     att.pinned = list(notes)
+    own = {att.q, att.k, att.v, att.o}
+    members = np.unique(ca.atom_layer[np.isin(ca.root, np.array(list(units), np.int64))]).tolist()
+    att.tied = [ca.layer_names[i] for i in members if ca.layer_names[i] not in own]
 
 
 class HeadDependency:

@@ -27,7 +27,7 @@ from .replay import fast_map, map_channels
 if TYPE_CHECKING:
     from .engine import ChannelAtoms
 
-__all__ = ["RULES", "LAYER_OPS", "CONV_OPS", "LINEAR_OPS", "Rule", "layer_op"]
+__all__ = ["RULES", "LAYER_OPS", "CONV_OPS", "LINEAR_OPS", "RNN_OPS", "Rule", "layer_op"]
 
 Rule = Callable[["ChannelAtoms", OpNode, "list[ChannelInfo | None]"], None]
 
@@ -71,14 +71,16 @@ _EXEC = frozenset(
     unsqueeze expand expand_as repeat tile chunk split tensor_split split_with_sizes unsafe_split
     unsafe_chunk unbind cat concat concatenate stack hstack vstack __getitem__ __setitem__ narrow select
     index_select roll flip pad constant_pad_nd pixel_shuffle pixel_unshuffle channel_shuffle
-    native_channel_shuffle view_as reshape_as ravel diagonal gather take_along_dim""".split()
+    native_channel_shuffle view_as reshape_as ravel diagonal gather take_along_dim repeat_interleave""".split()
 )
 _RESHAPE = frozenset({"view", "reshape", "unflatten", "expand"})
 _SPLIT = frozenset({"chunk", "split", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk",
                     "unbind"})
 _MATMUL = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"})
+_RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+RNN_OPS = frozenset(_RNN_GATES)
 # ops that create a layer (make new channel atoms), also when their input carries no channels
-LAYER_OPS = CONV_OPS | LINEAR_OPS | {"multi_head_attention_forward", "embedding"}
+LAYER_OPS = CONV_OPS | LINEAR_OPS | RNN_OPS | {"multi_head_attention_forward", "embedding"}
 
 
 def explicit_sizes(node: OpNode) -> list[int | None] | None:
@@ -113,6 +115,9 @@ def explicit_sizes(node: OpNode) -> list[int | None] | None:
 
 def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
     name = node.name
+    if name in RNN_OPS:
+        recurrent_op(ca, node, ins)
+        return
     x = node.inputs[0] if node.inputs else None
     cin = ins[0] if ins else None
     if name in CONV_OPS:
@@ -142,6 +147,14 @@ def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
         if not isinstance(w, TensorInfo) or x is None:
             raise UnknownOp("'linear' without a weight tensor")
         owner = ca.weight_owner(w, node)
+        tied = ca.layers.get(owner)
+        if tied is not None and tied.kind == "embedding" and w.ndim == 2 and tied.out_channels == w.shape[1] \
+                and x.ndim and x.shape[-1] == w.shape[1]:
+            # a tied input/output embedding (``lm_head.weight is wte.weight``): the product reads the embedding's
+            # channels as its input columns, so column c goes with embedding channel c; its outputs (one per
+            # vocabulary entry = embedding row) are no channels of any layer
+            ca.union(ca.layer_atoms(owner), ca.reps(cin, x.ndim, x.ndim - 1, w.shape[1]))
+            return
         li = ca.new_layer(owner, "linear", node, w.shape[0] if w.ndim == 2 else 1)
         li.in_channels = x.shape[-1] if x.ndim else 1
         ca.record_input(li, ca.reps(cin, x.ndim, x.ndim - 1, li.in_channels), x.id, node)
@@ -176,7 +189,61 @@ def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
         atoms = ca.layer_atoms(owner)
         if reps and len(reps[0]) == len(atoms):  # nn.MultiheadAttention: one embed_dim in and out
             ca.union(atoms, reps[0])
+        if isinstance(arg(node, 5, "in_proj_weight"), TensorInfo):  # packed: q, k, v read the same E columns
+            for r in reps[1:]:
+                if len(r) == len(reps[0]):
+                    ca.union(reps[0], r)
         ca.set_info(out, ChannelInfo((out.ndim - 1,), atoms))
+
+
+def recurrent_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    """``lstm``/``gru``/``rnn_tanh``/``rnn_relu`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): a layer of hidden units.
+
+    Hidden unit ``j`` of one recurrent layer is row ``j`` of each gate block (``G`` = 4 for LSTM, 3 for GRU, 1
+    for RNN) of ``weight_ih``/``weight_hh``/biases, column ``j`` of ``weight_hh`` and column ``j`` (and
+    ``H + j`` when bidirectional) of whatever reads the output. All layers and directions of one module share
+    one ``hidden_size``, so unit ``j`` of every layer and direction is one atom (removing it keeps the sizes
+    equal; the module's ``hidden_size`` attribute must follow, as ``in_features`` does for a shrunk Linear).
+    The input's channels are the columns of ``weight_ih_l0`` (``input_size`` follows them). An initial state
+    made by the module itself (zeros of ``hidden_size``) follows it; one given from outside is tied to its
+    producer, or pins the units when it is computed from inputs and constants (its size is written).
+    """
+    name = node.name
+    params_at = next((i for i, a in enumerate(node.args) if isinstance(a, (list, tuple)) and a
+                      and all(isinstance(t, TensorInfo) and t.kind == "param" for t in a)), None)
+    if params_at is None:
+        raise UnknownOp(f"'{name}' without its list of weight parameters")
+    params = list(node.args[params_at])
+    gates = _RNN_GATES[name]
+    w_ih, w_hh = params[0], params[1]
+    hidden = w_ih.shape[0] // gates
+    if w_hh.shape[1] != hidden:
+        raise UnknownOp(f"'{name}' with a projection (proj_size {w_hh.shape[1]} != hidden_size {hidden}): hidden "
+                        "and output units differ")
+    x = node.inputs[0]
+    owner = ca.weight_owner(w_ih, node)
+    li = ca.new_layer(owner, "rnn", node, hidden)
+    li.in_channels = x.shape[-1]
+    ca.record_input(li, ca.reps(ins[0], x.ndim, x.ndim - 1, x.shape[-1]), x.id, node)
+    atoms = ca.layer_atoms(owner)
+    state = {t.id for a in node.args[1:params_at] for t in (a if isinstance(a, (list, tuple)) else [a])
+             if isinstance(t, TensorInfo) and t.dtype.is_floating_point}
+    for t, ci in zip(node.inputs, ins):
+        if t.id not in state or t.shape[-1] != hidden:
+            continue
+        if ci is not None:
+            ca.union(atoms, ca.reps(ci, t.ndim, t.ndim - 1, hidden))
+            continue
+        prod = ca.graph.producer(t)
+        if (prod is None or prod.call != node.call) and ca.from_inputs_only(t):
+            ca.pin(atoms, node, f"the initial state given to '{name}' has a fixed hidden size {hidden}")
+    out = node.outputs[0]
+    if out.shape[-1] % hidden:
+        raise UnknownOp(f"'{name}' output of width {out.shape[-1]} for hidden_size {hidden}")
+    ca.set_info(out, ChannelInfo((out.ndim - 1,), np.tile(atoms, out.shape[-1] // hidden)))
+    for o in node.outputs[1:]:  # h_n (and c_n): (layers * directions, N, hidden)
+        if o.ndim and o.shape[-1] == hidden and o.dtype.is_floating_point:
+            ca.set_info(o, ChannelInfo((o.ndim - 1,), atoms.copy()))
 
 
 def norm_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
@@ -423,6 +490,16 @@ def split_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, outs: list[Chann
     d = norm_axis(dim, x.ndim)
     if d not in ci.axes:
         return
+    if node.name == "unbind":
+        # one piece per position along d (q, k, v = qkv.unbind(0)): the pieces stay stacked, so a unit takes the
+        # same position from each; a unit that is a whole slice along d would change the number of pieces
+        k = ci.axes.index(d)
+        g = np.moveaxis(ci.atoms, k, 0)
+        for piece in g[1:]:
+            ca.union(g[0], piece)
+        ca.pin_axes(ci.atoms, [k], node, f"'unbind' makes one output per position of a channel-carrying axis "
+                    f"(axis {d} of size {x.shape[d]}): their number is fixed")
+        return
     size_arg = arg(node, 1, "split_size_or_sections" if node.name != "chunk" else "chunks", None)
     if node.name == "split" and size_arg is None:
         size_arg = node.kwargs.get("split_size")
@@ -436,6 +513,36 @@ def split_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, outs: list[Chann
             ca.union(reps[0], r)  # chunk re-splits at C'/n: prune the same position in every piece
     else:
         ca.pin(ci.atoms, node, f"'{node.name}' cuts the channel axis at fixed sizes {sizes or 1}")
+
+
+def unfold_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    """``F.unfold`` (im2col): channel ``c`` of ``(N, C, H, W)`` becomes rows ``c*K .. c*K+K-1`` of ``(N, C*K, L)``
+    (``K`` = kernel positions; padded entries still belong to channel ``c``'s rows). ``Tensor.unfold(dim, size,
+    step)`` (a sliding-window view, one more axis) is replayed like the other shape ops."""
+    x, out = node.inputs[0], node.outputs[0]
+    if out.ndim == x.ndim + 1:
+        shape_op(ca, node, ins)
+        return
+    ci, cax = ins[0], x.ndim - 3
+    if ci is None:
+        return
+    if ci.axes != (cax,) or out.ndim != x.ndim - 1 or out.shape[cax] % x.shape[cax]:
+        raise UnknownOp("'unfold' of a tensor whose channels are not on its channel axis alone")
+    ca.set_info(out, ChannelInfo((cax,), np.repeat(ci.atoms, out.shape[cax] // x.shape[cax])))
+
+
+def fold_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    """``F.fold`` (col2im): rows ``c*K .. c*K+K-1`` of ``(N, C*K, L)`` are summed into channel ``c``: one unit."""
+    x, out = node.inputs[0], node.outputs[0]
+    ci, cax = ins[0], x.ndim - 2
+    if ci is None:
+        return
+    if ci.axes != (cax,) or out.ndim != x.ndim + 1 or x.shape[cax] % out.shape[cax]:
+        raise UnknownOp("'fold' of a tensor whose channels are not on its channel axis alone")
+    g = ci.atoms.reshape(out.shape[cax], -1)
+    rep = first_valid(g)
+    ca.union(np.repeat(rep, g.shape[1]), g.reshape(-1))
+    ca.set_info(out, ChannelInfo((cax,), rep))
 
 
 def _reduce_or_elementwise(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
@@ -466,6 +573,8 @@ def _build_rules() -> dict[str, Rule]:
     rules.update(dict.fromkeys(("addmm", "baddbmm"), addmm))
     rules["scaled_dot_product_attention"] = sdpa
     rules["einsum"] = einsum
+    rules["unfold"] = unfold_op
+    rules["fold"] = fold_op
     return rules
 
 
@@ -474,10 +583,11 @@ RULES: dict[str, Rule] = _build_rules()
 
 # -- mixture of experts (routing and fused expert weights): rules live in topology/moe.py
 def _register_moe() -> None:
-    from .moe import EXPERT_OPS, grouped_mm_rule, topk_rule
+    from .moe import EXPERT_OPS, expert_bmm, grouped_mm_rule, topk_rule
 
     RULES["topk"] = topk_rule
     RULES.update(dict.fromkeys(EXPERT_OPS, grouped_mm_rule))
+    RULES["bmm"] = expert_bmm(RULES["bmm"])  # gathered expert weights; any other bmm as before
 
 
 _register_moe()
