@@ -44,6 +44,7 @@ __all__ = [
     "LevelPruner",
     "Pruner",
     "filter_scores",
+    "group_masks",
     "layer_mask",
 ]
 
@@ -160,37 +161,69 @@ def layer_mask(module: nn.Module, sparsity: float, prune_type: str) -> Mask:
 _ALLOWED_KEYS = {"sparsity", "op_types", "op_names", "exclude"}
 
 
-@torch.no_grad()
-def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str) -> list[dict[str, Any]]:
-    """Masks for layers pruned together; filter pruners keep the same output channels in every member.
-
-    One layer: exactly :func:`prunescope.masks.pruners.layer_mask` (NNI's mask). Several layers and a
-    filter prune type: per-channel scores are summed over the members (NNI v2's dependency-aware rule),
-    then NNI's selection rule (floor count, ``<= threshold``, FPGM stable order) picks the channels.
-    ``level`` masks each member on its own at the same sparsity.
-    """
-    if len(modules) == 1 or prune_type == "level":
-        return [layer_mask(m, sparsity, prune_type) for m in modules]
-    n = num_filters(modules[0])
-    scores = sum(filter_scores(m, prune_type).to(torch.float64) for m in modules)
-    num_prune = int(n * sparsity)
-    assert isinstance(scores, torch.Tensor)
+def _select(scores: torch.Tensor, num_prune: int, prune_type: str) -> torch.Tensor:
+    """NNI's selection rule on summed scores: bool keep per entry (floor count given, ``<= threshold`` for
+    l1/l2 so ties can prune more, FPGM: exactly ``num_prune`` in stable order)."""
+    n = scores.shape[0]
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
     if n < 2 or num_prune < 1:
-        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
-    elif prune_type == "fpgm":
-        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+        return keep
+    if prune_type == "fpgm":
         keep[torch.argsort(scores, stable=True)[:num_prune]] = False
-    else:
-        threshold = torch.topk(scores, num_prune, largest=False)[0].max()
-        keep = torch.gt(scores, threshold)
+        return keep
+    threshold = torch.topk(scores, num_prune, largest=False)[0].max()
+    return torch.gt(scores, threshold)
+
+
+def _masks_from_keep(modules: Sequence[nn.Module], keeps: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     out = []
-    for m in modules:
+    for m, keep in zip(modules, keeps):
         w = m.weight
         ones = torch.ones(w.shape, dtype=w.dtype, device=w.device)
         b = getattr(m, "bias", None)
         out.append({"weight": expand_filters(m, keep, ones),
                     "bias": None if b is None else keep.to(device=b.device, dtype=b.dtype)})
     return out
+
+
+@torch.no_grad()
+def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str,
+                units: Sequence[Sequence[int]] | None = None,
+                extra_scores: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Masks for layers pruned together; filter pruners keep the same output channels in every member.
+
+    One layer: exactly :func:`prunescope.masks.pruners.layer_mask` (NNI's mask). Several layers and a
+    filter prune type: per-channel scores are summed over the members (NNI v2's dependency-aware rule),
+    then NNI's selection rule (floor count, ``<= threshold``, FPGM stable order) picks the channels.
+    ``level`` masks each member on its own at the same sparsity.
+
+    ``units`` (unit pruning, see :mod:`prunescope.masks.units`): per member, the unit id of each output
+    channel (ids ``0 .. U-1``; a unit may hold several channels of a layer, e.g. an attention head, and
+    channels of layers of different widths, e.g. a kv group). A unit's score is the sum of its channels'
+    scores over all members (plus ``extra_scores[u]`` when given, e.g. consumer columns) and
+    ``int(U * sparsity)`` units are pruned with the same selection rule. When every unit is one channel of
+    every member (``units[k] == range(n)``) this is exactly the rule above, bit for bit.
+    """
+    if prune_type == "level" or (units is None and len(modules) == 1):
+        return [layer_mask(m, sparsity, prune_type) for m in modules]
+    if units is not None:
+        ids = [torch.as_tensor(list(u), dtype=torch.long) for u in units]
+        if len(ids) != len(modules) or any(len(u) != num_filters(m) for u, m in zip(ids, modules)):
+            raise ConfigError("units: one unit id per output channel of every member is needed")
+        n_units = int(max(int(u.max()) for u in ids if len(u)) + 1) if any(len(u) for u in ids) else 0
+        dev = weight_of(modules[0]).device  # type: ignore[union-attr]
+        scores = torch.zeros(n_units, dtype=torch.float64, device=dev)
+        for m, u in zip(modules, ids):  # member by member, like the sum below (same float64 rounding)
+            scores.index_add_(0, u.to(dev), filter_scores(m, prune_type).to(torch.float64).to(dev))
+        if extra_scores is not None:
+            scores = scores + extra_scores.to(device=dev, dtype=torch.float64)
+        keep_unit = _select(scores, int(n_units * float(sparsity)), prune_type)
+        return _masks_from_keep(modules, [keep_unit[u.to(dev)] for u in ids])
+    n = num_filters(modules[0])
+    total = sum(filter_scores(m, prune_type).to(torch.float64) for m in modules)
+    assert isinstance(total, torch.Tensor)
+    keep = _select(total, int(n * sparsity), prune_type)
+    return _masks_from_keep(modules, [keep] * len(modules))
 
 
 def _type_name(module: nn.Module) -> str:

@@ -4,8 +4,11 @@ Steps (each prints one short line; the details go to the output folder):
 
 1. **Cost** — FLOPs (MACs) and parameters per layer (:func:`prunescope.flops.flops_report`).
 2. **Topology** — channel-dependency sets (Linear layers included), group constraints, unsafe layers.
-3. **Sensitivity** — every prunable dependency set is pruned as one unit (L1 filter norm, the same channels
-   in every member) at each sparsity, and the metric measured (:class:`~prunescope.SensitivityAnalysis`).
+3. **Sensitivity** — every prunable dependency set is pruned as one group (L1 filter norm, the same channels
+   in every member) at each sparsity, and the metric measured (:class:`~prunescope.SensitivityAnalysis`). A
+   set's pruning units are the channel engine's classes (:mod:`prunescope.masks.units`): one channel of every
+   member for a CNN, a whole head (q/k/v rows) or kv group for an attention, an MLP hidden unit; a sparsity is
+   the fraction of a set's units removed.
 4. **Plan** — the per-set sparsities that keep at most ``flops_target`` of the dense effective MACs with the
    smallest predicted metric loss (an exact multiple-choice knapsack, :mod:`prunescope.plan`). The savings of
    each option are the *effective* MACs (input channels of the consumers included). Sets that contain an
@@ -70,6 +73,27 @@ def output_layers(graph: Any) -> set[str]:
     return names
 
 
+def _kept_by_shrink(graph: Any, modules: list[nn.Module], members: list[str], units: Any) -> str:
+    """Why :func:`prunescope.shrink.shrink` would keep the channels of this set if half its units were masked
+    ('' when it removes them): e.g. a class token concatenated to the channels of a residual stream. A set
+    whose masked channels stay in the shipped model saves nothing and is left alone."""
+    import warnings
+
+    from ..masks.pruners import group_masks
+    from ..shrink.plan import plan_removal
+
+    masks = dict(zip(members, group_masks(modules, 0.5, "l1", units=None if units is None else
+                                          [u.tolist() for u in units])))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = plan_removal(graph, masks, check_pins=False)
+    except Exception as e:  # noqa: BLE001 - any refusal means: not removable
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    hit = [m for m in members if m in plan.protected]
+    return f"{hit[0]}: {plan.protected[hit[0]][0]}" if hit else ""
+
+
 def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str, ...]], dict[str, str],
                                                                    dict[str, int]]:
     """Dependency sets (conv + linear) that may be pruned, and why the others may not.
@@ -77,6 +101,7 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
     Returns ``(sets, excluded, group_constraint)``: ``excluded`` maps a set key to the reason,
     ``group_constraint`` maps a layer to its GroupDependency constraint (lcm of groups).
     """
+    from ..masks.units import channel_units
     from ..topology import ChannelDependency, GroupDependency, not_safe_to_prune
 
     cd = ChannelDependency(model, x, traced_model=graph, include_linear=True)
@@ -100,8 +125,13 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
             excluded[key] = "a member is not a convolution or linear layer"
             continue
         widths = {modules[m].weight.shape[0] for m in members}
-        if len(widths) > 1:
+        units = channel_units(cd.atoms, members)
+        if len(widths) > 1 and units is None:
             excluded[key] = "members have different widths"
+            continue
+        kept = _kept_by_shrink(graph, [modules[m] for m in members], members, units)
+        if kept:
+            excluded[key] = f"shrink cannot remove its channels: {kept}"
             continue
         sets.append(tuple(members))
     return sets, excluded, {k: int(v) for k, v in gd.dependency.items()}

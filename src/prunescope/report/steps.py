@@ -57,6 +57,7 @@ class Run:
     keys: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
     group_lcm: dict[str, int] = field(default_factory=dict)
+    units: dict[str, list[list[int]] | None] = field(default_factory=dict)  # key -> per member, unit per channel
     sa: Any = None
     sens: dict[str, dict[float, float]] = field(default_factory=dict)
     search: PlanSearch | None = None
@@ -99,7 +100,8 @@ class Run:
 
     # -- plans -> masks -> counts / metrics
     def masks_for(self, plan: dict[str, float]) -> dict[str, Any]:
-        """Conflict-free masks of a plan (each set's channels by the L1 norm of its members' filters)."""
+        """Conflict-free masks of a plan: each set's units (engine classes: channels, heads, kv groups) by the
+        summed L1 norm of their members' filters, ``int(n_units * sparsity)`` units removed."""
         from ..masks import fix_mask_conflict
         from ..masks.pruners import group_masks
 
@@ -111,10 +113,18 @@ class Run:
         merged: dict[str, Any] = {}
         for k, s in key:
             members = k.split("+")
-            merged.update(zip(members, group_masks([modules[m] for m in members], float(s), "l1")))
+            merged.update(zip(members, group_masks([modules[m] for m in members], float(s), "l1",
+                                                   units=self.units.get(k))))
         out = dict(fix_mask_conflict(merged, self.model, self.x, traced=self.graph)) if merged else {}
         self._masks_cache[key] = out
         return out
+
+    def n_units(self, key: str) -> int:
+        """How many pruning units set ``key`` has (its channel count when a unit is one channel per member)."""
+        u = self.units.get(key)
+        if u is not None:
+            return max(max(x) for x in u if x) + 1
+        return int(dict(self.model.named_modules())[key.split("+")[0]].weight.shape[0])
 
     def macs_of(self, plan: dict[str, float]) -> int:
         from ..flops import flops_report
@@ -164,6 +174,11 @@ def step_topology(r: Run) -> None:
     r.gd = GroupDependency(r.model, r.x, traced_model=r.graph)
     r.sets, r.excluded, r.group_lcm = prunable_sets(r.model, r.graph, r.x)
     r.keys = ["+".join(s) for s in r.sets]
+    from ..masks.units import channel_units, is_trivial
+
+    for key, members in zip(r.keys, r.sets):
+        units = channel_units(r.cd.atoms, members)
+        r.units[key] = None if units is None or is_trivial(units) else [u.tolist() for u in units]
     r.say(f"[2/6] topology {len(r.cd.sets)} dependency sets, {len(r.sets)} prunable, "
           f"{sum(1 for v in r.gd.dependency.values() if v > 1)} group constraints, {len(r.excluded)} left alone")
 
@@ -215,11 +230,10 @@ def _knapsack(r: Run, search: PlanSearch) -> Candidate | None:
 
 
 def step_plan(r: Run) -> None:
-    modules = dict(r.model.named_modules())
     grid: dict[str, list[float]] = {}
     for members, key in zip(r.sets, r.keys):
         lcm = max(r.group_lcm.get(m, 1) for m in members)
-        n = modules[members[0]].weight.shape[0]
+        n = r.n_units(key)
         levels = []
         for s in sorted(r.sens.get(key, {})):
             pruned = int(n * float(s))  # NNI's rule: int(n * sparsity) filters
@@ -242,7 +256,7 @@ def step_plan(r: Run) -> None:
         plan = {}
         for members, key in zip(r.sets, r.keys):
             lcm = max(r.group_lcm.get(m, 1) for m in members)
-            n = modules[members[0]].weight.shape[0]
+            n = r.n_units(key)
             k = int(n * s)
             k -= k % lcm
             if k > 0:

@@ -37,6 +37,14 @@ def _check_number(value: Any, what: str) -> float:
     return float(value)
 
 
+def _digest(units: Mapping[str, Any]) -> str:
+    """A short stable digest of the unit maps (checkpoint fingerprint)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(units, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class SensitivityAnalysis:
     """Prune one layer at a time at increasing sparsities and record ``val_func``'s metric (NNI API).
 
@@ -54,7 +62,10 @@ class SensitivityAnalysis:
       (a Conv1d row repeats the unpruned metric); a warning names the layers left unpruned.
     * ``group_dependencies=True`` (needs ``dummy_input``): prune each channel-dependency set (layers whose
       outputs are added together) as one unit, keeping the same channels in every member, which is what a
-      real pruner must do. Rows are keyed by the members joined with ``+``.
+      real pruner must do. Rows are keyed by the members joined with ``+``. Where the channel engine ties
+      several channels into one unit (an attention head: its q/k/v rows; a kv group under GQA; channels of one
+      layer tied by a reshape), whole units are pruned and the sparsity is a fraction of the units
+      (:mod:`prunescope.masks.units`); a set whose units are single channels keeps NNI's group rule exactly.
     * ``as_pruned=True`` (needs ``dummy_input``): measure the model as it will be once the pruned channels are
       physically removed: a pruned channel is also zero after its normalisation (the constant an eval-mode
       BatchNorm adds to a zeroed channel is gone), which is what :func:`prunescope.shrink` builds. The default
@@ -142,6 +153,7 @@ class SensitivityAnalysis:
         self.already_pruned: dict[str, float] = {}
         self.target_layer: dict[str, nn.Module] = {}
         self.groups: dict[str, tuple[str, ...]] = {}
+        self.units: dict[str, tuple[tuple[int, ...], ...]] = {}  # group key -> per member, unit id per channel
         self._pruned: dict[str, bool] = {}
         self.model_parse()
 
@@ -229,9 +241,18 @@ class SensitivityAnalysis:
         groups += [(n,) for n in self.target_layer if n not in seen]
         groups.sort(key=lambda g: order[g[0]])
         from ..masks.layers import num_filters
+        from ..masks.units import channel_units, is_trivial
 
+        self.units = {}
         for g in groups:
-            if self.prune_type != "level" and len({num_filters(self.target_layer[n]) for n in g}) > 1:
+            if self.prune_type == "level":
+                continue
+            units = channel_units(dep.atoms, g)
+            if units is not None and not is_trivial(units):
+                # the set's channels form units spanning several channels (heads, kv groups, tied channels of
+                # one layer): prune whole units, the sparsity being a fraction of the units
+                self.units["+".join(g)] = tuple(tuple(int(i) for i in u) for u in units)
+            elif len({num_filters(self.target_layer[n]) for n in g}) > 1:
                 raise ConfigError(f"dependency set {', '.join(g)} has layers with different output channel "
                                   "counts; cannot prune it as one group")
         self.groups = {"+".join(g): g for g in groups}
@@ -281,6 +302,7 @@ class SensitivityAnalysis:
             "early_stop": [self.early_stop_mode, self.early_stop_value],
             "already_pruned": {k: float(v) for k, v in self.already_pruned.items() if v},
             **({"semantics": "as pruned"} if self.as_pruned else {}),
+            **({"units": _digest(self.units)} if self.units else {}),
         }
 
     def _real(self, key: str, s: float) -> float:
@@ -370,7 +392,7 @@ class SensitivityAnalysis:
                       real_sparsities=tuple(self._real(key, s) for s in self.sparsities),
                       prune_type=self.prune_type, ori_metric=self.ori_metric, early_stop_mode=self.early_stop_mode,
                       early_stop_value=self.early_stop_value, prune=all(self._pruned[m] for m in members),
-                      done=dict(known), restore_buffers=self.restore_buffers)
+                      done=dict(known), restore_buffers=self.restore_buffers, units=self.units.get(key))
             first = next((i for i in range(len(self.sparsities)) if i not in known), 0)
             self.sensitivities[key] = {s: known[i] for i, s in enumerate(self.sparsities[:first])}
             bar.show(1, 1, f"{key} @ {self.sparsities[first]}")
@@ -388,7 +410,7 @@ class SensitivityAnalysis:
         return Eval(key, members, i, self.sparsities[i], tuple(self._real(key, s) for s in self.sparsities[: i + 1]),
                     self.prune_type, prune=all(self._pruned[m] for m in members),
                     restore_buffers=self.restore_buffers, device=device, threads=threads,
-                    zero_after=self._zeros(key))
+                    zero_after=self._zeros(key), units=self.units.get(key))
 
     def _zeros(self, key: str) -> tuple:
         """As-pruned semantics (``as_pruned=True``): where the key's pruned channels are normalised."""

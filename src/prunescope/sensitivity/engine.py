@@ -69,6 +69,7 @@ class Job:
     done: Mapping[int, float] = field(default_factory=dict)
     restore_buffers: bool = True
     zero_after: tuple = ()  # as-pruned semantics: prunescope.shrink.core.follower_zero_map points
+    units: tuple | None = None  # unit pruning: per member, the unit id of each output channel
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Eval:
     device: str | None = None
     threads: int | None = None
     zero_after: tuple = ()  # as-pruned semantics: prunescope.shrink.core.follower_zero_map points
+    units: tuple | None = None  # unit pruning: per member, the unit id of each output channel
 
 
 @dataclass
@@ -195,13 +197,16 @@ def _zero_hooks(model: nn.Module, points: tuple) -> list[Any]:
     return zero_hooks(model, points)
 
 
-def prune_step(modules: Sequence[nn.Module], real_sparsity: float, prune_type: str) -> None:
+def prune_step(modules: Sequence[nn.Module], real_sparsity: float, prune_type: str,
+               units: Sequence[Sequence[int]] | None = None) -> None:
     """Apply one step of the nested masks: compute masks at ``real_sparsity`` from the layers' current
     (already pruned) weights and multiply them in place, as NNI's ``weight.data.mul_(mask)``.
 
+    ``units``: prune whole units (per member, the unit id of each output channel; see
+    :mod:`prunescope.masks.units`), ``real_sparsity`` being a fraction of the units.
     This is the one place where the sweep prunes; every execution mode goes through it.
     """
-    masks = group_masks(modules, real_sparsity, prune_type)
+    masks = group_masks(modules, real_sparsity, prune_type, units=units)
     with torch.no_grad():
         for m, mask in zip(modules, masks):
             m.weight.mul_(mask["weight"])
@@ -232,7 +237,7 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
     try:
         for i, (s, real) in enumerate(zip(job.sparsities, job.real_sparsities)):
             if job.prune:
-                prune_step(modules, real, job.prune_type)
+                prune_step(modules, real, job.prune_type, job.units)
             if i in job.done:
                 value = job.done[i]
             else:
@@ -273,7 +278,7 @@ def run_eval(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[
     try:
         if ev.prune:
             for real in ev.chain:
-                prune_step(modules, real, ev.prune_type)
+                prune_step(modules, real, ev.prune_type, ev.units)
         value = coerce_metric(val_func(*val_args, **val_kwargs), ev.key, ev.sparsity)
         guard.check(where)
     finally:
