@@ -13,6 +13,10 @@ rows ``[gate; up]``; ``down_proj`` is ``(E, H, W)``):
   reported unsafe (``topk`` fixes their number).
 * Qwen2-MoE's shared expert: unit ``j`` = ``gate_proj`` row ``j`` + ``up_proj`` row ``j``.
 
+Both experts implementations that run on a single device are checked: ``grouped_mm`` (the default,
+``torch._grouped_mm`` on expert-sorted tokens) and ``batched_mm`` (``bmm`` with one gathered expert weight per
+token-expert pair); they must give the same table.
+
 Physical proof: remove 25 % of every expert's units (4 of 16, different ones per expert, same count) and 25 % of
 the shared expert's units, shrink, compare with the masked model (fp32, rtol 1e-4) and compare the MACs of the
 shrunk model with the effective MACs of the masked one. Routing is discontinuous (top-k), but the router reads the
@@ -41,7 +45,7 @@ H, E, K, W, LAYERS = 32, 4, 2, 16, 2
 SHARED = 24
 
 
-def build(kind: str, attn: str) -> torch.nn.Module:
+def build(kind: str, attn: str, impl: str = "grouped_mm") -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=50, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,
                   num_key_value_heads=2, num_experts_per_tok=K, max_position_embeddings=32,
@@ -57,6 +61,7 @@ def build(kind: str, attn: str) -> torch.nn.Module:
         for p in model.parameters():
             if p.dim() == 3:
                 p.normal_(0, 0.2)
+    model.config._experts_implementation = impl  # the default is grouped_mm
     return model.eval()
 
 
@@ -71,8 +76,8 @@ def partition(ca, layer: str) -> list[list[int]]:
     return list(groups.values())
 
 
-def engine(kind: str, attn: str):
-    model = build(kind, attn)
+def engine(kind: str, attn: str, impl: str = "grouped_mm"):
+    model = build(kind, attn, impl)
     with warnings.catch_warnings():
         warnings.simplefilter("error", TopologyWarning)
         g = trace(model, inputs())
@@ -80,10 +85,11 @@ def engine(kind: str, attn: str):
     return model, g, ca
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_unit_table(kind: str, attn: str) -> None:
-    model, g, ca = engine(kind, attn)
+def test_unit_table(kind: str, attn: str, impl: str) -> None:
+    model, g, ca = engine(kind, attn, impl)
     for layer in range(LAYERS):
         p = f"layers.{layer}.mlp"
         gu, down, router = f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj", f"{p}.gate"
@@ -161,10 +167,10 @@ def masked_copy(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
     return m
 
 
-@pytest.mark.parametrize("fix", [False, True])
+@pytest.mark.parametrize("impl,fix", [("grouped_mm", False), ("grouped_mm", True), ("batched_mm", True)])
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_remove_quarter_of_every_expert_physically(kind: str, fix: bool) -> None:
-    model = build(kind, "sdpa")
+def test_remove_quarter_of_every_expert_physically(kind: str, impl: str, fix: bool) -> None:
+    model = build(kind, "sdpa", impl)
     x = inputs()
     masks = moe_masks(model, kind)
     small, res = shrink(model, masks, x, fix_conflicts=fix, return_result=True)
@@ -212,3 +218,54 @@ def test_fused_masks_are_validated() -> None:
         w = torch.full((E, 2 * W, H), 0.5)
         count_flops_params(model, x, masks={"layers.0.mlp.experts.gate_up_proj": {"weight": w}},
                            effective=True, verbose=False)
+
+
+class TinyMoE(torch.nn.Module):
+    """A hand-written MoE layer on ``torch._grouped_mm`` (the shape of the HF code) with variations:
+    ``'pin'`` writes the expert width as a literal (``view(-1, 16)``) between the two products, ``'leak'`` adds
+    the output of a single expert product straight into the residual stream (no down projection)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.embed = torch.nn.Linear(8, H)
+        self.router = torch.nn.Linear(H, E, bias=False)
+        self.gate_up = torch.nn.Parameter(torch.randn(E, 2 * W, H) * 0.2)
+        self.down = torch.nn.Parameter(torch.randn(E, H, W) * 0.2)
+        self.up = torch.nn.Parameter(torch.randn(E, H, H) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        w, idx = torch.topk(self.router(x).softmax(-1), K, dim=-1)
+        ids_g, perm = torch.sort(idx.reshape(-1))
+        xs = x[perm // K]
+        offs = torch.cumsum(torch.histc(ids_g.float(), bins=E, min=0, max=E - 1), 0, dtype=torch.int32)
+        if self.mode == "leak":
+            return xs + torch._grouped_mm(xs, self.up.transpose(-2, -1), offs=offs)
+        gate, up = torch._grouped_mm(xs, self.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+        if self.mode == "pin":
+            h = h.view(-1, W)
+        y = torch._grouped_mm(h, self.down.transpose(-2, -1), offs=offs) * w.reshape(-1)[perm, None]
+        return x + y.sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_template_pins_hold_for_every_expert(device: str) -> None:
+    model = TinyMoE("pin").to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TopologyWarning)
+        ca = channel_atoms(trace(model, torch.ones(5, 8, device=device)))
+    assert any("'view' writes the size 16" in r for r in ca.unsafe["gate_up"])
+    for e in range(E):  # every expert's units are pinned, not only expert 0's (the template)
+        for j in (0, W - 1):
+            assert ca.class_notes.get(int(ca.atom_class(ca.atom("gate_up", e * 2 * W + j))))
+    assert partition(ca, "gate_up") == [[e * 2 * W + j, e * 2 * W + W + j] for e in range(E) for j in range(W)]
+
+
+def test_template_meeting_the_residual_ties_every_expert() -> None:
+    model = TinyMoE("leak")
+    ca = channel_atoms(trace(model, torch.ones(5, 8)))
+    for h in (0, H - 1):  # one position of the single product's output = row h of every expert = residual h
+        assert {int(ca.atom_class(ca.atom("up", e * H + h))) for e in range(E)} == {
+            int(ca.atom_class(ca.atom("embed", h)))}

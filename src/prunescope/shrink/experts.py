@@ -148,8 +148,9 @@ def expert_cuts(plan: RemovalPlan, pl: _Planner) -> None:
 
 
 def derived_param_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
-    """``{tensor id: new shape}`` for tensors computed from a narrowed fused expert parameter by one-input shape
-    ops (``gate_up_proj.transpose(-2, -1)``, ``.to(dtype)``): each op is re-run on a meta tensor of the new shape."""
+    """``{tensor id: new shape}`` for tensors computed from a narrowed fused expert parameter by shape ops
+    (``gate_up_proj.transpose(-2, -1)``, ``gate_up_proj[expert_ids]``, ``.to(dtype)``): each op is re-run on a
+    meta tensor of the new shape."""
     out: dict[int, tuple[int, ...]] = {}
     for t in plan.graph.tensors:
         c = plan.cuts.get(t.name) if t.name and t.kind == "param" else None
@@ -162,12 +163,16 @@ def derived_param_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
     from ..graph import TensorInfo
 
     for node in plan.graph.nodes:
-        tins = [t for t in node.inputs if t.kind != "const"]
-        if len(tins) != 1 or tins[0].id not in out or len(node.outputs) != 1:
+        src = [t for t in node.inputs if t.id in out]
+        if len(src) != 1 or len(node.outputs) != 1:
             continue
-        new = torch.empty(out[tins[0].id], dtype=tins[0].dtype, device="meta")
-        args, kwargs = pytree.tree_map(lambda v, new=new: new if isinstance(v, TensorInfo) else v,
-                                       (node.args, node.kwargs))
+
+        def meta(v: Any) -> Any:  # the narrowed source; other tensors (expert indices) as recorded
+            if not isinstance(v, TensorInfo):
+                return v
+            return torch.empty(out.get(v.id, v.shape), dtype=v.dtype, device="meta")
+
+        args, kwargs = pytree.tree_map(meta, (node.args, node.kwargs))
         try:
             res = node.func(*args, **kwargs)
         except Exception:  # noqa: BLE001 - an op that cannot be replayed on meta: leave its shape to the check

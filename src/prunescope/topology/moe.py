@@ -11,6 +11,12 @@ implementation) runs, on the flattened tokens ``x`` of shape ``(T, H)``::
     y = _grouped_mm(h, down_proj.transpose(-2, -1), offs)       # down_proj (E, H, I) -> (S, H)
     out = (y * w[perm, None])[inv_perm].view(T, k, H).sum(1)    # back into the residual stream
 
+The ``batched_mm`` experts implementation gathers one weight per token-expert pair instead,
+``bmm(gate_up_proj[ids], x.unsqueeze(-1))``; that ``bmm`` is read as the same fused layer (:func:`expert_bmm`).
+The ``eager`` implementation (a Python loop over the experts hit, ``nonzero``, ``index_add_``) is not
+modelled: it cannot trace on meta (the entry points fall back to the real device with a one-line log note) and
+the engine stops at ``index_add_`` (its experts' layers are reported unsafe).
+
 Routing
 -------
 ``topk`` along a channel axis selects channels *by value*: its outputs (weights and indices) carry no channel
@@ -66,8 +72,9 @@ from .base import ChannelInfo, UnknownOp, arg, norm_axis
 
 if TYPE_CHECKING:
     from .engine import ChannelAtoms
+    from .rules import Rule
 
-__all__ = ["topk_rule", "grouped_mm_rule", "EXPERT_OPS"]
+__all__ = ["topk_rule", "grouped_mm_rule", "expert_bmm", "EXPERT_OPS"]
 
 EXPERT_OPS = frozenset({"_grouped_mm", "grouped_mm"})
 # ops that carry a tensor unchanged (element for element) from a parameter to the product's weight operand
@@ -144,47 +151,83 @@ def grouped_mm_rule(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None
     if not (isinstance(a, TensorInfo) and isinstance(b, TensorInfo) and isinstance(offs, TensorInfo)) or \
             a.ndim != 2 or b.ndim != 3:
         raise UnknownOp(f"'{node.name}' other than tokens (S, K) x experts (E, K, N) with offsets")
-    cb = ca.info(b)
-    if cb is not None:
+    if ca.info(b) is not None:
         raise UnknownOp(f"'{node.name}' with a weight operand that carries layer channels")
     found = _weight_param(ca, b)
     if found is None:
         raise UnknownOp(f"'{node.name}' with a weight that is not a stored 3-D parameter")
     param, transposed = found
     E, K, N = b.shape
+    _expert_product(ca, node, param, 1 if transposed else 2, E, K, N, ca.reps(ins[0], a.ndim, 1, K), a.id,
+                    node.outputs[0], 1)
+
+
+def _gathered(ca: ChannelAtoms, w: TensorInfo) -> TensorInfo | None:
+    """The 3-D parameter ``P`` when ``w`` is ``P[expert_ids]`` (one weight per token-expert pair)."""
+    p = ca.graph.producer(w)
+    if p is None or p.name != "__getitem__" or len(p.inputs) != 2:
+        return None
+    src, idx = p.inputs
+    ok = src.kind == "param" and src.name and src.ndim == 3 and idx.ndim == 1 and not idx.dtype.is_floating_point
+    return src if ok and idx.id != src.id and w.shape == (idx.shape[0], *src.shape[1:]) else None
+
+
+def expert_bmm(fallback: Rule) -> Rule:
+    """``bmm`` of per-pair gathered expert weights (the ``batched_mm`` experts implementation)::
+
+        bmm(P[ids] (S, N, K), x.unsqueeze(-1) (S, K, 1))      # P (E, N, K)
+        bmm(x.unsqueeze(1) (S, 1, K), P[ids] (S, K, N))       # P (E, K, N), transposed storage
+
+    is the same fused expert layer as ``_grouped_mm``; any other ``bmm`` goes to ``fallback``."""
+
+    def rule(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+        if node.name == "bmm" and len(node.inputs) == 2 and len(ins) == 2:
+            a, b = node.inputs
+            pa, pb = _gathered(ca, a), _gathered(ca, b)
+            out = node.outputs[0]
+            if pa is not None and ins[0] is None and b.shape[2] == 1:  # (S, N, K) x (S, K, 1)
+                E, N, K = pa.shape
+                _expert_product(ca, node, pa, 1, E, K, N, ca.reps(ins[1], 3, 1, K), b.id, out, 1)
+                return
+            if pb is not None and ins[1] is None and a.shape[1] == 1:  # (S, 1, K) x (S, K, N)
+                E, K, N = pb.shape
+                _expert_product(ca, node, pb, 2, E, K, N, ca.reps(ins[0], 3, 2, K), a.id, out, 2)
+                return
+        fallback(ca, node, ins)
+
+    return rule
+
+
+def _expert_product(ca: ChannelAtoms, node: OpNode, param: TensorInfo, out_dim: int, E: int, K: int, N: int,
+                    rep: np.ndarray, x_id: int, out: TensorInfo, out_axis: int) -> None:
+    """The fused layer of ``param`` (``E`` experts, ``K`` inputs and ``N`` outputs each) read by one product."""
     name = param.name
     assert name is not None
     li = ca.new_layer(name, "experts", node, E * N)
     li.experts = E
     li.in_channels = K
-    li.weight_out_dim = 1 if transposed else 2
-    li.module_type = "experts"
+    li.weight_out_dim = out_dim
     owner = ca.graph.param_owner(param)
     mod = ca.graph.modules.get(owner) if owner is not None else None
-    if mod is not None:
-        li.module_type = type(mod).__name__
+    li.module_type = type(mod).__name__ if mod is not None else "experts"
     st = _state(ca)
-    rep = ca.reps(ins[0], a.ndim, 1, K)
     tmpl = _template_of(st, rep)
     if tmpl is None:  # the same input for every expert (tokens of the residual stream)
-        ca.record_input(li, np.tile(rep, E), a.id, node)
+        ca.record_input(li, np.tile(rep, E), x_id, node)
     else:  # expert e reads expert e's copies of the template atoms
-        t = tmpl
-        if t.experts != E:
-            raise UnknownOp(f"'{node.name}' of {E} experts reads the output of a product of {t.experts}")
-        inb = (rep >= t.start) & (rep < t.start + t.per)
-        full = np.concatenate([np.where(inb, rep + e * t.per, rep) for e in range(E)])
-        ca.record_input(li, full, a.id, node)
+        if tmpl.experts != E:
+            raise UnknownOp(f"'{node.name}' of {E} experts reads the output of a product of {tmpl.experts}")
+        inb = (rep >= tmpl.start) & (rep < tmpl.start + tmpl.per)
+        ca.record_input(li, np.concatenate([np.where(inb, rep + e * tmpl.per, rep) for e in range(E)]), x_id, node)
     atoms = ca.layer_atoms(name)
-    out = node.outputs[0]
     if tmpl is None:
         st.templates[name] = _Template(li.atom_start, E, N)
-        ca.set_info(out, ChannelInfo((1,), atoms[:N].copy()))
+        ca.set_info(out, ChannelInfo((out_axis,), atoms[:N].copy()))
     else:  # back to shared channels: output channel j of every expert is one channel
         grid = atoms.reshape(E, N)
         for e in range(1, E):
             ca.union(grid[0], grid[e])
-        ca.set_info(out, ChannelInfo((1,), grid[0].copy()))
+        ca.set_info(out, ChannelInfo((out_axis,), grid[0].copy()))
 
 
 def _template_of(st: _State, rep: np.ndarray) -> _Template | None:
