@@ -155,7 +155,9 @@ class ChannelDependency:
 
     Attributes: ``dependency_sets`` (list of sets, sets in order of first execution), ``sets`` (the same as
     ordered lists, names in execution order), ``dependency`` (``{layer: its set}``), ``atoms`` (the
-    :class:`~prunescope.topology.atoms.ChannelAtoms` engine with the exact channel-level ties).
+    :class:`~prunescope.topology.atoms.ChannelAtoms` engine with the exact channel-level ties), ``unsafe``
+    (``{layer: [reason, ...]}`` for the grouped layers that :func:`not_safe_to_prune` reports; computed on first
+    use, with the pin probe of :mod:`~prunescope.topology.probe` unless ``probe=False``).
 
     Example
     -------
@@ -171,7 +173,7 @@ class ChannelDependency:
 
     def __init__(self, model: nn.Module | None = None, dummy_input: Any = None, traced_model: Any = None,
                  prune_type: str = "Filter", *, include_linear: bool = False,
-                 graph: ModelGraph | None = None) -> None:
+                 graph: ModelGraph | None = None, probe: bool = True) -> None:
         if prune_type not in ("Filter", "Batchnorm"):
             raise ConfigError(f"prune_type must be 'Filter' or 'Batchnorm', got {prune_type!r}")
         self.graph = get_graph(model, dummy_input, traced_model, graph)
@@ -179,6 +181,7 @@ class ChannelDependency:
         self.prune_type = prune_type
         self.include_linear = include_linear
         self.atoms = _channel_atoms(self.graph)
+        self._probe_input = (probe, dummy_input)
         self.sets: list[list[str]] = self._build()
         self.dependency: dict[str, set[str]] = {}
         for s in self.sets:
@@ -207,6 +210,13 @@ class ChannelDependency:
     def dependency_sets(self) -> list[set[str]]:
         """List of sets of layer names, in order of first execution (every executed target layer once)."""
         return [set(s) for s in self.sets]
+
+    @property
+    def unsafe(self) -> dict[str, list[str]]:
+        """``{layer: [reason, ...]}`` for the grouped layers whose output channels are unsafe to prune."""
+        probe, x = getattr(self, "_probe_input", (False, None))
+        unsafe = _unsafe_layers(self.graph, self.atoms, x, probe)
+        return {n: unsafe[n] for s in self.sets for n in s if n in unsafe}
 
     def export(self, filepath: str | os.PathLike[str]) -> None:
         """Write ``Dependency Set,Convolutional Layers`` then ``Set N,name,...`` rows (atomic write)."""
@@ -348,8 +358,15 @@ class ReshapeDependency:
     ``view(N, -1)``, ``flatten`` (into a Linear, whose input columns follow) and channel-group split/merge
     reshapes (channel shuffle) are safe.
 
+    A size written in a shape op may also be one the forward read from ``x.shape`` at run time (a trace
+    records both as numbers); with ``probe=True`` (default) each pin is decided physically by
+    :func:`~prunescope.topology.probe.probe_pins` (the channels are removed from a ``meta`` copy, which is
+    traced again), and a pin whose removal runs with every size following is dropped. ``probe=False`` gives
+    the engine's answer alone.
+
     Attributes: ``dependency_sets`` (layer names, execution order), ``reasons`` (``{layer: [reason, ...]}``),
-    ``dependency`` (``{op description: [layers]}``).
+    ``dependency`` (``{op description: [layers]}``), ``probe`` (the
+    :class:`~prunescope.topology.probe.PinProbe`, or ``None``).
 
     >>> import torch
     >>> from torch import nn
@@ -366,12 +383,14 @@ class ReshapeDependency:
     header = ["Reshape OP", "Dependent Layers"]
 
     def __init__(self, model: nn.Module | None = None, dummy_input: Any = None, traced_model: Any = None, *,
-                 graph: ModelGraph | None = None) -> None:
+                 graph: ModelGraph | None = None, probe: bool = True) -> None:
         self.graph = get_graph(model, dummy_input, traced_model, graph)
         self.model = model if model is not None else self.graph.model
         ca = self.atoms = _channel_atoms(self.graph)
+        self.probe = _pin_probe(self.graph, dummy_input) if probe and ca.class_notes else None
+        unsafe = self.probe.unsafe if self.probe is not None else ca.unsafe
         self.reasons: dict[str, list[str]] = {
-            n: list(r) for n, r in ca.unsafe.items() if _is_module_layer(ca, n)
+            n: list(r) for n, r in unsafe.items() if _is_module_layer(ca, n)
         }
         self.dependency: dict[str, list[str]] = {}
         for n, rs in self.reasons.items():
@@ -388,14 +407,30 @@ class ReshapeDependency:
 
 
 def not_safe_to_prune(model: nn.Module | None, dummy_input: Any, *, traced_model: Any = None,
-                      with_reasons: bool = False) -> list[str] | dict[str, list[str]]:
+                      with_reasons: bool = False, probe: bool = True) -> list[str] | dict[str, list[str]]:
     """Layers whose output channels cannot be pruned safely (see :class:`ReshapeDependency`).
 
     Returns the layer names in execution order, or ``{layer: [reason, ...]}`` with ``with_reasons=True``.
+    ``probe=False``: the channel engine's pins alone, without deciding them physically.
 
     >>> import torch, torchvision
     >>> not_safe_to_prune(torchvision.models.vit_b_16(), torch.ones(1, 3, 224, 224))[:2]
     ['conv_proj', 'encoder.layers.encoder_layer_0.self_attention']
     """
-    dep = ReshapeDependency(model, dummy_input, traced_model)
+    dep = ReshapeDependency(model, dummy_input, traced_model, probe=probe)
     return dict(dep.reasons) if with_reasons else dep.dependency_sets
+
+
+# ------------------------------------------------------------------ pin probe hook (topology/probe.py)
+def _pin_probe(graph: ModelGraph, dummy_input: Any) -> Any:
+    """The cached :class:`~prunescope.topology.probe.PinProbe` of ``graph`` (pins decided physically on meta)."""
+    from .probe import probe_pins
+
+    return probe_pins(graph, dummy_input)
+
+
+def _unsafe_layers(graph: ModelGraph, ca: ChannelAtoms, dummy_input: Any, probe: bool) -> dict[str, list[str]]:
+    """``{layer: [reason, ...]}``: the engine's ``unsafe``, with the probe's cleared pins dropped if ``probe``."""
+    if not probe or not ca.class_notes:
+        return dict(ca.unsafe)
+    return dict(_pin_probe(graph, dummy_input).unsafe)
