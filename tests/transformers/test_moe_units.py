@@ -269,3 +269,30 @@ def test_template_meeting_the_residual_ties_every_expert() -> None:
     for h in (0, H - 1):  # one position of the single product's output = row h of every expert = residual h
         assert {int(ca.atom_class(ca.atom("up", e * H + h))) for e in range(E)} == {
             int(ca.atom_class(ca.atom("embed", h)))}
+
+
+def test_expert_masks_prune_the_lowest_units_of_every_expert_and_shrink() -> None:
+    from prunescope.masks.experts import expert_masks
+    from prunescope.masks.units import unit_masks
+
+    model = build("qwen2_moe", "sdpa")
+    x = inputs()
+    masks = expert_masks(model, x, 0.25)
+    assert sorted(masks) == [f"layers.{i}.mlp.experts.gate_up_proj" for i in range(LAYERS)]
+    for layer in range(LAYERS):  # by hand: unit (e, j) scores |gate row j|_1 + |up row j|_1 of expert e
+        w = model.get_submodule(f"layers.{layer}.mlp.experts").gate_up_proj.detach()
+        score = w[:, :W].abs().sum(-1) + w[:, W:].abs().sum(-1)  # (E, W)
+        m = masks[f"layers.{layer}.mlp.experts.gate_up_proj"]["weight"]
+        for e in range(E):
+            gone = sorted(torch.argsort(score[e], stable=True)[:W // 4].tolist())
+            assert sorted((m[e, :W, 0] == 0).nonzero().flatten().tolist()) == gone
+            assert torch.equal(m[e, :W], m[e, W:])  # gate and up rows of a unit go together
+    masks.update(unit_masks(model, x, 0.25, layers=[f"layers.{i}.mlp.shared_expert.gate_proj"
+                                                    for i in range(LAYERS)]))
+    small = shrink(model, masks, x)
+    assert tuple(small.layers[0].mlp.experts.down_proj.shape) == (E, H, W - W // 4)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**x).last_hidden_state, masked_copy(model, masks)(**x).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
+    assert count_flops_params(small, x, verbose=False)[0] == count_flops_params(
+        model, x, masks=masks, effective=True, verbose=False)[0]
