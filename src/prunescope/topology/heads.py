@@ -54,10 +54,11 @@ from .rules import RULES, passthrough, shape_op
 __all__ = ["AttentionHeads", "HeadDependency", "AttentionWeightDependency", "find_attentions"]
 
 _PRODUCTS = frozenset({"matmul", "__matmul__", "bmm"})
-# ops between q·kᵀ and ·v in an eager attention (scaling, masking, softmax, dropout, casts)
+# ops between q·kᵀ and ·v in an eager attention (scaling, masking, softmax, dropout, casts, and the views that
+# split the windows of a shifted-window mask off the batch axis and merge them back: swin)
 _SCORE_OPS = frozenset("""mul __mul__ div __truediv__ add __add__ sub masked_fill masked_fill_ where softmax
     log_softmax dropout to float type type_as half bfloat16 double contiguous clamp __iadd__ add_ mul_ div_
-    __imul__ __itruediv__""".split())
+    __imul__ __itruediv__ view reshape""".split())
 
 
 @dataclass
