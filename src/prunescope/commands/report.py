@@ -1,6 +1,8 @@
 """``prunescope report [MODEL --input-size ... --val pkg.mod:evaluate] --out DIR [--flops-target 0.5] [--workers N]``
 
-With no MODEL: the embedded default, a small residual CNN trained on scikit-learn's bundled digits.
+With no MODEL: an embedded example trained on scikit-learn's bundled digits, chosen with ``--example``:
+``digits`` (the default, a small residual CNN) or ``vit-digits`` (a tiny Vision Transformer whose pruning
+units are attention heads and MLP units).
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ import torch
 
 from .common import CLIError, load_model, load_object, parse_size, run_guarded
 
+#: ``--example`` choices: module under prunescope.examples, description, report title
+EXAMPLES = {
+    "digits": ("digits", "residual CNN on scikit-learn's digits", "digits CNN (embedded default)"),
+    "vit-digits": ("vit_digits", "tiny Vision Transformer (heads and MLP units) on scikit-learn's digits",
+                   "digits ViT (embedded example)"),
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("report", help="full analysis ending in a verified pruning plan (the main job)",
                        description="FLOPs, topology, sensitivity and a pruning plan that meets a FLOPs target, "
-                                   "verified by measuring the pruned model. Without MODEL it analyses the "
-                                   "embedded default (a residual CNN trained on scikit-learn's digits).")
+                                   "verified by measuring the pruned model. Without MODEL it analyses an "
+                                   "embedded example trained on scikit-learn's digits (--example; default: a "
+                                   "residual CNN).")
     p.add_argument("model", nargs="?", default=None,
-                   help="torchvision model name or package.module:callable (default: the embedded digits CNN)")
+                   help="torchvision model name or package.module:callable (default: an embedded example)")
+    p.add_argument("--example", choices=sorted(EXAMPLES), default=None,
+                   help="embedded example to analyse without MODEL: " + "; ".join(
+                       f"{k}: {v[1]}" for k, v in sorted(EXAMPLES.items())) + " (default: digits)")
     p.add_argument("--input-size", default=None, help="example input size, e.g. 1,3,224,224 (needed with MODEL)")
     p.add_argument("--val", default=None, help="package.module:evaluate, called as evaluate(model) -> metric")
     p.add_argument("--out", required=True, help="output folder")
@@ -49,16 +62,22 @@ def _run(a: argparse.Namespace) -> int:
     if a.model is None:
         if a.val or a.input_size:
             raise CLIError("--val and --input-size go with MODEL; without MODEL the embedded default is used")
-        from ..examples import digits
+        import importlib
 
-        print("prunescope report: embedded default -- residual CNN on scikit-learn's digits "
-              f"(weights cached in {digits.cache_dir()})")
-        model = digits.load_trained()
-        val = digits.evaluate
-        x = torch.ones(digits.INPUT_SIZE)
-        name, metric = "digits CNN (embedded default)", "accuracy"
-        calibrate, finetune = (None, None) if a.no_recovery else (digits.calibration_batches, digits.finetune)
+        mod_name, what, title = EXAMPLES[a.example or "digits"]
+        ex = importlib.import_module(f"prunescope.examples.{mod_name}")
+        print(f"prunescope report: embedded example {a.example or 'digits'} -- {what} "
+              f"(weights cached in {ex.cache_dir()})")
+        model = ex.load_trained()
+        val = ex.evaluate
+        x = torch.ones(ex.INPUT_SIZE)
+        name, metric = title, "accuracy"
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        calibrate = ex.calibration_batches if has_bn and not a.no_recovery else None  # LayerNorm: nothing to do
+        finetune = None if a.no_recovery else ex.finetune
     else:
+        if a.example:
+            raise CLIError("--example is for the embedded examples; it does not go with MODEL")
         if not a.val or not a.input_size:
             raise CLIError("MODEL needs --input-size and --val package.module:evaluate")
         model = load_model(a.model)

@@ -332,9 +332,12 @@ def step_recover(r: Run) -> None:
         t = time.perf_counter()
         batches = r.calibrate() if callable(r.calibrate) else r.calibrate
         n = recalibrate_bn(model, batches)
-        value = r.evaluate(model, "the shrunk model after BatchNorm re-estimation")
-        r.recovery.append((f"BatchNorm re-estimation ({n} batches)", value, time.perf_counter() - t))
-        parts.append(f"calibrated {value:.4f}")
+        if n:
+            value = r.evaluate(model, "the shrunk model after BatchNorm re-estimation")
+            r.recovery.append((f"BatchNorm re-estimation ({n} batches)", value, time.perf_counter() - t))
+            parts.append(f"calibrated {value:.4f}")
+        else:  # no BatchNorm (e.g. LayerNorm only): nothing was re-estimated, no step to report
+            parts.append("no BatchNorm to re-estimate")
     if r.finetune is not None:
         t = time.perf_counter()
         r.finetune(model)

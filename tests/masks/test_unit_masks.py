@@ -1,0 +1,109 @@
+"""Unit masks (prunescope.masks.units): on CNN sets whose units are single channels they are NNI's group rule bit
+for bit; where the engine ties several channels of a layer into one unit, whole units go, scored by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunescope.errors import ConfigError
+from prunescope.examples.digits import DigitsNet
+from prunescope.graph import trace
+from prunescope.masks import fix_mask_conflict, group_masks, unit_masks
+from prunescope.masks.units import channel_units, is_trivial
+from prunescope.topology import channel_atoms
+
+X = torch.ones(1, 1, 8, 8)
+
+
+def _net(ties: bool = False) -> DigitsNet:
+    torch.manual_seed(0)
+    net = DigitsNet().eval()
+    if ties:  # integer weights with repeated filters: NNI's '<= threshold' rule then prunes more than int(n*s)
+        with torch.no_grad():
+            for conv in (net.conv1, net.conv3):
+                w = torch.randint(-2, 3, conv.weight.shape).float()
+                w[1::3] = w[0]
+                conv.weight.copy_(w)
+    return net
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("prune_type", ["l1", "l2", "fpgm"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+def test_single_channel_units_are_nni_group_rule(ties: bool, prune_type: str, sparsity: float) -> None:
+    net = _net(ties)
+    ca = channel_atoms(trace(net, X))
+    members = ["conv1", "conv3"]  # tied by the residual add: one channel of each per class
+    units = channel_units(ca, members)
+    assert units is not None and is_trivial(units)
+    mods = [net.conv1, net.conv3]
+    ref = group_masks(mods, sparsity, prune_type)  # NNI v2's dependency-aware rule (sum of scores)
+    got = group_masks(mods, sparsity, prune_type, units=[u.tolist() for u in units])
+    for a, b in zip(ref, got):
+        assert torch.equal(a["weight"], b["weight"])
+        assert a["bias"] is None and b["bias"] is None
+    if 0 < sparsity < 1:
+        via_model = unit_masks(net, X, sparsity, layers=["conv1"], prune_type=prune_type)
+        assert sorted(via_model) == members
+        for name, a in zip(members, ref):
+            assert torch.equal(via_model[name]["weight"], a["weight"])
+
+
+def test_single_layer_set_is_layer_mask() -> None:
+    net = _net()
+    from prunescope.masks import layer_mask
+
+    got = unit_masks(net, X, 0.5, layers=["conv2", "fc1"])
+    for name in ("conv2", "fc1"):
+        ref = layer_mask(getattr(net, name), 0.5, "l1")
+        assert torch.equal(got[name]["weight"], ref["weight"])
+
+
+class Shuffle(nn.Module):
+    """A channel shuffle after ``a``: the engine ties a's channels c and c + 4 (same in-group index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = self.a(x)
+        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)
+        return self.b(y)
+
+
+def test_units_spanning_channels_of_one_layer_go_whole() -> None:
+    torch.manual_seed(0)
+    net = Shuffle().eval()
+    x = torch.ones(1, 3, 4, 4)
+    ca = channel_atoms(trace(net, x))
+    units = channel_units(ca, ["a"])
+    assert units is not None and not is_trivial(units)
+    unit_of = units[0].tolist()
+    assert len(set(unit_of)) == 4 and all(unit_of[c] == unit_of[c + 4] for c in range(4))
+    masks = unit_masks(net, x, 0.5, layers=["a"])
+    keep = masks["a"]["bias"].bool()
+    # by hand: unit score = |w| of both channels of the unit; the 2 lowest of 4 units go
+    l1 = net.a.weight.detach().abs().sum(dim=(1, 2, 3)).double()
+    score = {u: sum(float(l1[c]) for c in range(8) if unit_of[c] == u) for u in set(unit_of)}
+    lowest = sorted(score, key=score.get)[:2]
+    assert keep.tolist() == [unit_of[c] not in lowest for c in range(8)]
+    fixed = fix_mask_conflict(masks, net, x)
+    assert torch.equal(fixed["a"]["weight"], masks["a"]["weight"])  # whole classes: nothing to fix
+
+
+def test_unit_masks_refuses() -> None:
+    net = _net()
+    with pytest.raises(ConfigError, match="filter prune type"):
+        unit_masks(net, X, 0.5, prune_type="level")
+    with pytest.raises(ConfigError, match="not conv/linear layers"):
+        unit_masks(net, X, 0.5, layers=["bn1"])
+    with pytest.raises(ConfigError, match="reach the model output"):
+        unit_masks(net, X, 0.5, layers=["fc2"])
+    with pytest.raises(ConfigError, match="unit id per output channel"):
+        group_masks([net.conv1], 0.5, "l1", units=[[0, 1]])
+    assert "fc2" not in unit_masks(net, X, 0.5)  # default: every prunable set, the classifier left alone
