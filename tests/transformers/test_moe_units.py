@@ -296,3 +296,14 @@ def test_expert_masks_prune_the_lowest_units_of_every_expert_and_shrink() -> Non
                                    rtol=1e-4, atol=1e-5)
     assert count_flops_params(small, x, verbose=False)[0] == count_flops_params(
         model, x, masks=masks, effective=True, verbose=False)[0]
+
+
+def test_router_stays_unsafe_after_the_pin_probe() -> None:
+    """Removing router row e runs (softmax and topk over 3 channels, every shape fits) but shifts the expert
+    indices: the pin probe, which clears pins whose removal runs with every size following, must keep it."""
+    from prunescope.topology import not_safe_to_prune
+
+    unsafe = not_safe_to_prune(build("mixtral", "sdpa"), inputs(), with_reasons=True)
+    assert isinstance(unsafe, dict)
+    for layer in range(LAYERS):
+        assert any("'topk'" in r for r in unsafe[f"layers.{layer}.mlp.gate"])

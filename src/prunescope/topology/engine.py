@@ -170,6 +170,8 @@ class ChannelAtoms:
         self._stop_notes: list[tuple[np.ndarray, _Note]] = []
         # work a rule registers to run once the walk is done, before classes are solved (topology/moe.py)
         self.finishers: list[Callable[[ChannelAtoms], None]] = []
+        # atoms pinned for what their values select, not for a size (topk routing): no physical probe clears them
+        self.value_pins: list[np.ndarray] = []
         self._run()
         self._finish()
 

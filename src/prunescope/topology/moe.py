@@ -21,8 +21,11 @@ Routing
 -------
 ``topk`` along a channel axis selects channels *by value*: its outputs (weights and indices) carry no channel
 of the input, and the number of channels it chooses among is fixed (the router's output channels are the
-experts: removing one would change ``num_experts``, which the routing code reads). So ``topk`` pins the
-channels of its input (the router is reported unsafe, nothing is stopped) and its outputs carry no channels.
+experts: removing router row ``e`` would shift every later index, so the indices would pick the wrong
+experts' weights, although every shape still fits). So ``topk`` pins the channels of its input (the router is
+reported unsafe, nothing is stopped) and its outputs carry no channels. The pin is a *value pin*
+(``ChannelAtoms.value_pins``): the physical pin probe (:mod:`.probe`), which clears pins whose removal runs
+with every size following, leaves it, because here the sizes do follow.
 Routing weights and indices then only index and scale token rows; the hidden-state channels flow through the
 expert products and back into the residual stream.
 
@@ -117,6 +120,9 @@ def topk_rule(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> 
         raise UnknownOp("'topk' along a non-channel axis")
     ca.pin(ci.atoms, node, f"'topk' chooses among the {x.shape[d]} channels by value (routing): their number "
                            "is fixed")
+    # a removed channel would shift the indices topk returns (expert i+1 read as expert i): the shapes still
+    # follow, so the physical pin probe must not clear this pin
+    ca.value_pins.append(ci.atoms.reshape(-1).copy())
 
 
 def _weight_param(ca: ChannelAtoms, w: TensorInfo) -> tuple[TensorInfo, bool] | None:

@@ -221,6 +221,10 @@ class _Prober:
         for atoms, _note in getattr(ca, "_stop_notes", None) or []:
             a = atoms[atoms >= 0]
             stopped.update(np.unique(ca.root[a]).tolist())
+        # -- pins on what channel values select (topk routing, topology/moe.py): a removal that runs proves nothing
+        for atoms in getattr(ca, "value_pins", None) or []:
+            a = atoms[atoms >= 0]
+            stopped.update(np.unique(ca.root[a]).tolist())
         if not hasattr(ca, "_stop_notes"):  # an engine without the pin/stop split: decide nothing
             return [], sorted(notes)
         cand = [c for c in notes if c not in stopped]
