@@ -66,6 +66,9 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "uniform_metric_measured": base.metric if base is not None else None,
         "sensitivity_semantics": "as pruned" if r.sa.as_pruned else "masked (NNI)",
         "excluded_sets": r.excluded,
+        "set_units": {k: r.n_units(k) for k in r.keys},
+        "sparsity_unit": "a fraction of each set's pruning units (channel-engine classes: a channel of every "
+                         "member, an attention head or kv group, an MLP unit)",
         "seconds": round(time.perf_counter() - r.t0, 2),
     }
     return out
@@ -126,7 +129,8 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
                  for c in search.measured]
     rec_rows = [("shrunk", f"{ship.metric:.4f}", "")] + [(st, f"{v:.4f}", f"{t:.1f}") for st, v, t in r.recovery]
     sens_rows = [(k.replace("+", ", "), *[f"{v:.4f}" for _, v in sorted(c.items())]) for k, c in r.sens.items()]
-    dep_rows = [(i + 1, ", ".join(st), "yes" if "+".join(st) in r.keys else r.excluded.get("+".join(st), "single"))
+    dep_rows = [(i + 1, ", ".join(st), r.n_units("+".join(st)) if "+".join(st) in r.keys else "",
+                 "yes" if "+".join(st) in r.keys else r.excluded.get("+".join(st), "single"))
                 for i, st in enumerate(r.cd.sets)]
     after = {(row.name, row.call_number): row.flops for row in ship.report.rows}
     flops_rows = [(row.name, row.module_type, row.flops, after.get((row.name, row.call_number), 0), row.params)
@@ -149,7 +153,7 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
          table_html(["#", "Source", "MACs", "Predicted", "Measured", "Sparsities"], cand_rows, "candidates")),
         ("Sensitivity", table_html(["Dependency set", *[str(x) for x in r.sa.sparsities]], sens_rows,
                                    "sensitivity")),
-        ("Dependency sets", table_html(["Set", "Layers", "Prunable"], dep_rows, "dependencies")),
+        ("Dependency sets", table_html(["Set", "Layers", "Units", "Prunable"], dep_rows, "dependencies")),
         ("FLOPs per layer (MACs)", table_html(["Layer", "Type", "MACs", "MACs shrunk", "Params"], flops_rows,
                                                "flops")),
     ]
