@@ -261,22 +261,24 @@ def _mirror(ca: ChannelAtoms) -> None:
         is_t[t.start:t.start + t.per] = True
         per[t.start:t.start + t.per] = t.per
         nexp[t.start:t.start + t.per] = t.experts
-    tmpl_atoms = np.nonzero(is_t)[0]
-    cls = np.unique(root[tmpl_atoms])
-    members = np.isin(root, cls)
-    # a class is mirrorable if all its members are template atoms of products with the same expert count
-    bad = np.unique(root[members & ~is_t])
-    for c in cls.tolist():
-        mem = np.nonzero(root == c)[0]
-        tm = mem[is_t[mem]]
-        E = int(nexp[tm].max())
-        mirror = c not in bad and (nexp[tm] == E).all()
-        for e in range(1, E):
-            copies = tm + e * per[tm]
-            if mirror:
-                ca.union(np.full(len(copies), copies[0]), copies)
-            else:
-                ca.union(np.full(len(copies), c), copies)
+    tm = np.nonzero(is_t)[0]
+    ct = root[tm]
+    # a class is mirrorable when all its members are template atoms of products with the same expert count
+    bad = np.zeros(n, bool)
+    bad[root[np.isin(root, np.unique(ct)) & ~is_t]] = True
+    emin = np.full(n, np.iinfo(np.int64).max, np.int64)
+    emax = np.zeros(n, np.int64)
+    first = np.full(n, n, np.int64)
+    np.minimum.at(emin, ct, nexp[tm])
+    np.maximum.at(emax, ct, nexp[tm])
+    np.minimum.at(first, ct, tm)
+    mirror = ~bad[ct] & (emin[ct] == emax[ct])
+    for e in range(1, int(nexp.max())):
+        has = nexp[tm] > e
+        a, c, m = tm[has], ct[has], mirror[has]
+        r = first[c]
+        # mirrored: expert e's copy joins expert e's copy of the class's first atom; else the class itself
+        ca.union(np.where(m, r + e * per[r], c), a + e * per[a])
     # pins and stops noted on template atoms hold for every expert's copy: add each one again with the
     # template atoms replaced by expert e's copies (the classes are mirrored, so it decides the same way)
     E_all = int(nexp.max())
@@ -290,18 +292,27 @@ def _mirror(ca: ChannelAtoms) -> None:
             return None
         return np.where(sel, a + e * per[np.where(ok, a, 0)], a)
 
+    def touches(atoms: np.ndarray) -> bool:
+        a = np.asarray(atoms).reshape(-1)
+        a = a[(a >= 0) & (a < n)]
+        return bool(is_t[a].any())
+
+    pins = [x for x in ca._pins if touches(x[0])]
+    stops = [x for x in ca._stop_notes if touches(x[0])]
+    axis_pins = [x for x in ca._axis_pins if touches(x[0])]
+    cond_pins = [x for x in ca._cond_pins if touches(x[2]) or touches(x[0])]
     for e in range(1, E_all):
-        for lst in (ca._pins, ca._stop_notes):
-            for atoms, note in list(lst):
+        for src, lst in ((pins, ca._pins), (stops, ca._stop_notes)):
+            for atoms, note in src:
                 s_ = shifted(atoms, e)
                 if s_ is not None:
                     lst.append((s_, note))
-        for grid, axes, note in list(ca._axis_pins):
+        for grid, axes, note in axis_pins:
             s_ = shifted(grid, e)
             if s_ is not None:
                 ca._axis_pins.append((s_, axes, note))
-        for lost, kept, grid, note in list(ca._cond_pins):
-            s_ = shifted(grid, e)
-            if s_ is not None:
-                sl, sk = shifted(lost, e), shifted(kept, e)
-                ca._cond_pins.append((lost if sl is None else sl, kept if sk is None else sk, s_, note))
+        for lost, kept, grid, note in cond_pins:
+            sl, sk, sg = shifted(lost, e), shifted(kept, e), shifted(grid, e)
+            if sl is not None or sg is not None:
+                ca._cond_pins.append((lost if sl is None else sl, kept if sk is None else sk,
+                                      grid if sg is None else sg, note))
