@@ -307,3 +307,20 @@ def test_router_stays_unsafe_after_the_pin_probe() -> None:
     assert isinstance(unsafe, dict)
     for layer in range(LAYERS):
         assert any("'topk'" in r for r in unsafe[f"layers.{layer}.mlp.gate"])
+
+
+def test_apply_masks_and_as_pruned_take_fused_masks() -> None:
+    from prunescope.masks import apply_masks
+    from prunescope.shrink import as_pruned
+
+    model = build("qwen2_moe", "sdpa")
+    x = inputs()
+    masks = moe_masks(model, "qwen2_moe")
+    before = model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    with torch.no_grad():
+        want = masked_copy(model, masks)(**x).last_hidden_state
+        with apply_masks(model, masks):
+            torch.testing.assert_close(model(**x).last_hidden_state, want)
+        with as_pruned(model, masks, x) as m:
+            torch.testing.assert_close(m(**x).last_hidden_state, want)
+    assert torch.equal(model.layers[0].mlp.experts.gate_up_proj, before)  # weights come back bit for bit

@@ -57,6 +57,14 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Any]]) -> Ite
     targets: list[tuple[torch.Tensor, torch.Tensor]] = []
     steps: list[tuple[nn.Module, str, torch.Tensor]] = []  # (ParametrizationList, tensor name, mask)
     for name, m in checked.items():
+        if name not in modules:  # a fused expert parameter (shrink/experts.py): the mask has its shape
+            owner, _, attr = name.rpartition(".")
+            tensor = getattr(model.get_submodule(owner) if owner else model, attr)
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                saved.append((tensor, tensor.detach().clone()))
+            targets.append((tensor, m["weight"]))
+            continue
         module = modules[name]
         for tname, mask in (("weight", m["weight"]), ("bias", m["bias"])):
             if mask is None:
