@@ -324,3 +324,11 @@ def test_apply_masks_and_as_pruned_take_fused_masks() -> None:
         with as_pruned(model, masks, x) as m:
             torch.testing.assert_close(m(**x).last_hidden_state, want)
     assert torch.equal(model.layers[0].mlp.experts.gate_up_proj, before)  # weights come back bit for bit
+
+
+def test_a_conv1d_weight_name_is_not_taken_for_a_fused_parameter() -> None:
+    from prunescope.masks.io import validate_masks
+
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3))
+    with pytest.raises(MaskError, match="no such layer"):
+        validate_masks({"0.weight": {"weight": torch.ones(4, 2, 3)}}, net)

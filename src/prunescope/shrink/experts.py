@@ -35,13 +35,16 @@ __all__ = ["ExpertCut", "expert_filter_keep", "expert_protection", "expert_cuts"
 
 
 def expert_param_shape(model: torch.nn.Module, name: str) -> tuple[int, ...] | None:
-    """Shape of ``name`` if it is a 3-D parameter of ``model`` (a fused expert weight), else None."""
+    """Shape of ``name`` if it is a 3-D parameter of ``model`` other than a layer's ``weight`` (a fused expert
+    weight), else None."""
     mod_name, _, attr = name.rpartition(".")
     try:
         mod = model.get_submodule(mod_name) if mod_name else model
     except AttributeError:
         return None
     p = mod._parameters.get(attr) if attr else None
+    if p is getattr(mod, "weight", None):  # a layer's own weight (a Conv1d's is 3-D) is masked by the layer name
+        return None
     return tuple(p.shape) if isinstance(p, torch.Tensor) and p.dim() == 3 else None
 
 
