@@ -59,7 +59,18 @@ of Qwen2-MoE is an ordinary gated MLP of ``nn.Linear`` layers (units: gate row, 
 Masks of a fused layer have the parameter's shape and are keyed by the parameter's name
 (``{'layers.0.mlp.experts.gate_up_proj': {'weight': mask}}``); a unit is removed when its rows are all zero.
 Shrinking keeps the tensor rectangular: every expert must lose the same number of units (the plan protects
-the layer otherwise, see :mod:`prunescope.shrink.plan`).
+the layer otherwise, see :mod:`prunescope.shrink.experts`); :func:`prunescope.masks.experts.expert_masks`
+builds such masks.
+
+Where this plugs in
+-------------------
+The rules are registered into :data:`.rules.RULES` (``topk``, ``_grouped_mm``/``grouped_mm``, and ``bmm``
+wrapped so that any other ``bmm`` keeps its rule). The mirroring runs as an engine *finisher*
+(``ChannelAtoms.finishers``: after the walk, before the classes are solved) and extends the engine's pin and
+stop lists itself. The NNI-compatible views (``ChannelDependency``, ``not_safe_to_prune``) list modules only,
+so fused layers (parameters, not modules) are not in their sets; read them off ``channel_atoms(graph)``.
+On the ``meta`` device ``_grouped_mm`` has no float32 kernel; the recorder makes its output from the shapes
+(:mod:`prunescope.graph`), so MoE models trace on meta.
 """
 
 from __future__ import annotations
