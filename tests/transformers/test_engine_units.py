@@ -309,3 +309,60 @@ def test_multihead_attention_heads_listed_and_pinned() -> None:
     small.attn.num_heads = 3
     with pytest.raises((AssertionError, RuntimeError)), torch.no_grad():
         small(x)
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention whose query and key/value come from different layers (packed in_proj)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(5, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kv = self.b(y)
+        return self.attn(self.a(x), kv, kv, need_weights=False)[0]
+
+
+def test_multihead_attention_packed_weights_tie_query_and_key_channels() -> None:
+    model, x, y = CrossAttention().eval(), torch.randn(2, 3, 6), torch.randn(2, 4, 5)
+    ca = atoms(model, (x, y))
+    # in_proj_weight's columns read the query and the key/value alike: channel c of a and of b go together
+    assert all(ca.atom_class(ca.atom("a", c)) == ca.atom_class(ca.atom("b", c)) for c in range(16))
+    assert ca.layer_sets() == [["b", "a", "attn"]]  # b runs first (kv is computed before the call)
+
+
+class UnbindQKV(nn.Module):
+    """timm's split with the head count derived: ``reshape(B, N, 3, -1, 4).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, -1, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_unbind_of_qkv_keeps_heads_as_units() -> None:
+    torch.manual_seed(0)
+    model, x = UnbindQKV().eval(), torch.randn(2, 5, 16)
+    ca = atoms(model, x)  # unbind used to pin qkv ("cuts the channel axis at fixed sizes 1")
+    assert ca.unsafe == {}
+    (a,) = HeadDependency(model, x).attentions
+    assert (a.heads, a.head_dim, a.units, a.pinned) == (4, 4, [[0], [1], [2], [3]], [])
+    cls = classes_of(ca, "qkv", a.q_channels[2])
+    assert sorted(c for _, c in ca.class_members(int(cls[0]))) == [8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43]
+    with torch.no_grad():
+        torch.testing.assert_close(prune(model, ca, cls)(x), mask(model, ca, cls)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_lm_head_tied_to_wte() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0)
+    model, x = transformers.GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+    ca = atoms(model, x)  # used to stop: "layer 'transformer.wte' is used with 50 and 16 output channels"
+    assert "lm_head" not in ca.layers and ca.stopped_ops == []
+    assert ca.atom_class(ca.atom("transformer.wte", 3)) == ca.atom_class(ca.atom("transformer.h.1.mlp.c_proj", 3))
