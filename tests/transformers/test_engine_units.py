@@ -366,3 +366,29 @@ def test_gpt2_lm_head_tied_to_wte() -> None:
     ca = atoms(model, x)  # used to stop: "layer 'transformer.wte' is used with 50 and 16 output channels"
     assert "lm_head" not in ca.layers and ca.stopped_ops == []
     assert ca.atom_class(ca.atom("transformer.wte", 3)) == ca.atom_class(ca.atom("transformer.h.1.mlp.c_proj", 3))
+
+
+class PackedGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.rnn, self.fc = nn.Linear(6, 8), nn.GRU(8, 10, batch_first=True), nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = nn.utils.rnn.pack_padded_sequence(self.fc0(x), torch.tensor([5, 3]), batch_first=True)
+        out, h = self.rnn(p)
+        y, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.fc(y) + self.fc(h[-1]).unsqueeze(1)
+
+
+def test_packed_sequences_keep_the_feature_axis() -> None:
+    torch.manual_seed(0)
+    model, x = PackedGRU().eval(), torch.randn(2, 5, 6)
+    ca = atoms(model, x)  # used to stop at '_pack_padded_sequence'
+    assert ca.unsafe == {} and ca.layer_sets() == [["fc0"], ["rnn"], ["fc"]]
+    assert [ca.atom_name(int(a)) for a in ca.layers["fc"].inputs[0]] == [("rnn", j) for j in range(10)]
+    small, masked = copy.deepcopy(model), copy.deepcopy(model)
+    _rnn_units(small.rnn, [4], zero=False)
+    _rnn_units(masked.rnn, [4], zero=True)
+    small.fc.weight = nn.Parameter(small.fc.weight[:, [c for c in range(10) if c != 4]].detach())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)

@@ -246,6 +246,17 @@ def recurrent_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) 
             ca.set_info(o, ChannelInfo((o.ndim - 1,), atoms.copy()))
 
 
+def packed_sequence_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
+    """``pack_padded_sequence``/``pad_packed_sequence``: time steps are regrouped, the feature axis (last) is
+    kept; the batch sizes carry no channels."""
+    x, ci, out = node.inputs[0], ins[0], node.outputs[0]
+    if ci is None:
+        return
+    if ci.axes != (x.ndim - 1,) or out.shape[-1] != x.shape[-1]:
+        raise UnknownOp(f"'{node.name}' of a tensor whose channels are not on its last axis alone")
+    ca.set_info(out, ChannelInfo((out.ndim - 1,), ci.atoms))
+
+
 def norm_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
     x = node.inputs[0]
     out = node.outputs[0]
@@ -574,6 +585,7 @@ def _build_rules() -> dict[str, Rule]:
     rules["scaled_dot_product_attention"] = sdpa
     rules["einsum"] = einsum
     rules["unfold"] = unfold_op
+    rules.update(dict.fromkeys(("_pack_padded_sequence", "_pad_packed_sequence"), packed_sequence_op))
     rules["fold"] = fold_op
     return rules
 
