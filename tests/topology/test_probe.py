@@ -175,3 +175,10 @@ def test_data_dependent_forward_probes_nothing():
     res = probe_pins(g, x)
     assert set(res.unsafe) == set(channel_atoms(g).unsafe) and not res.cleared
     assert all("meta" in why for why in res.kept.values())
+
+
+def test_keyword_inputs_are_rebuilt_from_the_trace():
+    model, x = Windows().eval(), torch.ones(1, 4, 4, 3)
+    g = trace(model, {"x": x})
+    res = probe_pins(g)  # no dummy_input: the keyword tensor is rebuilt on meta from the recorded shape
+    assert res.cleared_layers == ["a"] and res.unsafe == {}

@@ -6,22 +6,29 @@ the channel engine (:mod:`.engine`) *pins* both: the classes whose removal would
 op are reported unsafe. This module decides each pin physically, as a removal would:
 
 1. candidates are the pinned classes that no op with unknown channel semantics stopped (a stop stays);
-2. classes pinned by the same ops form a *group*, split into subgroups whose removal narrows the same layers
-   and layer inputs by the same amounts (swin_t's 96 first-stage residual channels are one subgroup); one
-   class of a subgroup is probed; a failure keeps the pins of the whole group (without more probes);
+2. classes pinned by the same ops form a *group*, split into subgroups whose removal narrows every recorded
+   tensor (hence every parameter) identically — the same number of channel slices along the same axes
+   (swin's first-stage residual channels are one subgroup); one class of a subgroup is probed; a failure
+   keeps the pins of the whole group (no more probes for it: conservative);
 3. the probe removes the representative physically from a ``meta`` copy of the model (the
    :func:`~prunescope.shrink.plan.plan_removal` of masks zeroing its channels in every member layer, pins
    not checked, the cuts applied to the copy), traces the copy on ``meta`` inputs and compares:
    the forward must run, follow the same ops, and *every* recorded tensor must have exactly the shape the
    removal predicts — the original shape with the class's channel slices dropped (so every reshape's
    sizes changed with the channel count, and only where the class flows), outputs unchanged;
-4. a pass clears the whole group when no op on the class's path selects channels by position (``x[:, a:b]``,
-   ``narrow``, ``index_select``, ``roll`` ...): then the copy's forward is the same for every class of the
-   group (meta execution depends on shapes only) and a reshape that keeps the row-major order of the
-   surviving elements and lands on the predicted shape places them exactly where predicted. Where such an
-   op is on the path, the probed copy is also analysed by the channel engine and every tensor's channel
+4. a pass clears the whole subgroup when no op on the class's path selects channels by position
+   (``x[:, a:b]``, ``narrow``, ``index_select``, ``roll`` ...): the copy's meta forward is then the same for
+   every class of the subgroup (it depends on shapes only), and a reshape that keeps the row-major order of
+   the surviving elements and lands on the predicted shape places them exactly where predicted. Where such
+   an op is on the path, the probed copy is also analysed by the channel engine and every tensor's channel
    grid must be the original one with the class removed; the answer then holds for the probed class only,
    and the other classes of the subgroup stay pinned (``max_per_group`` > 1 probes more of them one by one).
+
+Not probed (the pin stays): a class that an op with unknown channel semantics stopped; a class with a
+member the removal plan cannot narrow (attention modules, embeddings) or that the plan keeps (it reaches an
+output, it is combined with a parameter-derived tensor); a model whose forward does not run on ``meta``;
+groups beyond ``max_probes``. A tensor the engine does not follow (channels turned into a sequence axis, as
+ECA's 1-D convolution over channels) must keep its shape, so such pins stay too.
 
 A failure keeps the pin with its reason (a literal ``head_dim`` keeps head_dim pinned: removing an in-head
 index breaks the reshape; the head count is a separate unit of the head view). Nothing here is a guess:
@@ -103,7 +110,7 @@ class PinProbe:
     seconds: float = 0.0
 
 
-_CACHE: WeakKeyDictionary[ModelGraph, PinProbe] = WeakKeyDictionary()
+_CACHE: WeakKeyDictionary[ModelGraph, dict[tuple[int, int], PinProbe]] = WeakKeyDictionary()
 
 
 def probe_pins(graph: ModelGraph, dummy_input: Any = None, *, max_probes: int = 32,
@@ -115,10 +122,13 @@ def probe_pins(graph: ModelGraph, dummy_input: Any = None, *, max_probes: int = 
     ``max_probes`` bounds the probes (groups beyond it stay pinned, listed in ``unprobed``);
     ``max_per_group`` bounds the one-by-one probes of a group whose path selects channels by position.
     """
-    res = _CACHE.get(graph)
+    per_graph = _CACHE.setdefault(graph, {})
+    res = per_graph.get((max_probes, max_per_group))
     if res is None:
-        res = _Prober(graph, dummy_input, max_probes, max_per_group).run()
-        _CACHE[graph] = res
+        prober = _Prober(graph, dummy_input, max_probes, max_per_group)
+        res = prober.run()
+        if not prober.no_inputs:  # a later call with dummy_input may do better
+            per_graph[(max_probes, max_per_group)] = res
     return res
 
 
@@ -212,6 +222,7 @@ class _Prober:
         self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._grids: list[tuple[int, int, TensorInfo, tuple[int, ...], np.ndarray]] = []
         self._pos_nodes: list[tuple[int, np.ndarray]] = []
+        self.no_inputs = False
 
     # -- setup
     def _candidates(self) -> tuple[list[int], list[int]]:
@@ -231,7 +242,7 @@ class _Prober:
         return cand, sorted(c for c in notes if c in stopped)
 
     def _groups(self, cand: list[int]) -> list[list[list[int]]]:
-        """Candidate classes grouped by pin notes, then by how much each layer and layer input loses."""
+        """Candidate classes grouped by pin notes, then by how much each tensor, layer and layer input loses."""
         ca = self.ca
         want = set(cand)
         sig: dict[int, list[Any]] = {c: [] for c in cand}
@@ -251,12 +262,43 @@ class _Prober:
                 for c, cnt in zip(u.tolist(), n.tolist()):
                     if c in want:
                         sig[c].append((name, k, cnt))
+        shapes = self._shape_signature()
         by_notes: dict[Any, dict[Any, list[int]]] = {}
         for c in cand:
-            by_notes.setdefault(tuple(ca.class_notes[c]), {}).setdefault(tuple(sig[c]), []).append(c)
+            key = (tuple(sig[c]), int(shapes[c]))
+            by_notes.setdefault(tuple(ca.class_notes[c]), {}).setdefault(key, []).append(c)
         out = [sorted(d.values(), key=len, reverse=True) for d in by_notes.values()]
         # first executed first (the order the user reads the report in)
         return sorted(out, key=lambda v: min(int(ca.atom_layer[min(s)]) for s in v))
+
+    def _shape_signature(self) -> np.ndarray:
+        """Per class, a 64-bit digest of how its removal changes every recorded channel tensor (how many whole
+        slices go along which axis of which tensor, or that it is not whole slices there). Two classes with the
+        same digest narrow every tensor, hence every parameter and the meta forward, identically."""
+        n = len(self.ca.root)
+        h = np.zeros(n, np.uint64)
+        p1, p2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+        with np.errstate(over="ignore"):
+            for t_i, (_idx, _j, _t, _axes, grid) in enumerate(self._grids):
+                valid = grid[grid >= 0]
+                if not valid.size:
+                    continue
+                present = np.unique(valid)
+                whole_any = np.zeros(n, bool)
+                for k in range(grid.ndim):
+                    sl = np.moveaxis(grid, k, 0).reshape(grid.shape[k], -1)
+                    whole = (sl == sl[:, :1]).all(1) & (sl[:, 0] >= 0)
+                    if not whole.any():
+                        continue
+                    u, cnt = np.unique(sl[whole, 0], return_counts=True)
+                    whole_any[u] = True
+                    key = np.uint64((t_i * 16 + k + 1) & 0xFFFFFFFFFFFF)
+                    h[u] = (h[u] * p1) ^ (key * p2 + cnt.astype(np.uint64))
+                partial = present[~whole_any[present]]
+                if partial.size:
+                    key = np.uint64((t_i * 16 + 15) & 0xFFFFFFFFFFFF)
+                    h[partial] = (h[partial] * p1) ^ (key * p2)
+        return h
 
     def _setup(self) -> str | None:
         try:
@@ -264,6 +306,7 @@ class _Prober:
         except Exception as e:  # noqa: BLE001 - any input we cannot rebuild: decide nothing
             return f"the example input cannot be rebuilt on meta ({type(e).__name__}: {e})"
         if self._inputs is None:
+            self.no_inputs = True
             return "the example input cannot be rebuilt from the trace (give dummy_input)"
         try:
             self._small = _meta_copy(self.g.model)
