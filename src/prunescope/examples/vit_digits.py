@@ -163,7 +163,7 @@ def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:
     return [xt[i : i + batch_size] for i in range(0, len(xt), batch_size)]
 
 
-def finetune(model: nn.Module, epochs: int = 5, lr: float = 1e-3, seed: int = _SEED) -> nn.Module:
+def finetune(model: nn.Module, epochs: int = 10, lr: float = 2e-3, seed: int = _SEED) -> nn.Module:
     """Fine-tune ``model`` in place on the training split (a few seconds on a CPU); the train/eval mode it had
     comes back."""
     was = model.training

@@ -73,25 +73,44 @@ def output_layers(graph: Any) -> set[str]:
     return names
 
 
-def _kept_by_shrink(graph: Any, modules: list[nn.Module], members: list[str], units: Any) -> str:
-    """Why :func:`prunescope.shrink.shrink` would keep the channels of this set if half its units were masked
-    ('' when it removes them): e.g. a class token concatenated to the channels of a residual stream. A set
-    whose masked channels stay in the shipped model saves nothing and is left alone."""
+def _kept_by_shrink(graph: Any, model: nn.Module, candidates: dict[str, tuple[list[str], Any]]) -> dict[str, str]:
+    """Why :func:`prunescope.shrink.shrink` would keep a set's channels if half its units were masked, per set
+    key (absent: shrink removes them), e.g. a class token concatenated to the channels of a residual stream. A
+    set whose masked channels stay in the shipped model saves nothing and is left alone. One removal plan for
+    all the sets; the sets it protects are confirmed one by one (a protection could come from another set)."""
     import warnings
 
     from ..masks.pruners import group_masks
     from ..shrink.plan import plan_removal
 
-    masks = dict(zip(members, group_masks(modules, 0.5, "l1", units=None if units is None else
-                                          [u.tolist() for u in units])))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan = plan_removal(graph, masks, check_pins=False)
-    except Exception as e:  # noqa: BLE001 - any refusal means: not removable
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    hit = [m for m in members if m in plan.protected]
-    return f"{hit[0]}: {plan.protected[hit[0]][0]}" if hit else ""
+    modules = dict(model.named_modules())
+
+    def probe(keys: list[str]) -> dict[str, str]:
+        masks: dict[str, Any] = {}
+        for k in keys:
+            members, units = candidates[k]
+            masks.update(zip(members, group_masks([modules[m] for m in members], 0.5, "l1", units=units)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plan = plan_removal(graph, masks, check_pins=False)
+        except Exception as e:  # noqa: BLE001 - a refusal: each set is probed on its own
+            if len(keys) > 1:
+                return {k: r for key in keys for k, r in probe([key]).items()}
+            return {keys[0]: str(e).splitlines()[0] if str(e) else type(e).__name__}
+        out = {}
+        for k in keys:
+            hit = [m for m in candidates[k][0] if m in plan.protected]
+            if hit:
+                out[k] = f"{hit[0]}: {plan.protected[hit[0]][0]}"
+        return out
+
+    if not candidates:
+        return {}
+    found = probe(list(candidates))
+    if len(candidates) == 1 or not found:
+        return found
+    return {k: r for key in found for k, r in probe([key]).items()}
 
 
 def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str, ...]], dict[str, str],
@@ -112,6 +131,7 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
     modules = dict(model.named_modules())
     sets: list[tuple[str, ...]] = []
     excluded: dict[str, str] = {}
+    candidates: dict[str, tuple[list[str], Any]] = {}
     for members in cd.sets:
         key = "+".join(members)
         bad = [m for m in members if m in unsafe]
@@ -129,11 +149,13 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
         if len(widths) > 1 and units is None:
             excluded[key] = "members have different widths"
             continue
-        kept = _kept_by_shrink(graph, [modules[m] for m in members], members, units)
-        if kept:
-            excluded[key] = f"shrink cannot remove its channels: {kept}"
-            continue
-        sets.append(tuple(members))
+        candidates[key] = (list(members), None if units is None else [u.tolist() for u in units])
+    kept = _kept_by_shrink(graph, model, candidates)
+    for key, (members, _) in candidates.items():
+        if key in kept:
+            excluded[key] = f"shrink cannot remove its channels: {kept[key]}"
+        else:
+            sets.append(tuple(members))
     return sets, excluded, {k: int(v) for k, v in gd.dependency.items()}
 
 

@@ -235,10 +235,14 @@ def step_plan(r: Run) -> None:
         lcm = max(r.group_lcm.get(m, 1) for m in members)
         n = r.n_units(key)
         levels = []
+        counts: set[int] = set()
         for s in sorted(r.sens.get(key, {})):
-            pruned = int(n * float(s))  # NNI's rule: int(n * sparsity) filters
+            pruned = int(n * float(s))  # NNI's rule: int(n * sparsity) filters (units)
             if lcm > 1 and pruned % lcm:
                 continue  # would break a grouped convolution's divisibility
+            if pruned == 0 or pruned in counts:
+                continue  # the same masks as a lower level (few units, e.g. 4 heads): one option per count
+            counts.add(pruned)
             levels.append(float(s))
         grid[key] = levels
 
