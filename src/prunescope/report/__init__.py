@@ -12,9 +12,10 @@ Steps (each prints one short line; the details go to the output folder):
 4. **Plan** — the per-set sparsities that keep at most ``flops_target`` of the dense effective MACs with the
    smallest predicted metric loss (an exact multiple-choice knapsack, :mod:`prunescope.plan`). The savings of
    each option are the *effective* MACs (input channels of the consumers included). Sets that contain an
-   unsafe layer, or whose channels reach the model's output (the classifier), are left alone; grouped
-   convolutions keep their divisibility. The plan's masks are made conflict-free, counted exactly, and the
-   budget is tightened and the plan re-solved until the exact count meets the target.
+   unsafe layer, whose channels reach the model's output (the classifier), or whose masked channels
+   :func:`prunescope.shrink` would have to keep (a ViT's residual stream, concatenated with its class token)
+   are left alone; grouped convolutions keep their divisibility. The plan's masks are made conflict-free,
+   counted exactly, and the budget is tightened and the plan re-solved until the exact count meets the target.
 5. **Verify** — the plan's masks are turned into the physically smaller model (:func:`prunescope.shrink`), the
    model a user ships; its metric, its dense MACs and parameters (equal to the effective count, checked) and
    its CPU latency next to the dense model's (median of interleaved runs) are measured, and it is written to
@@ -73,6 +74,18 @@ def output_layers(graph: Any) -> set[str]:
     return names
 
 
+def report_layer_types() -> tuple[type[nn.Module], ...]:
+    """The layer types the report prunes: convolutions, Linear, and Hugging Face ``Conv1D`` (GPT-2's
+    transposed linear) when ``transformers`` is loaded."""
+    from ..masks.layers import _transposed_linear_types
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_transposed_linear_types())
+
+
+def _report_layer(m: nn.Module | None) -> bool:
+    return m is not None and isinstance(m, report_layer_types())
+
+
 def _kept_by_shrink(graph: Any, model: nn.Module, candidates: dict[str, tuple[list[str], Any]]) -> dict[str, str]:
     """Why :func:`prunescope.shrink.shrink` would keep a set's channels if half its units were masked, per set
     key (absent: shrink removes them), e.g. a class token concatenated to the channels of a residual stream. A
@@ -120,6 +133,7 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
     Returns ``(sets, excluded, group_constraint)``: ``excluded`` maps a set key to the reason,
     ``group_constraint`` maps a layer to its GroupDependency constraint (lcm of groups).
     """
+    from ..masks.layers import num_filters
     from ..masks.units import channel_units
     from ..topology import ChannelDependency, GroupDependency, not_safe_to_prune
 
@@ -141,10 +155,10 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
         if any(m in outs for m in members):
             excluded[key] = "its channels reach the model output"
             continue
-        if any(not isinstance(modules.get(m), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in members):
+        if any(not _report_layer(modules.get(m)) for m in members):
             excluded[key] = "a member is not a convolution or linear layer"
             continue
-        widths = {modules[m].weight.shape[0] for m in members}
+        widths = {num_filters(modules[m]) for m in members}
         units = channel_units(cd.atoms, members)
         if len(widths) > 1 and units is None:
             excluded[key] = "members have different widths"
