@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import layers as _layers
 from .layers import FILTER_TYPES, bias_of, expand_filters, filter_matrix, num_filters, weight_of
 
 __all__ = [
@@ -59,6 +60,17 @@ DEFAULT_OP_TYPES = (
 Mask = dict[str, "torch.Tensor | None"]
 
 
+def transposed_linear_types() -> tuple[type, ...]:
+    """Linear layers with an ``(in, out)`` weight (Hugging Face ``Conv1D``) that :mod:`.layers` can mask."""
+    f = getattr(_layers, "_transposed_linear_types", None)
+    return tuple(f()) if f is not None else ()
+
+
+def is_filter_layer(module: nn.Module | None) -> bool:
+    """A layer whose output channels are filters: conv, transposed conv, Linear, Hugging Face ``Conv1D``."""
+    return module is not None and isinstance(module, FILTER_TYPES + transposed_linear_types())
+
+
 def _mask_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.is_floating_point() else torch.float32
 
@@ -77,7 +89,7 @@ def filter_scores(module: nn.Module, prune_type: str) -> torch.Tensor:
     [1.0, 3.0, 2.0]
     """
     w = weight_of(module)
-    if w is None or not isinstance(module, FILTER_TYPES):
+    if w is None or not is_filter_layer(module):
         raise ConfigError(f"{type(module).__name__} has no filters to score")
     w = w.detach()
     if prune_type == "l1":
@@ -137,7 +149,7 @@ def layer_mask(module: nn.Module, sparsity: float, prune_type: str) -> Mask:
         threshold = torch.topk(w_abs.reshape(-1), k, largest=False)[0].max()
         return {"weight": torch.gt(w_abs, threshold).to(dtype), "bias": ones_b}
 
-    if not isinstance(module, FILTER_TYPES):
+    if not is_filter_layer(module):
         names = ", ".join(t.__name__ for t in FILTER_TYPES)
         raise ConfigError(f"{prune_type} filter pruning supports {names}; got {type(module).__name__}")
     n = num_filters(module)

@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import FILTER_TYPES, in_channel_matrix, weight_of
-from .pruners import PRUNE_TYPES, group_masks
+from .layers import in_channel_matrix, weight_of
+from .pruners import PRUNE_TYPES, group_masks, is_filter_layer
 
 __all__ = ["channel_units", "unit_masks", "head_masks", "unit_scores_from_consumers"]
 
@@ -97,7 +97,7 @@ def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str]
     for name, li in ca.layers.items():
         mod = modules.get(name)
         w = weight_of(mod) if mod is not None else None
-        if w is None or not li.inputs or li.groups != 1 or not isinstance(mod, FILTER_TYPES):
+        if w is None or not li.inputs or li.groups != 1 or not is_filter_layer(mod):
             continue
         cols = li.inputs[0]
         valid = cols >= 0
@@ -142,7 +142,7 @@ def _prunable(model: nn.Module, dummy_input: Any, graph: Any) -> tuple[list[list
             why[key] = f"{bad[0]} is unsafe to prune: {unsafe[bad[0]][0]}"
         elif any(m in out_layers for m in s):
             why[key] = "its channels reach the model output"
-        elif any(not isinstance(modules.get(m), FILTER_TYPES) for m in s):
+        elif any(not is_filter_layer(modules.get(m)) for m in s):
             why[key] = "a member is not a convolution or linear layer"
     return sets, why, ca
 

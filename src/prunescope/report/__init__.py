@@ -77,9 +77,9 @@ def output_layers(graph: Any) -> set[str]:
 def report_layer_types() -> tuple[type[nn.Module], ...]:
     """The layer types the report prunes: convolutions, Linear, and Hugging Face ``Conv1D`` (GPT-2's
     transposed linear) when ``transformers`` is loaded."""
-    from ..masks.layers import _transposed_linear_types
+    from ..masks.pruners import transposed_linear_types
 
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_transposed_linear_types())
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *transposed_linear_types())
 
 
 def _report_layer(m: nn.Module | None) -> bool:

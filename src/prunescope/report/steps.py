@@ -124,7 +124,9 @@ class Run:
         u = self.units.get(key)
         if u is not None:
             return max(max(x) for x in u if x) + 1
-        return int(dict(self.model.named_modules())[key.split("+")[0]].weight.shape[0])
+        from ..masks.layers import num_filters
+
+        return num_filters(dict(self.model.named_modules())[key.split("+")[0]])
 
     def macs_of(self, plan: dict[str, float]) -> int:
         from ..flops import flops_report
@@ -185,9 +187,9 @@ def step_topology(r: Run) -> None:
 
 def step_sensitivity(r: Run) -> None:
     from ..sensitivity import SensitivityAnalysis
-    from . import borrowed
+    from . import borrowed, report_layer_types
 
-    layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    layer_types = report_layer_types()
     r.sa = SensitivityAnalysis(r.model, r.val_func, sparsities=r.sparsities, prune_type="l1",
                                layer_types=layer_types, group_dependencies=True, dummy_input=r.x,
                                workers=r.workers, progress=r.progress, as_pruned=True)

@@ -188,6 +188,7 @@ class SensitivityAnalysis:
     def model_parse(self) -> None:
         """Collect the target layers (``named_modules`` order) and, with grouping, the dependency sets."""
         from ..masks.layers import FILTER_TYPES
+        from ..masks.pruners import transposed_linear_types
 
         filter_prune = self.prune_type != "level"
         types = self.layer_types
@@ -196,7 +197,7 @@ class SensitivityAnalysis:
         for t in types:
             if not (isinstance(t, type) and issubclass(t, nn.Module)):
                 raise ConfigError(f"layer_types must be torch.nn.Module classes, got {t!r}")
-            if filter_prune and not issubclass(t, FILTER_TYPES):
+            if filter_prune and not issubclass(t, FILTER_TYPES + transposed_linear_types()):
                 raise ConfigError(f"{self.prune_type} filter pruning cannot prune {t.__name__}; supported: "
                                   f"{', '.join(c.__name__ for c in FILTER_TYPES)} (or use prune_type='level')")
         from torch.nn.utils import parametrize
