@@ -35,8 +35,8 @@ import torch
 pytest.importorskip("transformers")
 
 from test_attention_topology import tiny  # noqa: E402
-from test_engine_units import t5  # noqa: E402
 from test_head_dependency import EXPECTED, heads  # noqa: E402
+from test_units_beyond_heads import t5  # noqa: E402
 
 from prunescope.topology import ChannelDependency, HeadDependency, TopologyWarning, not_safe_to_prune  # noqa: E402
 

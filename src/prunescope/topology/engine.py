@@ -5,8 +5,9 @@ This is the core that every topology analysis (and mask-conflict fixing, effecti
 :class:`ChannelInfo`: the tensor axes that carry channels and, for every position on those axes, the
 *atom* that lives there. An atom is one output channel of one layer, ``(layer_name, channel_index)``; a
 layer is the owner of the weight parameter that a channel-mixing op consumes (``conv2d``, ``linear``,
-``multi_head_attention_forward``, ``embedding``, a ``matmul`` with a parameter), so ``F.conv2d(x,
-self.weight)`` and a module called twice are handled like any ``nn.Conv2d``.
+``multi_head_attention_forward``, ``embedding``, ``lstm``/``gru``/``rnn_*`` (one atom per hidden unit, shared by
+all layers and directions of the module), a ``matmul`` with a parameter), so ``F.conv2d(x, self.weight)`` and
+a module called twice are handled like any ``nn.Conv2d``.
 
 Atoms are joined into *classes* with a union-find when pruning one of them forces pruning the others:
 

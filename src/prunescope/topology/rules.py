@@ -6,10 +6,11 @@ inputs (``None``: no channels). A rule sets the channel info of the node's outpu
 (``ca.union``), pins (``ca.pin``) and stops (raise :class:`UnknownOp`) through the engine's builder methods.
 :data:`RULES` maps an op name to its rule; an op that is in no family stops the analysis.
 
-Families: layers (conv, linear, embedding, ``nn.MultiheadAttention``), norms, elementwise (broadcast ties),
-channel-preserving ops, reductions, matrix products (``matmul``/``bmm``/``einsum``/SDPA: the contracted
-index ties both operands), and shape ops, which are replayed on channel ids (:mod:`.replay`) and pinned
-when they write a channel count into the code.
+Families: layers (conv, linear, embedding and a linear that reuses an embedding's matrix,
+``nn.MultiheadAttention``, LSTM/GRU/RNN hidden units), norms, elementwise (broadcast ties), channel-preserving
+ops, reductions, matrix products (``matmul``/``bmm``/``einsum``/SDPA: the contracted index ties both operands),
+``unfold``/``fold``, and shape ops, which are replayed on channel ids (:mod:`.replay`) and pinned when they
+write a channel count into the code.
 """
 
 from __future__ import annotations
