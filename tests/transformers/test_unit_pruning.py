@@ -126,3 +126,23 @@ def test_tiny_bert_head_masks() -> None:
     assert (q.all(1) | ~q.bool().any(1)).all() and int(q.all(1).sum()) == 2
     for p in ("key", "value"):
         assert torch.equal(masks[f"encoder.layer.0.attention.self.{p}"]["bias"].view(4, 4), q)
+
+
+def test_tiny_llama_gqa_masks_remove_whole_kv_groups() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32)
+    model = transformers.LlamaModel(cfg).eval()
+    x = {"input_ids": torch.randint(0, 50, (2, 6))}
+    masks = head_masks(model, x, 0.5)  # 2 units (kv groups of 2 query heads, head_dim 8): one goes
+    q = masks["layers.0.self_attn.q_proj"]["weight"][:, 0].view(2, 16)  # query heads 2g, 2g+1 read kv head g
+    k = masks["layers.0.self_attn.k_proj"]["weight"][:, 0].view(2, 8)
+    v = masks["layers.0.self_attn.v_proj"]["weight"][:, 0].view(2, 8)
+    kept = q.all(1)
+    assert int(kept.sum()) == 1 and not q[~kept].any()
+    assert torch.equal(k.all(1), kept) and torch.equal(v.all(1), kept) and not k[~kept].any()
+    # gated MLP: a unit is a gate row and an up row (and a down column)
+    mlp = unit_masks(model, x, 0.5, layers=["layers.0.mlp.gate_proj"])
+    gate, up = mlp["layers.0.mlp.gate_proj"]["weight"][:, 0], mlp["layers.0.mlp.up_proj"]["weight"][:, 0]
+    assert torch.equal(gate, up) and int(gate.sum()) == 12
