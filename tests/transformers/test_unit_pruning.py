@@ -146,3 +146,20 @@ def test_tiny_llama_gqa_masks_remove_whole_kv_groups() -> None:
     mlp = unit_masks(model, x, 0.5, layers=["layers.0.mlp.gate_proj"])
     gate, up = mlp["layers.0.mlp.gate_proj"]["weight"][:, 0], mlp["layers.0.mlp.up_proj"]["weight"][:, 0]
     assert torch.equal(gate, up) and int(gate.sum()) == 12
+
+
+def test_unit_sweep_checkpoint_resumes(tmp_path) -> None:
+    model = _vit()
+    calls = []
+
+    def val(m: nn.Module) -> float:
+        calls.append(1)
+        with torch.no_grad():
+            return float(m(X).sum())
+
+    kw = dict(sparsities=[0.25, 0.5], layer_types=(nn.Linear,), group_dependencies=True, dummy_input=X,
+              progress=False, checkpoint=tmp_path / "ck.jsonl")
+    first = SensitivityAnalysis(model, val, **kw).analysis(val_args=[model], specified_layers=["blocks.0.attn.q"])
+    n = len(calls)
+    again = SensitivityAnalysis(model, val, **kw).analysis(val_args=[model], specified_layers=["blocks.0.attn.q"])
+    assert again == first and len(calls) == n  # every evaluation came from the checkpoint (units fingerprinted)
