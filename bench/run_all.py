@@ -12,7 +12,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-BENCHES = ("flops", "topology", "sensitivity", "sensitivity_scale", "shrink")
+BENCHES = ("flops", "topology", "sensitivity", "sensitivity_scale", "shrink", "heads")
 
 
 def main(argv: list[str]) -> int:
