@@ -56,9 +56,13 @@ def __getattr__(name: str) -> Any:
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'prunescope' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
+    module = importlib.import_module(mod)
+    # importing ``prunescope.shrink`` binds the subpackage to the name ``shrink`` here; every name exported
+    # from that module is bound now, so ``from prunescope import as_pruned, shrink`` gives the function
+    for n, m in _EXPORTS.items():
+        if m == mod:
+            globals()[n] = getattr(module, n)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:

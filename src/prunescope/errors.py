@@ -22,6 +22,7 @@ class TraceError(PrunescopeError):
         super().__init__(message)
         self.module = module
         self.op = op
+        self.recorded: int | None = None  # ops recorded before the failure, when raised by a trace
 
 
 class MaskError(PrunescopeError, ValueError):

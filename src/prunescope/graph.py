@@ -642,7 +642,8 @@ def trace(
         with _model_lock(model), preserved_training(model, training), _preserved_buffers(model), grad_ctx, \
                 _global_module_hooks(model, g, rec, stack, failure), rec:
             out = model(*args, **kw)
-    except TraceError:
+    except TraceError as e:
+        e.recorded = len(g.nodes)  # ops that ran before the failure (shrink's shape check reads it)
         raise
     except Exception as e:
         found = failure.where(e)
@@ -652,7 +653,9 @@ def trace(
         else:
             mod = stack[-1].name if stack else ""
             where = f"module '{mod}'" if mod else "the model's forward"
-        raise TraceError(f"the model failed in {where}: {type(e).__name__}: {e}", module=mod) from e
+        err = TraceError(f"the model failed in {where}: {type(e).__name__}: {e}", module=mod)
+        err.recorded = len(g.nodes)
+        raise err from e
     for o in pytree.tree_leaves(out):
         if isinstance(o, torch.Tensor):
             ti = infos.get(o)

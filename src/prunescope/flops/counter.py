@@ -288,6 +288,7 @@ def _mask_fractions(masks: Mapping[str, Any] | None, model: nn.Module) -> dict[s
     if not masks:
         return {}
     from ..masks.io import validate_masks
+    from ..masks.layers import has_filters, num_filters
 
     modules = dict(model.named_modules())
     out: dict[str, float] = {}
@@ -296,10 +297,7 @@ def _mask_fractions(masks: Mapping[str, Any] | None, model: nn.Module) -> dict[s
         mod = modules[layer]
         weight = mod.weight
         nnz = int(torch.count_nonzero(w).item())
-        if isinstance(mod, nn.modules.conv._ConvTransposeNd):
-            n_filters = weight.shape[1] * mod.groups
-        else:
-            n_filters = weight.shape[0]
+        n_filters = num_filters(mod) if has_filters(mod) else weight.shape[0]
         filter_size = weight.numel() // max(1, n_filters)
         out[f"{layer}.weight"] = (nnz // filter_size) / n_filters if n_filters else 1.0
     return out

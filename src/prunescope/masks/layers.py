@@ -6,6 +6,10 @@
   everything that produces one output channel: ``weight[g*in_pg:(g+1)*in_pg, j]`` for output channel
   ``g*out_pg + j``. NNI v1 treats dim 0 (the input channels) as filters for any layer type, which is
   wrong for transposed convs; NNI's filter maskers only accept Conv2d anyway.
+* Hugging Face ``Conv1D`` (GPT-2's projections) is a linear layer whose weight is stored transposed,
+  ``(in_features, out_features)`` (``addmm(bias, x, weight)``): an output channel is a **column** (dim 1)
+  and an input channel a row. The class is recognised by type when ``transformers`` is loaded (see
+  :func:`is_transposed_linear`); the channel engine finds the same axis from the recorded ``addmm``.
 * ``BatchNorm``/``GroupNorm``/``LayerNorm``/``InstanceNorm`` (1-D weight): one element per channel.
 
 Input channels (the axis a pruned upstream filter removes) are dim 1 for conv/linear and dim 0 for
@@ -13,6 +17,8 @@ transposed conv.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -24,6 +30,19 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )
+
+
+def _transposed_linear_types() -> tuple[type, ...]:
+    """Linear layers that store their weight as ``(in, out)``; only classes of already-imported packages."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None) if mod is not None else None
+    return (cls,) if isinstance(cls, type) else ()
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """True for a linear layer with an ``(in_features, out_features)`` weight (Hugging Face ``Conv1D``)."""
+    types = _transposed_linear_types()
+    return bool(types) and isinstance(module, types)
 
 
 def weight_of(module: nn.Module) -> torch.Tensor | None:
@@ -40,7 +59,7 @@ def bias_of(module: nn.Module) -> torch.Tensor | None:
 
 def has_filters(module: nn.Module) -> bool:
     """True for layer types whose output channels (filters) can be pruned as whole units."""
-    if isinstance(module, FILTER_TYPES):
+    if isinstance(module, FILTER_TYPES) or is_transposed_linear(module):
         return True
     w = weight_of(module)
     return isinstance(module, NORM_TYPES) and w is not None and w.dim() == 1
@@ -52,6 +71,8 @@ def num_filters(module: nn.Module) -> int:
     assert w is not None
     if isinstance(module, CONVT_TYPES):
         return w.shape[1] * module.groups  # type: ignore[attr-defined]
+    if is_transposed_linear(module):
+        return w.shape[1]
     return w.shape[0]
 
 
@@ -66,6 +87,8 @@ def filter_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         cin, opg = tensor.shape[0], tensor.shape[1]
         t = tensor.reshape(g, cin // g, opg, -1).transpose(1, 2)  # (g, out_pg, in_pg, k)
         return t.reshape(g * opg, -1)
+    if is_transposed_linear(module) and tensor.dim() == 2:
+        return tensor.t()
     if tensor.dim() == 1:
         return tensor.view(-1, 1)
     return tensor.reshape(tensor.shape[0], -1)
@@ -79,6 +102,8 @@ def expand_filters(module: nn.Module, keep: torch.Tensor, like: torch.Tensor) ->
         cin, opg = like.shape[0], like.shape[1]
         k = keep.view(g, 1, opg).expand(g, cin // g, opg).reshape(cin, opg)
         return k.view(cin, opg, *([1] * (like.dim() - 2))).expand_as(like).contiguous()
+    if is_transposed_linear(module) and like.dim() == 2:
+        return keep.view(1, -1).expand_as(like).contiguous()
     return keep.view(-1, *([1] * (like.dim() - 1))).expand_as(like).contiguous()
 
 
@@ -96,7 +121,7 @@ def is_structured(module: nn.Module, mask: torch.Tensor) -> bool:
 
 def in_channel_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as ``(in_channels_per_group_or_all, rest)``: row i = input channel i of the weight."""
-    if isinstance(module, CONVT_TYPES) or tensor.dim() == 1:
+    if isinstance(module, CONVT_TYPES) or tensor.dim() == 1 or is_transposed_linear(module):
         return tensor.reshape(tensor.shape[0], -1)
     return tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
 
@@ -104,6 +129,6 @@ def in_channel_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 def expand_in_channels(module: nn.Module, keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A weight-shaped mask keeping the weight's input-channel slices where ``keep``."""
     keep = keep.to(device=like.device, dtype=like.dtype)
-    if isinstance(module, CONVT_TYPES) or like.dim() == 1:
+    if isinstance(module, CONVT_TYPES) or like.dim() == 1 or is_transposed_linear(module):
         return keep.view(-1, *([1] * (like.dim() - 1))).expand_as(like).contiguous()
     return keep.view(1, -1, *([1] * (like.dim() - 2))).expand_as(like).contiguous()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..graph import ModelGraph, trace
-from .plan import RemovalPlan, ShrinkError, plan_removal
+from .plan import RemovalPlan, ShrinkError, check_not_empty, pin_error, pinned_removals, plan_removal
 
 __all__ = ["shrink", "as_pruned", "ShrinkWarning", "ShrinkResult", "prepare_masks"]
 
@@ -25,6 +25,19 @@ _ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.LayerNorm, ("normalized_shape",)),
     (nn.PReLU, ("num_parameters",)),
 )
+
+
+def attr_names(mod: nn.Module) -> set[str]:
+    """The size attributes of ``mod`` that shrink narrows (and save/load_pruned carry)."""
+    from ..masks.layers import is_transposed_linear
+
+    names: set[str] = set()
+    for cls, ns in _ATTRS:
+        if isinstance(mod, cls):
+            names.update(ns)
+    if is_transposed_linear(mod):
+        names.update(("nf", "nx"))
+    return names
 
 
 class ShrinkWarning(UserWarning):
@@ -110,10 +123,7 @@ def _apply_plan(small: nn.Module, plan: RemovalPlan) -> None:
             mod = small.get_submodule(name) if name else small
         except AttributeError:
             continue
-        allowed: set[str] = set()
-        for cls, names in _ATTRS:
-            if isinstance(mod, cls):
-                allowed.update(names)
+        allowed = attr_names(mod)
         for k, v in values.items():
             if k in allowed:
                 setattr(mod, k, v)
@@ -172,7 +182,9 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
                               "): shrink narrows stored tensors; make them plain first with "
                               "torch.nn.utils.parametrize.remove_parametrizations", name)
     masks, changed = prepare_masks(model, masks, dummy_input, g, fix_conflicts)
-    plan = plan_removal(g, masks)
+    plan = plan_removal(g, masks, check_pins=False)
+    check_not_empty(plan)
+    pins = pinned_removals(plan)  # tried physically below: refused with the pin if the shapes do not follow
     if changed:
         warnings.warn(f"shrink: the masks had {len(changed)} conflicts and were fixed first (union policy): "
                       + "; ".join(f"{', '.join(c.members)}: {c.reason}" for c in changed[:3])
@@ -184,6 +196,18 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     small = copy.deepcopy(model)
     _mask_in_place(small, masks)
     _apply_plan(small, plan)
+    from .attrs import fit_attributes
+
+    try:
+        fitted = fit_attributes(small, plan, dummy_input,
+                                {n: attr_names(m) | set(plan.attrs.get(n, {})) for n, m in small.named_modules()},
+                                force=bool(pins))
+    except ShrinkError as e:
+        if pins:
+            raise pin_error(*pins[0]) from e
+        raise
+    for name, values in fitted.items():
+        plan.attrs.setdefault(name, {}).update(values)
     if check:
         _check_runs(small, dummy_input, [tuple(t.shape) for t in g.outputs])
     return (small, ShrinkResult(plan, masks, changed)) if return_result else small

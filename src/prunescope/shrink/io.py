@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .core import _ATTRS, replace_tensors
+from .core import attr_names, replace_tensors
 from .plan import ShrinkError
 
 __all__ = ["save_pruned", "load_pruned", "FORMAT"]
@@ -40,13 +40,11 @@ VERSION = 1
 
 
 def _attrs_of(mod: nn.Module) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for cls, names in _ATTRS:
-        if isinstance(mod, cls):
-            for n in names:
-                v = getattr(mod, n, None)
-                if isinstance(v, (int, tuple, list)):
-                    out[n] = list(v) if isinstance(v, (tuple, list)) else int(v)
+    out: dict[str, Any] = {k: v for k, v in vars(mod).items() if not k.startswith("_") and type(v) is int}
+    for n in sorted(attr_names(mod)):
+        v = getattr(mod, n, None)
+        if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
+            out[n] = list(v) if isinstance(v, (tuple, list)) else int(v)
     return out
 
 

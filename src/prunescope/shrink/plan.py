@@ -168,9 +168,28 @@ class RemovalPlan:
         return total
 
 
-def _filter_keep(mask: torch.Tensor, kind: str, groups: int) -> np.ndarray:
+def _weight_args(node: OpNode) -> tuple[Any, Any, int, int]:
+    """``(weight, bias, output axis, input axis)`` of a layer call: ``conv*``/``linear(x, W, b)``, or
+    ``addmm(b, x, W)`` with a parameter ``W`` of shape ``(in, out)`` (Hugging Face ``Conv1D``)."""
+    if node.name == "addmm":
+        return _arg(node, 2, "mat2"), _arg(node, 0, "input"), 1, 0
+    if node.name in _CONVT:
+        return _arg(node, 1, "weight"), _arg(node, 2, "bias"), 1, 0
+    return _arg(node, 1, "weight"), _arg(node, 2, "bias"), 0, 1
+
+
+def _narrowable(node: OpNode) -> bool:
+    if node.name in _CONV | _CONVT or node.name == "linear":
+        return True
+    w = _arg(node, 2, "mat2") if node.name == "addmm" else None
+    return isinstance(w, TensorInfo) and w.kind == "param" and w.ndim == 2
+
+
+def _filter_keep(mask: torch.Tensor, kind: str, groups: int, out_dim: int = 0) -> np.ndarray:
     """Per output channel: does the mask keep any weight of that channel's filter?"""
     m = mask.detach().to("cpu") != 0
+    if kind == "linear" and out_dim:  # a linear layer with an (in, out) weight (Hugging Face Conv1D)
+        m = m.movedim(out_dim, 0)
     if kind == "conv_transpose":  # weight (C_in, C_out/g, *k): output channel = g * (C_out/g) + j
         cin, cpg = m.shape[0], m.shape[1]
         per_group = m.reshape(groups, cin // groups, cpg, -1).any(dim=(1, 3))  # (g, C_out/g)
@@ -194,7 +213,7 @@ def _masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.n
         if li.kind == "experts":  # a fused expert parameter (shrink/experts.py)
             keep = expert_filter_keep(w, li)
         else:
-            keep = _filter_keep(w, li.kind, li.groups)
+            keep = _filter_keep(w, li.kind, li.groups, getattr(li, "weight_out_dim", 0) or 0)
         if keep.shape[0] != li.out_channels:
             raise MaskError(f"mask of layer {layer!r} covers {keep.shape[0]} output channels, the layer has "
                             f"{li.out_channels}")
@@ -289,15 +308,15 @@ class _Planner:
         for name, li in ca.layers.items():
             if li.kind == "experts":  # narrowed through its stored 3-D parameter (shrink/experts.py)
                 continue
-            ops = {g.nodes[i].name for i in li.nodes}
-            if li.kind not in ("conv", "conv_transpose", "linear") or not ops <= (_CONV | _CONVT | {"linear"}):
+            if li.kind not in ("conv", "conv_transpose", "linear") or not all(_narrowable(g.nodes[i])
+                                                                               for i in li.nodes):
                 for rep in li.inputs:
                     self.protect(rep, f"it feeds '{name}' ({li.kind}), which shrink does not narrow")
                 self.protect(ca.layer_atoms(name), f"'{name}' ({li.kind}) is not narrowed by shrink")
                 continue
             for idx in li.nodes:
                 node = g.nodes[idx]
-                w = _arg(node, 1, "weight")
+                w = _weight_args(node)[0]
                 if not isinstance(w, TensorInfo) or w.kind != "param" or not w.name or w.name not in self.stored:
                     why = (f"the weight of '{name}' is computed (a parametrization, weight standardisation ...), "
                            "not a stored tensor shrink can narrow")
@@ -307,10 +326,26 @@ class _Planner:
         for node in g.nodes:
             self._protect_param_uses(node)
 
+    def _protect_head_dim(self, node: OpNode, atom_removed: np.ndarray) -> bool:
+        """SDPA without ``scale`` divides by √(head_dim of q): narrowing that axis would change every score."""
+        changed = False
+        for t in node.inputs[:2]:
+            ci = self.ca.info(t)
+            if ci is None or t.ndim - 1 not in ci.axes:
+                continue
+            k = ci.axes.index(t.ndim - 1)
+            rows = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
+            valid = rows >= 0
+            rem = np.where(valid, atom_removed[np.maximum(rows, 0)], False)
+            lost = rows[valid.any(1) & (rem | ~valid).all(1)]  # positions that would leave the axis
+            if lost.size:
+                changed |= self.protect(lost, f"scaled_dot_product_attention in '{node.module}' scales by "
+                                        "1/sqrt(head_dim): removing in-head positions would change every score")
+        return changed
+
     def _protect_param_uses(self, node: OpNode) -> None:
         name = node.name
-        if name in _CONV | _CONVT or name == "linear" or name in _NORM_AXIS or name == "embedding" \
-                or name in EXPERT_OPS:
+        if _narrowable(node) or name in _NORM_AXIS or name == "embedding" or name in EXPERT_OPS:
             return
         derived = [t for t in node.inputs if t.id in self.derived]
         if not derived:
@@ -378,6 +413,8 @@ class _Planner:
                     changed |= self.protect(li.inputs[0], f"grouped '{name}' ({gr} groups) would keep unequal "
                                             f"input channels per group {sorted(set(ic.tolist()))}")
         for node in self.g.nodes:
+            if node.name == "scaled_dot_product_attention" and _arg(node, 6, "scale") is None:
+                changed |= self._protect_head_dim(node, atom_removed)
             if node.name != "group_norm":
                 continue
             ci = self.ca.info(node.inputs[0])
@@ -432,22 +469,41 @@ def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: boo
             if rs:
                 plan.protected[name] = rs
     if check_pins:
-        notes = getattr(ca, "class_notes", {})
-        for name, rem in removed.items():
-            if not rem.any():
-                continue
-            for c in np.unique(ca.root[ca.layer_atoms(name)[rem]]).tolist():
-                if c in notes:
-                    raise ShrinkError(f"cannot remove channels of layer '{name}': it is unsafe to prune "
-                                      f"({notes[c][0]})", name, notes[c][0])
-        for name, rem in removed.items():
-            if rem.size and rem.all():
-                raise ShrinkError(f"the masks remove all {rem.size} output channels of layer '{name}'; a layer keeps "
-                                  "at least one (drop the layer from the model instead)", name)
+        pins = pinned_removals(plan)
+        if pins:
+            raise pin_error(*pins[0])
+        check_not_empty(plan)
     if plan.removed_count:
         _make_cuts(plan, pl)
         expert_cuts(plan, pl)
     return plan
+
+
+def pinned_removals(plan: RemovalPlan) -> list[tuple[str, str]]:
+    """``(layer, reason)`` for every layer whose removed channels the engine pins (``not_safe_to_prune``)."""
+    ca = plan.atoms
+    notes = getattr(ca, "class_notes", {})
+    out = []
+    for name, rem in plan.removed.items():
+        if not rem.any():
+            continue
+        for c in np.unique(ca.root[ca.layer_atoms(name)[rem]]).tolist():
+            if c in notes:
+                out.append((name, notes[c][0]))
+                break
+    return out
+
+
+def check_not_empty(plan: RemovalPlan) -> None:
+    """Refuse masks that remove every output channel of a layer."""
+    for name, rem in plan.removed.items():
+        if rem.size and rem.all():
+            raise ShrinkError(f"the masks remove all {rem.size} output channels of layer '{name}'; a layer keeps "
+                              "at least one (drop the layer from the model instead)", name)
+
+
+def pin_error(layer: str, reason: str) -> ShrinkError:
+    return ShrinkError(f"cannot remove channels of layer '{layer}': it is unsafe to prune ({reason})", layer, reason)
 
 
 def _aligned(out: TensorInfo, ci: Any, t: TensorInfo) -> list[tuple[int, int]]:
@@ -479,13 +535,16 @@ def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
         if out_keep.all() and in_keep.all():
             continue
         node = g.nodes[li.nodes[0]]
-        w = _arg(node, 1, "weight")
+        w, _, w_out, w_in = _weight_args(node)
         gr = max(1, li.groups)
         attrs = plan.attrs.setdefault(name, {})
         if li.kind == "linear":
-            _put(plan, w, 0, out_keep, name)
-            _put(plan, w, 1, in_keep, name)
-            attrs.update(in_features=int(in_keep.sum()), out_features=int(out_keep.sum()))
+            _put(plan, w, w_out, out_keep, name)
+            _put(plan, w, w_in, in_keep, name)
+            if node.name == "addmm":  # Conv1D(nf, nx): the forward reads nf
+                attrs.update(nx=int(in_keep.sum()), nf=int(out_keep.sum()))
+            else:
+                attrs.update(in_features=int(in_keep.sum()), out_features=int(out_keep.sum()))
         elif li.depthwise:
             _put(plan, w, 0, out_keep, name)
             attrs.update(in_channels=int(in_keep.sum()), out_channels=int(out_keep.sum()),
@@ -502,7 +561,7 @@ def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
             plan.cuts[w.name] = Cut(w.name, tuple(w.shape), grouped=(gr, oa, ia, out_keep, in_keep))
             attrs.update(in_channels=int(in_keep.sum()), out_channels=int(out_keep.sum()))
         for idx in li.nodes:  # a weight shared by several modules: every call's own bias narrows too
-            b = _arg(g.nodes[idx], 2, "bias")
+            b = _weight_args(g.nodes[idx])[1]
             if isinstance(b, TensorInfo):
                 _put(plan, b, 0, out_keep, name)
     for node in g.nodes:

@@ -433,11 +433,15 @@ def reshape_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, co: ChannelInf
     if len(ci.axes) == 1 and len(co.axes) >= 2 and go.size == gi.size and np.array_equal(go.reshape(-1), gi):
         derived = [k for k, a in enumerate(co.axes) if sizes is not None and sizes[a] == -1]
         k = derived[0] if len(derived) == 1 else len(co.axes) - 1
+        if sizes is not None and not derived and len(co.axes) >= 3:
+            k = len(co.axes) - 2  # (3, heads, head_dim) all written: a unit is a head (see the pin below)
         rows = np.moveaxis(go, k, 0).reshape(go.shape[k], -1)
         ca.union(np.repeat(rows[:, :1], rows.shape[1], axis=1), rows)  # one unit = one slice across axis k
         if sizes is not None and not derived and len(co.axes) >= 3:
             # (3, heads, head_dim) all written: the sizes are read from elsewhere (torchvision swin's C // heads
-            # with C the block's input width), not from this tensor, so the shrinking axis cannot follow
+            # with C the block's input width; timm's self.num_heads), not from this tensor, so the shrinking
+            # axis cannot follow it here; shrink tries it physically (attributes the forward reads are updated
+            # and every planned shape checked) and refuses with this pin when it does not work
             a = co.axes[k]
             ca.pin_axes(go, [k], node, f"'{node.name}' writes the size {sizes[a]} of a channel-carrying axis "
                         f"(axis {a} of {list(node.outputs[0].shape)})")

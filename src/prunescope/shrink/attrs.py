@@ -1,0 +1,223 @@
+"""Sizes the forward reads from module attributes (``num_heads``, ``split_size``, ``n_heads`` ...), found physically.
+
+A trace sees sizes, not where they came from: ``q.view(B, L, self.num_heads, self.head_dim)`` and
+``view(B, L, 4, 8)`` record the same op. After :func:`~prunescope.shrink.shrink` narrows the tensors of a
+copy, a size read from an attribute is stale. Which attributes matter is decided by running the copy, not by
+names:
+
+1. The removal plan says what every recorded tensor's shape must become (each channel axis keeps its alive
+   positions). The narrowed copy is traced (on the ``meta`` device when the forward allows it) and compared
+   op by op with those shapes; when every op matches, nothing is read from a stale attribute.
+2. Otherwise the candidates are the integer attributes of the modules (``vars(module)``, public names) whose
+   value is a size that changes inside that module's own ops (e.g. ``split_size`` = 768 where a 768-wide
+   axis becomes 576, ``num_heads`` = 12 where a 12-head axis becomes 9). Candidates are tried greedily, all
+   modules of one class and attribute name together, each with its per-module new value: the one that moves
+   the first mismatching op furthest is kept, until every op matches. An attribute that the forward does
+   not read (GPT-2's ``embed_dim``) never helps and is left as it is.
+3. If no candidate makes the shapes match, :class:`~prunescope.shrink.plan.ShrinkError` names the first op
+   whose shape differs (a size written as a literal, or read from somewhere shrink cannot update).
+
+The result is exact by construction: the narrowed model's every recorded shape equals the plan's.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph import ModelGraph, trace
+from .plan import RemovalPlan, ShrinkError
+
+__all__ = ["expected_shapes", "fit_attributes"]
+
+_MAX_ROUNDS = 16
+
+
+def _axis_size(plan: RemovalPlan, ci: Any, axis: int, old: int) -> int:
+    k = ci.axes.index(axis)
+    grid = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
+    valid = grid >= 0
+    rem = np.where(valid, plan.atom_removed[np.maximum(grid, 0)], False)
+    gone = valid.any(1) & (rem | ~valid).all(1)
+    return old - int(gone.sum())
+
+
+def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
+    """``{tensor id: shape after narrowing}`` for every recorded tensor whose shape changes."""
+    out: dict[int, tuple[int, ...]] = {}
+    ca = plan.atoms
+    for t in plan.graph.tensors:
+        ci = ca.info(t)
+        if ci is None:
+            continue
+        shape = list(t.shape)
+        for a in ci.axes:
+            if a < len(shape):
+                shape[a] = _axis_size(plan, ci, a, shape[a])
+        if tuple(shape) != tuple(t.shape):
+            out[t.id] = tuple(shape)
+    # -- fused expert parameters (shrink/experts.py): the views the forward makes of them narrow too
+    from .experts import derived_param_shapes
+
+    out.update(derived_param_shapes(plan))
+    return out
+
+
+def _size_changes(plan: RemovalPlan, exp: dict[int, tuple[int, ...]]) -> dict[str, dict[int, set[int]]]:
+    """``{module: {old size: {new sizes}}}`` over the ops each module runs itself or through its children.
+
+    Sizes of the channel axes only: a value whose axes keep their size somewhere in the scope maps to itself
+    too, which makes it ambiguous unless the search proves which value the forward needs.
+    """
+    per_node: dict[str, dict[int, set[int]]] = {}
+    ca = plan.atoms
+    for node in plan.graph.nodes:
+        scope = per_node.setdefault(node.module or "", {})
+        for t in list(node.inputs) + list(node.outputs):
+            ci = ca.info(t)
+            if ci is None:
+                continue
+            new = exp.get(t.id, tuple(t.shape))
+            for a in ci.axes:
+                if a < t.ndim:
+                    scope.setdefault(int(t.shape[a]), set()).add(int(new[a]))
+    out: dict[str, dict[int, set[int]]] = {}
+    for mod, sizes in per_node.items():
+        parts = mod.split(".") if mod else []
+        for i in range(len(parts) + 1):
+            anc = ".".join(parts[:i])
+            dst = out.setdefault(anc, {})
+            for k, v in sizes.items():
+                dst.setdefault(k, set()).update(v)
+    return out
+
+
+def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known: dict[str, set[str]]
+                ) -> dict[tuple[type, str, int], dict[str, int]]:
+    """``{(class, attribute, option index): {module: new value}}`` for integer attributes of changing sizes."""
+    groups: dict[tuple[type, str, int], dict[str, int]] = {}
+    for name, mod in model.named_modules():
+        sizes = scopes.get(name)
+        if not sizes:
+            continue
+        for k, v in vars(mod).items():
+            if k.startswith("_") or type(v) is not int or k in known.get(name, ()):
+                continue
+            news = sorted(n for n in sizes.get(v, ()) if n != v)
+            for i, n in enumerate(news):
+                groups.setdefault((type(mod), k, i), {})[name] = n
+    return groups
+
+
+class _Prober:
+    """Traces a copy of the narrowed model (meta when possible) and compares it with the plan's shapes."""
+
+    def __init__(self, small: nn.Module, dummy_input: Any, plan: RemovalPlan, exp: dict[int, tuple[int, ...]]):
+        self.want = [[exp.get(t.id, tuple(t.shape)) for t in n.outputs] for n in plan.graph.nodes]
+        self.names = [(n.name, n.module) for n in plan.graph.nodes]
+        self.model, self.x = _meta_copy(small, dummy_input)
+        self.modules = dict(self.model.named_modules())
+        self.traces = 0
+
+    def progress(self) -> tuple[int, str]:
+        """Index of the first op whose shapes differ from the plan (``len`` = all match), and a description."""
+        from ..errors import TraceError
+
+        self.traces += 1
+        try:
+            g: ModelGraph = trace(self.model, self.x)
+        except TraceError as e:
+            idx = e.recorded if e.recorded is not None else 0
+            return idx, f"the forward fails at op '{e.op}' in module '{e.module}': {e}"
+        for i, (node, want) in enumerate(zip(g.nodes, self.want)):
+            got = [tuple(t.shape) for t in node.outputs]
+            if node.name != self.names[i][0] or got != want:
+                return i, (f"op '{self.names[i][0]}' in module '{self.names[i][1]}' makes {got}, the removal plan "
+                           f"expects {want}")
+        if len(g.nodes) != len(self.want):
+            return min(len(g.nodes), len(self.want)), "the narrowed forward runs different ops"
+        return len(self.want), ""
+
+    def set(self, values: dict[str, int], attr: str) -> dict[str, int]:
+        old = {}
+        for name, v in values.items():
+            mod = self.modules[name]
+            old[name] = getattr(mod, attr)
+            setattr(mod, attr, v)
+        return old
+
+
+def _meta_copy(model: nn.Module, dummy_input: Any) -> tuple[nn.Module, Any]:
+    from torch.utils import _pytree as pytree
+
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in memo and t.device.type != "meta":
+            m = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    meta = copy.deepcopy(model, memo)
+    x = pytree.tree_map(lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v,
+                        dummy_input)
+    return meta, x
+
+
+def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
+                   known: dict[str, set[str]] | None = None, *, force: bool = False) -> dict[str, dict[str, int]]:
+    """Update the size attributes of ``small`` (already narrowed) that its forward reads; returns what changed.
+
+    Does nothing when no module has an integer attribute equal to a size that changes, unless ``force``
+    (removals the engine pins: the comparison is what decides them). Raises :class:`ShrinkError` when the
+    shapes cannot be made to match the plan.
+    """
+    exp = expected_shapes(plan)
+    if not exp:
+        return {}
+    known = known or {}
+    groups = _candidates(small, _size_changes(plan, exp), known)
+    if not groups and not force:
+        return {}
+    prober = _Prober(small, dummy_input, plan, exp)
+    best, why = prober.progress()
+    if best < len(prober.want):  # a forward that reads values cannot run on meta: probe the copy itself
+        real = _Prober.__new__(_Prober)
+        real.want, real.names, real.traces = prober.want, prober.names, prober.traces
+        real.model, real.x, real.modules = small, dummy_input, dict(small.named_modules())
+        rb, rw = real.progress()
+        if rb > best:
+            prober, best, why = real, rb, rw
+    done = len(prober.want)
+    chosen: dict[tuple[type, str, int], dict[str, int]] = {}
+    for _ in range(_MAX_ROUNDS):
+        if best >= done:
+            break
+        pick = None
+        for key, values in groups.items():
+            if key in chosen or any(k[:2] == key[:2] for k in chosen):
+                continue
+            old = prober.set(values, key[1])
+            try:
+                p, w = prober.progress()
+            finally:
+                prober.set(old, key[1])
+            if p > best and (pick is None or p > pick[1]):
+                pick = (key, p, w)
+        if pick is None:
+            break
+        key, best, why = pick
+        chosen[key] = groups[key]
+        prober.set(groups[key], key[1])
+    if best < done:
+        raise ShrinkError(f"the shrunk model does not compute the planned shapes: {why} (a size written as a "
+                          "literal or read from somewhere shrink cannot update)")
+    out: dict[str, dict[str, int]] = {}
+    mods = dict(small.named_modules())
+    for (_cls, attr, _i), values in chosen.items():
+        for name, v in values.items():
+            setattr(mods[name], attr, v)
+            out.setdefault(name, {})[attr] = v
+    return out
