@@ -10,9 +10,24 @@
 (32, 32, 32)
 """
 
+import sys as _sys
+import types as _types
+
 from .core import ShrinkResult, ShrinkWarning, as_pruned, shrink
 from .io import load_pruned, save_pruned
 from .plan import Cut, RemovalPlan, ShrinkError, plan_removal, removed_channels
 
 __all__ = ["shrink", "as_pruned", "save_pruned", "load_pruned", "plan_removal", "removed_channels", "RemovalPlan",
            "Cut", "ShrinkError", "ShrinkWarning", "ShrinkResult"]
+
+
+class _CallablePackage(_types.ModuleType):
+    """``prunescope.shrink`` is both this package and the function: importing the package (``from
+    prunescope.shrink import save_pruned``) binds it to the name ``shrink`` on ``prunescope``, so calling it
+    must shrink whatever the import order was."""
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return shrink(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage
