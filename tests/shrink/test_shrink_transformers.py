@@ -52,12 +52,14 @@ def _timm(name: str, fused: bool):
     return m, torch.randn(2, 3, 32, 32), ["mlp.fc1"]
 
 
-def unit_masks(model, x, graph, frac: float, mlp_suffixes: list[str]):
+def unit_masks(model, x, graph, frac: float, mlp_suffixes: list[str], skip_pinned: bool):
     """Masks removing ``frac`` of every attention's units and of every MLP's hidden units."""
     ca = channel_atoms(graph)
     mods = dict(model.named_modules())
     drop: dict[str, set[int]] = {}
     for a in HeadDependency(model, x, traced_model=graph).attentions:
+        if a.pinned and skip_pinned:
+            continue  # e.g. T5's cross-attention: its head count is fixed by a zeros(1, n_heads, ...) bias
         units = a.units[: max(1, int(len(a.units) * frac))]
         heads = sorted(j for u in units for j in u)
         groups = sorted({a.kv_group[j] for j in heads})
@@ -72,7 +74,7 @@ def unit_masks(model, x, graph, frac: float, mlp_suffixes: list[str]):
     classes = {int(ca.atom_class(ca.atom(layer, c))) for layer, cs in drop.items() for c in cs}
     for cls in classes:
         for layer, c in ca.class_members(cls):
-            if layer in mods and ca.layers[layer].kind == "linear":
+            if layer in mods and ca.layers[layer].kind in ("linear", "embedding"):
                 drop.setdefault(layer, set()).add(c)
     masks = {}
     for layer, cs in drop.items():
@@ -90,16 +92,20 @@ def _out(model, x):
     return y.last_hidden_state if hasattr(y, "last_hidden_state") else y
 
 
-def check(model, x, mlp, heads_left):
+def check(model, x, mlp, heads_left, skip_pinned=False):
+    """``skip_pinned``: leave the attentions the engine pins alone (else shrink must remove them physically:
+    timm's sizes read from ``self.num_heads`` look like literals in the trace)."""
     model.eval()
     g = trace(model, x)
-    masks = unit_masks(model, x, g, 0.25, mlp)
+    masks = unit_masks(model, x, g, 0.25, mlp, skip_pinned)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no conflict fixing, no kept channel: the masks are exact units
         small = shrink(model, masks, x)
     with as_pruned(model, masks, x):
         ref = _out(model, x)
     torch.testing.assert_close(_out(small, x), ref, rtol=1e-4, atol=1e-5)
+    if heads_left is None:  # every attention pinned: heads stay
+        heads_left = [a.heads for a in HeadDependency(model, x, traced_model=g).attentions]
     assert [a.heads for a in HeadDependency(small, x).attentions] == heads_left
     dense = count_flops_params(small, x, verbose=False)
     eff = count_flops_params(model, x, masks=masks, effective=True, verbose=False)
@@ -116,6 +122,20 @@ def test_hf_heads_and_mlp_units(kind: str, attn: str) -> None:
     # 4 heads: one unit of 4 removed; LLaMA GQA: 2 kv groups of 2 query heads, one whole group removed
     small = check(model, x, mlp, [2, 2] if kind == "llama" else [3, 3])
     assert small.config is model.config or small.config.to_dict() == model.config.to_dict()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_t5_self_attention_heads_with_their_relative_bias_column(attn: str) -> None:
+    """T5: a head goes with its column of the relative position bias (an Embedding(buckets, heads) in the
+    first block, reused by the others); cross-attention heads stay (pinned by a zeros(1, n_heads, ...) bias)."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, num_heads=4, d_ff=24, num_layers=2,
+                                num_decoder_layers=2, attn_implementation=attn, decoder_start_token_id=0)
+    model = transformers.T5Model(cfg)
+    x = {"input_ids": torch.randint(0, 50, (2, 6)), "decoder_input_ids": torch.randint(0, 50, (2, 5))}
+    small = check(model, x, ["DenseReluDense.wi"], [3, 3, 3, 4, 3, 4], skip_pinned=True)
+    bias = small.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    assert tuple(bias.weight.shape) == (32, 3) and bias.embedding_dim == 3
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -208,3 +228,22 @@ def test_a_size_written_as_a_literal_refuses_with_the_pin() -> None:
     masks = {"qkv": {"weight": keep[:, None].expand(48, 16).clone(), "bias": keep.clone()}}
     with pytest.raises(ShrinkError, match="unsafe to prune.*reshape"):
         shrink(m, masks, z)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_torchvision_transformers_mlp_units_heads_pinned(kind: str) -> None:
+    """torchvision ViT (nn.MultiheadAttention: packed in_proj_weight must stay embed_dim wide) and Swin
+    (reshape(B, N, 3, heads, C // heads) with C the block's input width): heads stay, MLP units go."""
+    from torchvision.models import VisionTransformer
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64)
+    else:
+        model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4])
+    x = torch.randn(2, 3, 32, 32)
+    hd = HeadDependency(model.eval(), x)
+    assert hd.attentions and all(a.pinned for a in hd.attentions)
+    small = check(model, x, ["mlp.0"], None, skip_pinned=True)
+    assert small.encoder.layers[0].mlp[0].out_features == 48 if kind == "vit" else True

@@ -10,6 +10,7 @@
   ``(in_features, out_features)`` (``addmm(bias, x, weight)``): an output channel is a **column** (dim 1)
   and an input channel a row. The class is recognised by type when ``transformers`` is loaded (see
   :func:`is_transposed_linear`); the channel engine finds the same axis from the recorded ``addmm``.
+  ``nn.Embedding`` likewise: an output channel is a column of its ``(num_embeddings, dim)`` weight.
 * ``BatchNorm``/``GroupNorm``/``LayerNorm``/``InstanceNorm`` (1-D weight): one element per channel.
 
 Input channels (the axis a pruned upstream filter removes) are dim 1 for conv/linear and dim 0 for
@@ -40,9 +41,11 @@ def _transposed_linear_types() -> tuple[type, ...]:
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
-    """True for a linear layer with an ``(in_features, out_features)`` weight (Hugging Face ``Conv1D``)."""
-    types = _transposed_linear_types()
-    return bool(types) and isinstance(module, types)
+    """True for a layer whose output channels are the **columns** of a 2-D weight: Hugging Face ``Conv1D``
+    (weight ``(in_features, out_features)``) and ``nn.Embedding`` (weight ``(num_embeddings, dim)``; a
+    channel is one embedding dimension, e.g. T5's relative position bias column of one head)."""
+    types = (nn.Embedding, *_transposed_linear_types())
+    return isinstance(module, types)
 
 
 def weight_of(module: nn.Module) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ _ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.GroupNorm, ("num_channels",)),
     (nn.LayerNorm, ("normalized_shape",)),
     (nn.PReLU, ("num_parameters",)),
+    (nn.Embedding, ("embedding_dim",)),
 )
 
 

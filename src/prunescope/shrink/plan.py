@@ -175,11 +175,13 @@ def _weight_args(node: OpNode) -> tuple[Any, Any, int, int]:
         return _arg(node, 2, "mat2"), _arg(node, 0, "input"), 1, 0
     if node.name in _CONVT:
         return _arg(node, 1, "weight"), _arg(node, 2, "bias"), 1, 0
+    if node.name == "embedding":  # embedding(ids, weight (num, dim)): a channel is a column
+        return _arg(node, 1, "weight"), None, 1, -1
     return _arg(node, 1, "weight"), _arg(node, 2, "bias"), 0, 1
 
 
 def _narrowable(node: OpNode) -> bool:
-    if node.name in _CONV | _CONVT or node.name == "linear":
+    if node.name in _CONV | _CONVT or node.name in ("linear", "embedding"):
         return True
     w = _arg(node, 2, "mat2") if node.name == "addmm" else None
     return isinstance(w, TensorInfo) and w.kind == "param" and w.ndim == 2
@@ -188,7 +190,7 @@ def _narrowable(node: OpNode) -> bool:
 def _filter_keep(mask: torch.Tensor, kind: str, groups: int, out_dim: int = 0) -> np.ndarray:
     """Per output channel: does the mask keep any weight of that channel's filter?"""
     m = mask.detach().to("cpu") != 0
-    if kind == "linear" and out_dim:  # a linear layer with an (in, out) weight (Hugging Face Conv1D)
+    if kind in ("linear", "embedding") and out_dim:  # weight (in, out): HF Conv1D, nn.Embedding
         m = m.movedim(out_dim, 0)
     if kind == "conv_transpose":  # weight (C_in, C_out/g, *k): output channel = g * (C_out/g) + j
         cin, cpg = m.shape[0], m.shape[1]
@@ -205,7 +207,7 @@ def _masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.n
         if w is None:
             continue
         li = ca.layers.get(layer)
-        if li is None or li.kind not in ("conv", "conv_transpose", "linear", "experts"):
+        if li is None or li.kind not in ("conv", "conv_transpose", "linear", "experts", "embedding"):
             ignored.append(layer)
             continue
         if w.device.type == "meta":
@@ -308,8 +310,8 @@ class _Planner:
         for name, li in ca.layers.items():
             if li.kind == "experts":  # narrowed through its stored 3-D parameter (shrink/experts.py)
                 continue
-            if li.kind not in ("conv", "conv_transpose", "linear") or not all(_narrowable(g.nodes[i])
-                                                                               for i in li.nodes):
+            if li.kind not in ("conv", "conv_transpose", "linear", "embedding") or not all(
+                    _narrowable(g.nodes[i]) for i in li.nodes):
                 for rep in li.inputs:
                     self.protect(rep, f"it feeds '{name}' ({li.kind}), which shrink does not narrow")
                 self.protect(ca.layer_atoms(name), f"'{name}' ({li.kind}) is not narrowed by shrink")
@@ -525,6 +527,12 @@ def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
     g, ca = plan.graph, plan.atoms
     ar = plan.atom_removed
     for name, li in ca.layers.items():
+        if li.kind == "embedding":
+            out_keep = ~ar[li.atom_start: li.atom_start + li.out_channels]
+            if not out_keep.all():
+                _put(plan, _weight_args(g.nodes[li.nodes[0]])[0], 1, out_keep, name)
+                plan.attrs.setdefault(name, {})["embedding_dim"] = int(out_keep.sum())
+            continue
         if li.kind not in ("conv", "conv_transpose", "linear"):
             continue
         out_keep, ins = pl.layer_keeps(ar, name)

@@ -167,7 +167,9 @@ def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
         if not isinstance(w, TensorInfo):
             raise UnknownOp("'embedding' without a weight tensor")
         owner = ca.weight_owner(w, node)
-        ca.new_layer(owner, "embedding", node, w.shape[1]).weight_out_dim = 1
+        li = ca.new_layer(owner, "embedding", node, w.shape[1])
+        li.weight_out_dim = 1
+        li.nodes.append(node.index)  # every lookup (shrink narrows the weight, as_pruned zeroes the output)
         for o in node.outputs[:1]:
             ca.set_info(o, ChannelInfo((o.ndim - 1,), ca.layer_atoms(owner)))
     else:  # multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight, ...)
