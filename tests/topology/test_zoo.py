@@ -57,8 +57,8 @@ def test_whole_zoo_on_meta() -> None:
         convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
         assert sorted(n for s_ in sets for n in s_) == sorted(convs), name  # every conv exactly once
         assert stopped == [] or name.startswith("maxvit"), (name, stopped)
-        if dt > 5:
-            slow[name] = dt
+        if dt > 60:  # a guard against a pathological walk (NNI's not_safe_to_prune: > 20 min), not a speed
+            slow[name] = dt  # target: analysis time is measured by bench/bench_topology.py
     assert not slow, slow
 
 
