@@ -97,16 +97,33 @@ def _size_changes(plan: RemovalPlan, exp: dict[int, tuple[int, ...]]) -> dict[st
     return out
 
 
-def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known: dict[str, set[str]]
-                ) -> dict[tuple[type, str, int], dict[str, int]]:
-    """``{(class, attribute, option index): {module: new value}}`` for integer attributes of changing sizes."""
+def _written(plan: RemovalPlan) -> dict[str, set[int]]:
+    """``{module: integers passed to its ops (and its children's)}``: the sizes a forward wrote in a call."""
+    from torch.utils import _pytree as pytree
+
+    per: dict[str, set[int]] = {}
+    for node in plan.graph.nodes:
+        vals = {v for v in pytree.tree_leaves((node.args, node.kwargs)) if type(v) is int}
+        if not vals:
+            continue
+        parts = node.module.split(".") if node.module else []
+        for i in range(len(parts) + 1):
+            per.setdefault(".".join(parts[:i]), set()).update(vals)
+    return per
+
+
+def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known: dict[str, set[str]],
+                written: dict[str, set[int]]) -> dict[tuple[type, str, int], dict[str, int]]:
+    """``{(class, attribute, option index): {module: new value}}`` for integer attributes of changing sizes that
+    the module's ops were called with (an attribute no call received cannot have set a recorded size)."""
     groups: dict[tuple[type, str, int], dict[str, int]] = {}
     for name, mod in model.named_modules():
         sizes = scopes.get(name)
         if not sizes:
             continue
+        args = written.get(name, set())
         for k, v in vars(mod).items():
-            if k.startswith("_") or type(v) is not int or k in known.get(name, ()):
+            if k.startswith("_") or type(v) is not int or k in known.get(name, ()) or v not in args:
                 continue
             news = sorted(n for n in sizes.get(v, ()) if n != v)
             for i, n in enumerate(news):
@@ -178,7 +195,7 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
     if not exp:
         return {}
     known = known or {}
-    groups = _candidates(small, _size_changes(plan, exp), known)
+    groups = _candidates(small, _size_changes(plan, exp), known, _written(plan))
     if not groups and not force:
         return {}
     prober = _Prober(small, dummy_input, plan, exp)
