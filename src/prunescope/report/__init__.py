@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,10 +99,30 @@ def _kept_by_shrink(graph: Any, model: nn.Module, candidates: dict[str, tuple[li
 
     modules = dict(model.named_modules())
 
+    def structural(members: list[str], units: Any) -> list[dict[str, Any]]:
+        """Half of the units masked, chosen by position: weights on ``meta`` have no norms to rank, and which
+        units are masked does not change why shrink would keep them."""
+        from ..masks.layers import bias_of, expand_filters, num_filters
+
+        out = []
+        for i, m in enumerate(members):
+            mod = modules[m]
+            n = num_filters(mod)
+            uid = np.asarray(units[i]) if units is not None else np.arange(n)
+            keep = torch.from_numpy(uid >= (int(uid.max()) + 1) // 2 if n else uid >= 0)
+            w = mod.weight
+            b = bias_of(mod)
+            out.append({"weight": expand_filters(mod, keep, torch.ones(tuple(w.shape))),
+                        "bias": keep.float() if b is not None else None})
+        return out
+
     def probe(keys: list[str]) -> dict[str, str]:
         masks: dict[str, Any] = {}
         for k in keys:
             members, units = candidates[k]
+            if any(modules[m].weight.device.type == "meta" for m in members):
+                masks.update(zip(members, structural(members, units)))
+                continue
             masks.update(zip(members, group_masks([modules[m] for m in members], 0.5, "l1", units=units)))
         try:
             with warnings.catch_warnings():
