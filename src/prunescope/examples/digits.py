@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch import nn
@@ -111,15 +112,13 @@ def cache_dir() -> str:
     return os.path.join(base, "prunescope")
 
 
-def _cache_path() -> str:
-    key = hashlib.sha256(f"{_VERSION}-{_EPOCHS}-{_SEED}-{torch.__version__}".encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), f"digitsnet-{key}.pt")
-
-
-def load_trained(use_cache: bool = True) -> DigitsNet:
-    """The trained default model: loaded from the cache, or trained once and cached (atomic write)."""
-    path = _cache_path()
-    model = DigitsNet()
+def cached_model(build: Callable[[], nn.Module], train_fn: Callable[[], nn.Module], tag: str, use_cache: bool = True
+                 ) -> nn.Module:
+    """A trained example model: its weights loaded from the cache (``cache_dir()/<tag>-<key>.pt``, key = tag and
+    torch version), or trained once with ``train_fn`` and cached (atomic write, ``weights_only`` load)."""
+    key = hashlib.sha256(f"{tag}-{torch.__version__}".encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir(), f"{tag.split('-')[0]}-{key}.pt")
+    model = build()
     if use_cache and os.path.exists(path):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,12 +126,17 @@ def load_trained(use_cache: bool = True) -> DigitsNet:
             return model.eval()
         except Exception:  # a corrupt cache is retrained, never trusted
             pass
-    model = train()
+    model = train_fn()
     if use_cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_open(path, "wb") as f:
             torch.save(model.state_dict(), f)
     return model
+
+
+def load_trained(use_cache: bool = True) -> DigitsNet:
+    """The trained default model: loaded from the cache, or trained once and cached (atomic write)."""
+    return cached_model(DigitsNet, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache)  # type: ignore[return-value]
 
 
 def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:

@@ -20,15 +20,11 @@ True
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_open
-from .digits import cache_dir, evaluate, load_data
+from .digits import cache_dir, cached_model, evaluate, load_data
 
 __all__ = ["DigitsViT", "train", "load_trained", "evaluate", "calibration_batches", "finetune", "INPUT_SIZE",
            "cache_dir"]
@@ -133,28 +129,9 @@ def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsViT:
     return model.eval()
 
 
-def _cache_path() -> str:
-    key = hashlib.sha256(f"{_VERSION}-{_EPOCHS}-{_SEED}-{torch.__version__}".encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), f"digitsvit-{key}.pt")
-
-
 def load_trained(use_cache: bool = True) -> DigitsViT:
     """The trained ViT: loaded from the cache, or trained once and cached (atomic write)."""
-    path = _cache_path()
-    model = DigitsViT()
-    if use_cache and os.path.exists(path):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-            return model.eval()
-        except Exception:  # a corrupt cache is retrained, never trusted
-            pass
-    model = train()
-    if use_cache:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_open(path, "wb") as f:
-            torch.save(model.state_dict(), f)
-    return model
+    return cached_model(DigitsViT, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache)  # type: ignore[return-value]
 
 
 def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:
