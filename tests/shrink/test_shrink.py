@@ -291,3 +291,28 @@ def test_odd_models_tied_weights_parametrized_shared_all_removed():
     chain = Chain()
     with pytest.raises(ShrinkError, match="remove all 8 output channels of layer 'conv1'"):
         shrink(chain, {"conv1": filt_mask(chain.conv1, [])}, torch.ones(1, 3, 8, 8))
+
+
+def test_roll_along_channels_is_pinned_not_shrunk_wrongly():
+    """roll(x, 3, dims=1) wraps at the channel count: removing channel 7 of 8 physically moves channels 5 and 6
+    to other positions (the output differs from the masked model), so the layer is unsafe and shrink refuses."""
+    import pytest
+
+    from prunescope.shrink import ShrinkError
+    from prunescope.topology import not_safe_to_prune
+
+    class Roll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), 3, dims=1)) + torch.roll(x, 1, dims=3).mean()
+
+    m = Roll().eval()
+    x = torch.randn(1, 3, 4, 4)
+    assert "roll" in not_safe_to_prune(m, x, with_reasons=True)["a"][0]
+    mk, bk = torch.ones(8, 3, 1, 1), torch.ones(8)
+    mk[7], bk[7] = 0, 0
+    with pytest.raises(ShrinkError, match="roll"):
+        shrink(m, {"a": {"weight": mk, "bias": bk}}, x)

@@ -186,6 +186,8 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     plan = plan_removal(g, masks, check_pins=False)
     check_not_empty(plan)
     pins = pinned_removals(plan)  # tried physically below: refused with the pin if the shapes do not follow
+    if pins and _positional_removal(plan):
+        raise pin_error(*pins[0])  # an offset/index would select other channels even with every size right
     if changed:
         warnings.warn(f"shrink: the masks had {len(changed)} conflicts and were fixed first (union policy): "
                       + "; ".join(f"{', '.join(c.members)}: {c.reason}" for c in changed[:3])
@@ -212,6 +214,26 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     if check:
         _check_runs(small, dummy_input, [tuple(t.shape) for t in g.outputs])
     return (small, ShrinkResult(plan, masks, changed)) if return_result else small
+
+
+def _positional_removal(plan: RemovalPlan) -> bool:
+    """Does a removed channel reach an op that selects channels by position (``x[:, a:b]``, ``roll``, ...)?"""
+    from ..topology.probe import _POSITIONAL
+
+    ca = plan.atoms
+    for node in plan.graph.nodes:
+        if node.name not in _POSITIONAL or not node.inputs:
+            continue
+        ci_in = ca.info(node.inputs[0])
+        if ci_in is None:
+            continue
+        ci_out = ca.info(node.outputs[0]) if node.outputs else None
+        if ci_out is not None and ci_out.atoms.shape == ci_in.atoms.shape and np.array_equal(ci_out.atoms,
+                                                                                              ci_in.atoms):
+            continue  # channels pass through untouched (a spatial slice)
+        if (~plan.alive(ci_in.atoms)).any():
+            return True
+    return False
 
 
 def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]]) -> None:

@@ -393,6 +393,8 @@ def shape_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
     if outs is None:
         raise UnknownOp(f"'{node.name}' could not be replayed on channel ids")
     name = node.name
+    if name == "roll" and ins[0] is not None:
+        _roll_rule(ca, node, ins[0])
     if name in _RESHAPE and ins[0] is not None and outs and outs[0] is not None:
         reshape_rule(ca, node, ins[0], outs[0])
     elif name in _SPLIT and ins[0] is not None:
@@ -413,6 +415,26 @@ def shape_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
     targets = node.outputs
     for o, ci in zip(targets, outs):
         ca.set_info(o, ci)
+
+
+def _roll_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo) -> None:
+    """``roll`` along a channel axis wraps at the channel count: after a removal the same shift moves the
+    channels near the end to other positions (physically checked: removing one of the last ``shift`` channels
+    gives another output), so those axes are pinned."""
+    x = node.inputs[0]
+    dims = arg(node, 2, "dims")
+    shifts = arg(node, 1, "shifts")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts or [])
+    if not dims:  # roll of the flattened tensor: every channel axis wraps
+        ca.pin_axes(ci.atoms, list(range(len(ci.axes))), node, "'roll' of the flattened tensor moves channels "
+                    "by a count that changes when one is removed")
+        return
+    for d, sh in zip(dims, shifts):
+        a = d % x.ndim
+        if a in ci.axes and isinstance(sh, int) and sh % x.shape[a]:
+            ca.pin_axes(ci.atoms, [ci.axes.index(a)], node, f"'roll' by {sh} along channel axis {a} wraps at the "
+                        f"channel count, which a removal changes")
 
 
 def reshape_rule(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, co: ChannelInfo) -> None:
