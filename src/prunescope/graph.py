@@ -383,6 +383,20 @@ def _meta_result(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> to
     return fn(args, kwargs)
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are ``meta`` tensors (structure only; tied tensors stay
+    tied, parameters stay parameters): tracing it costs shapes, not arithmetic."""
+    import copy
+    import itertools
+
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in memo:
+            m = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(model, memo)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model without either)."""
     for t in itertools.chain(model.parameters(), model.buffers()):

@@ -22,29 +22,17 @@ The result is exact by construction: the narrowed model's every recorded shape e
 
 from __future__ import annotations
 
-import copy
-import itertools
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..graph import ModelGraph, trace
-from .plan import RemovalPlan, ShrinkError
+from ..graph import ModelGraph, meta_copy, trace
+from .plan import RemovalPlan, ShrinkError, axis_positions
 
 __all__ = ["expected_shapes", "fit_attributes"]
 
 _MAX_ROUNDS = 16
-
-
-def _axis_size(plan: RemovalPlan, ci: Any, axis: int, old: int) -> int:
-    k = ci.axes.index(axis)
-    grid = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
-    valid = grid >= 0
-    rem = np.where(valid, plan.atom_removed[np.maximum(grid, 0)], False)
-    gone = valid.any(1) & (rem | ~valid).all(1)
-    return old - int(gone.sum())
 
 
 def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
@@ -58,7 +46,7 @@ def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
         shape = list(t.shape)
         for a in ci.axes:
             if a < len(shape):
-                shape[a] = _axis_size(plan, ci, a, shape[a])
+                shape[a] -= int(axis_positions(ci, a, plan.atom_removed)[1].sum())
         if tuple(shape) != tuple(t.shape):
             out[t.id] = tuple(shape)
     # -- fused expert parameters (shrink/experts.py): the views the forward makes of them narrow too
@@ -88,13 +76,17 @@ def _size_changes(plan: RemovalPlan, exp: dict[int, tuple[int, ...]]) -> dict[st
                     scope.setdefault(int(t.shape[a]), set()).add(int(new[a]))
     out: dict[str, dict[int, set[int]]] = {}
     for mod, sizes in per_node.items():
-        parts = mod.split(".") if mod else []
-        for i in range(len(parts) + 1):
-            anc = ".".join(parts[:i])
+        for anc in _ancestors(mod):
             dst = out.setdefault(anc, {})
             for k, v in sizes.items():
                 dst.setdefault(k, set()).update(v)
     return out
+
+
+def _ancestors(module: str) -> list[str]:
+    """``'a.b.c'`` -> ``['', 'a', 'a.b', 'a.b.c']``: the scopes an op of ``module`` belongs to."""
+    parts = module.split(".") if module else []
+    return [".".join(parts[:i]) for i in range(len(parts) + 1)]
 
 
 def _written(plan: RemovalPlan) -> dict[str, set[int]]:
@@ -106,9 +98,8 @@ def _written(plan: RemovalPlan) -> dict[str, set[int]]:
         vals = {v for v in pytree.tree_leaves((node.args, node.kwargs)) if type(v) is int}
         if not vals:
             continue
-        parts = node.module.split(".") if node.module else []
-        for i in range(len(parts) + 1):
-            per.setdefault(".".join(parts[:i]), set()).update(vals)
+        for anc in _ancestors(node.module):
+            per.setdefault(anc, set()).update(vals)
     return per
 
 
@@ -134,18 +125,17 @@ def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known:
 class _Prober:
     """Traces a copy of the narrowed model (meta when possible) and compares it with the plan's shapes."""
 
-    def __init__(self, small: nn.Module, dummy_input: Any, plan: RemovalPlan, exp: dict[int, tuple[int, ...]]):
+    def __init__(self, small: nn.Module, dummy_input: Any, plan: RemovalPlan, exp: dict[int, tuple[int, ...]],
+                 meta: bool = True):
         self.want = [[exp.get(t.id, tuple(t.shape)) for t in n.outputs] for n in plan.graph.nodes]
         self.names = [(n.name, n.module) for n in plan.graph.nodes]
-        self.model, self.x = _meta_copy(small, dummy_input)
+        self.model, self.x = _meta_copy(small, dummy_input) if meta else (small, dummy_input)
         self.modules = dict(self.model.named_modules())
-        self.traces = 0
 
     def progress(self) -> tuple[int, str]:
         """Index of the first op whose shapes differ from the plan (``len`` = all match), and a description."""
         from ..errors import TraceError
 
-        self.traces += 1
         try:
             g: ModelGraph = trace(self.model, self.x)
         except TraceError as e:
@@ -172,15 +162,9 @@ class _Prober:
 def _meta_copy(model: nn.Module, dummy_input: Any) -> tuple[nn.Module, Any]:
     from torch.utils import _pytree as pytree
 
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if id(t) not in memo and t.device.type != "meta":
-            m = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-    meta = copy.deepcopy(model, memo)
     x = pytree.tree_map(lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v,
                         dummy_input)
-    return meta, x
+    return meta_copy(model), x
 
 
 def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
@@ -201,9 +185,7 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
     prober = _Prober(small, dummy_input, plan, exp)
     best, why = prober.progress()
     if best < len(prober.want):  # a forward that reads values cannot run on meta: probe the copy itself
-        real = _Prober.__new__(_Prober)
-        real.want, real.names, real.traces = prober.want, prober.names, prober.traces
-        real.model, real.x, real.modules = small, dummy_input, dict(small.named_modules())
+        real = _Prober(small, dummy_input, plan, exp, meta=False)  # attributes are set and restored per try
         rb, rw = real.progress()
         if rb > best:
             prober, best, why = real, rb, rw

@@ -218,22 +218,9 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
 
 def _positional_removal(plan: RemovalPlan) -> bool:
     """Does a removed channel reach an op that selects channels by position (``x[:, a:b]``, ``roll``, ...)?"""
-    from ..topology.probe import _POSITIONAL
+    from ..topology.probe import positional_inputs
 
-    ca = plan.atoms
-    for node in plan.graph.nodes:
-        if node.name not in _POSITIONAL or not node.inputs:
-            continue
-        ci_in = ca.info(node.inputs[0])
-        if ci_in is None:
-            continue
-        ci_out = ca.info(node.outputs[0]) if node.outputs else None
-        if ci_out is not None and ci_out.atoms.shape == ci_in.atoms.shape and np.array_equal(ci_out.atoms,
-                                                                                              ci_in.atoms):
-            continue  # channels pass through untouched (a spatial slice)
-        if (~plan.alive(ci_in.atoms)).any():
-            return True
-    return False
+    return any((~plan.alive(ci.atoms)).any() for _, ci in positional_inputs(plan.graph, plan.atoms))
 
 
 def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]]) -> None:

@@ -168,6 +168,17 @@ class RemovalPlan:
         return total
 
 
+def axis_positions(ci: Any, axis: int, atom_removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along channel axis ``axis`` of a tensor: ``(rows, gone, mixed)`` — the atoms of each position (one row
+    per position), which positions lose every atom (they leave the axis), which lose some but not all."""
+    k = ci.axes.index(axis)
+    rows = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
+    valid = rows >= 0
+    rem = np.where(valid, atom_removed[np.maximum(rows, 0)], False)
+    gone = valid.any(1) & (rem | ~valid).all(1)
+    return rows, gone, rem.any(1) & ~gone
+
+
 def _weight_args(node: OpNode) -> tuple[Any, Any, int, int]:
     """``(weight, bias, output axis, input axis)`` of a layer call: ``conv*``/``linear(x, W, b)``, or
     ``addmm(b, x, W)`` with a parameter ``W`` of shape ``(in, out)`` (Hugging Face ``Conv1D``)."""
@@ -335,11 +346,8 @@ class _Planner:
             ci = self.ca.info(t)
             if ci is None or t.ndim - 1 not in ci.axes:
                 continue
-            k = ci.axes.index(t.ndim - 1)
-            rows = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
-            valid = rows >= 0
-            rem = np.where(valid, atom_removed[np.maximum(rows, 0)], False)
-            lost = rows[valid.any(1) & (rem | ~valid).all(1)]  # positions that would leave the axis
+            rows, gone, _ = axis_positions(ci, t.ndim - 1, atom_removed)
+            lost = rows[gone]  # positions that would leave the axis
             if lost.size:
                 changed |= self.protect(lost, f"scaled_dot_product_attention in '{node.module}' scales by "
                                         "1/sqrt(head_dim): removing in-head positions would change every score")
@@ -436,15 +444,10 @@ class _Planner:
     @staticmethod
     def axis_keep(ci: Any, axis: int, atom_removed: np.ndarray) -> np.ndarray | None:
         """Keep per position of ``axis``; None if a position mixes removed and kept atoms."""
-        k = ci.axes.index(axis)
-        grid = np.moveaxis(ci.atoms, k, 0).reshape(ci.atoms.shape[k], -1)
-        valid = grid >= 0
-        rem = np.where(valid, atom_removed[np.maximum(grid, 0)], False)
-        all_rem = valid.any(1) & (rem | ~valid).all(1)
-        mixed = rem.any(1) & ~all_rem
+        _, gone, mixed = axis_positions(ci, axis, atom_removed)
         if mixed.any():
             return None
-        return ~all_rem
+        return ~gone
 
     def decide(self) -> np.ndarray:
         self.static_protection()

@@ -28,7 +28,7 @@ from torch import nn
 
 from .._io import atomic_open
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph import ModelGraph, quantized_kind, trace
+from ..graph import ModelGraph, meta_copy, quantized_kind, trace
 from .atoms import (
     CONV_OPS,
     LINEAR_OPS,
@@ -108,15 +108,10 @@ def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
 
     from ..errors import TraceError
 
-    memo: dict[int, Any] = {}
+    if all(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
+        return None  # already on meta (or nothing to copy): the caller's own trace is the meta trace
     try:
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            if id(t) not in memo and t.device.type != "meta":
-                m = torch.empty_like(t, device="meta")
-                memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-        if not memo:
-            return None
-        meta_model = copy.deepcopy(model, memo)
+        meta_model = meta_copy(model)
         x = pytree.tree_map(
             lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, dummy_input)
         if isinstance(x, tuple) and all(isinstance(v, int) for v in x):

@@ -62,8 +62,6 @@ for a CNN, up to about a second for a large transformer on a busy CPU); results 
 
 from __future__ import annotations
 
-import copy
-import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -75,7 +73,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..graph import ModelGraph, TensorInfo, model_device, trace
+from ..graph import ModelGraph, TensorInfo, meta_copy, model_device, trace
 
 __all__ = ["PinProbe", "probe_pins"]
 
@@ -167,14 +165,22 @@ def _meta_inputs(graph: ModelGraph, dummy_input: Any) -> tuple[tuple[Any, ...], 
     return args, kw
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are ``meta`` tensors (nothing is copied but structure)."""
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if id(t) not in memo:
-            m = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-    return copy.deepcopy(model, memo)
+def positional_inputs(graph: ModelGraph, ca: Any) -> list[tuple[Any, Any]]:
+    """``(node, channel info of its input)`` for every op that selects channels by position (``x[:, a:b]``,
+    ``roll``, ``index_select`` ...) other than a spatial slice that passes the channels through untouched."""
+    out = []
+    for node in graph.nodes:
+        if node.name not in _POSITIONAL or not node.inputs:
+            continue
+        ci_in = ca.info(node.inputs[0])
+        if ci_in is None:
+            continue
+        ci_out = ca.info(node.outputs[0]) if node.outputs else None
+        if ci_out is not None and ci_out.atoms.shape == ci_in.atoms.shape and np.array_equal(ci_out.atoms,
+                                                                                              ci_in.atoms):
+            continue
+        out.append((node, ci_in))
+    return out
 
 
 def _removed_shape(cls_grid: np.ndarray, axes: tuple[int, ...], shape: tuple[int, ...],
@@ -309,7 +315,7 @@ class _Prober:
             self.no_inputs = True
             return "the example input cannot be rebuilt from the trace (give dummy_input)"
         try:
-            self._small = _meta_copy(self.g.model)
+            self._small = meta_copy(self.g.model)
         except Exception as e:  # noqa: BLE001
             return f"the model cannot be copied to meta ({type(e).__name__}: {e})"
         if model_device(self.g.model).type != "meta":  # traced on real tensors: does it run on meta at all?
@@ -325,15 +331,8 @@ class _Prober:
                 ci = ca.info(t)
                 if ci is not None:
                     self._grids.append((node.index, j, t, ci.axes, ca.atom_class(ci.atoms)))
-            if node.name in _POSITIONAL and node.inputs:
-                ci_in = ca.info(node.inputs[0])
-                if ci_in is None:
-                    continue
-                ci_out = ca.info(node.outputs[0]) if node.outputs else None
-                if (ci_out is not None and ci_out.atoms.shape == ci_in.atoms.shape
-                        and np.array_equal(ci_out.atoms, ci_in.atoms)):
-                    continue  # channels pass through untouched (a spatial slice)
-                self._pos_nodes.append((node.index, np.unique(ca.atom_class(ci_in.atoms))))
+        self._pos_nodes += [(node.index, np.unique(ca.atom_class(ci_in.atoms)))
+                            for node, ci_in in positional_inputs(self.g, ca)]
         return None
 
     # -- one probe
