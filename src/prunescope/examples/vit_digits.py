@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import cache_dir, cached_model, evaluate, load_data
+from .digits import cache_dir, cached_model, calibration_batches, evaluate, load_data
 
 __all__ = ["DigitsViT", "train", "load_trained", "evaluate", "calibration_batches", "finetune", "INPUT_SIZE",
            "cache_dir"]
@@ -132,12 +132,6 @@ def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsViT:
 def load_trained(use_cache: bool = True) -> DigitsViT:
     """The trained ViT: loaded from the cache, or trained once and cached (atomic write)."""
     return cached_model(DigitsViT, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache)  # type: ignore[return-value]
-
-
-def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:
-    """The training split in batches (LayerNorm has no running statistics: re-estimation changes nothing)."""
-    xt, _, _, _ = load_data()
-    return [xt[i : i + batch_size] for i in range(0, len(xt), batch_size)]
 
 
 def finetune(model: nn.Module, epochs: int = 10, lr: float = 2e-3, seed: int = _SEED) -> nn.Module:
