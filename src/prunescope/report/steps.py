@@ -141,7 +141,7 @@ class Run:
         from ..shrink import as_pruned
 
         masks = self.masks_for(plan)
-        with as_pruned(self.model, masks, graph=self.graph):
+        with as_pruned(self.model, masks, graph=self.graph, fix_conflicts=False):  # masks_for: conflict-free
             return self.evaluate(self.model, f"plan {plan}")
 
     def ship(self, plan: dict[str, float]) -> Shipped:

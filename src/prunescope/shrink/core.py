@@ -13,6 +13,7 @@ from torch import nn
 
 from ..graph import ModelGraph, trace
 from .plan import RemovalPlan, ShrinkError, check_not_empty, pin_error, pinned_removals, plan_removal
+from .verify import run_eval, verify_shrunk
 
 __all__ = ["shrink", "as_pruned", "ShrinkWarning", "ShrinkResult", "prepare_masks"]
 
@@ -89,6 +90,13 @@ def prepare_masks(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, 
     return dict(fixed), list(getattr(fixed, "changed", []))
 
 
+def conflict_message(who: str, changed: list[Any]) -> str:
+    """The warning of ``shrink`` and ``as_pruned`` when the masks' conflicts were fixed first."""
+    return (f"{who}: the masks had {len(changed)} conflicts and were fixed first (union policy): "
+            + "; ".join(f"{', '.join(c.members)}: {c.reason}" for c in changed[:3])
+            + (" ..." if len(changed) > 3 else ""))
+
+
 def _resolve(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     mod_name, _, attr = fqn.rpartition(".")
     return (root.get_submodule(mod_name) if mod_name else root), attr
@@ -147,7 +155,8 @@ def _mask_in_place(small: nn.Module, masks: Mapping[str, Any]) -> None:
 
 
 def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_conflicts: bool = True,
-           graph: ModelGraph | None = None, return_result: bool = False, check: bool = True) -> Any:
+           graph: ModelGraph | None = None, return_result: bool = False, check: bool = True,
+           verify: bool = True) -> Any:
     """A physically narrower copy of ``model`` in which every removed channel is gone.
 
     ``masks``: NNI's layout ``{layer: {'weight': tensor, 'bias': tensor or None}}`` (or a mask file's
@@ -158,11 +167,19 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
 
     The copy keeps the user's classes, module names and forward code: modules are narrowed in place
     (parameters, buffers and the attributes the forward reads), so the result traces, counts and prunes
-    again. Its output equals the masked model's in which a removed channel is also zero after its
-    normalisation (:func:`as_pruned`); a LayerNorm/GroupNorm that normalises across channels legitimately
-    changes. ``model`` is not modified. A removed channel of a layer that ``not_safe_to_prune`` reports
-    raises :class:`ShrinkError` naming the layer and the op that pins it; after narrowing the copy is run
-    (on the meta device when possible) and a failure raises :class:`ShrinkError` naming the op.
+    again. Its output equals the as-pruned masked model's (:func:`as_pruned`: a removed channel is also zero
+    after its normalisation, and a LayerNorm/GroupNorm/RMSNorm over channels normalises over the kept ones).
+    ``model`` is not modified (weights, hooks, training flags; also on exceptions). A removed channel of a
+    layer that ``not_safe_to_prune`` reports raises :class:`ShrinkError` naming the layer and the op that
+    pins it.
+
+    The safety net: ``check`` runs the copy once (eval mode, no autograd) and compares output shapes (a
+    failure raises :class:`ShrinkError` naming the op); ``verify`` (default) also runs ``model`` as pruned
+    (:func:`as_pruned`, the same masks and plan) and compares every floating-point output
+    (:mod:`~prunescope.shrink.verify`: rtol 1e-4 in float32 with an atol relative to the output's scale): a
+    difference raises :class:`ShrinkError` naming the module where the two first diverge, the ops it runs and
+    the layers whose removed channels reach it; no model is returned then. It costs one more forward pass of
+    ``model`` on ``dummy_input``. On meta tensors (no values) only the shapes are compared.
 
     >>> import torch
     >>> from torch import nn
@@ -189,9 +206,7 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     if pins and _positional_removal(plan):
         raise pin_error(*pins[0])  # an offset/index would select other channels even with every size right
     if changed:
-        warnings.warn(f"shrink: the masks had {len(changed)} conflicts and were fixed first (union policy): "
-                      + "; ".join(f"{', '.join(c.members)}: {c.reason}" for c in changed[:3])
-                      + (" ..." if len(changed) > 3 else ""), ShrinkWarning, stacklevel=2)
+        warnings.warn(conflict_message("shrink", changed), ShrinkWarning, stacklevel=2)
     if plan.protected:
         first = next(iter(plan.protected.items()))
         warnings.warn(f"shrink: masked channels of {len(plan.protected)} layers stay because they cannot be "
@@ -211,8 +226,11 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
         raise
     for name, values in fitted.items():
         plan.attrs.setdefault(name, {}).update(values)
-    if check:
-        _check_runs(small, dummy_input, [tuple(t.shape) for t in g.outputs])
+    if check or verify:
+        out = _check_runs(small, dummy_input, [tuple(t.shape) for t in g.outputs])
+        if verify:
+            verify_shrunk(model, small, dummy_input, plan, out,
+                          lambda: as_pruned(model, masks, plan=plan, fix_conflicts=False))
     return (small, ShrinkResult(plan, masks, changed)) if return_result else small
 
 
@@ -223,17 +241,15 @@ def _positional_removal(plan: RemovalPlan) -> bool:
     return any((~plan.alive(ci.atoms)).any() for _, ci in positional_inputs(plan.graph, plan.atoms))
 
 
-def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]]) -> None:
-    """Run the shrunk copy once (eval mode, no autograd); on failure trace it to name the op that failed."""
+def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]]) -> Any:
+    """Run the shrunk copy once (eval mode, no autograd, seeded) and return its output; on failure trace it to
+    name the op that failed."""
     from torch.utils import _pytree as pytree
 
     from ..errors import TraceError
-    from ..graph import make_inputs, preserved_training
 
-    args, kw = make_inputs(small, dummy_input)
     try:
-        with torch.no_grad(), preserved_training(small, False):
-            out = small(*args, **kw)
+        out = run_eval(small, dummy_input)
     except Exception as first:  # noqa: BLE001 - re-run under the recorder to name the op
         try:
             trace(small, dummy_input)
@@ -244,9 +260,13 @@ def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]])
     got = [tuple(t.shape) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     if got != want:
         raise ShrinkError(f"the shrunk model's output shapes {got} differ from the model's {want}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- as-pruned
+_NORMS = frozenset(("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"))
+
+
 def _zero_hook(axis: int, keep: torch.Tensor) -> Any:
     def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
         if not isinstance(out, torch.Tensor):
@@ -261,8 +281,144 @@ def _zero_hook(axis: int, keep: torch.Tensor) -> Any:
     return hook
 
 
+def _site(graph: ModelGraph, node: Any, ci: Any) -> tuple[str, int, int] | None:
+    """``(op, occurrence, channel axis from the end)`` of a norm call that normalises *across* its single channel
+    axis (LayerNorm/RMSNorm with the channels among the normalised dims, GroupNorm), else None (BatchNorm,
+    InstanceNorm and a LayerNorm over other dims treat every channel alone: zeroing the channel is exact).
+    ``occurrence``: the call's index among the norm calls run inside its module's call (children included)."""
+    from ..topology.base import arg
+
+    if ci is None or len(ci.axes) != 1 or node.call is None or node.name not in ("layer_norm", "group_norm",
+                                                                                  "rms_norm"):
+        return None
+    x = node.inputs[0]
+    a = ci.axes[0]
+    if node.name == "group_norm":
+        if a != 1:
+            return None
+    else:
+        ns = arg(node, 1, "normalized_shape")
+        ns = [ns] if isinstance(ns, int) else list(ns) if ns is not None else []
+        if a < x.ndim - len(ns):
+            return None
+    calls = [n.index for n in graph.ops_in(graph.calls[node.call]) if n.name in _NORMS]
+    return node.name, calls.index(node.index), a - x.ndim
+
+
+def _renorm(name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], axis: int,
+            keep: torch.Tensor) -> torch.Tensor:
+    """What the narrowed norm computes, at full width: the norm over the kept channels of its input with the
+    kept parameters (GroupNorm: the same group count), zeros at removed positions."""
+    import torch.nn.functional as F
+
+    x = args[0]
+    ax = axis % x.ndim
+    keep = keep.to(device=x.device, dtype=torch.bool)
+    if keep.numel() != x.shape[ax] or bool(keep.all()):
+        return func(*args, **kwargs)
+    idx = torch.nonzero(keep).reshape(-1)
+
+    def get(i: int, key: str, default: Any = None) -> Any:
+        return args[i] if len(args) > i else kwargs.get(key, default)
+
+    def sel(t: Any, dim: int) -> Any:
+        return t.index_select(dim, idx) if isinstance(t, torch.Tensor) else t
+
+    def zeroed() -> torch.Tensor:  # cannot be narrowed (shrink keeps such channels): zero the removed ones
+        shape = [1] * x.ndim
+        shape[ax] = keep.numel()
+        y = func(*args, **kwargs)
+        return y * keep.to(y.dtype).reshape(shape)
+
+    if idx.numel() == 0:
+        return torch.zeros_like(func(*args, **kwargs))
+    xk = x.index_select(ax, idx)
+    if name == "group_norm":
+        groups = get(1, "num_groups")
+        if not isinstance(groups, int) or idx.numel() % groups:
+            return zeroed()
+        yk = F.group_norm(xk, groups, sel(get(2, "weight"), 0), sel(get(3, "bias"), 0), get(4, "eps", 1e-5))
+    else:
+        ns = get(1, "normalized_shape")
+        ns = [ns] if isinstance(ns, int) else list(ns)
+        pa = ax - (x.ndim - len(ns))
+        if pa < 0:
+            return zeroed()
+        ns[pa] = int(idx.numel())
+        if name == "layer_norm":
+            yk = F.layer_norm(xk, ns, sel(get(2, "weight"), pa), sel(get(3, "bias"), pa), get(4, "eps", 1e-5))
+        else:
+            yk = F.rms_norm(xk, ns, sel(get(2, "weight"), pa), get(3, "eps"))
+    return yk.new_zeros(x.shape).index_copy(ax, idx, yk)
+
+
+class _NormEmulation:
+    """Forward pre/post hooks on one module: while it runs, a function mode replaces its norm calls number
+    ``j`` of ``targets = {j: (op, axis, keep())}`` by :func:`_renorm` (the mode is active only inside the
+    module's forward and is removed by the post hook, which runs also when the forward raises)."""
+
+    def __init__(self, targets: dict[int, tuple[str, int, Any]]) -> None:
+        self.targets = targets
+        self.stack: list[Any] = []
+
+    def pre(self, _mod: nn.Module, _args: Any) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        from ..graph import _op_name
+
+        targets = self.targets
+
+        class Mode(TorchFunctionMode):
+            count = 0
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                kwargs = kwargs or {}
+                name = _op_name(func)
+                if name not in _NORMS:
+                    return func(*args, **kwargs)
+                j = self.count
+                self.count += 1
+                t = targets.get(j)
+                if t is None or t[0] != name or not args or not isinstance(args[0], torch.Tensor):
+                    return func(*args, **kwargs)
+                keep = t[2]()
+                if keep is None:
+                    return func(*args, **kwargs)
+                return _renorm(name, func, tuple(args), kwargs, t[1], keep)
+
+        mode = Mode()
+        mode.__enter__()
+        self.stack.append(mode)
+
+    def post(self, _mod: nn.Module, _args: Any, _out: Any) -> None:
+        if self.stack:
+            self.stack.pop().__exit__(None, None, None)
+
+    def register(self, mod: nn.Module) -> list[Any]:
+        return [mod.register_forward_pre_hook(self.pre), mod.register_forward_hook(self.post, always_call=True)]
+
+
+def norm_sites(plan: RemovalPlan) -> dict[str, dict[int, tuple[str, int, np.ndarray]]]:
+    """``{module: {occurrence: (op, axis from the end, keep)}}``: the norm calls that normalise across channels
+    the plan removes (:func:`as_pruned` emulates the narrowed norm there)."""
+    g, ca = plan.graph, plan.atoms
+    out: dict[str, dict[int, tuple[str, int, np.ndarray]]] = {}
+    for node in g.nodes:
+        if node.name not in _NORMS or not node.module or node.module not in g.modules:
+            continue
+        ci = ca.info(node.inputs[0])
+        site = _site(g, node, ci)
+        if site is None:
+            continue
+        keep = plan.alive(ci.atoms)
+        if not keep.all():
+            out.setdefault(node.module, {}).setdefault(site[1], (site[0], site[2], keep))
+    return out
+
+
 def zero_points(plan: RemovalPlan) -> dict[str, tuple[int, np.ndarray]]:
-    """``{module: (axis, keep)}``: where a removed channel must read zero in the as-pruned masked model."""
+    """``{module: (axis, keep)}``: where a removed channel must read zero in the as-pruned masked model (norms
+    across channels are not here: :func:`norm_sites`)."""
     g, ca = plan.graph, plan.atoms
     out: dict[str, tuple[int, np.ndarray]] = {}
     for name, rem in plan.removed.items():
@@ -276,11 +432,11 @@ def zero_points(plan: RemovalPlan) -> dict[str, tuple[int, np.ndarray]]:
             if node.module in g.modules and ci is not None and len(ci.axes) == 1 and node.module not in out:
                 out[node.module] = (ci.axes[0] - o.ndim, ~rem)
     for node in g.nodes:
-        if node.name not in ("batch_norm", "instance_norm", "group_norm", "layer_norm") or not node.module:
+        if node.name not in _NORMS or not node.module:
             continue
         o = node.outputs[0]
         ci = ca.info(o)
-        if ci is None or len(ci.axes) != 1:
+        if ci is None or len(ci.axes) != 1 or _site(g, node, ca.info(node.inputs[0])) is not None:
             continue
         keep = plan.alive(ci.atoms)
         if not keep.all() and node.module not in out:
@@ -288,20 +444,49 @@ def zero_points(plan: RemovalPlan) -> dict[str, tuple[int, np.ndarray]]:
     return out
 
 
+def _constant(keep: torch.Tensor) -> Any:
+    return lambda: keep
+
+
 @contextmanager
 def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = None, *,
-              graph: ModelGraph | None = None, plan: RemovalPlan | None = None) -> Iterator[nn.Module]:
-    """Apply ``masks`` with as-pruned semantics: a removed channel is also zero after its normalisation.
+              graph: ModelGraph | None = None, plan: RemovalPlan | None = None,
+              fix_conflicts: bool = True) -> Iterator[nn.Module]:
+    """Apply ``masks`` with as-pruned semantics: the masked model computes what :func:`shrink` ships.
 
-    This is what the shrunk model computes (the constant ``β − γ·μ/σ`` an eval-mode BatchNorm makes of a
-    zeroed channel is gone, as physical pruning removes it), measured without building the smaller model.
-    Weights come back bit for bit and the temporary forward hooks are removed, also on exceptions.
+    The masks are prepared exactly as :func:`shrink` prepares them: made conflict-free first
+    (:func:`~prunescope.masks.fix_mask_conflict`, union policy, with the same :class:`ShrinkWarning`) unless
+    ``fix_conflicts=False`` (the caller's masks are conflict-free already) or a removal ``plan`` of them is
+    given; the removal plan decides which channels go. A removed channel is then zero everywhere downstream,
+    also after its normalisation (the constant ``β − γ·μ/σ`` an eval-mode BatchNorm makes of a zeroed channel
+    is gone, as physical pruning removes it), and a LayerNorm / GroupNorm / RMSNorm that normalises across
+    removed channels normalises over the kept channels only, with the kept parameters (GroupNorm: the same
+    group count), as the narrowed module does. Measured without building the smaller model. Weights come back
+    bit for bit and the temporary forward hooks are removed, also on exceptions.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    >>> m = torch.ones(8, 3, 3, 3); m[:3] = 0
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> masks = {'0': {'weight': m, 'bias': torch.tensor([0.] * 3 + [1.] * 5)}}
+    >>> with as_pruned(net, masks, x):
+    ...     y = net(x)
+    >>> torch.allclose(y, shrink(net, masks, x)(x), atol=1e-5)
+    True
     """
+    from ..errors import ConfigError
     from ..masks import apply_masks
 
     if plan is None:
-        g = graph if graph is not None else trace(model, dummy_input)
-        plan = plan_removal(g, masks, check_pins=False)
+        if graph is None:
+            if dummy_input is None:
+                raise ConfigError("as_pruned needs dummy_input (or graph= / plan=) to find which channels go")
+            graph = trace(model, dummy_input)
+        masks, changed = prepare_masks(model, masks, dummy_input, graph, fix_conflicts)
+        if changed:
+            warnings.warn(conflict_message("as_pruned", changed), ShrinkWarning, stacklevel=3)
+        plan = plan_removal(graph, masks, check_pins=False)
     modules = dict(model.named_modules())
     handles = []
     try:
@@ -309,6 +494,11 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
             mod = modules.get(name)
             if mod is not None:
                 handles.append(mod.register_forward_hook(_zero_hook(axis, torch.as_tensor(keep))))
+        for name, sites in norm_sites(plan).items():
+            mod = modules.get(name)
+            if mod is not None:
+                targets = {j: (op, axis, _constant(torch.as_tensor(keep))) for j, (op, axis, keep) in sites.items()}
+                handles.extend(_NormEmulation(targets).register(mod))
         with apply_masks(model, masks):
             yield model
     finally:
@@ -317,15 +507,19 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
 
 
 # ------------------------------------------------------------------------------- as-pruned sensitivity support
-ZeroPoint = tuple  # (module name, axis from the end, layer name, per-channel filter index of that layer or -1)
+# (module name, axis from the end, layer name, per-channel filter index of that layer or -1, norm site or None);
+# the norm site ``(op, occurrence)`` marks a norm across channels: emulated, not zeroed (see :func:`_site`)
+ZeroPoint = tuple
 
 
 def follower_zero_map(graph: ModelGraph, layers: Iterable[str]) -> tuple[ZeroPoint, ...]:
-    """Where the channels of ``layers`` are normalised: ``(norm module, axis, layer, index)`` per norm call.
+    """Where the channels of ``layers`` are normalised: ``(norm module, axis, layer, index, site)`` per norm call.
 
     ``index[p]`` is the output channel of ``layer`` that sits at channel ``p`` of the norm's output (``-1``: a
     channel of no layer in ``layers``). With a filter of the layer all zero (pruned), :func:`zero_hooks` zeroes
-    that channel after the norm, which is what physical removal does (the as-pruned semantics), without a plan.
+    that channel after the norm, which is what physical removal does (the as-pruned semantics), without a plan;
+    a norm that normalises across channels (``site`` not None) is computed over the kept channels instead, as
+    the narrowed norm does.
     """
     from ..topology import channel_atoms
 
@@ -334,7 +528,7 @@ def follower_zero_map(graph: ModelGraph, layers: Iterable[str]) -> tuple[ZeroPoi
     out: list[ZeroPoint] = []
     seen: set[str] = set()
     for node in graph.nodes:
-        if node.name not in ("batch_norm", "instance_norm", "group_norm", "layer_norm") or not node.module:
+        if node.name not in _NORMS or not node.module:
             continue
         o = node.outputs[0]
         ci = ca.info(o)
@@ -352,29 +546,43 @@ def follower_zero_map(graph: ModelGraph, layers: Iterable[str]) -> tuple[ZeroPoi
                     break
         if layer_of is not None:
             seen.add(node.module)
-            out.append((node.module, ci.axes[0] - o.ndim, layer_of, idx))
+            site = _site(graph, node, ca.info(node.inputs[0]))
+            out.append((node.module, ci.axes[0] - o.ndim, layer_of, idx, site[:2] if site else None))
     return tuple(out)
+
+
+def _alive_fn(lay: nn.Module, index: torch.Tensor) -> Any:
+    """``keep()`` per position of a :func:`follower_zero_map` point, read from the layer's current weight."""
+    from ..masks.layers import filter_matrix, weight_of
+
+    def keep() -> torch.Tensor | None:
+        w = weight_of(lay)
+        if w is None:
+            return None
+        alive = filter_matrix(lay, w.detach()).ne(0).any(1)
+        return torch.where(index >= 0, alive[index.clamp(min=0).to(alive.device)].cpu(),
+                           torch.ones_like(index, dtype=torch.bool))
+
+    return keep
 
 
 def zero_hooks(model: nn.Module, points: Iterable[ZeroPoint]) -> list[Any]:
     """Register the forward hooks of :func:`follower_zero_map` points; returns the handles (remove them)."""
-    from ..masks.layers import filter_matrix, weight_of
-
     handles = []
-    for module_name, axis, layer, idx in points:
+    for point in points:
+        module_name, axis, layer, idx = point[:4]
+        site = point[4] if len(point) > 4 else None
         mod = model.get_submodule(module_name)
-        lay = model.get_submodule(layer)
-        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        keep_fn = _alive_fn(model.get_submodule(layer), torch.as_tensor(np.asarray(idx), dtype=torch.long))
+        if site is not None:
+            handles.extend(_NormEmulation({site[1]: (site[0], axis, keep_fn)}).register(mod))
+            continue
 
-        def hook(_m: nn.Module, _a: Any, out: Any, lay: nn.Module = lay, index: torch.Tensor = index,
-                 axis: int = axis) -> Any:
-            w = weight_of(lay)
-            if not isinstance(out, torch.Tensor) or w is None:
+        def hook(_m: nn.Module, _a: Any, out: Any, keep_fn: Any = keep_fn, axis: int = axis) -> Any:
+            if not isinstance(out, torch.Tensor):
                 return out
-            alive = filter_matrix(lay, w.detach()).ne(0).any(1)
-            keep = torch.where(index >= 0, alive[index.clamp(min=0).to(alive.device)].cpu(), torch.ones_like(
-                index, dtype=torch.bool))
-            if keep.all():
+            keep = keep_fn()
+            if keep is None or keep.all():
                 return out
             ax = out.ndim + axis
             if out.shape[ax] != keep.numel():
