@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..graph import ModelGraph, trace
+from .fold import apply_folds
 from .plan import RemovalPlan, ShrinkError, check_not_empty, pin_error, pinned_removals, plan_removal
 from .verify import run_eval, verify_shrunk
 
@@ -113,6 +114,7 @@ def replace_tensors(root: nn.Module, new_by_id: Mapping[int, torch.Tensor]) -> N
 
 
 def _apply_plan(small: nn.Module, plan: RemovalPlan) -> None:
+    apply_folds(small, plan, zero_points(plan))  # constants of removed channels into biases (shrink/fold.py)
     new_by_id: dict[int, torch.Tensor] = {}
     for fqn, cut in plan.cuts.items():
         mod, attr = _resolve(small, fqn)

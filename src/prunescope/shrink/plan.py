@@ -46,12 +46,16 @@ from ..errors import MaskError, PrunescopeError
 from ..graph import ModelGraph, OpNode, TensorInfo
 from ..topology.base import arg as _arg
 from ..topology.moe import EXPERT_OPS
+from ..topology.rules import _MATMUL
+from ..topology.values import CONST, UNKNOWN, value_states
 from .experts import expert_cuts, expert_filter_keep, expert_protection
 
-__all__ = ["ShrinkError", "Cut", "RemovalPlan", "plan_removal", "removed_channels"]
+__all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "removed_channels", "example_inputs",
+           "value_pinned_removals"]
 
 _CONV = frozenset("conv1d conv2d conv3d".split())
 _CONVT = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
+_CONTRACTIONS = _MATMUL | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
 _NORM_AXIS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
 # ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
 _RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
@@ -131,6 +135,22 @@ def _grouped_select(t: torch.Tensor, g: int, oa: int, ia: int, ok: np.ndarray, i
 
 
 @dataclass
+class Fold:
+    """Removed input channels of layer ``layer`` that reach it as constants (``c_j`` at column ``j``): shrink adds
+    ``W[:, j] * c_j`` (summed over the kernel and the layer's group) to the bias and drops the column.
+
+    ``node``: the layer's op node; ``columns``: bool per input column; ``bias``: FQN of the bias parameter, or
+    ``None`` when the layer has none and one is created (the effective count counts it). The values ``c_j``
+    are read from one as-pruned forward when shrinking (:mod:`prunescope.shrink.fold`).
+    """
+
+    layer: str
+    node: int
+    columns: np.ndarray
+    bias: str | None
+
+
+@dataclass
 class RemovalPlan:
     """The outcome of :func:`plan_removal`.
 
@@ -150,6 +170,7 @@ class RemovalPlan:
     attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     protected: dict[str, list[str]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    folds: dict[str, Fold] = field(default_factory=dict)
 
     def alive(self, atoms: np.ndarray) -> np.ndarray:
         a = np.asarray(atoms).reshape(-1)
@@ -165,7 +186,50 @@ class RemovalPlan:
         for name, p in model.named_parameters():
             c = self.cuts.get(name)
             total += int(np.prod(c.new_shape())) if c is not None else p.numel()
+        for f in self.folds.values():  # a bias created to hold folded constants
+            if f.bias is None:
+                total += int((~self.removed[f.layer]).sum())
         return total
+
+
+def example_inputs(graph: ModelGraph, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Inputs of the traced call's shapes and dtypes (random floats, zero integers, true booleans), for reading
+    what the model computes independently of its input; None when the call cannot be rebuilt from the trace
+    (nested or non-tensor inputs). ``device=None`` only checks."""
+    pos: dict[int, TensorInfo] = {}
+    kw: dict[str, TensorInfo] = {}
+    for t in graph.inputs:
+        name = t.name or ""
+        if name.startswith("input.") and name[6:].isdigit():
+            if int(name[6:]) in pos:
+                return None
+            pos[int(name[6:])] = t
+        elif name and name not in kw:
+            kw[name] = t
+        else:
+            return None
+    if sorted(pos) != list(range(len(pos))):
+        return None
+    if device is None:
+        return (), {}
+    gen = torch.Generator().manual_seed(0)
+
+    def make(t: TensorInfo) -> torch.Tensor:
+        if t.dtype.is_floating_point:
+            return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(device)
+        if t.dtype == torch.bool:
+            return torch.ones(t.shape, dtype=torch.bool, device=device)
+        return torch.zeros(t.shape, dtype=t.dtype, device=device)
+
+    return tuple(make(pos[i]) for i in range(len(pos))), {k: make(t) for k, t in kw.items()}
+
+
+def _read_axis(node: OpNode, x: TensorInfo) -> int:
+    """The axis of input ``x`` whose positions are a layer call's input columns."""
+    if node.name in _CONV | _CONVT:
+        w = _arg(node, 1, "weight")
+        return 1 if isinstance(w, TensorInfo) and x.ndim == w.ndim else 0
+    return x.ndim - 1
 
 
 def axis_positions(ci: Any, axis: int, atom_removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,6 +335,11 @@ class _Planner:
         self.prot = np.zeros(len(self.ca.root), dtype=bool)
         self.reasons: dict[int, str] = {}  # class root -> first reason it was protected
         self.derived = self._param_derived()
+        self.folds: dict[str, Fold] = {}
+        self._layer_nodes = {i for li in self.ca.layers.values() for i in li.nodes}
+        self.values_known = example_inputs(graph, None) is not None and not any(
+            p.device.type == "meta" for p in graph.model.parameters())
+        self.const_ids = set(self.derived) | {t.id for t in graph.tensors if t.kind == "const"}
         model = graph.model
         self.stored = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
             n for n, _ in model.named_buffers(remove_duplicate=False)}
@@ -394,6 +463,82 @@ class _Planner:
         ins = [np.where(r >= 0, ~atom_removed[np.maximum(r, 0)], True) for r in li.inputs]
         return out_keep, ins
 
+    def value_protection(self, atom_removed: np.ndarray) -> bool:
+        """Removed channels must reach every op that loses them as exact zeros (as-pruned), or as constants a
+        layer can fold into its bias; otherwise they stay (:mod:`prunescope.topology.values`)."""
+        self.folds = {}
+        if not atom_removed.any():
+            return False
+        ca, g = self.ca, self.g
+        vs = value_states(ca, atom_removed, self.const_ids)
+        changed = False
+        for name, li in ca.layers.items():
+            for idx, rep, tid in zip(li.nodes, li.inputs, li.input_ids):
+                st = vs.states.get(tid)
+                node = g.nodes[idx]
+                x = next((t for t in node.inputs if t.id == tid), None)
+                if st is None or x is None:
+                    continue
+                ci = ca.info(x)
+                ax = _read_axis(node, x)
+                if ci is None or ax not in ci.axes or len(rep) != x.shape[ax]:
+                    continue
+                col = np.moveaxis(st, ci.axes.index(ax), 0).reshape(x.shape[ax], -1).max(1)
+                why = vs.explain.get(tid, "?")
+                unknown = col == UNKNOWN
+                if unknown.any():
+                    changed |= self.protect(rep[unknown], f"removed channels would reach '{name}' with values that "
+                                            f"depend on the input ({why}); in the as-pruned model they are not zero")
+                const = col == CONST
+                if const.any():
+                    fold, refusal = self._foldable(name, li, node)
+                    if fold is None:
+                        changed |= self.protect(rep[const], f"removed channels reach '{name}' as a constant ({why}) "
+                                                f"that cannot be folded into its bias exactly: {refusal}")
+                    else:
+                        fold.columns = const
+                        self.folds[name] = fold
+        for node in g.nodes:  # contractions between activations lose a removed position: it must be zero
+            if node.index in self._layer_nodes or node.name not in _CONTRACTIONS:
+                continue
+            for t in node.inputs:
+                st = vs.states.get(t.id)
+                if st is not None and (st >= CONST).any():
+                    changed |= self.protect(ca.info(t).atoms[st >= CONST], f"removed channels reach '{node.name}' "
+                                            f"in '{node.module}' not as zeros ({vs.explain.get(t.id, '?')})")
+        for _node, x, atoms, text in ca.neutral_checks:  # sums over channels: neutral only for exact zeros
+            st = vs.states.get(x.id)
+            if st is not None and st.shape == atoms.shape and (st >= CONST).any():
+                changed |= self.protect(atoms[st >= CONST], text)
+        if changed:
+            self.folds = {}
+        return changed
+
+    def _foldable(self, name: str, li: Any, node: OpNode) -> tuple[Fold | None, str]:
+        """A :class:`Fold` for constants reaching layer ``name`` (columns set by the caller), or why not."""
+        if li.kind not in ("conv", "linear") or not _narrowable(node):
+            return None, f"'{name}' is a {li.kind} layer (only linear layers and convolutions fold)"
+        if len(li.nodes) > 1:
+            return None, f"'{name}' is called {len(li.nodes)} times (one bias for several inputs)"
+        if node.name in _CONV:
+            pad = _arg(node, 4, "padding", 0)
+            pads = [pad] if isinstance(pad, int) else list(pad) if isinstance(pad, (tuple, list)) else None
+            if pad != "valid" and (pads is None or any(p != 0 for p in pads)):
+                return None, (f"'{name}' pads with zeros: its border outputs see the padding's zeros, not the "
+                              "constant")
+        if not self.values_known:
+            return None, ("the constant's value is needed and this model has none (meta device) or its example "
+                          "input cannot be rebuilt")
+        b = _weight_args(node)[1]
+        if isinstance(b, TensorInfo):
+            if b.kind != "param" or not b.name or b.name not in self.stored:
+                return None, f"the bias of '{name}' is computed, not a stored parameter"
+            return Fold(name, node.index, np.zeros(0, bool), b.name), ""
+        mod = self.g.modules.get(name)
+        if b is None and isinstance(mod, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and mod.bias is None:
+            return Fold(name, node.index, np.zeros(0, bool), None), ""
+        return None, f"'{name}' has no bias parameter to fold the constant into"
+
     def dynamic_protection(self, atom_removed: np.ndarray) -> bool:
         changed = expert_protection(self, atom_removed)  # fused experts: equal units per expert
         ca = self.ca
@@ -439,7 +584,7 @@ class _Planner:
             if isinstance(groups, int) and n != len(keep) and (n == 0 or n % groups):
                 changed |= self.protect(ci.atoms, f"GroupNorm '{node.module}' has {groups} groups, which do not "
                                         f"divide {n} channels")
-        return changed
+        return changed or self.value_protection(atom_removed)
 
     @staticmethod
     def axis_keep(ci: Any, axis: int, atom_removed: np.ndarray) -> np.ndarray | None:
@@ -480,6 +625,12 @@ def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: boo
         check_not_empty(plan)
     if plan.removed_count:
         _make_cuts(plan, pl)
+        plan.folds = dict(pl.folds)
+        for f in plan.folds.values():
+            out_keep = ~plan.removed[f.layer]
+            if f.bias is None and not out_keep.all():  # the created bias narrows with the layer's outputs
+                fqn = f"{f.layer}.bias" if f.layer else "bias"
+                plan.cuts[fqn] = Cut(fqn, (len(out_keep),), {0: out_keep})
         expert_cuts(plan, pl)
     return plan
 
@@ -495,6 +646,26 @@ def pinned_removals(plan: RemovalPlan) -> list[tuple[str, str]]:
         for c in np.unique(ca.root[ca.layer_atoms(name)[rem]]).tolist():
             if c in notes:
                 out.append((name, notes[c][0]))
+                break
+    return out
+
+
+def value_pinned_removals(plan: RemovalPlan) -> list[tuple[str, str]]:
+    """``(layer, reason)`` for removed channels the engine pins for their *values* (a mean or softmax over the
+    channel axis, topk routing): the narrowed model would run and compute something else, so no physical try
+    can clear these pins."""
+    ca = plan.atoms
+    pins = [a[a >= 0] for a in getattr(ca, "value_pins", None) or []]
+    if not pins:
+        return []
+    cls = set(np.unique(ca.root[np.concatenate(pins)]).tolist())
+    out = []
+    for name, rem in plan.removed.items():
+        if not rem.any():
+            continue
+        for c in np.unique(ca.root[ca.layer_atoms(name)[rem]]).tolist():
+            if c in cls:
+                out.append((name, ca.class_notes.get(c, ["its channels are used by value"])[0]))
                 break
     return out
 

@@ -75,6 +75,7 @@ import numpy as np
 from ..graph import ModelGraph, OpNode, TensorInfo
 from .base import ChannelInfo, LayerInfo, TopologyWarning, UnknownOp, norm_axis
 from .rules import LAYER_OPS, RULES, layer_op
+from .values import ZERO, value_states
 
 __all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes"]
 
@@ -173,6 +174,8 @@ class ChannelAtoms:
         self.finishers: list[Callable[[ChannelAtoms], None]] = []
         # atoms pinned for what their values select, not for a size (topk routing): no physical probe clears them
         self.value_pins: list[np.ndarray] = []
+        # sums/p-norms over a channel axis: neutral where the channels are exactly zero when removed (_finish)
+        self.neutral_checks: list[tuple[OpNode, TensorInfo, np.ndarray, str]] = []
         self._run()
         self._finish()
 
@@ -399,6 +402,22 @@ class ChannelAtoms:
         return ChannelInfo(axes, rep.reshape(gshape))
 
 
+    def _neutral_reductions(self) -> None:
+        """Pin the channels of a sum/p-norm over a channel axis unless each is exactly zero there whenever it is
+        removed (the value analysis of :mod:`.values` with every atom removed: a position's state depends only
+        on its own class and on tensors without channels)."""
+        if not self.neutral_checks:
+            return
+        vs = value_states(self, np.ones(self._natoms, bool))
+        for node, x, atoms, text in self.neutral_checks:
+            st = vs.get(x)
+            valid = atoms >= 0
+            if st is not None and st.shape == atoms.shape and (st[valid] == ZERO).all():
+                continue
+            why = vs.explain.get(x.id)
+            self.pin(atoms, node, text + (f" (a removed channel is not zero there: {why})" if why else ""))
+            self.value_pins.append(atoms.reshape(-1).copy())
+
     # ------------------------------------------------------------------ the walk
     def _run(self) -> None:
         for node in self.graph.nodes:
@@ -418,6 +437,7 @@ class ChannelAtoms:
     def _finish(self) -> None:
         for fn in self.finishers:
             fn(self)
+        self._neutral_reductions()
         n = self._natoms
         self._layer_list = list(self.layers.values())
         self.atom_layer = np.zeros(n, np.int64)

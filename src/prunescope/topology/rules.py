@@ -62,6 +62,36 @@ _PASS = frozenset(
     __deepcopy__ zero_ fill_ new_zeros new_ones new_full new_empty zeros_like ones_like empty_like
     full_like rand_like randn_like""".split()
 )
+# ops of _PASS with f(0) = 0: a removed channel that is exactly zero stays zero through them (topology/values.py;
+# hardtanh/clamp/threshold are decided from their arguments there). Not here: sigmoid, hardsigmoid, exp, cos,
+# softplus, logsigmoid, log, rsqrt, reciprocal, softmax/log_softmax/softmin (a zero channel becomes a constant)
+ZERO_PRESERVING = frozenset(
+    """relu relu_ relu6 leaky_relu leaky_relu_ elu elu_ selu celu gelu silu silu_ mish hardswish hardswish_
+    tanh tanh_ softsign tanhshrink prelu rrelu abs abs_ neg neg_ __neg__ __pos__ __abs__ sqrt sqrt_ square
+    sign erf sin log1p floor ceil round trunc frac nan_to_num
+    dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
+    max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+    adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+    max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices lp_pool1d lp_pool2d
+    interpolate upsample upsample_nearest upsample_bilinear normalize local_response_norm
+    contiguous clone detach detach_ to float half double bfloat16 type type_as cpu cuda requires_grad_
+    __deepcopy__""".split()
+)
+# elementwise ops of _ELEMENTWISE whose result is 0 where every value operand is 0 (division and pow are decided
+# from their operands in topology/values.py), and those whose result is 0 where any factor is 0
+ZERO_PRESERVING_BINARY = frozenset(
+    """add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub subtract subtract_ mul mul_
+    __mul__ __rmul__ __imul__ multiply multiply_ div div_ __truediv__ __itruediv__ divide divide_ true_divide
+    pow __pow__ pow_ maximum minimum fmax fmin max min where masked_fill masked_fill_ hypot atan2 copysign
+    lerp lerp_""".split()
+)
+ZERO_ABSORBING = frozenset("mul mul_ __mul__ __rmul__ __imul__ multiply multiply_".split())
+# reductions/cross-channel ops over a channel axis whose value ignores channels that are exactly zero there
+# (a sum, a p-norm, normalize): removing such channels is neutral; any other reduction over a channel axis
+# (mean, amax, var, logsumexp, softmax, local_response_norm, ...) changes value and pins the channels
+NEUTRAL_ON_ZERO = frozenset({"sum", "nansum", "norm", "normalize"})
+# ops of _PASS that mix the positions of one axis: a channel axis there pins (``dim`` argument position)
+_CROSS_AXIS = {"softmax": 1, "log_softmax": 1, "softmin": 1, "normalize": 2, "local_response_norm": -1}
 _FRESH = frozenset(
     "new_zeros new_ones new_full new_empty zeros_like ones_like empty_like full_like rand_like randn_like zero_ "
     "fill_".split()
@@ -312,6 +342,16 @@ def passthrough(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -
     x, ci = node.inputs[0], ins[0]
     if ci is None:
         return
+    pos = _CROSS_AXIS.get(node.name)
+    if pos is not None:
+        if pos < 0:  # local_response_norm: across dim 1
+            d: object = 1 if x.ndim > 1 else 0
+        else:
+            d = arg(node, pos, "dim", 1 if node.name == "normalize" else None)
+            if d is None:  # softmax's legacy implicit dim
+                d = 0 if x.ndim in (0, 1, 3) else 1
+        if isinstance(d, int) and norm_axis(d, x.ndim) in ci.axes:
+            _value_pin(ca, node, ci, {norm_axis(d, x.ndim)}, "mixes the channels along")
     for o in node.outputs:
         if o.ndim == x.ndim and all(o.shape[a] == x.shape[a] for a in ci.axes):
             ca.set_info(o, ci)
@@ -321,15 +361,34 @@ def passthrough(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -
             raise UnknownOp(f"'{node.name}' changes the size of a channel axis")
 
 
+def _value_pin(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, axes: set[int], what: str) -> None:
+    """A reduction or cross-channel op over channel axes ``axes`` of its input: removing a channel changes its
+    value (a mean over fewer channels), not a size, so the pin is a value pin (no physical probe clears it).
+    Sums and p-norms over channels that are exactly zero when removed are neutral: decided once the walk is
+    done from the value analysis (:mod:`.values`, engine ``_finish``)."""
+    if node.name in ("norm", "normalize"):  # a p-norm ignores zeros for p > 0 ('fro' is p = 2)
+        p = arg(node, 1, "p", "fro" if node.name == "norm" else 2)
+        neutral = p in (None, "fro") or (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0)
+    else:
+        neutral = node.name in NEUTRAL_ON_ZERO
+    text = (f"'{node.name}' {what} channel axis {sorted(axes)[0]} of {list(node.inputs[0].shape)}: removing a "
+            "channel changes its value")
+    if neutral:
+        ca.neutral_checks.append((node, node.inputs[0], ci.atoms.copy(), text))
+        return
+    ca.pin(ci.atoms, node, text)
+    ca.value_pins.append(ci.atoms.reshape(-1).copy())
+
+
 def reduce_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
     x, ci = node.inputs[0], ins[0]
     if ci is None:
         return
-    dims = arg(node, 1, "dim", None)
+    dims = arg(node, 2, "dim", None) if node.name == "norm" else arg(node, 1, "dim", None)
     if isinstance(dims, TensorInfo):  # max(a, b) is elementwise
         elementwise(ca, node, ins)
         return
-    keep = bool(arg(node, 2, "keepdim", False))
+    keep = bool(arg(node, 3 if node.name == "norm" else 2, "keepdim", False))
     if dims is None:
         dims_t = tuple(range(x.ndim))
     elif isinstance(dims, int):
@@ -337,6 +396,8 @@ def reduce_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> 
     else:
         dims_t = tuple(dims)
     red = {norm_axis(int(d), x.ndim) for d in dims_t}
+    if red & set(ci.axes):
+        _value_pin(ca, node, ci, red & set(ci.axes), "reduces over")
     g = ci.atoms
     axes = list(ci.axes)
     for a in sorted(red & set(ci.axes), reverse=True):

@@ -1,0 +1,405 @@
+"""What a removed channel *is* in the as-pruned model, tensor by tensor: exactly zero, a constant, or unknown.
+
+In the as-pruned masked model (:func:`prunescope.shrink.as_pruned`) a removed channel is zero where its layer
+writes it (filters masked, the layer's output zeroed) and after its normalisation (the norm's output zeroed).
+On the way to its consumers it can stop being zero: ``sigmoid(0) = 0.5``, ``relu(x) + 1``, an unhooked
+eval-mode BatchNorm. The physically narrowed model drops the channel, so every op that *loses* a removed
+position (a layer reading it as an input column, a contraction, a reduction over the channel axis) must see
+zero there, or a constant that can be folded into the layer's bias, or the channel has to stay.
+
+:func:`value_states` answers this structurally from the recorded ops, for one set of removed atoms. For every
+tensor that carries a removed channel it gives a grid (the tensor's channel grid, :class:`~.base.ChannelInfo`)
+of states:
+
+* ``LIVE`` (0): the position holds no removed atom;
+* ``ZERO`` (1): exactly 0 in the as-pruned model;
+* ``CONST`` (2): independent of the model input and the same along every non-channel axis (batch, space);
+* ``UNKNOWN`` (3): anything else (depends on the input, or varies along a non-channel axis).
+
+Transfer rules, op family by op family (the families are :mod:`.rules`'s tables): an elementwise unary op keeps
+0 only if ``f(0) = 0`` (:data:`~.rules.ZERO_PRESERVING`), otherwise a zero or constant becomes a constant;
+``0 * anything = 0``; a binary op of zeros/constants/literals/parameters is a constant (zero when it maps zeros
+to zero); anything combined with a per-sample tensor is unknown; shape ops move states with their atoms (a pad
+or a concatenation along a non-channel axis makes a constant unknown); a contraction keeps zeros only.
+
+``explain[tid]`` names the first op that made a position of the tensor non-zero (for the reason of a kept
+channel).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..graph import OpNode, TensorInfo
+from .base import arg, norm_axis
+from .rules import (
+    _ELEMENTWISE,
+    _EXEC,
+    _FRESH,
+    _MATMUL,
+    _NORM_OPS,
+    _PASS,
+    _REDUCE,
+    NEUTRAL_ON_ZERO,
+    ZERO_ABSORBING,
+    ZERO_PRESERVING,
+    ZERO_PRESERVING_BINARY,
+)
+
+if TYPE_CHECKING:
+    from .engine import ChannelAtoms
+
+__all__ = ["LIVE", "ZERO", "CONST", "UNKNOWN", "ValueStates", "value_states", "hooked_outputs"]
+
+LIVE, ZERO, CONST, UNKNOWN = 0, 1, 2, 3
+_NONUNIFORM = 4  # an operand code only: input-independent but varying along a non-channel axis
+_CONTRACT = _MATMUL | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
+_CLAMPS = frozenset(("clamp", "clamp_", "clip", "clip_"))
+_CAT = frozenset(("cat", "concat", "concatenate", "stack", "hstack", "vstack"))
+
+
+class ValueStates:
+    """The outcome of :func:`value_states`: ``states[tid]`` (int8 grid), ``explain[tid]`` (op description)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, np.ndarray] = {}
+        self.explain: dict[int, str] = {}
+
+    def get(self, t: TensorInfo) -> np.ndarray | None:
+        return self.states.get(t.id)
+
+
+def _describe(node: OpNode) -> str:
+    return f"'{node.name}' in '{node.module}'" if node.module else f"'{node.name}' in the model's forward"
+
+
+def hooked_outputs(ca: ChannelAtoms, atom_removed: np.ndarray) -> dict[int, np.ndarray]:
+    """Tensor id -> bool grid of positions the as-pruned hooks zero (mirrors ``shrink.core.zero_points``: the
+    output of a layer module with removed channels, the output of a norm module holding removed channels)."""
+    g = ca.graph
+    points: dict[str, tuple[int, np.ndarray]] = {}
+    for li in ca.layers.values():
+        rem = atom_removed[li.atom_start: li.atom_start + li.out_channels]
+        if not rem.any():
+            continue
+        for idx in li.nodes:
+            node = g.nodes[idx]
+            ci = ca.info(node.outputs[0]) if node.outputs else None
+            if node.module in g.modules and ci is not None and len(ci.axes) == 1 and node.module not in points:
+                points[node.module] = (ci.axes[0] - node.outputs[0].ndim, ~rem)
+    for node in g.nodes:
+        if node.name not in _NORM_OPS or not node.module:
+            continue
+        o = node.outputs[0]
+        ci = ca.info(o)
+        if ci is None or len(ci.axes) != 1:
+            continue
+        a = ci.atoms
+        keep = np.where(a >= 0, ~atom_removed[np.maximum(a, 0)], True)
+        if not keep.all() and node.module not in points:
+            points[node.module] = (ci.axes[0] - o.ndim, keep)
+    out: dict[int, np.ndarray] = {}
+    for call in g.calls:
+        pt = points.get(call.name)
+        if pt is None or not call.outputs:
+            continue
+        o = call.outputs[0]
+        ci = ca.info(o)
+        axis, keep = pt
+        if ci is None or not o.ndim:
+            continue
+        ax = axis + o.ndim
+        if ax not in ci.axes or o.shape[ax] != keep.size:
+            continue
+        k = ci.axes.index(ax)
+        shape = [1] * ci.atoms.ndim
+        shape[k] = keep.size
+        out[o.id] = np.broadcast_to(~keep.reshape(shape), ci.atoms.shape)
+    return out
+
+
+def _unary_keeps_zero(node: OpNode) -> bool:
+    """Does this one-input op map 0 to exactly 0 (with its recorded arguments)?"""
+    name = node.name
+    if name in ("hardtanh", "hardtanh_", "clamp", "clamp_", "clip", "clip_"):
+        lo = arg(node, 1, "min_val" if name.startswith("hardtanh") else "min", -1.0 if "hardtanh" in name else None)
+        hi = arg(node, 2, "max_val" if name.startswith("hardtanh") else "max", 1.0 if "hardtanh" in name else None)
+        ok = [v is None or isinstance(v, (int, float)) for v in (lo, hi)]
+        return all(ok) and (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    if name in ("clamp_min", "clamp_max"):
+        v = arg(node, 1, "min" if name == "clamp_min" else "max")
+        return isinstance(v, (int, float)) and (v <= 0 if name == "clamp_min" else v >= 0)
+    if name in ("threshold", "threshold_"):
+        th, val = arg(node, 1, "threshold"), arg(node, 2, "value")
+        return isinstance(th, (int, float)) and isinstance(val, (int, float)) and (val == 0 or 0 > th)
+    return name in ZERO_PRESERVING
+
+
+def _pool_keeps_const(node: OpNode) -> bool:
+    """Average pooling with zero padding counted in (the default) is not uniform at the borders."""
+    if not node.name.startswith("avg_pool"):
+        return True
+    pad = arg(node, 3, "padding", 0)
+    include = arg(node, 5, "count_include_pad", True)
+    pads = [pad] if isinstance(pad, int) else list(pad) if isinstance(pad, (tuple, list)) else [1]
+    return not include or all(p == 0 for p in pads)
+
+
+class _Walk:
+    def __init__(self, ca: ChannelAtoms, atom_removed: np.ndarray, derived: set[int] | None) -> None:
+        self.ca = ca
+        self.ar = atom_removed
+        self.derived = derived if derived is not None else _param_derived(ca)
+        self.vs = ValueStates()
+        self.hooked = hooked_outputs(ca, atom_removed)
+        self.layer_nodes: dict[int, str] = {}
+        for name, li in ca.layers.items():
+            for idx in li.nodes:
+                self.layer_nodes[idx] = name
+
+    def removed(self, t: TensorInfo) -> np.ndarray | None:
+        ci = self.ca.info(t)
+        if ci is None:
+            return None
+        a = ci.atoms
+        rem = np.where(a >= 0, self.ar[np.maximum(a, 0)], False)
+        return rem if rem.any() else None
+
+    def state(self, t: TensorInfo) -> np.ndarray | None:
+        s = self.vs.states.get(t.id)
+        if s is not None:
+            return s
+        rem = self.removed(t)
+        if rem is None:
+            return None
+        return np.where(rem, UNKNOWN, LIVE).astype(np.int8)  # not derived by a rule: assume the worst
+
+    def set(self, o: TensorInfo, grid: np.ndarray, rem: np.ndarray, node: OpNode) -> None:
+        s = np.where(rem, np.maximum(grid, ZERO), LIVE).astype(np.int8)
+        hz = self.hooked.get(o.id)
+        if hz is not None:
+            s = np.where(hz & rem, ZERO, s).astype(np.int8)
+        self.vs.states[o.id] = s
+        if (s >= CONST).any():
+            why = None
+            for t in node.inputs:
+                prev = self.vs.states.get(t.id)
+                if prev is not None and (prev >= CONST).any() and t.id in self.vs.explain:
+                    why = self.vs.explain[t.id]
+                    break
+            self.vs.explain[o.id] = why or _describe(node)
+
+    # -- the walk
+    def run(self) -> ValueStates:
+        g = self.ca.graph
+        for node in g.nodes:
+            outs = [(o, self.removed(o)) for o in node.outputs]
+            outs = [(o, r) for o, r in outs if r is not None]
+            if not outs:
+                continue
+            for o, rem in outs:
+                self.set(o, self.transfer(node, o, rem), rem, node)
+        return self.vs
+
+    def transfer(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
+        name = node.name
+        full = np.full(rem.shape, UNKNOWN, np.int8)
+        if node.index in self.layer_nodes:
+            if o is node.outputs[0]:
+                return np.full(rem.shape, CONST, np.int8)  # masked filter: its bias at most (zeroed if hooked)
+            return full
+        if name in _NORM_OPS:
+            x = self.state(node.inputs[0])
+            if name in ("batch_norm", "instance_norm") and x is not None and x.shape == rem.shape \
+                    and (x[rem] <= CONST).all():
+                return np.full(rem.shape, CONST, np.int8)
+            return full
+        if name in _CONTRACT:
+            return self.by_atom(node, o, zero_only=True)
+        if name in _REDUCE and not (len(node.inputs) > 1 and name in _ELEMENTWISE):
+            return self.reduction(node, o, rem)
+        if name in _PASS and name not in _FRESH:
+            return self.passthrough(node, o, rem)
+        if name in _CLAMPS and sum(isinstance(t, TensorInfo) for t in node.args) == 1:
+            return self.passthrough(node, o, rem)
+        if name in ("unfold", "fold"):
+            res = self.by_atom(node, o)
+            return np.where(res == CONST, UNKNOWN, res).astype(np.int8)
+        if name in _ELEMENTWISE:
+            return self.elementwise(node, o, rem)
+        if name in _EXEC or name in _CAT:
+            return self.shape(node, o, rem)
+        return full
+
+    def by_atom(self, node: OpNode, o: TensorInfo, zero_only: bool = False) -> np.ndarray:
+        """State of each output position = the worst state of its atom among the inputs' positions."""
+        ci = self.ca.info(o)
+        atoms, states = [], []
+        for t in node.inputs:
+            s = self.state(t)
+            if s is None:
+                continue
+            a = self.ca.info(t).atoms.reshape(-1)
+            m = a >= 0
+            atoms.append(a[m])
+            states.append(s.reshape(-1)[m])
+        out_atoms = ci.atoms.reshape(-1)
+        res = np.full(out_atoms.shape, UNKNOWN, np.int8)
+        if atoms:
+            a = np.concatenate(atoms)
+            s = np.concatenate(states)
+            order = np.lexsort((-s.astype(np.int64), a))
+            a, s = a[order], s[order]
+            first = np.r_[True, a[1:] != a[:-1]]
+            ua, us = a[first], s[first]
+            pos = np.searchsorted(ua, out_atoms)
+            pos = np.minimum(pos, max(len(ua) - 1, 0))
+            hit = (len(ua) > 0) & (ua[pos] == out_atoms) if len(ua) else np.zeros(out_atoms.shape, bool)
+            res = np.where(hit, us[pos], UNKNOWN).astype(np.int8)
+        if zero_only:
+            res = np.where(res == ZERO, ZERO, UNKNOWN).astype(np.int8)
+        return res.reshape(ci.atoms.shape)
+
+    def passthrough(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
+        x = node.inputs[0]
+        s = self.state(x)
+        ci_x = self.ca.info(x)
+        if s is None or ci_x is None or ci_x.atoms.shape != rem.shape:
+            s = self.by_atom(node, o)
+        if not _unary_keeps_zero(node):
+            s = np.where(s == ZERO, CONST, s)
+        if node.name.startswith(("avg_pool", "lp_pool")) and not _pool_keeps_const(node):
+            s = np.where(s == CONST, UNKNOWN, s)
+        if node.name == "local_response_norm":
+            s = np.where(s == CONST, UNKNOWN, s)
+        if node.name == "prelu" and len(node.inputs) > 1 and node.inputs[1].id not in self.derived:
+            s = np.where(s == CONST, UNKNOWN, s)
+        return s.astype(np.int8)
+
+    def reduction(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
+        x = node.inputs[0]
+        ci = self.ca.info(x)
+        s = self.state(x)
+        if s is None or ci is None:
+            return np.full(rem.shape, UNKNOWN, np.int8)
+        dims = arg(node, 1, "dim", None)
+        red = set(range(x.ndim)) if dims is None else {norm_axis(int(d), x.ndim) for d in (
+            [dims] if isinstance(dims, int) else dims)}
+        over = sorted(red & set(ci.axes), reverse=True)
+        for a in over:
+            s = s.max(axis=ci.axes.index(a))
+        if over and node.name not in NEUTRAL_ON_ZERO:
+            s = np.where(s >= ZERO, UNKNOWN, s)
+        if node.name == "logsumexp":
+            s = np.where(s == ZERO, CONST, s)
+        if s.shape != rem.shape:
+            return self.by_atom(node, o)
+        return s.astype(np.int8)
+
+    def operand_code(self, t: Any, o: TensorInfo, ci_o: Any) -> np.ndarray:
+        """Operand state broadcastable to the output's reduced shape (channel axes full, others 1)."""
+        nd = o.ndim
+        if not isinstance(t, TensorInfo):
+            return np.full([1] * nd, CONST, np.int8)  # a literal
+        ci = self.ca.info(t)
+        off = nd - t.ndim
+        if ci is not None:
+            s = self.state(t)
+            grid = np.zeros(ci.atoms.shape, np.int8) if s is None else s
+            shape = [1] * nd
+            for k, a in enumerate(ci.axes):
+                shape[a + off] = ci.atoms.shape[k]
+            for a in ci.axes:  # a channel axis broadcast over the output: per-sample scalar
+                if t.shape[a] == 1 and o.shape[a + off] != 1:
+                    return np.full([1] * nd, LIVE, np.int8)
+            return grid.reshape(shape)
+        if t.id in self.derived or t.kind in ("param", "buffer", "const"):
+            chan = set(ci_o.axes) if ci_o is not None else set()
+            uniform = all(t.shape[a - off] == 1 for a in range(max(off, 0), nd) if a not in chan)
+            return np.full([1] * nd, CONST if uniform else _NONUNIFORM, np.int8)
+        return np.full([1] * nd, LIVE, np.int8)
+
+    def elementwise(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
+        ci_o = self.ca.info(o)
+        name = node.name
+        ops = list(node.args) + list(node.kwargs.values())
+        ops = [v for v in ops if isinstance(v, (TensorInfo, int, float)) and not isinstance(v, bool)]
+        if name in ("where", "masked_fill", "masked_fill_"):
+            # where(cond, a, b) / masked_fill(x, mask, value): the condition/mask only chooses
+            vals = [ops[1], ops[2]] if name == "where" and len(ops) >= 3 else [ops[0]] + ops[2:]
+            sel = [ops[0]] if name == "where" else ops[1:2]
+        else:
+            vals, sel = ops, []
+        tensor_like = [v for v in vals if isinstance(v, TensorInfo)]
+        if not tensor_like or len(vals) > 4:
+            return np.full(rem.shape, UNKNOWN, np.int8)
+        shape = [o.shape[a] if ci_o is not None and a in ci_o.axes else 1 for a in range(o.ndim)]
+        codes = [np.broadcast_to(self.operand_code(v, o, ci_o), shape) for v in vals]
+        scodes = [np.broadcast_to(self.operand_code(v, o, ci_o), shape) for v in sel]
+        st = np.stack(codes)
+        zero_lit = [isinstance(v, (int, float)) and v == 0 for v in vals]
+        is_zero = (st == ZERO) | np.array(zero_lit).reshape((-1,) + (1,) * len(shape))
+        all_const = ((st == ZERO) | (st == CONST)).all(0)
+        if scodes:
+            all_const &= np.stack([(c == ZERO) | (c == CONST) for c in scodes]).all(0)
+        res = np.where(all_const, CONST, UNKNOWN)
+        if name in ZERO_PRESERVING_BINARY:
+            if name.startswith(("div", "true_divide", "__truediv__", "__itruediv__", "divide")):
+                zero = is_zero[0] & ~is_zero[1:].any(0)  # 0 / y = 0 unless y is 0 too (NaN)
+            elif name in ("pow", "__pow__", "pow_"):
+                p = vals[1] if len(vals) > 1 else None
+                zero = is_zero[0] & (isinstance(p, (int, float)) and p > 0)
+            else:
+                zero = is_zero.all(0)
+            res = np.where(zero, ZERO, res)
+        if name in ZERO_ABSORBING:
+            res = np.where(is_zero.any(0), ZERO, res)
+        grid = np.asarray(res, np.int8)
+        grid = grid[tuple(slice(None) if ci_o is not None and a in ci_o.axes else 0 for a in range(o.ndim))]
+        if ci_o is None or grid.shape != rem.shape:
+            return np.full(rem.shape, UNKNOWN, np.int8)
+        return grid
+
+    def shape(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
+        res = self.by_atom(node, o)
+        name = node.name
+        if name in ("pad", "constant_pad_nd"):
+            mode = arg(node, 2, "mode", "constant")
+            value = arg(node, 3, "value", 0) if name == "pad" else arg(node, 2, "value", 0)
+            if name == "constant_pad_nd" or mode == "constant":
+                res = np.where(res == CONST, UNKNOWN, res)
+                if value not in (0, 0.0, None):
+                    res = np.where(res == ZERO, UNKNOWN, res)
+        elif name == "__setitem__":
+            value = node.args[2] if len(node.args) > 2 else None
+            if not (isinstance(value, (int, float)) and value == 0):
+                res = np.where(res >= ZERO, UNKNOWN, res)
+        elif name in _CAT:
+            dim = arg(node, 1, "dim", 0)
+            ci = self.ca.info(o)
+            along = isinstance(dim, int) and ci is not None and norm_axis(dim, o.ndim) in ci.axes
+            if not along:
+                res = np.where(res == CONST, UNKNOWN, res)
+        return res.astype(np.int8)
+
+
+def _param_derived(ca: ChannelAtoms) -> set[int]:
+    """Ids of tensors computed from parameters, buffers and constants alone (no model input on the way)."""
+    out: set[int] = set()
+    for t in ca.graph.tensors:
+        if t.kind in ("param", "buffer", "const"):
+            out.add(t.id)
+    for node in ca.graph.nodes:  # a factory op (no tensor input: arange, ones) makes a constant too
+        if all(t.id in out for t in node.inputs):
+            out.update(o.id for o in node.outputs)
+    return out
+
+
+def value_states(ca: ChannelAtoms, atom_removed: np.ndarray, derived: set[int] | None = None) -> ValueStates:
+    """The :class:`ValueStates` of every tensor carrying a removed atom (``atom_removed``: bool per atom).
+
+    ``derived``: ids of tensors computed from parameters and constants alone (default: found here).
+    """
+    return _Walk(ca, np.asarray(atom_removed, bool), derived).run()
