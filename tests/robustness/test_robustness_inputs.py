@@ -24,6 +24,7 @@ from prunescope.cli import main
 from prunescope.errors import ConfigError, MaskError, OutputError, PrunescopeError, TraceError, UnsupportedModelError
 from prunescope.flops import flops_report
 from prunescope.masks import apply_masks, load_masks, save_masks, validate_masks
+from prunescope.masks.units import head_masks, unit_masks
 from prunescope.topology import ChannelDependency, not_safe_to_prune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,6 +167,22 @@ API_CASES = [
     ("validate-meta-mask", lambda t: lambda: validate_masks({"0": {"weight": torch.ones(4, 3, 3, 3, device="meta")}},
                                                             rm.small_cnn()),
      MaskError, ["meta", "layer '0'"]),
+    ("unit-masks-sparsity-1.5", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), 1.5), ConfigError,
+     ["unit_masks", "0 <= sparsity < 1", "1.5"]),
+    ("unit-masks-sparsity-nan", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), math.nan), ConfigError,
+     ["unit_masks", "0 <= sparsity < 1", "nan"]),
+    ("unit-masks-sparsity-negative", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), -0.1),
+     ConfigError, ["unit_masks", "0 <= sparsity < 1", "-0.1"]),
+    ("unit-masks-sparsity-1", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), 1), ConfigError,
+     ["unit_masks", "0 <= sparsity < 1", "1.0"]),
+    ("unit-masks-sparsity-string", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), "0.5"), ConfigError,
+     ["unit_masks", "'0.5'"]),
+    ("head-masks-sparsity-1.5", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), 1.5), ConfigError,
+     ["head_masks", "0 <= sparsity < 1", "1.5"]),
+    ("head-masks-sparsity-nan", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), math.nan), ConfigError,
+     ["head_masks", "nan"]),
+    ("head-masks-sparsity-negative", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), -0.1),
+     ConfigError, ["head_masks", "-0.1"]),
     ("write-over-directory", lambda t: lambda: atomic_write(t, "x"), OutputError, ["is a directory", "{tmp}"]),
     ("write-under-a-file", _write_under_file, OutputError, ["is a file", "afile"]),
     ("write-missing-folder", lambda t: lambda: atomic_write(t / "no" / "such" / "f.csv", "x"), OutputError,
