@@ -604,6 +604,20 @@ def _preserved_buffers(model: nn.Module) -> Iterator[None]:
                 b.copy_(copy)
 
 
+def check_graph_of(graph: Any, model: nn.Module, where: str) -> None:
+    """Refuse a ``graph=`` argument that was not traced from ``model`` itself (a graph knows its model: its
+    tensors, parameters and modules are that model's, so another model's graph would silently answer for it)."""
+    if graph is None:
+        return
+    if not isinstance(graph, ModelGraph):
+        raise ConfigError(f"{where}: graph must be a ModelGraph from prunescope.graph.trace, got "
+                          f"{type(graph).__name__}")
+    if graph.model is not model:
+        raise ConfigError(f"{where}: graph was traced from another model object ({type(graph.model).__name__} at "
+                          f"{id(graph.model):#x}), not the one given ({type(model).__name__} at {id(model):#x}); "
+                          "trace this model (prunescope.graph.trace(model, x)) or leave graph out")
+
+
 def trace(
     model: nn.Module,
     inputs: Any = None,

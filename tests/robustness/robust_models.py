@@ -70,3 +70,12 @@ def small_cnn() -> nn.Module:
 def bn1d_net() -> nn.Module:
     """A model whose inner BatchNorm1d refuses a 1-D (unbatched) input."""
     return nn.Sequential(nn.Identity(), nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 2)))
+
+
+def small_val(model: nn.Module) -> float:
+    """A metric for ``small_cnn`` (the CLI's ``--val robust_models:small_val``)."""
+    with torch.no_grad():
+        return float(model(torch.ones(1, 3, 8, 8)).mean())
+
+
+NOT_BATCHES = 5  # ``--calibrate robust_models:NOT_BATCHES``: not an iterable of batches

@@ -23,7 +23,12 @@ from prunescope._io import atomic_write
 from prunescope.cli import main
 from prunescope.errors import ConfigError, MaskError, OutputError, PrunescopeError, TraceError, UnsupportedModelError
 from prunescope.flops import flops_report
+from prunescope.graph import trace
 from prunescope.masks import apply_masks, load_masks, save_masks, validate_masks
+from prunescope.masks.units import head_masks, unit_masks
+from prunescope.report import run_report
+from prunescope.report.recovery import recalibrate_bn
+from prunescope.shrink import ShrinkError, as_pruned, save_pruned, shrink
 from prunescope.topology import ChannelDependency, not_safe_to_prune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,6 +171,48 @@ API_CASES = [
     ("validate-meta-mask", lambda t: lambda: validate_masks({"0": {"weight": torch.ones(4, 3, 3, 3, device="meta")}},
                                                             rm.small_cnn()),
      MaskError, ["meta", "layer '0'"]),
+    ("unit-masks-sparsity-1.5", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), 1.5), ConfigError,
+     ["unit_masks", "0 <= sparsity < 1", "1.5"]),
+    ("unit-masks-sparsity-nan", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), math.nan), ConfigError,
+     ["unit_masks", "0 <= sparsity < 1", "nan"]),
+    ("unit-masks-sparsity-negative", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), -0.1),
+     ConfigError, ["unit_masks", "0 <= sparsity < 1", "-0.1"]),
+    ("unit-masks-sparsity-1", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), 1), ConfigError,
+     ["unit_masks", "0 <= sparsity < 1", "1.0"]),
+    ("unit-masks-sparsity-string", lambda t: lambda: unit_masks(rm.small_cnn(), torch.ones(X), "0.5"), ConfigError,
+     ["unit_masks", "'0.5'"]),
+    ("head-masks-sparsity-1.5", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), 1.5), ConfigError,
+     ["head_masks", "0 <= sparsity < 1", "1.5"]),
+    ("head-masks-sparsity-nan", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), math.nan), ConfigError,
+     ["head_masks", "nan"]),
+    ("head-masks-sparsity-negative", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), -0.1),
+     ConfigError, ["head_masks", "-0.1"]),
+    ("shrink-graph-of-another-model", lambda t: lambda: shrink(rm.small_cnn(), {}, torch.ones(X),
+                                                               graph=trace(rm.small_cnn(), torch.ones(X))),
+     ConfigError, ["shrink", "traced from another model"]),
+    ("as-pruned-graph-of-another-model", lambda t: lambda: as_pruned(rm.small_cnn(), {}, graph=trace(
+        rm.small_cnn(), torch.ones(X))).__enter__(), ConfigError, ["as_pruned", "traced from another model"]),
+    ("flops-graph-of-another-model", lambda t: lambda: flops_report(rm.small_cnn(), torch.ones(X), graph=trace(
+        rm.small_cnn(), torch.ones(X))), ConfigError, ["flops_report", "traced from another model"]),
+    ("effective-flops-graph-of-another-model", lambda t: lambda: flops_report(
+        rm.small_cnn(), torch.ones(X), graph=trace(rm.small_cnn(), torch.ones(X)), effective=True, masks={}),
+     ConfigError, ["flops_report", "traced from another model"]),
+    ("shrink-graph-not-a-graph", lambda t: lambda: shrink(rm.small_cnn(), {}, torch.ones(X), graph="g"),
+     ConfigError, ["shrink", "ModelGraph", "str"]),
+    ("shrink-masks-none", lambda t: lambda: shrink(rm.small_cnn(), None, torch.ones(X)), MaskError,
+     ["shrink masks", "NoneType"]),
+    ("as-pruned-masks-none", lambda t: lambda: as_pruned(rm.small_cnn(), None, torch.ones(X)).__enter__(),
+     MaskError, ["as_pruned masks", "NoneType"]),
+    ("save-pruned-meta-model", lambda t: lambda: save_pruned(rm.small_cnn().to("meta"), t / "s.pt"), ShrinkError,
+     ["meta", "'0.weight'"]),
+    ("calibration-batch-wrong-shape", lambda t: lambda: recalibrate_bn(rm.TinyCNN(), [torch.ones(2, 3, 8, 8),
+                                                                                      torch.ones(2, 5, 8, 8)]),
+     ConfigError, ["calibration batch 1", "(2, 5, 8, 8)", "5 channels"]),
+    ("calibration-batches-not-iterable", lambda t: lambda: recalibrate_bn(rm.TinyCNN(), 5), ConfigError,
+     ["calibration batches", "iterable", "int"]),
+    ("report-calibrate-not-iterable", lambda t: lambda: run_report(rm.small_cnn(), rm.small_val, torch.ones(X),
+                                                                   t / "r", calibrate=5, console=None),
+     ConfigError, ["calibrate", "int"]),
     ("write-over-directory", lambda t: lambda: atomic_write(t, "x"), OutputError, ["is a directory", "{tmp}"]),
     ("write-under-a-file", _write_under_file, OutputError, ["is a file", "afile"]),
     ("write-missing-folder", lambda t: lambda: atomic_write(t / "no" / "such" / "f.csv", "x"), OutputError,
@@ -314,7 +361,17 @@ def _cli_json(tmp_path):
     return str(p)
 
 
+def _cli_masks(tmp_path):
+    """A mask file for ``small_cnn``: the first conv keeps channels 0 and 1."""
+    p = tmp_path / "m.pth"
+    w = torch.ones(4, 3, 3, 3)
+    w[2:] = 0
+    save_masks({"0": {"weight": w, "bias": torch.tensor([1.0, 1.0, 0.0, 0.0])}}, p)
+    return str(p)
+
+
 SMALL = "robust_models:small_cnn"
+REPORT = ["report", SMALL, "--input-size", "1,3,8,8", "--val", "robust_models:small_val", "--no-progress"]
 # (id, argv builder(tmp_path), substrings of the one error line)
 CLI_CASES = [
     ("flops-out-is-directory", lambda t: ["flops", SMALL, "--input-size", "1,3,8,8", "--out", str(t)],
@@ -343,7 +400,14 @@ CLI_CASES = [
      ["TorchScript"]),
     ("torchscript-deps", lambda t: ["unsafe", "robust_models:scripted", "--input-size", "1,3,8,8"],
      ["TorchScript"]),
+    ("shrink-device-meta", lambda t: ["shrink", SMALL, "--input-size", "1,3,8,8", "--masks", _cli_masks(t), "--out",
+                                      str(t / "s.pt"), "--device", "meta"], ["--device meta", "--device cpu"]),
+    ("report-calibrate-not-iterable", lambda t: [*REPORT, "--calibrate", "robust_models:NOT_BATCHES", "--out",
+                                                 str(t / "r")], ["calibrate", "int"]),
 ]
+if os.path.isdir("/proc") and os.path.isfile("/proc/self/status"):  # Linux: nothing can be created under /proc
+    CLI_CASES.append(("report-out-under-proc", lambda t: [*REPORT, "--out", "/proc/prunescope-x"],
+                      ["/proc/prunescope-x", "cannot create a folder"]))
 if not torch.cuda.is_available():
     CLI_CASES.append(("device-cuda-without-gpu", lambda t: ["flops", SMALL, "--input-size", "1,3,8,8", "--device",
                                                             "cuda"], ["--device 'cuda'", "no CUDA GPU"]))

@@ -36,7 +36,9 @@ def _run(a: argparse.Namespace) -> int:
     from ..shrink.latency import measure_latency
 
     size = parse_size(a.input_size)
-    check_device(a.device)
+    if check_device(a.device) is not None and torch.device(a.device).type == "meta":
+        raise CLIError("--device meta builds the model without weights (shapes only), but shrink writes the pruned "
+                       "model's weights to --out and times it; use --device cpu (or cuda)")
     check_out(a.out)
     if a.runs < 1:
         raise CLIError(f"--runs must be at least 1, got {a.runs}")

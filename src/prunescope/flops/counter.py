@@ -17,7 +17,7 @@ from torch import nn
 
 from .._io import atomic_write
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, quantized_kind, trace
+from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, check_graph_of, quantized_kind, trace
 from .formulas import FORMULAS, MAC_CATEGORIES, Formula
 
 __all__ = ["LayerRow", "FlopsReport", "flops_report", "count_flops_params"]
@@ -320,6 +320,7 @@ def flops_report(
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}: use 'default' or 'full'")
     check_custom_ops(custom_ops)
+    check_graph_of(graph, model, "flops_report")
     if effective:
         from .effective import effective_report
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from ..graph import ModelGraph, OpNode, trace
+from ..graph import ModelGraph, OpNode, check_graph_of, trace
 from ..shrink.plan import plan_removal, removed_channels
 from .counter import FlopsReport, _build
 
@@ -55,6 +55,7 @@ def effective_report(
     graph: ModelGraph | None = None,
 ) -> FlopsReport:
     """:class:`FlopsReport` of the narrowed network; ``total_params`` counts its parameters."""
+    check_graph_of(graph, model, "flops_report")
     g = graph if graph is not None else trace(model, x)
     from ..masks.io import validate_masks
 

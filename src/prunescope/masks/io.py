@@ -32,7 +32,8 @@ Masks = dict[str, dict[str, "torch.Tensor | None"]]
 def check_structure(masks: Any, source: str = "masks") -> Masks:
     """Check the layout ``{name: {'weight': tensor, 'bias': tensor or None}}``; return it normalised.
 
-    A missing ``'bias'`` key becomes ``None``. Raises :class:`MaskError` saying what is wrong and where.
+    A missing ``'bias'`` key becomes ``None``; a ``bool`` mask becomes the same mask of 0.0/1.0 (float32).
+    Raises :class:`MaskError` saying what is wrong and where.
 
     >>> import torch
     >>> check_structure({'fc': {'weight': torch.ones(2, 2)}})['fc']['bias'] is None
@@ -62,7 +63,8 @@ def check_structure(masks: Any, source: str = "masks") -> Masks:
             if isinstance(t, torch.Tensor) and t.device.type == "meta":
                 raise MaskError(f"{source}: layer {name!r}: the {key!r} mask is a meta tensor (a shape without "
                                 "values); masks need real 0/1 values")
-        out[name] = {"weight": w, "bias": b}
+        out[name] = {"weight": w.float() if w.dtype == torch.bool else w,
+                     "bias": b.float() if b is not None and b.dtype == torch.bool else b}
     return out
 
 

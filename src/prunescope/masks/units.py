@@ -49,6 +49,7 @@ Example
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -147,10 +148,23 @@ def _prunable(model: nn.Module, dummy_input: Any, graph: Any) -> tuple[list[list
     return sets, why, ca
 
 
+def _check_sparsity(sparsity: Any, where: str) -> float:
+    """``sparsity`` as a float in ``[0, 1)``; a :class:`ConfigError` naming the value otherwise (1 would remove
+    every unit of every set, NaN and values outside the range select no meaningful count)."""
+    if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
+        raise ConfigError(f"{where}: sparsity must be a number with 0 <= sparsity < 1, got {sparsity!r}")
+    value = float(sparsity)
+    if not 0.0 <= value < 1.0:  # also NaN
+        raise ConfigError(f"{where}: sparsity must be a number with 0 <= sparsity < 1 (the fraction of each set's "
+                          f"units removed), got {value!r}")
+    return value
+
+
 @torch.no_grad()
 def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: Iterable[str] | None = None,
                prune_type: str = "l1", consumers: bool = False, graph: Any = None) -> dict[str, dict[str, Any]]:
-    """Masks that prune ``int(n_units * sparsity)`` whole units of every dependency set (see the module docs).
+    """Masks that prune ``int(n_units * sparsity)`` whole units of every dependency set (see the module docs);
+    ``0 <= sparsity < 1`` (anything else, NaN included, is a :class:`~prunescope.errors.ConfigError`).
 
     ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned; sets
     with an unsafe layer or whose channels reach the model output are skipped). A named layer whose set may
@@ -159,6 +173,7 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
     leaves them as they are. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``; ``consumers=True``
     adds the consumer columns' norms to the unit scores. The model is not modified.
     """
+    sparsity = _check_sparsity(sparsity, "unit_masks")
     if prune_type not in PRUNE_TYPES or prune_type == "level":
         raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm'), got {prune_type!r}")
     sets, why, ca = _prunable(model, dummy_input, graph)
@@ -189,9 +204,9 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
 
 def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_type: str = "l1",
                consumers: bool = True, graph: Any = None) -> dict[str, dict[str, Any]]:
-    """Masks that prune ``int(units * sparsity)`` whole heads (whole kv groups under GQA) of every attention
-    :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows and (default)
-    output-projection columns. MLP units: :func:`unit_masks` with ``layers=[the MLP's first layer]``.
+    """Masks that prune ``int(units * sparsity)`` whole heads (whole kv groups under GQA; ``0 <= sparsity < 1``)
+    of every attention :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows
+    and (default) output-projection columns. MLP units: :func:`unit_masks` with ``layers=[the MLP's first layer]``.
 
     >>> import torch
     >>> from prunescope.masks.units import head_masks
@@ -204,6 +219,7 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
     from ..graph import trace
     from ..topology.heads import HeadDependency
 
+    sparsity = _check_sparsity(sparsity, "head_masks")
     g = graph if graph is not None else trace(model, dummy_input)
     layers = [n for a in HeadDependency(model, dummy_input, traced_model=g).attentions for n in (a.q, a.k, a.v)]
     if not layers:

@@ -238,6 +238,7 @@ def run_report(
     ``plan_evals``: how many candidate plans may be measured (one ``val_func`` call each) to choose the plan.
     ``calibrate``: batches (or a function returning them) for BatchNorm re-estimation of the shrunk model;
     ``finetune``: ``fn(model)`` that trains the shrunk model in place. Both run on the shrunk copy only.
+    Arguments and the output folder (it must be creatable) are checked before the first step.
     """
     from ..errors import ConfigError
     from .page import FILES, write_folder
@@ -249,6 +250,10 @@ def run_report(
         raise ConfigError(f"plan_evals must be an integer >= 2 (uniform and knapsack plans), got {plan_evals!r}")
     if finetune is not None and not callable(finetune):
         raise ConfigError(f"finetune must be a function fn(model), got {type(finetune).__name__}")
+    if calibrate is not None and not callable(calibrate) and (
+            isinstance(calibrate, (str, bytes)) or not hasattr(calibrate, "__iter__")):
+        raise ConfigError(f"calibrate must be batches (an iterable of model inputs) or a function returning them, "
+                          f"got {type(calibrate).__name__}")
     folder = ReportFolder(out_dir, tuple(FILES.values()))
     folder.check()  # before any work: a bad --out is reported at once
     r = Run(model, val_func, dummy_input, float(flops_target), sparsities, workers,

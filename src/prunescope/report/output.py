@@ -58,6 +58,11 @@ class ReportFolder:
             raise ConfigError(f"--out {self.out!r}: folder {self.parent!r} does not exist")
         if not os.access(self.parent, os.W_OK):
             raise ConfigError(f"--out {self.out!r}: folder {self.parent!r} is not writable")
+        try:  # os.access says yes to root everywhere, and /proc, read-only mounts ... refuse only when tried
+            os.rmdir(tempfile.mkdtemp(prefix=f".{self.base}.probe-", dir=self.parent))
+        except OSError as e:
+            raise ConfigError(f"--out {self.out!r}: cannot create a folder in {self.parent!r} "
+                              f"({e.strerror or type(e).__name__})") from None
 
     def _clean_stale(self) -> None:
         for e in os.listdir(self.parent):

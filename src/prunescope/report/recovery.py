@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..graph import make_inputs
 
 __all__ = ["recalibrate_bn"]
@@ -27,12 +28,20 @@ __all__ = ["recalibrate_bn"]
 def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (inputs as for a forward; the exact
     average over all batches). Weights are not changed; momentum and train/eval flags come back. Returns the
-    number of batches used (0: the model has no BatchNorm with running statistics, nothing changed)."""
+    number of batches used (0: the model has no BatchNorm with running statistics, nothing changed).
+
+    ``batches`` that are not iterable, or a batch the model cannot run, raise
+    :class:`~prunescope.errors.ConfigError` naming the batch (its index and shapes); the running statistics
+    then come back as they were."""
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise ConfigError(f"calibration batches must be an iterable of model inputs (a list, a DataLoader ...), "
+                          f"got {type(batches).__name__}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
     flags = [(m, m.training) for m in model.modules()]
     moms = [(m, m.momentum) for m in bns]
+    stats = [(t, t.detach().clone()) for m in bns for t in m.buffers()]
     n = 0
     try:
         for m in bns:
@@ -41,8 +50,15 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
         model.train()
         with torch.no_grad():
             for b in batches:
-                args, kw = make_inputs(model, b)
-                model(*args, **kw)
+                try:
+                    args, kw = make_inputs(model, b)
+                    model(*args, **kw)
+                except Exception as e:  # noqa: BLE001 - any failure on a user batch is that batch's problem
+                    for t, saved in stats:
+                        t.copy_(saved)
+                    first = " ".join(str(e).split())[:300]
+                    raise ConfigError(f"calibration batch {n} ({_describe(b)}) does not fit the model: "
+                                      f"{type(e).__name__}: {first}") from e
                 n += 1
     finally:
         for m, mom in moms:
@@ -50,3 +66,16 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
         for m, f in flags:
             m.training = f
     return n
+
+
+def _describe(batch: Any) -> str:
+    """A batch by its shapes: ``tensor (2, 5, 8, 8)``, ``tuple of 2: (2, 3), (2,)``, ``int``."""
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        parts = [str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in batch[:4]]
+        return f"{type(batch).__name__} of {len(batch)}: " + ", ".join(parts) + (" ..." if len(batch) > 4 else "")
+    if isinstance(batch, dict):
+        return "dict: " + ", ".join(f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                                    for k, v in list(batch.items())[:4])
+    return type(batch).__name__

@@ -202,8 +202,15 @@ def step_sensitivity(r: Run) -> None:
 
 def _knapsack(r: Run, search: PlanSearch) -> Candidate | None:
     """The additive optimum: exact knapsack over single-set savings and losses, re-solved with a tighter budget
-    until the exact count of the conflict-free masks meets the target."""
-    from ..plan import Option, max_saving, solve
+    until the exact count of the conflict-free masks meets the target.
+
+    Savings of several sets do not add up exactly (a set's removed input channels are also counted in the
+    other set's savings), so a plan whose additive saving ``A`` reaches the requirement may miss the target by
+    ``c.macs - target``. The next solve asks for ``A + (c.macs - target)``: strictly more than the plan just
+    tried, so every re-solve gives another plan. When no re-solve meets the exact target: ``None`` if the
+    uniform plan meets it (the search starts from that), else the heaviest plan (with the note when it misses
+    the target too)."""
+    from ..plan import Option, solve
 
     base = r.dense.total_flops
     options: dict[str, list[Option]] = {}
@@ -217,18 +224,29 @@ def _knapsack(r: Run, search: PlanSearch) -> Candidate | None:
     for _ in range(20):
         plan = solve(options, required)
         if plan is None:
-            best = max_saving(options)
-            r.note = (f"cannot reach the FLOPs target {r.flops_target:.0%}: pruning every prunable set at its "
-                      f"highest measured sparsity saves {best:,} of {base:,} MACs "
-                      f"(keeps {1 - best / max(1, base):.1%}); {len(r.excluded)} sets are left alone "
-                      "(unsafe or model outputs). Lower the target or add higher sparsities.")
-            return search.candidate({k: max(v, key=lambda o: o.saving).sparsity for k, v in options.items()},
-                                    "heaviest (target not reachable)")
+            return _heaviest(r, search, options, "heaviest (target not reachable)")
         c = search.candidate({k: o.sparsity for k, o in plan.items()}, "knapsack (additive)")
         if search.feasible(c):
             return c
-        required += c.macs - r.target_macs  # savings were not additive: tighten and re-solve
-    return None
+        additive = sum(o.saving for o in plan.values())
+        required = max(required + 1, additive + c.macs - r.target_macs)  # not additive: tighten and re-solve
+    if r.uniform is not None:
+        return None  # the uniform plan meets the target: the search starts from it
+    return _heaviest(r, search, options, "heaviest (no knapsack plan met the exact count)")
+
+
+def _heaviest(r: Run, search: PlanSearch, options: dict[str, Any], source: str) -> Candidate:
+    """Every prunable set at its highest measured sparsity, with the note that the target cannot be reached
+    (the plan's exact count: single-set savings do not add up)."""
+    base = r.dense.total_flops
+    c = search.candidate({k: max(v, key=lambda o: o.saving).sparsity for k, v in options.items()}, source)
+    if search.feasible(c):
+        return c
+    r.note = (f"cannot reach the FLOPs target {r.flops_target:.0%}: pruning every prunable set at its "
+              f"highest measured sparsity keeps {c.macs:,} of {base:,} MACs ({c.macs / max(1, base):.1%}, "
+              f"saves {base - c.macs:,}); {len(r.excluded)} sets are left alone "
+              "(unsafe or model outputs). Lower the target or add higher sparsities.")
+    return c
 
 
 def step_plan(r: Run) -> None:
@@ -281,7 +299,7 @@ def step_plan(r: Run) -> None:
         return
     r.uniform = search.uniform(common)
     r.knapsack = _knapsack(r, search)
-    if r.note or r.knapsack is None:  # the target cannot be met: ship the heaviest plan, no search
+    if r.note:  # the target cannot be met: ship the heaviest plan, no search
         r.chosen = r.knapsack
         if r.chosen is not None:
             search.run_measure(r.chosen)

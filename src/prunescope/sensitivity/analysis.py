@@ -155,6 +155,7 @@ class SensitivityAnalysis:
         self.groups: dict[str, tuple[str, ...]] = {}
         self.units: dict[str, tuple[tuple[int, ...], ...]] = {}  # group key -> per member, unit id per channel
         self._pruned: dict[str, bool] = {}
+        self._parametrized: dict[str, str] = {}  # target layer -> class, e.g. ParametrizedConv2d (weight_norm)
         self.model_parse()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -205,10 +206,7 @@ class SensitivityAnalysis:
         compat = self.layer_types is None and not self.group_dependencies
         for name, m in self.model.named_modules():
             if isinstance(m, types) and parametrize.is_parametrized(m, "weight"):
-                raise ConfigError(f"layer {name!r} has a parametrized weight ({type(m).__name__}, e.g. weight_norm): "
-                                  "the sweep prunes stored weights, which would leave its effective weight "
-                                  "unpruned; make it plain first (torch.nn.utils.parametrize."
-                                  "remove_parametrizations) or leave the layer type out of layer_types")
+                self._parametrized[name] = type(m).__name__  # refused when a sweep reaches it (analysis)
             if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor):
                 self.target_layer[name] = m
                 self.already_pruned[name] = 0
@@ -325,6 +323,11 @@ class SensitivityAnalysis:
         val_args = list(val_args) if val_args is not None else []
         val_kwargs = dict(val_kwargs) if val_kwargs is not None else {}
         keys = self._select(specified_layers)
+        for name in (n for k in keys for n in self.groups[k] if n in self._parametrized):
+            raise ConfigError(f"layer {name!r} has a parametrized weight ({self._parametrized[name]}, e.g. "
+                              "weight_norm): the sweep prunes stored weights, which would leave its effective weight "
+                              "unpruned; make it plain first (torch.nn.utils.parametrize.remove_parametrizations), "
+                              "leave the layer type out of layer_types or the layer out of specified_layers")
         remote = bool(self.workers or self.executor)
         bundle = None
         if remote:

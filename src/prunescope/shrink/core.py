@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graph import ModelGraph, trace
+from ..graph import ModelGraph, check_graph_of, trace
 from .fold import apply_folds
-from .plan import RemovalPlan, ShrinkError, check_not_empty, pin_error, pinned_removals, plan_removal
+from .plan import RemovalPlan, ShrinkError, _masked_atoms, check_not_empty, pin_error, pinned_removals, plan_removal
 from .verify import run_eval, verify_shrunk
 
 __all__ = ["shrink", "as_pruned", "ShrinkWarning", "ShrinkResult", "prepare_masks"]
@@ -113,6 +113,26 @@ def replace_tensors(root: nn.Module, new_by_id: Mapping[int, torch.Tensor]) -> N
                     store[k] = new_by_id[id(v)]  # type: ignore[assignment]
 
 
+def _unfixed_conflicts(plan: RemovalPlan, masks: Mapping[str, Any]) -> dict[str, tuple[int, list[str]]]:
+    """``{layer: (n, tied layers)}``: ``n`` masked output channels of ``layer`` that stay only because layers
+    tied to them (same engine class: a residual add, a concatenation, ...) keep theirs — conflicting masks that
+    were not fixed. Layers whose masked channels are protected for a reason (``plan.protected``) are left out."""
+    ca = plan.atoms
+    masked = _masked_atoms(ca, masks, [])
+    out: dict[str, tuple[int, list[str]]] = {}
+    for name in ca.layers:
+        if name in plan.protected:
+            continue
+        atoms = ca.layer_atoms(name)
+        stay = masked[atoms] & ~plan.removed[name]
+        if not stay.any():
+            continue
+        tied = {a for c in np.unique(ca.root[atoms[stay]]).tolist() for a in np.nonzero(ca.root == c)[0].tolist()}
+        keepers = sorted({ca.atom_name(a)[0] for a in tied if not masked[a]} - {name})
+        out[name] = (int(stay.sum()), keepers)
+    return out
+
+
 def _apply_plan(small: nn.Module, plan: RemovalPlan) -> None:
     apply_folds(small, plan, zero_points(plan))  # constants of removed channels into biases (shrink/fold.py)
     new_by_id: dict[int, torch.Tensor] = {}
@@ -163,7 +183,9 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
 
     ``masks``: NNI's layout ``{layer: {'weight': tensor, 'bias': tensor or None}}`` (or a mask file's
     contents), 1 = keep. They are made conflict-free first with :func:`~prunescope.masks.fix_mask_conflict`
-    (union policy; a :class:`ShrinkWarning` says what changed). Which channels go is the
+    (union policy; a :class:`ShrinkWarning` says what changed); with ``fix_conflicts=False`` masked channels that
+    a tied layer keeps stay, and a :class:`ShrinkWarning` names the layers. ``graph``: a trace of ``model``
+    itself (another model's trace is a :class:`~prunescope.errors.ConfigError`). Which channels go is the
     :mod:`removal plan <prunescope.shrink.plan>` that the effective counter reads too, so
     ``count_flops_params(small, x) == count_flops_params(model, x, masks=m, effective=True)``.
 
@@ -193,6 +215,10 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     """
     from torch.nn.utils import parametrize
 
+    from ..masks.io import check_structure
+
+    check_graph_of(graph, model, "shrink")
+    masks = check_structure(masks, "shrink masks")  # None, a list ... are refused; bool masks become 0/1
     g = _graph_of(model, dummy_input, graph)
     modules = dict(model.named_modules())
     for name in masks:
@@ -204,6 +230,8 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     masks, changed = prepare_masks(model, masks, dummy_input, g, fix_conflicts)
     plan = plan_removal(g, masks, check_pins=False)
     check_not_empty(plan)
+    if not fix_conflicts and (conflicts := _unfixed_conflicts(plan, masks)):
+        warnings.warn(_conflict_note(conflicts), ShrinkWarning, stacklevel=2)
     pins = pinned_removals(plan)  # tried physically below: refused with the pin if the shapes do not follow
     if pins and _positional_removal(plan):
         raise pin_error(*pins[0])  # an offset/index would select other channels even with every size right
@@ -234,6 +262,14 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
             verify_shrunk(model, small, dummy_input, plan, out,
                           lambda: as_pruned(model, masks, plan=plan, fix_conflicts=False))
     return (small, ShrinkResult(plan, masks, changed)) if return_result else small
+
+
+def _conflict_note(conflicts: dict[str, tuple[int, list[str]]]) -> str:
+    shown = "; ".join(f"'{k}': {n} masked channels stay, kept by {', '.join(repr(t) for t in tied) or 'tied layers'}"
+                      for k, (n, tied) in list(conflicts.items())[:3])
+    return (f"shrink: fix_conflicts=False and the masks conflict: masked channels of {len(conflicts)} layer(s) stay "
+            f"because layers tied to them keep theirs ({shown}{' ...' if len(conflicts) > 3 else ''}); mask the "
+            "tied layers alike or let shrink fix the conflicts (fix_conflicts=True, union policy)")
 
 
 def _positional_removal(plan: RemovalPlan) -> bool:
@@ -479,7 +515,10 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
     """
     from ..errors import ConfigError
     from ..masks import apply_masks
+    from ..masks.io import check_structure
 
+    check_graph_of(plan.graph if plan is not None else graph, model, "as_pruned")
+    masks = check_structure(masks, "as_pruned masks")
     if plan is None:
         if graph is None:
             if dummy_input is None:
