@@ -61,6 +61,7 @@ class ShrinkResult:
         self.fixed = fixed
         self.protected = plan.protected
         self.removed = {k: int(v.sum()) for k, v in plan.removed.items() if v.any()}
+        self.reconstruction: Any = None  # a ReconstructResult when shrink ran with calibration=
 
     def __repr__(self) -> str:
         return (f"ShrinkResult(removed={sum(self.removed.values())} channels in {len(self.removed)} layers, "
@@ -178,7 +179,7 @@ def _mask_in_place(small: nn.Module, masks: Mapping[str, Any]) -> None:
 
 def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_conflicts: bool = True,
            graph: ModelGraph | None = None, return_result: bool = False, check: bool = True,
-           verify: bool = True) -> Any:
+           verify: bool = True, calibration: Iterable[Any] | None = None) -> Any:
     """A physically narrower copy of ``model`` in which every removed channel is gone.
 
     ``masks``: NNI's layout ``{layer: {'weight': tensor, 'bias': tensor or None}}`` (or a mask file's
@@ -204,6 +205,11 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     difference raises :class:`ShrinkError` naming the module where the two first diverge, the ops it runs and
     the layers whose removed channels reach it; no model is returned then. It costs one more forward pass of
     ``model`` on ``dummy_input``. On meta tensors (no values) only the shapes are compared.
+
+    ``calibration``: an iterable of unlabeled input batches (shaped like ``dummy_input``); when given, every
+    layer that lost channels is then refit by least squares to reproduce the dense model
+    (:func:`prunescope.shrink.reconstruct.reconstruct`, default options; ``result.reconstruction`` says what
+    was refit).
 
     >>> import torch
     >>> from torch import nn
@@ -261,7 +267,12 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
         if verify:
             verify_shrunk(model, small, dummy_input, plan, out,
                           lambda: as_pruned(model, masks, plan=plan, fix_conflicts=False))
-    return (small, ShrinkResult(plan, masks, changed)) if return_result else small
+    result = ShrinkResult(plan, masks, changed)
+    if calibration is not None:  # post-training reconstruction (issue 17)
+        from .reconstruct import refit
+
+        result.reconstruction = refit(model, small, plan, calibration)
+    return (small, result) if return_result else small
 
 
 def _conflict_note(conflicts: dict[str, tuple[int, list[str]]]) -> str:
