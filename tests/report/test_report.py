@@ -99,12 +99,18 @@ def test_cli_bad_input(capsys, tmp_path):
     assert "MODEL needs --input-size and --val" in capsys.readouterr().err
 
 
-def test_cache_roundtrip(tmp_path, monkeypatch):
+def test_cache_roundtrip(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     a = digits.load_trained()
     files = os.listdir(tmp_path / "prunescope")
     assert len(files) == 1 and files[0].endswith(".pt")
+    # a first run says that it trains, with a line per epoch, instead of silence
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("training the digitsnet example on scikit-learn's digits (first run only")
+    assert [line.split()[1] for line in err if line.strip().startswith("epoch")] == [f"{k}/5" for k in range(1, 6)]
+    assert err[-1].startswith("trained in ")
     b = digits.load_trained()
+    assert capsys.readouterr().err == ""  # loaded from the cache: nothing to say
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert digits.evaluate(b) > 0.9  # a real model on real held-out data
 
