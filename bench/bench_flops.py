@@ -17,6 +17,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # zoo_helpers: the zoo tests' model builder
+QUICK = os.environ.get("PRUNESCOPE_BENCH_QUICK") == "1"  # bench/run_all.py --quick: small inputs, to prove it runs
 
 
 def _best(fn, repeat: int = 9) -> float:
@@ -27,6 +29,9 @@ def _best(fn, repeat: int = 9) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+PEERS = ("fvcore", "ptflops", "thop")
 
 
 def _peers(model, x):
@@ -89,9 +94,13 @@ def main() -> None:
     from prunescope.flops import flops_report
 
     torch.set_num_threads(2)
-    print("== FLOPs counting (CPU, batch 1, 224x224; median of 9) ==")
+    repeat = 3 if QUICK else 9
+    print(f"== FLOPs counting (CPU, batch 1, 224x224; median of {repeat}) ==")
     print(f"{'model':<10} {'forward s':>10} {'prunescope s':>13} {'ratio':>6}   peers (s, ratio to forward)")
-    for name in ("resnet50", "vit_b_16"):
+    missing = [p for p in PEERS if p not in _peers(torch.nn.Identity(), torch.ones(1))]
+    if missing:
+        print(f"(skipped, not installed: {', '.join(missing)})")
+    for name in ("resnet18",) if QUICK else ("resnet50", "vit_b_16"):
         model = torchvision.models.get_model(name).eval()
         x = torch.randn(1, 3, 224, 224)
 
@@ -99,8 +108,8 @@ def main() -> None:
             with torch.no_grad():
                 model(x)
 
-        t_fwd = _best(fwd)
-        t_ps = _best(lambda model=model, x=x: flops_report(model, x))
+        t_fwd = _best(fwd, repeat)
+        t_ps = _best(lambda model=model, x=x: flops_report(model, x), repeat)
         peers = []
         for pname, fn in _peers(model, x).items():
             with warnings.catch_warnings():
@@ -115,18 +124,18 @@ def main() -> None:
         print(f"{name:<10} {t_fwd:>10.3f} {t_ps:>13.3f} {t_ps / t_fwd:>5.2f}x   " + "; ".join(peers))
 
     print("\n== whole torchvision classification zoo on the meta device ==")
-    sys.path.insert(0, os.path.join(HERE, "..", "tests", "flops"))
-    from test_flops_zoo import NAMES, zoo_model  # type: ignore
+    from zoo_helpers import NAMES, zoo_model  # type: ignore
 
+    names = NAMES[:5] if QUICK else NAMES
     t_build = t_count = 0.0
-    for name in NAMES:
+    for name in names:
         t = time.perf_counter()
         model, size, _ = zoo_model(name)
         t_build += time.perf_counter() - t
         t = time.perf_counter()
         flops_report(model, torch.ones(1, 3, size, size, device="meta"))
         t_count += time.perf_counter() - t
-    print(f"{len(NAMES)} models: counting {t_count:.1f} s (+ {t_build:.1f} s building them on meta); "
+    print(f"{len(names)} models: counting {t_count:.1f} s (+ {t_build:.1f} s building them on meta); "
           f"target < 60 s")
 
 

@@ -20,6 +20,7 @@ Values are compared with the serial sweep and, without early stop, with NNI 2.10
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,10 +35,11 @@ import sens_models as M  # noqa: E402
 from dask_loopback import loopback_cluster  # noqa: E402
 from sens_helpers import Slow, layer_job  # noqa: E402
 
-WAIT = 0.15
-WORKERS = 4
+QUICK = os.environ.get("PRUNESCOPE_BENCH_QUICK") == "1"  # bench/run_all.py --quick: small inputs, to prove it runs
+WAIT = 0.02 if QUICK else 0.15
+WORKERS = 2 if QUICK else 4
 DROPPED = 0.001
-REPEAT = 3  # every time is the median of 3 runs (the machine is shared; single runs vary by ~10%)
+REPEAT = 1 if QUICK else 3  # every time is the median of 3 runs (the machine is shared; single runs vary by ~10%)
 
 
 def _reprs(sens: dict) -> dict:
@@ -96,7 +98,7 @@ def main() -> None:
         sweep(ex, sparsities=[0.5])  # warm: first bundle on every worker, imports
         t_ser, r_ser, _ = median(sweep)
         t_dask, r_dask, _ = median(sweep, ex)
-        print("\nno early stop (28 evaluations incl. the baseline; ideal 4.00x)")
+        print(f"\nno early stop (28 evaluations incl. the baseline; ideal {WORKERS}.00x)")
         print(f"  serial sweep                  {t_ser:6.2f} s")
         print(f"  {WORKERS} Dask workers, per-eval jobs {t_dask:6.2f} s   speed-up {t_ser / t_dask:.2f}x")
         print(f"  values identical to serial: {r_dask == r_ser}; to NNI 2.10.1: {r_dask == nni and r_ser == nni}")

@@ -18,8 +18,9 @@ import warnings
 import torch
 import torchvision
 
-MODELS = ("resnet50", "densenet121")
-REPEAT = 3
+QUICK = os.environ.get("PRUNESCOPE_BENCH_QUICK") == "1"  # bench/run_all.py --quick: small inputs, to prove it runs
+MODELS = ("resnet18",) if QUICK else ("resnet50", "densenet121")
+REPEAT = 1 if QUICK else 3
 NNI_PYTHON = os.environ.get("NNI_PYTHON", "/work/nni-venv/bin/python")
 
 _NNI_SCRIPT = r"""
@@ -68,7 +69,7 @@ def zoo() -> tuple[float, int, float, str]:
     from prunescope.graph import trace
     from prunescope.topology import ChannelDependency, GroupDependency, not_safe_to_prune
 
-    names = torchvision.models.list_models(module=torchvision.models)
+    names = torchvision.models.list_models(module=torchvision.models)[: 5 if QUICK else None]
     t0 = time.perf_counter()
     worst, worst_name = 0.0, ""
     for name in names:
@@ -95,7 +96,7 @@ def main() -> None:
         a = ours(name)
         b = nni(name)
         if b is None:
-            print(f"{name:<14}{a:>14.3f}{'NNI not installed' if not os.path.exists(NNI_PYTHON) else 'n/a':>14}")
+            print(f"{name:<14}{a:>14.3f}  {'NNI not installed' if not os.path.exists(NNI_PYTHON) else 'n/a':>12}")
         else:
             print(f"{name:<14}{a:>14.3f}{b:>14.3f}{b / a:>9.1f}x")
     total, n, worst, worst_name = zoo()

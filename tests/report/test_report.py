@@ -1,9 +1,12 @@
 """The main job end to end on the embedded default (fast settings), checked against independent recomputation."""
 
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from prunescope.cli import main
 from prunescope.examples import digits
 from prunescope.masks import load_masks
 from prunescope.report import run_report
+from prunescope.report.page import decision_sentence, latency_note
 from prunescope.shrink import as_pruned, load_pruned
 
 FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "macs_per_layer.png", "flops.csv", "dependencies.csv",
@@ -99,12 +103,18 @@ def test_cli_bad_input(capsys, tmp_path):
     assert "MODEL needs --input-size and --val" in capsys.readouterr().err
 
 
-def test_cache_roundtrip(tmp_path, monkeypatch):
+def test_cache_roundtrip(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     a = digits.load_trained()
     files = os.listdir(tmp_path / "prunescope")
     assert len(files) == 1 and files[0].endswith(".pt")
+    # a first run says that it trains, with a line per epoch, instead of silence
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("training the digitsnet example on scikit-learn's digits (first run only")
+    assert [line.split()[1] for line in err if line.strip().startswith("epoch")] == [f"{k}/5" for k in range(1, 6)]
+    assert err[-1].startswith("trained in ")
     b = digits.load_trained()
+    assert capsys.readouterr().err == ""  # loaded from the cache: nothing to say
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert digits.evaluate(b) > 0.9  # a real model on real held-out data
 
@@ -122,6 +132,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     for table in ("plan", "recovery", "candidates", "sensitivity", "dependencies", "flops"):
         assert f'<table id="{table}">' in dom
+    # the decision, as the browser shows it, is the page's first paragraph, and one candidate is highlighted
+    decision = _decision(dom)
+    s = json.loads((out / "summary.json").read_text())
+    assert decision.startswith("Ship candidate #") and f"{s['flops_after']:,} MACs" in decision
+    assert dom.index('id="decision"') < dom.index('class="cards"') < dom.index("<h2>")
+    assert dom.count('<tr class="chosen">') == 1
     assert dom.count('src="data:image/png;base64,') == 2  # MACs per layer, sensitivity curves
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
@@ -173,3 +189,105 @@ def test_val_func_returning_a_non_number_is_refused_naming_the_evaluation(tmp_pa
         run_report(digits.load_trained(), lambda m: bad, torch.ones(digits.INPUT_SIZE), tmp_path / "r",
                    progress=False, console=None)
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def _decision(page: str) -> str:
+    m = re.search(r'<p class="decision" id="decision">(.*?)</p>', page, re.S)
+    assert m, "no decision sentence on the page"
+    return html.unescape(m.group(1))
+
+
+def test_page_states_the_decision_first_and_highlights_the_shipped_candidate(report):
+    _, _, res, out = report
+    s = res.summary
+    page = (out / "report.html").read_text()
+    text = _decision(page)
+    assert page.index('id="decision"') < page.index('class="cards"') < page.index("<h2>")  # first, at the top
+    chosen = next(i for i, c in enumerate(s["plan_candidates"]) if c["plan"] == s["plan"])
+    assert text.startswith(f"Ship candidate #{chosen + 1} ({s['plan_source']}; {len(s['plan'])} of ")
+    assert (f"{s['flops_after']:,} MACs, {s['flops_after'] / s['flops_before']:.1%} of the dense model's "
+            f"{s['flops_before']:,} (target 60%)") in text
+    assert f"accuracy {s['metric_final']:.4f} for the shipped model (shrunk, no recovery)" in text
+    assert f"against {s['metric_before']:.4f} for the dense model" in text
+    uni = sorted(set(s["uniform_plan"].values()))
+    assert len(uni) == 1
+    assert (f"the uniform plan (every set at sparsity {uni[0]:g}, {s['uniform_flops_after']:,} MACs) measures "
+            f"{s['uniform_metric_measured']:.4f} shrunk, against {s['metric_after_measured']:.4f} for this plan "
+            "shrunk") in text
+    table = page[page.index('<table id="candidates">'):]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r'<tr( class="chosen")?><td class="n">(\d+)</td>', table)
+    assert len(rows) == len(s["plan_candidates"])
+    assert [int(n) for mark, n in rows if mark] == [chosen + 1]  # the shipped one, and only it
+    # every metric column says which model it describes
+    assert "accuracy (of this row&#x27;s model)" in page and "Measured accuracy (shrunk, before recovery)" in page
+    assert "MACs (shipped, shrunk)" in page
+
+
+def _run(**kw):
+    """A finished run as the page reads it (hand-made numbers)."""
+    ship = SimpleNamespace(plan={"a+b": 0.5, "c": 0.25}, flops=400, params=40, metric=0.81, latency_ms=0.96)
+    base = SimpleNamespace(plan={"a+b": 0.375, "c": 0.375}, flops=410, params=41, metric=0.77, latency_ms=0.97)
+    chosen = SimpleNamespace(order=6, source="neighbour: c lighter, a+b heavier")
+    r = SimpleNamespace(shipped=ship, baseline=base, chosen=chosen, dense=SimpleNamespace(total_flops=1000),
+                        recovery=[], metric_name="accuracy", flops_target=0.5, target_macs=500, note="",
+                        keys=["a+b", "c", "d"], metric_before=0.9, sign=1.0, latency_dense_ms=1.0,
+                        graph=SimpleNamespace(nodes=[None] * 10))
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+def test_decision_sentence_names_the_model_behind_every_number():
+    text = decision_sentence(_run(recovery=[("BatchNorm re-estimation (3 batches)", 0.86, 0.1),
+                                            ("fine-tuning", 0.88, 2.0)]))
+    assert text == (  # the shipped plan measured 0.81 shrunk, 0.88 after recovery; uniform 0.77 shrunk
+        "Ship candidate #7 (neighbour: c lighter, a+b heavier; 2 of 3 prunable sets pruned at sparsities "
+        "0.25–0.5): 400 MACs, 40.0% of the dense model's 1,000 (target 50%), accuracy 0.8800 for the shipped "
+        "model (shrunk, then BatchNorm re-estimation (3 batches) and fine-tuning) against 0.9000 for the dense "
+        "model; at the same budget the uniform plan (every set at sparsity 0.375, 410 MACs) measures 0.7700 shrunk, "
+        "against 0.8100 for this plan shrunk (0.0400 better), both before recovery (the uniform model is not "
+        "recovered, so the two are not compared after recovery).")
+    lower = decision_sentence(_run(sign=-1.0, baseline=None))  # a loss; no uniform plan fits the budget
+    assert lower.endswith("no uniform plan meets the budget, so there is no uniform baseline.")
+    missed = decision_sentence(_run(target_macs=300, note="cannot reach the FLOPs target"))
+    assert missed.startswith("The FLOPs target (50% of the dense MACs) is not met (cannot reach the FLOPs target)")
+
+
+def test_latency_that_does_not_move_is_explained_from_the_measurements():
+    # 1.0 ms dense at 1000 MACs, 0.96 ms at 400: k = 0.04/600 ms per MAC, so 0.067 ms (7%) of the dense forward
+    # scales with MACs and 0.933 ms is fixed: 93.3 µs for each of the 10 ops
+    text = latency_note(_run())
+    assert text.startswith("CPU latency (median of interleaved runs on the example input): dense model 1.000 ms, "
+                           "shipped model 0.960 ms (96% of dense) for 40% of the MACs. Latency does not follow the "
+                           "MACs here (it does not move: within 5%)")
+    assert ("puts 0.067 ms (7%) of the dense forward in work that scales with the MACs and 0.933 ms in a fixed cost "
+            "of running its 10 recorded tensor ops (93.3 µs per op)") in text
+    slower = latency_note(_run(shipped=SimpleNamespace(flops=400, latency_ms=1.02)))
+    assert "finds no part that scales with the MACs: all 1.000 ms are in a fixed cost" in slower
+    fast = latency_note(_run(shipped=SimpleNamespace(flops=400, latency_ms=0.5)))
+    assert fast.endswith("Latency falls with the MACs (latency ratio / MACs ratio = 1.25).")
+    assert latency_note(_run(latency_dense_ms=float("nan"))) == ""
+
+
+def test_sensitivity_plot_stays_readable_with_many_sets():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prunescope.sensitivity.report import sensitivity_figure
+
+    sens = {f"set {i}: layer{i}.conv +2": {0.25: 0.9 - i / 100, 0.5: 0.8 - i / 50} for i in range(24)}
+    fig = sensitivity_figure(sens, baseline=0.95)
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        assert len(lines) == 25  # 24 curves and the baseline
+        styles = {(matplotlib.colors.to_hex(ln.get_color()), ln.get_linestyle(), ln.get_marker()) for ln in lines[:24]}
+        assert len(styles) == 24  # no two curves look alike
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()][:24] == list(sens)  # every set is named
+        fig.canvas.draw()
+        assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, never over a curve
+    finally:
+        plt.close(fig)

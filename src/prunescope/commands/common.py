@@ -24,18 +24,44 @@ def parse_size(text: str) -> tuple[int, ...]:
     return size
 
 
+def _module_path() -> list[str]:
+    """Put the current folder first on ``sys.path``, as ``python -m`` does (a console script starts with its own
+    ``bin`` folder there instead), so that ``mymodel:build`` finds ``./mymodel.py``. It stays there for the rest
+    of the process: the user's module may import its neighbours later, and worker processes inherit the path."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path[:1]):
+        sys.path.insert(0, cwd)
+    return [os.path.abspath(p or ".") for p in sys.path]
+
+
 def load_object(spec: str, what: str = "object") -> Any:
-    """Load ``package.module:attr`` (attr may be dotted)."""
+    """Load ``package.module:attr`` (attr may be dotted). The module is looked up in the current folder first,
+    then on ``sys.path``, as ``python -m`` does; the error names where it looked."""
     mod_name, _, attr = spec.partition(":")
-    if not attr:
+    if not attr or not mod_name:
         raise CLIError(f"{what} {spec!r} must have the form package.module:name")
+    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+        hint = mod_name.removesuffix(".py").replace("/", ".").replace("\\", ".").strip(".")
+        raise CLIError(f"{what} {spec!r}: give a module name, not a file path (e.g. {hint}:{attr}, run from the "
+                       "folder that holds it)")
+    searched = _module_path()
     try:
         obj: Any = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            shown = ", ".join(searched[:4]) + (f" and {len(searched) - 4} more" if len(searched) > 4 else "")
+            raise CLIError(f"cannot import module {mod_name!r} for {what} {spec!r}: no module named {e.name!r} in "
+                           f"the current folder nor on sys.path (looked in {shown})") from None
+        raise CLIError(f"module {mod_name!r} for {what} {spec!r} was found but importing it failed: {e}") from None
     except ImportError as e:
         raise CLIError(f"cannot import module {mod_name!r} for {what} {spec!r}: {e}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise CLIError(f"module {mod_name!r} has no attribute {attr!r} ({what} {spec!r})")
+            raise CLIError(f"module {mod_name!r} ({getattr(obj, '__file__', None) or mod_name}) has no attribute "
+                           f"{attr!r} ({what} {spec!r})")
         obj = getattr(obj, part)
     return obj
 

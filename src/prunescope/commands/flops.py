@@ -15,8 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Count FLOPs (as MACs, multiply-accumulates) and parameters per layer.")
     p.add_argument("model", help="torchvision model name (random weights) or package.module:callable")
     p.add_argument("--input-size", required=True, help="input size, e.g. 1,3,224,224")
-    p.add_argument("--mode", choices=("default", "full"), default="default")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--mode", choices=("default", "full"), default="default",
+                   help="default: multiply-accumulates of convolutions, matmuls/linear layers, attention and RNNs; "
+                        "full: also norms, activations, pooling, elementwise ops (and lists ops with no formula)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="output format: a per-layer table, NNI's CSV columns, or JSON")
     p.add_argument("--device", default=None, help="device to build and count on (e.g. meta, cpu, cuda)")
     p.add_argument("--masks", default=None, help="mask file (NNI layout) to count the pruned model")
     p.add_argument("--effective", action="store_true",

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("model", help="torchvision model name (random weights) or package.module:callable")
     p.add_argument("--input-size", default=None, help="input size, e.g. 1,3,224,224 (needed by --fix)")
-    p.add_argument("--pruner", choices=("l1", "l2", "fpgm", "level"), default="l1")
+    p.add_argument("--pruner", choices=("l1", "l2", "fpgm", "level"), default="l1",
+                   help="NNI one-shot pruner: filters with the smallest L1/L2 norm or FPGM distance, or "
+                        "unstructured by magnitude (level)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction to prune, 0 < s < 1")
     p.add_argument("--op-types", default=None,
                    help="comma-separated layer class names (default: Conv2d; 'default' for --pruner level)")

@@ -2,12 +2,12 @@
 
 Example::
 
-    prunescope sensitivity --model mypkg.models:build --val mypkg.models:evaluate \\
+    prunescope sensitivity mypkg.models:build --val mypkg.models:evaluate \\
         --sparsities 0.25,0.5,0.75 --early-stop dropped:0.05 --workers 2 --checkpoint sens.ckpt \\
         --out sens.csv --plot sens.png
 
-``--model`` names a module (or a callable returning one, or a torchvision model name); ``--val`` names a
-callable that takes the model and returns its metric.
+``MODEL`` (or ``--model MODEL``, the older spelling) names a module (or a callable returning one, or a
+torchvision model name); ``--val`` names a callable that takes the model and returns its metric.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def check_writable(path: str, option: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..sensitivity import MetricError, SensitivityAnalysis
 
+    if args.model and args.model_option and args.model != args.model_option:
+        raise CLIError(f"two models given: {args.model!r} and --model {args.model_option!r}; give one")
+    args.model = args.model or args.model_option
+    if not args.model:
+        raise CLIError("give the model: prunescope sensitivity MODEL --val pkg.mod:evaluate --out sens.csv")
     check_writable(args.out, "--out")
     if args.plot:
         check_writable(args.plot, "--plot")
@@ -93,10 +98,15 @@ def register(subparsers: Any) -> None:
         "sensitivity", help="layer-wise pruning sensitivity sweep (NNI's SensitivityAnalysis)",
         description="Prune one layer at a time at increasing sparsities and record the validation metric. "
                     "Writes NNI's CSV.")
-    p.add_argument("--model", required=True, help="package.module:callable_or_module, or a torchvision name")
+    p.add_argument("model", nargs="?", default=None,
+                   help="package.module:callable_or_module (looked up in the current folder first), or a "
+                        "torchvision model name (random weights)")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", default=None,
+                   help="the same as the positional MODEL (the older spelling, kept)")
     p.add_argument("--val", required=True, help="package.module:function taking the model, returning a number")
     p.add_argument("--sparsities", help="comma-separated, default 0.1,...,0.9")
-    p.add_argument("--prune-type", default="l1", choices=("l1", "l2", "fpgm", "level"))
+    p.add_argument("--prune-type", default="l1", choices=("l1", "l2", "fpgm", "level"),
+                   help="how a layer is pruned: filters by L1/L2 norm or FPGM distance, or unstructured by magnitude")
     p.add_argument("--early-stop", metavar="MODE:VALUE", help="minimize|maximize|dropped|raised, e.g. dropped:0.05")
     p.add_argument("--layers", help="comma-separated layer names to analyse (default: all targets)")
     p.add_argument("--workers", type=int, help="run the evaluations in N local processes (pays off only when "

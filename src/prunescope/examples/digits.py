@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from functools import lru_cache
 from typing import Callable
 
@@ -84,27 +86,44 @@ def evaluate(model: nn.Module, batch_size: int = 500) -> float:
     return correct / len(xv)
 
 
-def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsNet:
+def train(epochs: int = _EPOCHS, seed: int = _SEED, log: Callable[[str], None] | None = None) -> DigitsNet:
     """Train a fresh :class:`DigitsNet` (a few seconds on a CPU)."""
     torch.manual_seed(seed)
     model = DigitsNet()
-    _fit(model, epochs, 3e-3, seed)
+    _fit(model, epochs, 3e-3, seed, log)
     return model.eval()
 
 
-def _fit(model: nn.Module, epochs: int, lr: float, seed: int) -> None:
-    """Adam on the training split, batches of 64 in a seeded order, cross-entropy; leaves the model in train mode."""
+def _fit(model: nn.Module, epochs: int, lr: float, seed: int, log: Callable[[str], None] | None = None) -> None:
+    """Adam on the training split, batches of 64 in a seeded order, cross-entropy; leaves the model in train mode.
+    ``log`` gets a line per epoch (mean training loss, seconds so far)."""
     xt, yt, _, _ = load_data()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
+        total = 0.0
         for i in range(0, len(xt), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
             opt.step()
+            total += loss.item() * len(idx)
+        if log is not None:
+            log(epoch_line(epoch, epochs, total / len(xt), t0))
+
+
+def epoch_line(epoch: int, epochs: int, loss: float, t0: float) -> str:
+    """``  epoch 3/30  loss 0.4123  (12.3 s)``: one line of training progress."""
+    return f"  epoch {epoch + 1}/{epochs}  loss {loss:.4f}  ({time.perf_counter() - t0:.1f} s)"
+
+
+def print_line(line: str) -> None:
+    """Print a progress line on stderr at once (stdout may be a pipe or a file)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def cache_dir() -> str:
@@ -112,10 +131,11 @@ def cache_dir() -> str:
     return os.path.join(base, "prunescope")
 
 
-def cached_model(build: Callable[[], nn.Module], train_fn: Callable[[], nn.Module], tag: str, use_cache: bool = True
-                 ) -> nn.Module:
+def cached_model(build: Callable[[], nn.Module], train_fn: Callable[..., nn.Module], tag: str, use_cache: bool = True,
+                 progress: bool = True) -> nn.Module:
     """A trained example model: its weights loaded from the cache (``cache_dir()/<tag>-<key>.pt``, key = tag and
-    torch version), or trained once with ``train_fn`` and cached (atomic write, ``weights_only`` load)."""
+    torch version), or trained once with ``train_fn(log=...)`` and cached (atomic write, ``weights_only`` load).
+    When it has to train and ``progress`` is true, it says so on stderr with a line per epoch."""
     key = hashlib.sha256(f"{tag}-{torch.__version__}".encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(), f"{tag.split('-')[0]}-{key}.pt")
     model = build()
@@ -126,7 +146,14 @@ def cached_model(build: Callable[[], nn.Module], train_fn: Callable[[], nn.Modul
             return model.eval()
         except Exception:  # a corrupt cache is retrained, never trusted
             pass
-    model = train_fn()
+    log = print_line if progress else None
+    if log is not None:
+        log(f"training the {tag.split('-')[0]} example on scikit-learn's digits"
+            + (f" (first run only: the weights are cached in {path})" if use_cache else ""))
+    t0 = time.perf_counter()
+    model = train_fn(log=log)
+    if log is not None:
+        log(f"trained in {time.perf_counter() - t0:.1f} s")
     if use_cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_open(path, "wb") as f:
@@ -134,9 +161,11 @@ def cached_model(build: Callable[[], nn.Module], train_fn: Callable[[], nn.Modul
     return model
 
 
-def load_trained(use_cache: bool = True) -> DigitsNet:
-    """The trained default model: loaded from the cache, or trained once and cached (atomic write)."""
-    return cached_model(DigitsNet, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache)  # type: ignore[return-value]
+def load_trained(use_cache: bool = True, progress: bool = True) -> DigitsNet:
+    """The trained default model: loaded from the cache, or trained once and cached (atomic write); training
+    prints a line per epoch on stderr unless ``progress=False``."""
+    return cached_model(DigitsNet, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache,  # type: ignore[return-value]
+                        progress)
 
 
 def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:

@@ -20,11 +20,14 @@ True
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import cache_dir, cached_model, calibration_batches, evaluate, load_data
+from .digits import cache_dir, cached_model, calibration_batches, epoch_line, evaluate, load_data
 
 __all__ = ["DigitsViT", "train", "load_trained", "evaluate", "calibration_batches", "finetune", "INPUT_SIZE",
            "cache_dir"]
@@ -102,36 +105,44 @@ class DigitsViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def _fit(model: nn.Module, epochs: int, lr: float, seed: int) -> None:
+def _fit(model: nn.Module, epochs: int, lr: float, seed: int, log: Callable[[str], None] | None = None) -> None:
     """AdamW (one-cycle schedule) on the training split, batches of 64 in a seeded order, cross-entropy;
-    leaves the model in train mode."""
+    leaves the model in train mode. ``log`` gets a line per epoch."""
     xt, yt, _, _ = load_data()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * ((len(xt) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
+        total = 0.0
         for i in range(0, len(xt), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
             opt.step()
             sched.step()
+            total += loss.item() * len(idx)
+        if log is not None:
+            log(epoch_line(epoch, epochs, total / len(xt), t0))
 
 
-def train(epochs: int = _EPOCHS, seed: int = _SEED) -> DigitsViT:
+def train(epochs: int = _EPOCHS, seed: int = _SEED, log: Callable[[str], None] | None = None) -> DigitsViT:
     """Train a fresh :class:`DigitsViT` (seconds on a CPU)."""
     torch.manual_seed(seed)
     model = DigitsViT()
-    _fit(model, epochs, _LR, seed)
+    _fit(model, epochs, _LR, seed, log)
     return model.eval()
 
 
-def load_trained(use_cache: bool = True) -> DigitsViT:
-    """The trained ViT: loaded from the cache, or trained once and cached (atomic write)."""
-    return cached_model(DigitsViT, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache)  # type: ignore[return-value]
+def load_trained(use_cache: bool = True, progress: bool = True) -> DigitsViT:
+    """The trained ViT: loaded from the cache, or trained once and cached (atomic write); training prints a line
+    per epoch on stderr unless ``progress=False``."""
+    return cached_model(DigitsViT, train, f"{_VERSION}-{_EPOCHS}-{_SEED}", use_cache,  # type: ignore[return-value]
+                        progress)
 
 
 def finetune(model: nn.Module, epochs: int = 10, lr: float = 2e-3, seed: int = _SEED) -> nn.Module:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import time
 from typing import Any
 
 from ..flops.counter import atomic_write_text
+from ..sensitivity.report import plot as plot_sensitivity
 from .output import ReportFolder
 from .steps import Run
 
-__all__ = ["FILES", "write_folder"]
+__all__ = ["FILES", "write_folder", "decision_sentence", "latency_note"]
 
 FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensitivity_png": "sensitivity.png",
          "macs_png": "macs_per_layer.png", "flops": "flops.csv", "dependencies": "dependencies.csv",
@@ -74,6 +76,27 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
     return out
 
 
+def set_label(r: Run, key: str) -> str:
+    """``set 3: conv1 +2``: a dependency set as the legend and the tables name it (its number in the
+    dependency-set table, its first layer, how many more)."""
+    members = key.split("+")
+    number = next((i + 1 for i, st in enumerate(r.cd.sets) if "+".join(st) == key), None)
+    head = f"set {number}: " if number is not None else ""
+    return head + members[0] + (f" +{len(members) - 1}" if len(members) > 1 else "")
+
+
+def sensitivity_chart(r: Run, path: str) -> str | None:
+    """One curve per prunable set (as pruned = shrunk, before recovery), styles that never repeat for 320 sets,
+    the legend outside the axes; ``None`` without matplotlib."""
+    try:
+        plot_sensitivity({set_label(r, k): v for k, v in r.sens.items()}, path, baseline=r.metric_before,
+                         title=f"Sensitivity of {r.model_name} ({r.metric_name}, one set pruned at a time, "
+                               "as pruned)")
+    except ImportError:
+        return None
+    return path
+
+
 def macs_chart(r: Run, path: str) -> str | None:
     """Horizontal bars: MACs per layer, dense vs shipped (labels are literal text, never mathtext)."""
     try:
@@ -87,22 +110,96 @@ def macs_chart(r: Run, path: str) -> str | None:
     after = {(row.name, row.call_number): row.flops for row in r.shipped.report.rows}
     rows = [(row.name if row.call_number == 1 else f"{row.name} #{row.call_number}", row.flops,
              after.get((row.name, row.call_number), 0)) for row in r.dense.rows if row.flops > 0]
-    rows = rows[:60]
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2))
-    ys = list(range(len(rows)))[::-1]
-    ax.barh([y + 0.2 for y in ys], [b for _, b, _ in rows], height=0.4, label="dense", color="#9aa5b1")
-    ax.barh([y - 0.2 for y in ys], [a for _, _, a in rows], height=0.4, label="pruned (shrunk)", color="#2b6cb0")
+    shown = rows[:60]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(shown) + 1.4))
+    ys = list(range(len(shown)))[::-1]
+    ax.barh([y + 0.2 for y in ys], [b for _, b, _ in shown], height=0.4, label="dense model", color="#9aa5b1")
+    ax.barh([y - 0.2 for y in ys], [a for _, _, a in shown], height=0.4, label="shipped model (shrunk)",
+            color="#2b6cb0")
     ax.set_yticks(ys)
-    ax.set_yticklabels([n.replace("$", r"\$") for n, _, _ in rows], fontsize=7)
+    ax.set_yticklabels([n.replace("$", r"\$") for n, _, _ in shown], fontsize=7)
     for t in ax.get_yticklabels():
         t.set_parse_math(False)  # module names are text: '$' must never start mathtext
     ax.set_xlabel("MACs")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("MACs per layer")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    ax.set_title("MACs per layer" + (f" (the first 60 of {len(rows)} layers; all in the table below)"
+                                     if len(rows) > 60 else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _range(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
+
+
+def shipped_label(r: Run) -> str:
+    """What the shipped model is: ``shrunk, then BatchNorm re-estimation (11 batches) and fine-tuning``."""
+    steps = [st for st, _, _ in r.recovery]
+    return "shrunk, then " + " and ".join(steps) if steps else "shrunk, no recovery"
+
+
+def decision_sentence(r: Run) -> str:
+    """The page's first sentence: which plan ships, its MACs, the metric of the shipped model, and the uniform
+    plan at the same budget, each number saying which model it describes."""
+    ship, base, chosen = r.shipped, r.baseline, r.chosen
+    assert ship is not None and chosen is not None
+    dense = r.dense.total_flops
+    final = r.recovery[-1][1] if r.recovery else ship.metric
+    m = r.metric_name
+    head = ("" if ship.flops <= r.target_macs else
+            f"The FLOPs target ({r.flops_target:.0%} of the dense MACs) is not met ({r.note}); the closest plan: ")
+    plan = (f"{len(ship.plan)} of {len(r.keys)} prunable sets pruned at sparsities "
+            f"{_range(list(ship.plan.values()))}" if ship.plan else "no set pruned")
+    text = (f"{head}Ship candidate #{chosen.order + 1} ({chosen.source}; {plan}): {ship.flops:,} MACs, "
+            f"{ship.flops / max(1, dense):.1%} of the dense model's {dense:,} (target {r.flops_target:.0%}), "
+            f"{m} {final:.4f} for the shipped model ({shipped_label(r)}) against {r.metric_before:.4f} for the "
+            f"dense model")
+    if base is None:
+        return text + "; no uniform plan meets the budget, so there is no uniform baseline."
+    uni = _range(list(base.plan.values()))
+    better = r.sign * (ship.metric - base.metric)
+    text += (f"; at the same budget the uniform plan (every set at sparsity {uni}, {base.flops:,} MACs) measures "
+             f"{base.metric:.4f} shrunk, against {ship.metric:.4f} for this plan shrunk ("
+             + (f"{abs(better):.4f} better" if better > 0 else "no better" if better == 0 else
+                f"{abs(better):.4f} worse") + ")")
+    if r.recovery:
+        text += (", both before recovery (the uniform model is not recovered, so the two are not compared after "
+                 "recovery)")
+    return text + "."
+
+
+def latency_note(r: Run) -> str:
+    """What the measured latencies say, and, when latency does not follow the MACs, why: writing latency =
+    fixed + k * MACs for the dense and the shipped model (two measurements, two unknowns) splits the dense
+    forward into the part that scales with MACs and a fixed cost of running its ops -- measured, not assumed."""
+    ship = r.shipped
+    assert ship is not None
+    dense_ms, ship_ms = r.latency_dense_ms, ship.latency_ms
+    macs_d, macs_s = r.dense.total_flops, ship.flops
+    if not all(math.isfinite(t) and t > 0 for t in (dense_ms, ship_ms)) or macs_d <= 0:
+        return ""
+    lat_ratio, mac_ratio = ship_ms / dense_ms, macs_s / macs_d
+    text = (f"CPU latency (median of interleaved runs on the example input): dense model {dense_ms:.3f} ms, "
+            f"shipped model {ship_ms:.3f} ms ({lat_ratio:.0%} of dense) for {mac_ratio:.0%} of the MACs.")
+    if mac_ratio >= 1 or lat_ratio <= 1 - 0.5 * (1 - mac_ratio):
+        return text + f" Latency falls with the MACs (latency ratio / MACs ratio = {lat_ratio / mac_ratio:.2f})."
+    k = max(0.0, (dense_ms - ship_ms) / (macs_d - macs_s))  # ms per MAC; a slower pruned model is noise: 0
+    scaling = k * macs_d
+    fixed = dense_ms - scaling
+    n_ops = len(r.graph.nodes) if r.graph is not None else 0
+    per_op = f" ({fixed * 1e3 / n_ops:.1f} µs per op)" if n_ops else ""
+    split = (f"puts {scaling:.3f} ms ({scaling / dense_ms:.0%}) of the dense forward in work that scales with the "
+             f"MACs and {fixed:.3f} ms" if k > 0 else f"finds no part that scales with the MACs: all {dense_ms:.3f} ms "
+             "are")
+    return text + (
+        f" Latency does not follow the MACs here{' (it does not move: within 5%)' if abs(1 - lat_ratio) < 0.05 else ''}"
+        f": writing latency = fixed cost + k × MACs for the two measured models {split} in a fixed cost of "
+        f"running its {n_ops} recorded tensor ops{per_op}: dispatch, allocation and memory traffic per op, which "
+        f"removing channels does not reduce (the shrunk model runs the same ops on narrower tensors). Pruning "
+        f"saves time where the MAC-proportional part is large: bigger inputs, batches or models.")
 
 
 def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
@@ -111,55 +208,71 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
     ship, base, search = r.shipped, r.baseline, r.search
     assert ship is not None and search is not None and r.chosen is not None
     final = s["metric_final"]
-    cards = [("MACs", f"{r.dense.total_flops:,} → {ship.flops:,}"),
-             ("Params", f"{r.dense.total_params:,} → {ship.params:,}"),
-             (r.metric_name, f"{r.metric_before:.4f} → {final:.4f}"),
-             ("CPU latency (ms)", f"{r.latency_dense_ms:.2f} → {ship.latency_ms:.2f}")]
+    shipped = shipped_label(r)
+    cards = [("MACs\ndense → shipped", f"{r.dense.total_flops:,} → {ship.flops:,}"),
+             ("Params\ndense → shipped", f"{r.dense.total_params:,} → {ship.params:,}"),
+             (f"{r.metric_name}\ndense → shipped ({shipped})", f"{r.metric_before:.4f} → {final:.4f}"),
+             ("CPU latency (ms)\ndense → shipped", f"{r.latency_dense_ms:.2f} → {ship.latency_ms:.2f}")]
+    sparsities = ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in ship.plan.items())
     vs_rows = [("dense", r.dense.total_flops, r.dense.total_params, f"{r.latency_dense_ms:.3f}",
                 f"{r.metric_before:.4f}", "")]
-    vs_rows.append(("plan (shrunk)", ship.flops, ship.params, f"{ship.latency_ms:.3f}", f"{ship.metric:.4f}",
-                    ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in ship.plan.items())))
+    vs_rows.append(("plan, shrunk (= as pruned), before recovery", ship.flops, ship.params,
+                    f"{ship.latency_ms:.3f}", f"{ship.metric:.4f}", sparsities))
+    if r.recovery:
+        vs_rows.append((f"plan, shipped ({shipped})", ship.flops, ship.params, f"{ship.latency_ms:.3f}",
+                        f"{final:.4f}", "the same model, recovered"))
     if base is not None:
-        vs_rows.append(("uniform (shrunk)", base.flops, base.params, f"{base.latency_ms:.3f}",
-                        f"{base.metric:.4f}", ", ".join(f"{v:g}" for v in sorted(set(base.plan.values())))))
+        vs_rows.append(("uniform, shrunk (= as pruned), not recovered", base.flops, base.params,
+                        f"{base.latency_ms:.3f}", f"{base.metric:.4f}",
+                        ", ".join(f"{v:g}" for v in sorted(set(base.plan.values())))))
     errs = [abs(c.predicted - c.measured) for c in search.measured
             if c.predicted is not None and c.measured is not None]
-    cand_rows = [(c.order + 1, c.source, c.macs, f"{c.predicted:.4f}", f"{c.measured:.4f}",
-                  ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in c.plan.items()))
+    cand_rows = [(c.order + 1, c.source + (" — shipped" if c is r.chosen else ""), c.macs, f"{c.predicted:.4f}",
+                  f"{c.measured:.4f}", ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in c.plan.items()))
                  for c in search.measured]
-    rec_rows = [("shrunk", f"{ship.metric:.4f}", "")] + [(st, f"{v:.4f}", f"{t:.1f}") for st, v, t in r.recovery]
-    sens_rows = [(k.replace("+", ", "), *[f"{v:.4f}" for _, v in sorted(c.items())]) for k, c in r.sens.items()]
+    chosen_rows = {i for i, c in enumerate(search.measured) if c is r.chosen}
+    rec_rows = [("plan, shrunk (before recovery)", f"{ship.metric:.4f}", "")] + [
+        (f"after {st}", f"{v:.4f}", f"{t:.1f}") for st, v, t in r.recovery]
+    sens_rows = [(set_label(r, k), *[f"{v:.4f}" for _, v in sorted(c.items())]) for k, c in r.sens.items()]
     dep_rows = [(i + 1, ", ".join(st), r.n_units("+".join(st)) if "+".join(st) in r.keys else "",
                  "yes" if "+".join(st) in r.keys else r.excluded.get("+".join(st), "single"))
                 for i, st in enumerate(r.cd.sets)]
     after = {(row.name, row.call_number): row.flops for row in ship.report.rows}
     flops_rows = [(row.name, row.module_type, row.flops, after.get((row.name, row.call_number), 0), row.params)
                   for row in r.dense.rows]
-    how = (f"<p>Every number here describes shrunk models (channels physically removed). The plan was chosen "
-           f"by measuring {len(search.measured)} candidate plans that all meet the target (uniform, the additive "
-           f"knapsack optimum, and a local search around the best); the best measured is shipped. Its prediction "
+    how = (f"<p>Models on this page: the <b>dense</b> model you passed in; <b>shrunk</b> models (channels "
+           f"physically removed by <code>prunescope.shrink</code>; their metric equals the as-pruned masked "
+           f"model's), measured before any recovery; and the <b>shipped</b> model ({html.escape(shipped)}), "
+           f"which <code>pruned.pt</code> holds (load it with <code>prunescope.load_pruned(model, "
+           f"'pruned.pt')</code>). The plan was chosen by measuring {len(search.measured)} candidate plans that all "
+           f"meet the target (uniform, the additive knapsack optimum, and a local search around the best) as "
+           f"shrunk models; the best measured is shipped (highlighted below). Its prediction "
            f"({r.chosen.predicted:.4f}) was {html.escape(PREDICTION)}; it was off by "
            f"{abs(r.chosen.predicted - ship.metric):.4f} (mean over all candidates: "
-           f"{sum(errs) / max(1, len(errs)):.4f}). Latency: median of interleaved CPU runs on the example input. "
-           f"<code>pruned.pt</code> holds the final model "
-           f"({' → '.join(['shrunk'] + [st for st, _, _ in r.recovery])}); load it with "
-           f"<code>prunescope.load_pruned(model, 'pruned.pt')</code>.</p>")
+           f"{sum(errs) / max(1, len(errs)):.4f}).</p>")
+    lat = latency_note(r)
     sections = [
         ("Plan vs uniform", (f'<p class="warn">{html.escape(r.note)}</p>' if r.note else "") + how
-         + table_html(["Model", "MACs", "Params", "CPU latency (ms)", r.metric_name, "Sparsities"], vs_rows,
-                      "plan")),
-        ("Recovery", table_html(["Step", r.metric_name, "Seconds"], rec_rows, "recovery")),
-        ("Candidate plans (in measurement order)",
-         table_html(["#", "Source", "MACs", "Predicted", "Measured", "Sparsities"], cand_rows, "candidates")),
-        ("Sensitivity", table_html(["Dependency set", *[str(x) for x in r.sa.sparsities]], sens_rows,
-                                   "sensitivity")),
+         + table_html(["Model", "MACs", "Params", "CPU latency (ms)", f"{r.metric_name} (of this row's model)",
+                       "Sparsities"], vs_rows, "plan")
+         + (f'<p id="latency">{html.escape(lat)}</p>' if lat else "")),
+        ("Recovery of the shipped plan", table_html(["Model", r.metric_name, "Seconds"], rec_rows, "recovery")),
+        ("Candidate plans (in measurement order; the shipped one highlighted)",
+         table_html(["#", "Source", "MACs (shrunk)", f"Predicted {r.metric_name} (shrunk)",
+                     f"Measured {r.metric_name} (shrunk, before recovery)", "Sparsities"], cand_rows,
+                    "candidates", highlight=chosen_rows)),
+        ("Sensitivity",
+         f"<p>{html.escape(r.metric_name)} of the model with one dependency set pruned at a time at each sparsity, "
+         f"as pruned (= the shrunk model's), before recovery; dense: {r.metric_before:.4f}.</p>"
+         + table_html(["Dependency set", *[str(x) for x in r.sa.sparsities]], sens_rows, "sensitivity")),
         ("Dependency sets", table_html(["Set", "Layers", "Units", "Prunable"], dep_rows, "dependencies")),
-        ("FLOPs per layer (MACs)", table_html(["Layer", "Type", "MACs", "MACs shrunk", "Params"], flops_rows,
-                                               "flops")),
+        ("FLOPs per layer (MACs)", table_html(["Layer", "Type", "MACs (dense)", "MACs (shipped, shrunk)",
+                                               "Params (dense)"], flops_rows, "flops")),
     ]
+    lead = f'<p class="decision" id="decision">{html.escape(decision_sentence(r))}</p>'
     return render_html(f"prunescope report: {r.model_name}",
                        f"target {r.flops_target:.0%} of dense MACs; MACs are multiply-accumulates; "
-                       f"{time.strftime('%Y-%m-%d %H:%M')}; run {s['run_id']}", cards, sections, pngs)
+                       f"{time.strftime('%Y-%m-%d %H:%M')}; run {s['run_id']}", cards, sections, pngs, lead=lead)
 
 
 def write_folder(r: Run, folder: ReportFolder, tmp: str) -> dict[str, str]:
@@ -172,11 +285,7 @@ def write_folder(r: Run, folder: ReportFolder, tmp: str) -> dict[str, str]:
     r.cd.export(p["dependencies"])
     r.sa.export(p["sensitivity_csv"])
     made: dict[str, str | None] = {}
-    try:
-        r.sa.plot(p["sensitivity_png"], title=f"Sensitivity of {r.model_name} ({r.metric_name})")
-        made["sensitivity_png"] = p["sensitivity_png"]
-    except ImportError:
-        made["sensitivity_png"] = None
+    made["sensitivity_png"] = sensitivity_chart(r, p["sensitivity_png"])
     made["macs_png"] = macs_chart(r, p["macs_png"])
     save_masks(r.shipped.masks, p["masks"])
     save_pruned(r.final, p["pruned"])
@@ -184,7 +293,7 @@ def write_folder(r: Run, folder: ReportFolder, tmp: str) -> dict[str, str]:
     atomic_write_text(p["plan"], json.dumps(config_list, indent=2) + "\n")
     s = summary(r, folder.run_id)
     r.summary = s
-    atomic_write_text(p["report"], page(r, s, [("MACs per layer: dense vs pruned", made["macs_png"]),
+    atomic_write_text(p["report"], page(r, s, [("MACs per layer: dense vs shipped", made["macs_png"]),
                                                ("Sensitivity curves", made["sensitivity_png"])]))
     atomic_write_text(p["summary"], json.dumps(s, indent=2) + "\n")
     return {k: folder.final(v) for k, v in FILES.items() if made.get(k, "x") is not None}

@@ -78,12 +78,58 @@ def to_dataframe(sensitivities: Sensitivities, baseline: float | None = None) ->
     return df
 
 
+#: line styles and markers combined with the 10 colours of ``tab10``: 40 curves before a (colour, style) pair
+#: repeats, 320 before a (colour, style, marker) triple does
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def curve_style(i: int) -> dict[str, Any]:
+    """Colour, line style and marker of the ``i``-th curve: unique for the first 320 curves (tab10 colours,
+    then line styles, then markers), so that 20+ layers or sets stay tellable apart."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "ls": LINESTYLES[(i // 10) % 4],
+            "marker": MARKERS[(i // 40) % len(MARKERS)]}
+
+
+def sensitivity_figure(sensitivities: Sensitivities, baseline: float | None = None,
+                       title: str = "Pruning sensitivity") -> Any:
+    """The matplotlib figure :func:`plot` saves: one curve per layer in a style no other curve has, the
+    baseline, and the legend outside the axes (right of them, in columns of at most 25 entries)."""
+    import matplotlib.pyplot as plt
+
+    n = len(sensitivities)
+    cols = max(1, -(-n // 25))
+    fig, ax = plt.subplots(figsize=(8 + 2.6 * cols, 5))
+    try:
+        for i, (layer, vals) in enumerate(sensitivities.items()):
+            xs = sorted(vals)
+            ax.plot([float(s) for s in xs], [float(vals[s]) for s in xs], ms=3, lw=1.2, label=layer,
+                    **curve_style(i))
+        if baseline is not None:
+            ax.axhline(float(baseline), color="black", ls="--", lw=1, label="baseline (unpruned)")
+        ax.set_xlabel("sparsity of the layer")
+        ax.set_ylabel("validation metric")
+        ax.set_title(title, parse_math=False)  # layer and model names are text, never mathtext ('a$x$')
+        ax.grid(alpha=0.3)
+        legend = ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                           ncol=cols)
+        for text in legend.get_texts():
+            text.set_parse_math(False)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
 def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: float | None = None,
          title: str = "Pruning sensitivity") -> None:
     """Write a PNG with one metric-vs-sparsity curve per layer and the unpruned baseline.
 
     Labels are literal text: a module name such as ``a$\\frac{x$`` is shown as written, not parsed as
-    mathtext.
+    mathtext. Every curve has its own colour/line-style/marker combination and the legend sits outside the
+    axes, so 20+ layers stay readable.
     """
     try:
         import matplotlib
@@ -92,20 +138,8 @@ def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: f
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plot() needs matplotlib: pip install 'prunescope[plot]'") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = sensitivity_figure(sensitivities, baseline, title)
     try:
-        for layer, vals in sensitivities.items():
-            xs = sorted(vals)
-            ax.plot([float(s) for s in xs], [float(vals[s]) for s in xs], marker="o", ms=3, label=layer)
-        if baseline is not None:
-            ax.axhline(float(baseline), color="black", ls="--", lw=1, label="baseline (unpruned)")
-        ax.set_xlabel("sparsity of the layer")
-        ax.set_ylabel("validation metric")
-        ax.set_title(title, parse_math=False)  # layer and model names are text, never mathtext ('a$x$')
-        ax.grid(alpha=0.3)
-        if len(sensitivities) <= 20:
-            for text in ax.legend(fontsize="small", loc="best").get_texts():
-                text.set_parse_math(False)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     finally:
