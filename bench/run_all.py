@@ -12,7 +12,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-BENCHES = ("flops", "topology", "sensitivity", "sensitivity_scale", "shrink", "heads")
+BENCHES = ("flops", "topology", "sensitivity", "sensitivity_scale", "shrink", "heads", "verify")
 
 
 def main(argv: list[str]) -> int:
