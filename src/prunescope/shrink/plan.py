@@ -473,6 +473,8 @@ class _Planner:
         vs = value_states(ca, atom_removed, self.const_ids)
         changed = False
         for name, li in ca.layers.items():
+            if li.depthwise:  # input channel c feeds only output channels of c, which are tied to it: removed too
+                continue
             for idx, rep, tid in zip(li.nodes, li.inputs, li.input_ids):
                 st = vs.states.get(tid)
                 node = g.nodes[idx]

@@ -409,14 +409,17 @@ class ChannelAtoms:
         if not self.neutral_checks:
             return
         vs = value_states(self, np.ones(self._natoms, bool))
+        neutral = []
         for node, x, atoms, text in self.neutral_checks:
             st = vs.get(x)
             valid = atoms >= 0
             if st is not None and st.shape == atoms.shape and (st[valid] == ZERO).all():
+                neutral.append((node, x, atoms, text))
                 continue
             why = vs.explain.get(x.id)
             self.pin(atoms, node, text + (f" (a removed channel is not zero there: {why})" if why else ""))
             self.value_pins.append(atoms.reshape(-1).copy())
+        self.neutral_checks = neutral  # the neutral ones (shrink's plan checks them again for its removal)
 
     # ------------------------------------------------------------------ the walk
     def _run(self) -> None:

@@ -211,6 +211,11 @@ class _Walk:
                 return np.full(rem.shape, CONST, np.int8)  # masked filter: its bias at most (zeroed if hooked)
             return full
         if name in _NORM_OPS:
+            ci_o = self.ca.info(o)
+            if node.module and ci_o is not None and len(ci_o.axes) == 1:
+                # as-pruned semantics: a removed channel is zero after its normalisation (the hook of
+                # zero_points; a LayerNorm over channels changes the kept ones anyway, by that convention)
+                return np.full(rem.shape, ZERO, np.int8)
             x = self.state(node.inputs[0])
             if name in ("batch_norm", "instance_norm") and x is not None and x.shape == rem.shape \
                     and (x[rem] <= CONST).all():
