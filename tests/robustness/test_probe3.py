@@ -267,3 +267,4 @@ def test_report_checks_calibrate_and_out_before_any_work(tmp_path, what):
         run_report(rm.small_cnn(), val, torch.ones(1, 3, 8, 8), out, calibrate=5 if what == "calibrate" else None,
                    console=None, progress=False)
     assert val.calls == 0
+
