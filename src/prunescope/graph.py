@@ -605,17 +605,48 @@ def _preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 
 def check_graph_of(graph: Any, model: nn.Module, where: str) -> None:
-    """Refuse a ``graph=`` argument that was not traced from ``model`` itself (a graph knows its model: its
-    tensors, parameters and modules are that model's, so another model's graph would silently answer for it)."""
+    """Refuse a ``graph=`` argument that was not traced from ``model``: the graph knows its model
+    (``graph.model``), and another model's trace would silently answer for this one. A trace of a structural
+    copy (the ``meta`` copy the topology analyses trace: same classes, module names, tensor names and shapes)
+    describes the same computation and is accepted."""
     if graph is None:
         return
     if not isinstance(graph, ModelGraph):
         raise ConfigError(f"{where}: graph must be a ModelGraph from prunescope.graph.trace, got "
                           f"{type(graph).__name__}")
-    if graph.model is not model:
-        raise ConfigError(f"{where}: graph was traced from another model object ({type(graph.model).__name__} at "
-                          f"{id(graph.model):#x}), not the one given ({type(model).__name__} at {id(model):#x}); "
-                          "trace this model (prunescope.graph.trace(model, x)) or leave graph out")
+    other = graph.model
+    if other is model:
+        return
+    diff = _structure_difference(other, model)
+    if diff:
+        raise ConfigError(f"{where}: graph was traced from another model ({diff}); trace this model "
+                          "(prunescope.graph.trace(model, x)) or leave graph out")
+
+
+def _structure_difference(traced: nn.Module, model: nn.Module) -> str:
+    """The first difference between the traced model and ``model`` in classes, module names, tensor names or
+    shapes ('' when they have the same structure)."""
+    import itertools
+
+    if type(traced) is not type(model):
+        return f"a {type(traced).__name__}, the model given is a {type(model).__name__}"
+    mods = [(n, type(m)) for n, m in traced.named_modules()]
+    own = [(n, type(m)) for n, m in model.named_modules()]
+    for (n1, t1), (n2, t2) in itertools.zip_longest(mods, own, fillvalue=("", None)):
+        if (n1, t1) != (n2, t2):
+            a = f"'{n1}' ({t1.__name__})" if t1 is not None else "nothing"
+            b = f"'{n2}' ({t2.__name__})" if t2 is not None else "nothing"
+            return f"its modules differ: {a} in the traced model, {b} in the model given"
+
+    def tensors(m: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(t.shape)) for n, t in itertools.chain(m.named_parameters(), m.named_buffers())]
+
+    for (n1, s1), (n2, s2) in itertools.zip_longest(tensors(traced), tensors(model), fillvalue=("", None)):
+        if n1 != n2:
+            return f"its tensors differ: '{n1}' in the traced model, '{n2}' in the model given"
+        if s1 != s2:
+            return f"'{n1}' is {s1} in the traced model, {s2} in the model given"
+    return ""
 
 
 def trace(

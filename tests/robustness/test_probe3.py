@@ -191,7 +191,7 @@ def test_flipped_byte_in_a_weight_is_refused_naming_the_tensor(saved):
 def test_file_without_digests_loads_as_before(saved):
     """Files written before the digests existed load unchecked."""
     small, path = saved
-    _rewrite(path, lambda d: d.pop("digests"))
+    _rewrite(path, lambda d: d.pop("digests", None))
     again = load_pruned(rm.TinyCNN(), path)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -267,3 +267,25 @@ def test_report_checks_calibrate_and_out_before_any_work(tmp_path, what):
         run_report(rm.small_cnn(), val, torch.ones(1, 3, 8, 8), out, calibrate=5 if what == "calibrate" else None,
                    console=None, progress=False)
     assert val.calls == 0
+
+
+
+def test_a_trace_of_a_structural_copy_is_accepted():
+    """The topology analyses trace a meta copy of the model (its graph.model is that copy): shrink and the
+    counter take that graph for the model it was copied from, and answer as with the model's own trace."""
+    from prunescope.flops import flops_report
+    from prunescope.graph import trace
+    from prunescope.topology import ChannelDependency
+
+    torch.manual_seed(0)
+    model = rm.TinyCNN().eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = ChannelDependency(model, x).graph
+    assert g.model is not model  # the meta copy's trace
+    w = torch.ones_like(model.conv3.weight)
+    w[:2] = 0
+    masks = {"conv3": {"weight": w, "bias": torch.tensor([0.0, 0.0, 1.0, 1.0])}}
+    own = trace(model, x)
+    assert shrink(model, masks, x, graph=g).conv3.out_channels == 2
+    assert flops_report(model, x, graph=g, masks=masks, effective=True).total_flops == \
+        flops_report(model, x, graph=own, masks=masks, effective=True).total_flops

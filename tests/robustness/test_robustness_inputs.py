@@ -112,6 +112,11 @@ def _text_file(tmp_path):
     return lambda: load_masks(p)
 
 
+def _wider_cnn():
+    """``small_cnn`` with 6 channels instead of 4 after the first conv: the same classes and names."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+
+
 def _write_under_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     return lambda: atomic_write(tmp_path / "afile" / "out.csv", "data")
@@ -188,14 +193,18 @@ API_CASES = [
     ("head-masks-sparsity-negative", lambda t: lambda: head_masks(rm.small_cnn(), torch.ones(X), -0.1),
      ConfigError, ["head_masks", "-0.1"]),
     ("shrink-graph-of-another-model", lambda t: lambda: shrink(rm.small_cnn(), {}, torch.ones(X),
-                                                               graph=trace(rm.small_cnn(), torch.ones(X))),
-     ConfigError, ["shrink", "traced from another model"]),
+                                                               graph=trace(_wider_cnn(), torch.ones(X))),
+     ConfigError, ["shrink", "traced from another model", "'0.weight' is (6, 3, 3, 3) in the traced model, "
+                   "(4, 3, 3, 3) in the model given"]),
+    ("shrink-graph-of-another-class", lambda t: lambda: shrink(rm.small_cnn(), {}, torch.ones(X),
+                                                               graph=trace(rm.plain_net(), torch.ones(X))),
+     ConfigError, ["shrink", "traced from another model", "ParamNet", "Sequential"]),
     ("as-pruned-graph-of-another-model", lambda t: lambda: as_pruned(rm.small_cnn(), {}, graph=trace(
-        rm.small_cnn(), torch.ones(X))).__enter__(), ConfigError, ["as_pruned", "traced from another model"]),
+        _wider_cnn(), torch.ones(X))).__enter__(), ConfigError, ["as_pruned", "traced from another model"]),
     ("flops-graph-of-another-model", lambda t: lambda: flops_report(rm.small_cnn(), torch.ones(X), graph=trace(
-        rm.small_cnn(), torch.ones(X))), ConfigError, ["flops_report", "traced from another model"]),
+        _wider_cnn(), torch.ones(X))), ConfigError, ["flops_report", "traced from another model"]),
     ("effective-flops-graph-of-another-model", lambda t: lambda: flops_report(
-        rm.small_cnn(), torch.ones(X), graph=trace(rm.small_cnn(), torch.ones(X)), effective=True, masks={}),
+        rm.small_cnn(), torch.ones(X), graph=trace(_wider_cnn(), torch.ones(X)), effective=True, masks={}),
      ConfigError, ["flops_report", "traced from another model"]),
     ("shrink-graph-not-a-graph", lambda t: lambda: shrink(rm.small_cnn(), {}, torch.ones(X), graph="g"),
      ConfigError, ["shrink", "ModelGraph", "str"]),

@@ -185,9 +185,9 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     ``masks``: NNI's layout ``{layer: {'weight': tensor, 'bias': tensor or None}}`` (or a mask file's
     contents), 1 = keep. They are made conflict-free first with :func:`~prunescope.masks.fix_mask_conflict`
     (union policy; a :class:`ShrinkWarning` says what changed); with ``fix_conflicts=False`` masked channels that
-    a tied layer keeps stay, and a :class:`ShrinkWarning` names the layers. ``graph``: a trace of ``model``
-    itself (another model's trace is a :class:`~prunescope.errors.ConfigError`). Which channels go is the
-    :mod:`removal plan <prunescope.shrink.plan>` that the effective counter reads too, so
+    a tied layer keeps stay, and a :class:`ShrinkWarning` names the layers. ``graph``: a trace of ``model`` (or
+    of a copy of the same structure; another model's is a :class:`~prunescope.errors.ConfigError`). Which
+    channels go is the :mod:`removal plan <prunescope.shrink.plan>` that the effective counter reads too, so
     ``count_flops_params(small, x) == count_flops_params(model, x, masks=m, effective=True)``.
 
     The copy keeps the user's classes, module names and forward code: modules are narrowed in place

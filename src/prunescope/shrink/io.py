@@ -61,7 +61,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     c = t.detach().cpu().contiguous().reshape(-1)
     if c.numel():
-        h.update(c.view(torch.uint8).numpy().tobytes())
+        h.update(c.view(torch.uint8).numpy())  # the bytes themselves, no copy
     return h.hexdigest()
 
 
