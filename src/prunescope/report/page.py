@@ -91,7 +91,7 @@ def sensitivity_chart(r: Run, path: str) -> str | None:
     try:
         plot_sensitivity({set_label(r, k): v for k, v in r.sens.items()}, path, baseline=r.metric_before,
                          title=f"Sensitivity of {r.model_name} ({r.metric_name}, one set pruned at a time, "
-                               "as pruned)")
+                               "as pruned)", xlabel="sparsity of the set (fraction of its pruning units)")
     except ImportError:
         return None
     return path

@@ -94,7 +94,7 @@ def curve_style(i: int) -> dict[str, Any]:
 
 
 def sensitivity_figure(sensitivities: Sensitivities, baseline: float | None = None,
-                       title: str = "Pruning sensitivity") -> Any:
+                       title: str = "Pruning sensitivity", xlabel: str = "sparsity of the layer") -> Any:
     """The matplotlib figure :func:`plot` saves: one curve per layer in a style no other curve has, the
     baseline, and the legend outside the axes (right of them, in columns of at most 25 entries)."""
     import matplotlib.pyplot as plt
@@ -109,7 +109,7 @@ def sensitivity_figure(sensitivities: Sensitivities, baseline: float | None = No
                     **curve_style(i))
         if baseline is not None:
             ax.axhline(float(baseline), color="black", ls="--", lw=1, label="baseline (unpruned)")
-        ax.set_xlabel("sparsity of the layer")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("validation metric")
         ax.set_title(title, parse_math=False)  # layer and model names are text, never mathtext ('a$x$')
         ax.grid(alpha=0.3)
@@ -124,7 +124,7 @@ def sensitivity_figure(sensitivities: Sensitivities, baseline: float | None = No
 
 
 def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: float | None = None,
-         title: str = "Pruning sensitivity") -> None:
+         title: str = "Pruning sensitivity", xlabel: str = "sparsity of the layer") -> None:
     """Write a PNG with one metric-vs-sparsity curve per layer and the unpruned baseline.
 
     Labels are literal text: a module name such as ``a$\\frac{x$`` is shown as written, not parsed as
@@ -138,7 +138,7 @@ def plot(sensitivities: Sensitivities, path: str | os.PathLike[str], baseline: f
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plot() needs matplotlib: pip install 'prunescope[plot]'") from None
-    fig = sensitivity_figure(sensitivities, baseline, title)
+    fig = sensitivity_figure(sensitivities, baseline, title, xlabel)
     try:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
