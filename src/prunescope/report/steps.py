@@ -205,9 +205,11 @@ def _knapsack(r: Run, search: PlanSearch) -> Candidate | None:
     until the exact count of the conflict-free masks meets the target.
 
     Savings of several sets do not add up exactly (a set's removed input channels are also counted in the
-    other set's savings), so a plan whose additive saving ``A`` reaches the requirement may miss the target by
-    ``c.macs - target``. The next solve asks for ``A + (c.macs - target)``: strictly more than the plan just
-    tried, so every re-solve gives another plan. When no re-solve meets the exact target: ``None`` if the
+    other set's savings), so a plan whose additive saving ``A`` reaches the requirement ``R`` may miss the
+    target by ``miss = c.macs - target``. The requirement grows by the miss, as many times as it takes to pass
+    ``A``: the plan just tried stays the optimum for every requirement up to ``A``, so a smaller step returns it
+    again (one step at a time repeated it until the 20 tries ran out). The re-solves are the ones one step at a
+    time would reach, without the repeats. When no re-solve meets the exact target: ``None`` if the
     uniform plan meets it (the search starts from that), else the heaviest plan (with the note when it misses
     the target too)."""
     from ..plan import Option, solve
@@ -229,7 +231,8 @@ def _knapsack(r: Run, search: PlanSearch) -> Candidate | None:
         if search.feasible(c):
             return c
         additive = sum(o.saving for o in plan.values())
-        required = max(required + 1, additive + c.macs - r.target_macs)  # not additive: tighten and re-solve
+        miss = c.macs - r.target_macs  # > 0: savings were not additive; tighten by the miss and re-solve,
+        required += miss * max(1, -(-(additive + 1 - required) // miss))  # skipping the steps that repeat c
     if r.uniform is not None:
         return None  # the uniform plan meets the target: the search starts from it
     return _heaviest(r, search, options, "heaviest (no knapsack plan met the exact count)")
