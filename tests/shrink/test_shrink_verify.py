@@ -271,7 +271,8 @@ def test_rmsnorm_over_removed_channels_is_the_narrowed_rmsnorm():
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_sensitivity_as_pruned_value_is_the_shrunk_models_metric():
+@pytest.mark.parametrize("workers", [None, 2])
+def test_sensitivity_as_pruned_value_is_the_shrunk_models_metric(workers):
     torch.manual_seed(0)
     net = TokenMLP(nn.LayerNorm(8)).eval()
     randomize_norms(net)
@@ -282,7 +283,7 @@ def test_sensitivity_as_pruned_value_is_the_shrunk_models_metric():
             return model(x).square().mean().item()
 
     sa = SensitivityAnalysis(net, metric, sparsities=[0.25, 0.5], layer_types=(nn.Linear,), dummy_input=x,
-                             as_pruned=True, progress=False)
+                             as_pruned=True, progress=False, workers=workers)
     sens = sa.analysis(val_args=[net], specified_layers=["fc1"])
     for s, value in sens["fc1"].items():
         masks = {"fc1": group_masks([net.fc1], s, "l1")[0]}

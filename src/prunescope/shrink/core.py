@@ -242,7 +242,9 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     if pins and _positional_removal(plan):
         raise pin_error(*pins[0])  # an offset/index would select other channels even with every size right
     if changed:
-        warnings.warn(conflict_message("shrink", changed), ShrinkWarning, stacklevel=2)
+        warnings.warn(f"shrink: the masks had {len(changed)} conflicts and were fixed first (union policy): "
+                      + "; ".join(f"{', '.join(c.members)}: {c.reason}" for c in changed[:3])
+                      + (" ..." if len(changed) > 3 else ""), ShrinkWarning, stacklevel=2)
     if plan.protected:
         first = next(iter(plan.protected.items()))
         warnings.warn(f"shrink: masked channels of {len(plan.protected)} layers stay because they cannot be "

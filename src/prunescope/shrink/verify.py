@@ -106,24 +106,28 @@ def verify_shrunk(model: nn.Module, small: nn.Module, dummy_input: Any, plan: Re
     if where is None:
         raise ShrinkError(msg + "no single module's output explains it. shrink refuses to return a model that "
                           "is silently different")
-    name, kind, ops, layers, d = where
+    name, kind, ops, layers, d, fed = where
     mod = f"module '{name}' ({kind})" if name else f"the model's own forward ({kind})"
     lay = ", ".join(f"'{x}'" for x in layers[:6]) + (" ..." if len(layers) > 6 else "") if layers else "none"
+    why = (f"; the as-pruned model feeds it nonzero values (up to {fed:.3g}) on those removed channels, e.g. a "
+           "constant like sigmoid(0) = 0.5 made from a zeroed channel, which the shrunk model drops" if fed > 0
+           else "")
     raise ShrinkError(msg + f"they first diverge at {mod}, ops {', '.join(ops) or '?'} (differs by {d:.3g} of "
-                      f"its scale), which reads removed channels of layers {lay}. The channels it sees cannot "
+                      f"its scale), which reads removed channels of layers {lay}{why}. Those channels cannot "
                       "go without changing what it computes: keep them (drop these layers' masks) or change "
                       "the module. shrink refuses to return a model that is silently different",
                       name or None, ",".join(ops) or None)
 
 
 # ------------------------------------------------------------------------------------------------ localisation
-def _record(model: nn.Module, sink: Callable[[str, int, list[torch.Tensor]], None]) -> list[Any]:
+def _record(model: nn.Module, sink: Callable[[str, int, list[torch.Tensor], list[torch.Tensor]], None]
+            ) -> list[Any]:
     counts: dict[str, int] = {}
     handles = []
     for name, mod in model.named_modules():
-        def hook(_m: nn.Module, _a: Any, out: Any, name: str = name) -> None:
+        def hook(_m: nn.Module, args: Any, out: Any, name: str = name) -> None:
             counts[name] = counts.get(name, 0) + 1
-            sink(name, counts[name], _leaves(out))
+            sink(name, counts[name], _leaves(out), _leaves(args))
 
         handles.append(mod.register_forward_hook(hook))
     return handles
@@ -162,18 +166,21 @@ def _layers_reaching(plan: RemovalPlan, infos: list[Any]) -> list[str]:
 
 def _first_divergence(model: nn.Module, small: nn.Module, dummy_input: Any, plan: RemovalPlan,
                       reference: Callable[[], ContextManager[nn.Module]]
-                      ) -> tuple[str, str, list[str], list[str], float] | None:
-    """``(module, type, ops, layers, difference)`` of the first module whose output differs on kept channels."""
+                      ) -> tuple[str, str, list[str], list[str], float, float] | None:
+    """``(module, type, ops, layers, difference, nonzero input on removed channels)`` of the first module whose
+    output differs on kept channels."""
     g: ModelGraph = plan.graph
     ca = plan.atoms
     calls = {(c.name, c.call_number): c for c in g.calls}
     ref: dict[tuple[str, int], list[torch.Tensor]] = {}
+    ref_in: dict[tuple[str, int], list[torch.Tensor]] = {}
     found: list[tuple[tuple[str, int], float]] = []
 
-    def keep_ref(name: str, k: int, outs: list[torch.Tensor]) -> None:
+    def keep_ref(name: str, k: int, outs: list[torch.Tensor], ins: list[torch.Tensor]) -> None:
         ref[(name, k)] = [o.detach().clone() for o in outs]
+        ref_in[(name, k)] = [t.detach().clone() for t in ins]
 
-    def compare(name: str, k: int, outs: list[torch.Tensor]) -> None:
+    def compare(name: str, k: int, outs: list[torch.Tensor], _ins: list[torch.Tensor]) -> None:
         if found or (name, k) not in ref:
             return
         call = calls.get((name, k))
@@ -210,7 +217,7 @@ def _first_divergence(model: nn.Module, small: nn.Module, dummy_input: Any, plan
     mod = dict(model.named_modules()).get(name)
     kind = type(mod).__name__ if mod is not None else "?"
     if call is None:
-        return name, kind, [], [], d
+        return name, kind, [], [], d, 0.0
     ops: list[str] = []
     for i in call.ops:
         n = g.nodes[i].name
@@ -218,4 +225,20 @@ def _first_divergence(model: nn.Module, small: nn.Module, dummy_input: Any, plan
             ops.append(n)
     if not ops:
         ops = list(dict.fromkeys(n.name for n in g.ops_in(call)))
-    return name, kind, ops[:8], _layers_reaching(plan, list(call.inputs) + list(call.outputs)), d
+    return (name, kind, ops[:8], _layers_reaching(plan, list(call.inputs) + list(call.outputs)), d,
+            _nonzero_removed(ref_in.get((name, k), []), call.inputs, plan))
+
+
+def _nonzero_removed(values: list[torch.Tensor], infos: list[Any], plan: RemovalPlan) -> float:
+    """The largest magnitude the as-pruned model feeds the module on removed channels (0: they read zero)."""
+    worst = 0.0
+    for v, info in zip(values, infos):
+        ci = plan.atoms.info(info)
+        if ci is None or not v.is_floating_point() or tuple(v.shape) != tuple(info.shape):
+            continue
+        for axis in ci.axes:
+            _, gone, _ = axis_positions(ci, axis, plan.atom_removed)
+            if gone.any() and gone.size == v.shape[axis]:
+                idx = torch.as_tensor(np.nonzero(gone)[0], dtype=torch.long, device=v.device)
+                worst = max(worst, float(v.index_select(axis, idx).abs().max()))
+    return worst
