@@ -19,11 +19,16 @@ tensors of the same modules:
 * it is combined with a tensor derived from a parameter in a way other than a direct elementwise use
   (``torch.cat([cls_token.expand(...), x])``);
 * a grouped convolution would keep unequal numbers of channels per group, or a ``GroupNorm`` would keep a
-  channel count its group count does not divide.
+  channel count its group count does not divide;
+* it reaches an op that loses it (a layer's input column, the summed axis of a product) with a value other than
+  zero in the as-pruned model (:mod:`prunescope.topology.values`): a constant (``sigmoid(0)``, ``relu(x) + 1``)
+  is folded into the layer's bias where that is exact (a Linear, a convolution without zero padding, per group;
+  a :class:`Fold`, applied by :mod:`.fold`), anything else keeps the channel; so does a constant on a meta model
+  (no value to fold).
 
 Protection repeats until nothing changes (protecting a class can only keep more). A removed class that the
-engine *pins* (``not_safe_to_prune``: a literal size in a reshape, an op with unknown channel semantics) is an
-error: :class:`ShrinkError` names the layer and the op.
+engine *pins* (``not_safe_to_prune``: a literal size in a reshape, an op with unknown channel semantics, a mean
+or softmax over the channel axis) is an error: :class:`ShrinkError` names the layer and the op.
 
 How tensors narrow
 ------------------
