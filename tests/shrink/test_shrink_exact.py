@@ -101,6 +101,21 @@ def test_constant_after_activation_is_folded_or_kept(act, kind):
         assert torch.allclose(small[2].bias, want, atol=1e-6)
 
 
+def test_created_bias_survives_save_and_load(tmp_path):
+    from prunescope.shrink import load_pruned, save_pruned
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Conv2d(8, 4, 1, bias=False)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    small, res, out, ref = shrunk_and_reference(net, {"0": filt(net[0], [1, 6])}, x)
+    assert small[2].bias is not None and net[2].bias is None
+    save_pruned(small, tmp_path / "m.pt")
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Conv2d(8, 4, 1, bias=False))
+    loaded = load_pruned(fresh, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
 def test_fold_matches_a_dense_net_with_the_constant_added_by_hand():
     """Linear consumer: the folded bias is b + W[:, removed] @ c with c = sigmoid(0) = 0.5 (hand formula)."""
     torch.manual_seed(1)
@@ -397,7 +412,16 @@ def random_masks(net, rng):
     return masks
 
 
-def test_random_graphs_shrink_to_as_pruned_or_refuse():
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only wait for each other (on a loaded machine, many times the work)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_random_graphs_shrink_to_as_pruned_or_refuse(one_thread):
     rng = np.random.default_rng(16)
     t0 = time.process_time()  # CPU seconds of this process (the wall clock depends on the machine's load)
     shrunk = removed = folded = refused = 0

@@ -20,6 +20,11 @@ Convention for norms: a removed channel is removed from the BatchNorm that follo
 pruners — NNI's speedup, Torch-Pruning — do), not carried into the next layer. The effective count is the
 count of that narrowed network.
 
+A removed channel that reaches the next layer as a non-zero constant (``sigmoid(0) = 0.5``) is folded into that
+layer's bias where that is exact (a bias created for it is counted), or kept (counted) where it is not; see
+:mod:`prunescope.shrink.fold`. Channels pinned for their values (a mean over the channel axis) count as removed
+here when masked, but ``shrink`` refuses them.
+
 Unstructured (fine-grained) masks remove no channel and leave the count unchanged; attention projections and
 layers the engine cannot narrow are counted dense.
 

@@ -231,6 +231,13 @@ def load_pruned(dense_model: nn.Module, path: str | os.PathLike[str]) -> nn.Modu
         raise ShrinkError(f"the file holds a pruned {want}, the model given is a {type(dense_model).__qualname__}")
     _check_tensors(data, p)
     shapes: dict[str, list[int]] = data["shapes"]
+    for name, shape in shapes.items():  # a bias shrink created to hold folded constants (shrink/fold.py)
+        owner, _, attr = name.rpartition(".")
+        mod = dict(dense_model.named_modules()).get(owner)
+        if attr == "bias" and mod is not None and "bias" in mod._parameters and mod._parameters["bias"] is None \
+                and len(shape) == 1:
+            w = getattr(mod, "weight", None)
+            mod.bias = nn.Parameter(torch.empty(shape, dtype=w.dtype if w is not None else torch.float32))
     own = dict(dense_model.named_parameters())
     own.update(dict(dense_model.named_buffers()))
     for name in own:

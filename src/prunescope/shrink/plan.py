@@ -19,11 +19,16 @@ tensors of the same modules:
 * it is combined with a tensor derived from a parameter in a way other than a direct elementwise use
   (``torch.cat([cls_token.expand(...), x])``);
 * a grouped convolution would keep unequal numbers of channels per group, or a ``GroupNorm`` would keep a
-  channel count its group count does not divide.
+  channel count its group count does not divide;
+* it reaches an op that loses it (a layer's input column, the summed axis of a product) with a value other than
+  zero in the as-pruned model (:mod:`prunescope.topology.values`): a constant (``sigmoid(0)``, ``relu(x) + 1``)
+  is folded into the layer's bias where that is exact (a Linear, a convolution without zero padding, per group;
+  a :class:`Fold`, applied by :mod:`.fold`), anything else keeps the channel; so does a constant on a meta model
+  (no value to fold).
 
 Protection repeats until nothing changes (protecting a class can only keep more). A removed class that the
-engine *pins* (``not_safe_to_prune``: a literal size in a reshape, an op with unknown channel semantics) is an
-error: :class:`ShrinkError` names the layer and the op.
+engine *pins* (``not_safe_to_prune``: a literal size in a reshape, an op with unknown channel semantics, a mean
+or softmax over the channel axis) is an error: :class:`ShrinkError` names the layer and the op.
 
 How tensors narrow
 ------------------
@@ -47,7 +52,7 @@ from ..graph import ModelGraph, OpNode, TensorInfo
 from ..topology.base import arg as _arg
 from ..topology.moe import EXPERT_OPS
 from ..topology.rules import _MATMUL
-from ..topology.values import CONST, UNKNOWN, value_states
+from ..topology.values import CONST, UNKNOWN, ZERO, value_states
 from .experts import expert_cuts, expert_filter_keep, expert_protection
 
 __all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "removed_channels", "example_inputs",
@@ -222,6 +227,48 @@ def example_inputs(graph: ModelGraph, device: Any) -> tuple[tuple[Any, ...], dic
         return torch.zeros(t.shape, dtype=t.dtype, device=device)
 
     return tuple(make(pos[i]) for i in range(len(pos))), {k: make(t) for k, t in kw.items()}
+
+
+def _contracted_pairs(node: OpNode) -> list[tuple[TensorInfo, int, TensorInfo, int]] | None:
+    """``(a, axis, b, axis)``: the operands and axes a product sums over, index by index (None: not known)."""
+    ins = node.inputs
+    if node.name in _MATMUL and len(ins) == 2:
+        a, b = ins
+        return [(a, a.ndim - 1, b, b.ndim - 2 if b.ndim >= 2 else 0)]
+    if node.name == "scaled_dot_product_attention" and len(ins) >= 3:
+        q, k = ins[0], ins[1]
+        return [(q, q.ndim - 1, k, k.ndim - 1)]  # softmax(q k^T) v sums v over keys: not a channel axis
+    return None
+
+
+def _nonzero_contracted(ca: Any, vs: Any, a: TensorInfo, ax_a: int | None, b: TensorInfo | None,
+                        ax_b: int | None) -> list[tuple[TensorInfo, np.ndarray]]:
+    """Atoms of removed positions on a summed axis where neither operand is zero (their product is not 0)."""
+    def per_index(t: TensorInfo, ax: int) -> tuple[np.ndarray, np.ndarray] | None:
+        ci, st = ca.info(t), vs.states.get(t.id)
+        if ci is None or st is None or ax not in ci.axes:
+            return None
+        k = ci.axes.index(ax)
+        return (np.moveaxis(st, k, 0).reshape(st.shape[k], -1).max(1),
+                np.moveaxis(ci.atoms, k, 0).reshape(st.shape[k], -1))
+
+    if ax_a is None or b is None or ax_b is None:
+        st = vs.states.get(a.id)
+        if st is None or not (st >= CONST).any():
+            return []
+        return [(a, ca.info(a).atoms[st >= CONST])]
+    pa, pb = per_index(a, ax_a), per_index(b, ax_b)
+    if pa is None and pb is None:
+        return []
+    n = a.shape[ax_a]
+    sa = pa[0] if pa is not None else np.zeros(n, np.int8)
+    sb = pb[0] if pb is not None else np.zeros(n, np.int8)
+    if len(sa) != len(sb):
+        return []
+    bad = ((sa >= CONST) | (sb >= CONST)) & (sa != ZERO) & (sb != ZERO)
+    if not bad.any():
+        return []
+    return [(t, p[1][bad]) for t, p in ((a, pa), (b, pb)) if p is not None]
 
 
 def _read_axis(node: OpNode, x: TensorInfo) -> int:
@@ -503,11 +550,14 @@ class _Planner:
         for node in g.nodes:  # contractions between activations lose a removed position: it must be zero
             if node.index in self._layer_nodes or node.name not in _CONTRACTIONS:
                 continue
-            for t in node.inputs:
-                st = vs.states.get(t.id)
-                if st is not None and (st >= CONST).any():
-                    changed |= self.protect(ca.info(t).atoms[st >= CONST], f"removed channels reach '{node.name}' "
-                                            f"in '{node.module}' not as zeros ({vs.explain.get(t.id, '?')})")
+            pairs = _contracted_pairs(node)
+            if pairs is None:  # einsum, baddbmm ...: every removed position of an operand must be zero
+                pairs = [(t, None, None, None) for t in node.inputs]
+            for a, ax_a, b, ax_b in pairs:
+                bad = _nonzero_contracted(ca, vs, a, ax_a, b, ax_b)
+                for t, atoms in bad:
+                    changed |= self.protect(atoms, f"removed channels reach '{node.name}' in '{node.module}', which "
+                                            f"sums over them, not as zeros ({vs.explain.get(t.id, '?')})")
         for _node, x, atoms, text in ca.neutral_checks:  # sums over channels: neutral only for exact zeros
             st = vs.states.get(x.id)
             if st is not None and st.shape == atoms.shape and (st >= CONST).any():

@@ -154,6 +154,8 @@ class _Walk:
         self.derived = derived if derived is not None else _param_derived(ca)
         self.vs = ValueStates()
         self.hooked = hooked_outputs(ca, atom_removed)
+        self.root = ca.root if getattr(ca, "root", None) is not None else ca.classes_now(
+            np.arange(len(atom_removed)))
         self.layer_nodes: dict[int, str] = {}
         for name, li in ca.layers.items():
             for idx in li.nodes:
@@ -222,7 +224,7 @@ class _Walk:
                 return np.full(rem.shape, CONST, np.int8)
             return full
         if name in _CONTRACT:
-            return self.by_atom(node, o, zero_only=True)
+            return self.by_atom(node, o, product=True)
         if name in _REDUCE and not (len(node.inputs) > 1 and name in _ELEMENTWISE):
             return self.reduction(node, o, rem)
         if name in _PASS and name not in _FRESH:
@@ -238,34 +240,41 @@ class _Walk:
             return self.shape(node, o, rem)
         return full
 
-    def by_atom(self, node: OpNode, o: TensorInfo, zero_only: bool = False) -> np.ndarray:
-        """State of each output position = the worst state of its atom among the inputs' positions."""
+    def by_atom(self, node: OpNode, o: TensorInfo, product: bool = False) -> np.ndarray:
+        """State of each output position from its atom: the worst state of the atom among the inputs' positions;
+        for a product (``product=True``: a contraction) zero when some input is zero at every position of that
+        atom (``0 * anything`` summed), unknown otherwise."""
         ci = self.ca.info(o)
-        atoms, states = [], []
+        out_atoms = ci.atoms.reshape(-1)
+        if product:  # by class: a head's q, k, v atoms are one unit, the output holds any of them
+            out_atoms = np.where(out_atoms >= 0, self.root[np.maximum(out_atoms, 0)], -1)
+        found = []
         for t in node.inputs:
             s = self.state(t)
             if s is None:
                 continue
             a = self.ca.info(t).atoms.reshape(-1)
             m = a >= 0
-            atoms.append(a[m])
-            states.append(s.reshape(-1)[m])
-        out_atoms = ci.atoms.reshape(-1)
-        res = np.full(out_atoms.shape, UNKNOWN, np.int8)
-        if atoms:
-            a = np.concatenate(atoms)
-            s = np.concatenate(states)
-            order = np.lexsort((-s.astype(np.int64), a))
-            a, s = a[order], s[order]
-            first = np.r_[True, a[1:] != a[:-1]]
-            ua, us = a[first], s[first]
-            pos = np.searchsorted(ua, out_atoms)
-            pos = np.minimum(pos, max(len(ua) - 1, 0))
-            hit = (len(ua) > 0) & (ua[pos] == out_atoms) if len(ua) else np.zeros(out_atoms.shape, bool)
-            res = np.where(hit, us[pos], UNKNOWN).astype(np.int8)
-        if zero_only:
-            res = np.where(res == ZERO, ZERO, UNKNOWN).astype(np.int8)
-        return res.reshape(ci.atoms.shape)
+            a, st = a[m], s.reshape(-1)[m]
+            if product:
+                a = self.root[a]
+            order = np.lexsort((-st.astype(np.int64), a))
+            a, st = a[order], st[order]
+            first = np.r_[True, a[1:] != a[:-1]] if a.size else np.zeros(0, bool)
+            ua, us = a[first], st[first]  # worst state per atom in this input
+            if not ua.size:
+                continue
+            pos = np.minimum(np.searchsorted(ua, out_atoms), len(ua) - 1)
+            found.append(np.where(ua[pos] == out_atoms, us[pos], -1))
+        if not found:
+            return np.full(ci.atoms.shape, UNKNOWN, np.int8)
+        f = np.stack(found)
+        present = f >= 0
+        if product:
+            res = np.where((f == ZERO).any(0), ZERO, UNKNOWN)
+        else:
+            res = np.where(present.any(0), np.where(present, f, 0).max(0), UNKNOWN)
+        return res.astype(np.int8).reshape(ci.atoms.shape)
 
     def passthrough(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
         x = node.inputs[0]
