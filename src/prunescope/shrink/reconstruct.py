@@ -77,9 +77,11 @@ __all__ = ["reconstruct", "refit", "ReconstructResult"]
 
 _SCOPES = ("affected", "downstream")
 DEFAULT_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX, for layers with many rows per unknown
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # tried by cross-validation otherwise
-CV_ROWS_PER_UNKNOWN = 10  # fewer expected rows per input column than this: choose the ridge by cross-validation
+RIDGE_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 10.0)  # tried by cross-validation otherwise
+CV_ROWS_PER_UNKNOWN = 4  # fewer expected rows per input column than this: choose the ridge by cross-validation
 CV_FOLDS = 4
+CV_MAX_DIM = 1024  # wider under-determined layers skip the cross-validation (an eigendecomposition per fold) ...
+UNDERDETERMINED_RIDGE = 0.1  # ... and get this ridge (what the cross-validation chose on the digits CNN's fc1)
 _BN_MODES = ("keep", "recalibrate")
 
 
@@ -230,7 +232,7 @@ class _Fit:
 
     @staticmethod
     def _quad(wm: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("gio,gij,gjo->", wm, gram, wm) - 2 * (wm * cross).sum() + yy
+        return (torch.bmm(gram, wm) * wm).sum() - 2 * (wm * cross).sum() + yy
 
     def error(self, wm: torch.Tensor) -> float:
         """Relative squared error ``‖XW − Y‖² / ‖Y‖²`` from the accumulated statistics."""
@@ -238,33 +240,73 @@ class _Fit:
         quad = self._quad(wm, self.gram.sum(0), self.cross.sum(0), yy)
         return float(quad.clamp(min=0) / yy.clamp(min=1e-30))
 
-    @staticmethod
-    def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
-        d = gram.shape[1]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)  # (g,)
-        lam = (ridge * scale).reshape(-1, 1, 1)
-        a = gram + lam * torch.eye(d, dtype=torch.float64, device=gram.device)
-        rhs = cross + lam * w0
+    def _centred(self, gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The weight block of the normal equations with the (unpenalised) intercept eliminated: ridge on
+        centred data. Returns ``(gram_c, cross_c, mean_x, mean_y)`` (means ``None`` without an intercept)."""
+        d = self.d_in
+        if not self.intercept:
+            return gram, cross, None, None
+        n = gram[:, d, d].clamp(min=1.0)  # (g,)
+        mu = gram[:, :d, d] / n[:, None]  # (g, d)
+        ybar = cross[:, d, :] / n[:, None]  # (g, o)
+        gc = gram[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+        cc = cross[:, :d, :] - n[:, None, None] * mu[:, :, None] * ybar[:, None, :]
+        return gc, cc, mu, ybar
+
+    def _with_intercept(self, body: torch.Tensor, mu: Any, ybar: Any) -> torch.Tensor:
+        if mu is None:
+            return body
+        b = ybar - torch.einsum("gd,gdo->go", mu, body)
+        return torch.cat([body, b[:, None, :]], 1)
+
+    def _ridge_solve(self, gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+        """``W = (XᵀX + λI)⁻¹ (XᵀY + λW₀)`` on the weight block (the intercept is not shrunk: ridge practice; it
+        absorbs the mean the removed channels carried), ``λ = ridge · mean(diag)``."""
+        gc, cc, mu, ybar = self._centred(gram, cross)
+        d = self.d_in
+        lam = (ridge * gc.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)).reshape(-1, 1, 1)
+        a = gc + lam * torch.eye(d, dtype=torch.float64, device=gc.device)
+        rhs = cc + lam * w0[:, :d, :]
         try:
-            return torch.linalg.solve(a, rhs)
+            body = torch.linalg.solve(a, rhs)
         except RuntimeError:  # singular even with the ridge (all-zero inputs): least squares
-            return torch.linalg.lstsq(a, rhs).solution
+            body = torch.linalg.lstsq(a, rhs).solution
+        return self._with_intercept(body, mu, ybar)
+
+    def _ridge_path(self, gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridges: Sequence[float]
+                    ) -> list[torch.Tensor]:
+        """:meth:`_ridge_solve` for several ridges from one eigendecomposition."""
+        gc, cc, mu, ybar = self._centred(gram, cross)
+        d = self.d_in
+        scale = gc.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)  # (g,)
+        evals, vecs = torch.linalg.eigh(gc)
+        evals = evals.clamp(min=0)
+        vc = vecs.transpose(1, 2) @ cc
+        vw = vecs.transpose(1, 2) @ w0[:, :d, :]
+        out = []
+        for r in ridges:
+            lam = (r * scale)[:, None]  # (g, 1)
+            den = evals + lam
+            inv = torch.where(den > 1e-12 * scale[:, None], 1.0 / den.clamp(min=1e-300), torch.zeros_like(den))
+            body = vecs @ ((vc + lam[:, :, None] * vw) * inv[:, :, None])
+            out.append(self._with_intercept(body, mu, ybar))
+        return out
 
     def solve(self, ridge: float | None) -> torch.Tensor:
-        """The refit ``(groups, d, out)``; ``ridge=None``: chosen from :data:`RIDGE_GRID` by cross-validation
-        over the folds (whole samples held out) when the layer was fitted with folds, else ``DEFAULT_RIDGE``."""
+        """The refit ``(groups, d, out)``. ``ridge=None``: chosen from :data:`RIDGE_GRID` by cross-validation over
+        the folds (whole samples held out) when the layer was fitted with folds (few rows per unknown); such a
+        layer wider than ``CV_MAX_DIM`` gets ``UNDERDETERMINED_RIDGE``; others ``DEFAULT_RIDGE``."""
         w0 = self.current()
         gram, cross = self.gram.sum(0), self.cross.sum(0)
         if ridge is None:
             ridge = DEFAULT_RIDGE
-            if self.folds > 1:
-                errs = []
-                for r in RIDGE_GRID:
-                    e = torch.zeros((), dtype=torch.float64)
-                    for k in range(self.folds):
-                        wk = self._ridge_solve(gram - self.gram[k], cross - self.cross[k], w0, r)
-                        e = e + self._quad(wk, self.gram[k], self.cross[k], self.yy[k]).cpu()
-                    errs.append(float(e))
+            if self.folds > 1 and self.d_in > CV_MAX_DIM:
+                ridge = UNDERDETERMINED_RIDGE
+            elif self.folds > 1:
+                errs = np.zeros(len(RIDGE_GRID))
+                for k in range(self.folds):
+                    sols = self._ridge_path(gram - self.gram[k], cross - self.cross[k], w0, RIDGE_GRID)
+                    errs += [float(self._quad(w, self.gram[k], self.cross[k], self.yy[k])) for w in sols]
                 ridge = RIDGE_GRID[int(np.argmin(errs))]
         self.ridge_used = ridge
         return self._ridge_solve(gram, cross, w0, ridge)
