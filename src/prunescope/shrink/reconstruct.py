@@ -101,6 +101,7 @@ class ReconstructResult:
     error_before: dict[str, float] = field(default_factory=dict)
     error_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    cached: bool = False
     ridge: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -188,9 +189,10 @@ class _Fit:
         y = y.reshape(-1, y.shape[-1])[:, self.keep_out.to(y.device)]
         return y.reshape(y.shape[0], self.groups, -1)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, is_target: bool = False) -> None:
+        """Accumulate one call: input ``x`` of the shrunk layer, dense output ``y`` (or its :meth:`target`)."""
         xd = self.design(x.detach().float())
-        yd = self.target(y.detach().float())
+        yd = y if is_target else self.target(y.detach().float())
         if xd.shape[0] != yd.shape[0]:
             raise ShrinkError(f"reconstruct: '{self.name}' saw {xd.shape[0]} input rows and {yd.shape[0]} "
                               "output rows", self.name)
@@ -418,6 +420,28 @@ def _folding_bn(graph: ModelGraph | None, name: str, modules: Mapping[str, nn.Mo
     return None
 
 
+def _dense_targets(model: nn.Module, fits: Mapping[str, _Fit], names: Sequence[str], counts: Mapping[str, int],
+                   batches: Sequence[Any], cache_mb: float) -> list[dict[str, list[torch.Tensor]]] | None:
+    """The dense model's targets of every refit layer for every batch, from one dense forward per batch, when
+    they fit in ``cache_mb`` (estimated from the first batch); ``None`` otherwise (each pass then reruns the
+    dense model up to its layers). Saves most of the time on deep CNNs, whose passes rerun long prefixes."""
+    if cache_mb <= 0 or not names:
+        return None
+    def lead(b: Any) -> int:  # samples in a batch (the first input's leading dimension)
+        t = _first_tensor(make_inputs(model, b)[0]) if not isinstance(b, dict) else _first_tensor(list(b.values()))
+        return int(t.shape[0]) if t is not None and t.ndim else 1
+
+    out: list[dict[str, list[torch.Tensor]]] = []
+    for i, b in enumerate(batches):
+        ys = _capture(model, names, counts, b, output=True)
+        out.append({n: [fits[n].target(y.float()) for y in ys[n]] for n in names})
+        if i == 0:
+            size = sum(t.numel() * t.element_size() for ts in out[0].values() for t in ts)
+            if size / max(lead(b), 1) * sum(lead(bb) for bb in batches) > cache_mb * 2**20:
+                return None
+    return out
+
+
 def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int], batch: Any, output: bool
              ) -> dict[str, list[torch.Tensor]]:
     """Run ``model`` on ``batch`` up to the last call of ``layers``; their inputs (or outputs), per call."""
@@ -459,7 +483,8 @@ def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int],
 # ------------------------------------------------------------------------------------------------------ public
 @torch.no_grad()
 def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: Iterable[Any], *,
-          ridge: float | None = None, layers: str = "affected", bn: str = "keep") -> ReconstructResult:
+          ridge: float | None = None, layers: str = "affected", bn: str = "keep", cache_mb: float = 1024.0
+          ) -> ReconstructResult:
     """Refit ``small`` (the shrunk copy of ``model`` made with ``plan``) in place; see the module docs.
 
     ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels. Returns
@@ -515,13 +540,17 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
             fits[n].bn = small_mods[bn_name] if bn_name else None  # type: ignore[attr-defined]
         names = list(fits)
         passes = _passes([n for n in order if n in fits], _depends(graph, names), names)
+        cache = _dense_targets(model, fits, [n for n in order if n in fits], counts, batches, cache_mb)
+        res.cached = cache is not None
         for group in passes:
-            for b in batches:
-                ys = _capture(model, group, counts, b, output=True)
+            for bi, b in enumerate(batches):
+                ys = cache[bi] if cache is not None else _capture(model, group, counts, b, output=True)
                 xs = _capture(small, group, counts, b, output=False)
                 for n in group:
                     for x, y in zip(xs[n], ys[n]):
-                        fits[n].add(x, y)
+                        fits[n].add(x, y, is_target=cache is not None)
+                    if cache is not None:
+                        cache[bi][n] = []  # this layer is done: free its targets
             for n in group:
                 f = fits[n]
                 res.error_before[n] = f.error(f.current())
@@ -563,7 +592,7 @@ def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
 
 def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, calibration: Iterable[Any], *,
                 ridge: float | None = None, layers: str = "affected", bn: str = "keep", graph: ModelGraph | None = None,
-                fix_conflicts: bool = True, return_result: bool = False) -> Any:
+                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0) -> Any:
     """The shrunk model with every narrowed layer refit to reproduce the dense model (see the module docs).
 
     Same as ``shrink(model, masks, dummy_input, calibration=calibration)``. ``calibration``: an iterable of
@@ -574,9 +603,11 @@ def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, ca
     (a linear layer fitted on a few hundred inputs), else ``DEFAULT_RIDGE``. ``layers``: ``'affected'``
     (layers that lost channels) or ``'downstream'`` (also every later conv/linear layer). ``bn``: ``'keep'``
     or ``'recalibrate'`` (re-estimate BatchNorm statistics after the refit). ``return_result=True`` returns
-    ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``model`` is not
-    modified.
+    ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``cache_mb``: the
+    dense model's targets of all refit layers are kept for all batches when they fit in this many MiB (one
+    dense forward per batch instead of one per pass; ``0``: never). ``model`` is not modified.
     """
     small, result = shrink(model, masks, dummy_input, fix_conflicts=fix_conflicts, graph=graph, return_result=True)
-    result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn)
+    result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn,
+                                  cache_mb=cache_mb)
     return (small, result) if return_result else small
