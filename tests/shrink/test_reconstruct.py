@@ -291,3 +291,23 @@ def test_skipped_layer_warns() -> None:
     with pytest.warns(ShrinkWarning, match="'3'"):
         out = R.refit(net, small, res.plan, [torch.randn(4, 3, 8, 8)])
     assert "3" in out.skipped and "3" not in out.layers
+
+
+def test_cached_targets_equal_recomputed_and_options() -> None:
+    """The dense-target cache changes nothing; 'downstream' also refits later layers that lost no channel."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    calib = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    masks = unit_masks(net, x, 0.5, layers=["0"])
+    a, ra = reconstruct(net, masks, x, calib, return_result=True)
+    b, rb = reconstruct(net, masks, x, calib, cache_mb=0, return_result=True)
+    assert ra.reconstruction.cached and not rb.reconstruction.cached
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-5), k
+    assert ra.reconstruction.layers == ["0", "3"]
+    c, rc = reconstruct(net, masks, x, calib, layers="downstream", bn="recalibrate", return_result=True)
+    assert rc.reconstruction.layers == ["0", "3", "5", "7"]
+    assert not torch.equal(c[5].weight, net[5].weight)
+    assert not torch.equal(c[1].running_var, a[1].running_var)  # statistics re-estimated
