@@ -6,7 +6,8 @@ fixed masks on the digits CNN (L1 vs activation unit scores, with and without re
 * ``resnet50``: torchvision, random weights, 1x3x224x224, half of every prunable dependency set removed
   (``unit_masks``, L1), calibration 4 batches of 2 images (random inputs: time and memory only).
 * ``llama-*``: ``LlamaForCausalLM`` from a config (GQA, 4 query heads per kv head), half of the heads (whole kv
-  groups) and half of the MLP units removed, calibration 4 sequences x 128 tokens in 2 batches.
+  groups) and half of the MLP units removed, calibration 8 sequences x 512 tokens in 4 batches (4,096 rows: at
+  least 4 per unknown up to 1,024 inputs, so no layer needs the ridge cross-validation).
 * ``digits``: the embedded CNN trained here; 50 / 62.5 / 75 % of every prunable set removed; calibration =
   128 unlabeled training inputs (three seeded draws, mean); held-out accuracy as-pruned, after BatchNorm
   re-estimation, after reconstruction, for L1 and activation (Wanda-sp/FLAP) scores.
@@ -72,7 +73,7 @@ def _case_llama(name: str) -> dict:
     hidden, layers, heads, kv, inter, vocab = LLAMA[name]
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                    num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
-                                   max_position_embeddings=256, attn_implementation="sdpa")
+                                   max_position_embeddings=1024, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     x = {"input_ids": torch.randint(0, vocab, (1, 16))}
@@ -80,7 +81,7 @@ def _case_llama(name: str) -> dict:
     masks = head_masks(model, x, 0.5, graph=g)
     masks.update(unit_masks(model, x, 0.5, graph=g,
                             layers=[n for n, _ in model.named_modules() if n.endswith("mlp.up_proj")]))
-    calib = [{"input_ids": torch.randint(0, vocab, (2, 128))} for _ in range(2)]
+    calib = [{"input_ids": torch.randint(0, vocab, (2, 512))} for _ in range(4)]
     params = sum(p.numel() for p in model.parameters())
     before = _rss_mb()
     t = time.perf_counter()
@@ -89,7 +90,7 @@ def _case_llama(name: str) -> dict:
     r = res.reconstruction
     return {"case": name, "params_M": params / 1e6, "config": dict(zip(
         ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), LLAMA[name])),
-        "calib": "2 batches x 2 sequences x 128 tokens", "layers_refit": len(r.layers), "passes": r.passes,
+        "calib": "4 batches x 2 sequences x 512 tokens", "layers_refit": len(r.layers), "passes": r.passes,
         "seconds_total": total, "seconds_refit": r.seconds, "rss_before_MB": before, "rss_peak_MB": _rss_mb()}
 
 

@@ -311,3 +311,13 @@ def test_cached_targets_equal_recomputed_and_options() -> None:
     assert rc.reconstruction.layers == ["0", "3", "5", "7"]
     assert not torch.equal(c[5].weight, net[5].weight)
     assert not torch.equal(c[1].running_var, a[1].running_var)  # statistics re-estimated
+
+
+def test_nothing_removed_changes_nothing() -> None:
+    net = _conv_net()
+    masks = {"0": _mask(8, (8, 3, 3, 3), [])}
+    x = torch.randn(1, 3, 8, 8)
+    small, res = reconstruct(net, masks, x, [torch.randn(4, 3, 8, 8)], layers="downstream", return_result=True)
+    assert res.reconstruction.layers == []
+    for (k, v), w in zip(small.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(v, w), k

@@ -19,15 +19,22 @@ How (and why)
 
       W = (XᵀX + λI)⁻¹ (XᵀY + λ W₀),    λ = ridge · mean(diag XᵀX)
 
-  with ``X`` the shrunk model's input patches (a column of ones for the bias), ``Y`` the dense output's kept
-  channels and ``W₀`` the narrowed weight. The regulariser pulls towards ``W₀``, not towards zero, so a layer
-  whose input and output are unchanged comes back as itself (exact up to float noise), and a layer seen on
-  too few samples stays near what it was.
+  with ``X`` the shrunk model's input patches, ``Y`` the dense output's kept channels and ``W₀`` the narrowed
+  weight, on centred data: the intercept is not shrunk (ridge practice) and absorbs the mean the removed
+  channels carried (FLAP's bias compensation). The regulariser pulls towards ``W₀``, not towards zero, so a
+  layer whose input and kept output are what the dense model computes comes back as itself (exact up to float
+  noise), and a layer seen on too few samples stays near what it was. ``ridge=None`` (default): ``1e-3`` where
+  a layer has at least 4 rows per unknown; below that (a linear layer fitted on a few hundred inputs) the
+  ridge is chosen from ``RIDGE_GRID`` by 4-fold cross-validation over whole calibration samples (one
+  eigendecomposition per fold), or ``0.1`` for layers wider than ``CV_MAX_DIM``.
 * **Streaming.** ``XᵀX`` and ``XᵀY`` are accumulated per batch in float64; a convolution's patches (an unfold,
   any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Each pass
-  runs the dense and the shrunk model only up to its last layer (a forward is cut short there), so every
-  calibration batch is seen once per pass. Layers whose inputs do not depend on each other (q/k/v, gate/up,
-  a residual block's last conv and its downsample) share a pass.
+  runs the shrunk model only up to its last layer (a forward is cut short there), so every calibration batch
+  is seen once per pass. The dense model's targets of all refit layers are kept for all batches when they fit
+  in ``cache_mb`` (one dense forward per batch); otherwise each pass reruns the dense model up to its layers.
+  Layers whose inputs do not depend on each other (q/k/v, gate/up, a residual block's last conv and its
+  downsample) share a pass. Cost: the shrunk model's prefix up to each pass, so ``O(depth²)`` forwards of the
+  shrunk model per batch (measured in ``bench/bench_reconstruct.py``).
 * **BatchNorm.** An eval-mode BatchNorm after a conv is a per-channel affine map; least squares with one Gram
   matrix solves every output channel separately, so matching the conv output before the BatchNorm is the
   same solution as matching after it. A conv without a bias whose only reader is such a BatchNorm gets its
