@@ -1,7 +1,7 @@
 """Benchmark: post-training reconstruction (issue 17) — time and peak memory vs model size, and accuracy at
 fixed masks on the digits CNN (L1 vs activation unit scores, with and without reconstruction).
 
-``python bench/bench_reconstruct.py [--cases digits,resnet50,llama-s,llama-m] [--json out.json]``
+``python bench/bench_reconstruct.py [--cases digits,vit-digits,resnet50,llama-s,llama-m] [--json out.json]``
 
 * ``resnet50``: torchvision, random weights, 1x3x224x224, half of every prunable dependency set removed
   (``unit_masks``, L1), calibration 4 batches of 2 images (random inputs: time and memory only).
@@ -11,6 +11,12 @@ fixed masks on the digits CNN (L1 vs activation unit scores, with and without re
 * ``digits``: the embedded CNN trained here; 50 / 62.5 / 75 % of every prunable set removed; calibration =
   128 unlabeled training inputs (three seeded draws, mean); held-out accuracy as-pruned, after BatchNorm
   re-estimation, after reconstruction, for L1 and activation (Wanda-sp/FLAP) scores.
+* ``vit-digits``: the embedded ViT (cached weights); 25 / 50 % of the heads and MLP units, 256 inputs.
+
+Measured on a 2-core machine shared with other jobs (load ~11, so times are inflated several-fold), one
+torch thread: resnet50 (25.6 M params, 54 layers, 50 passes) 80 s, +0.7 GB; llama-s (19.5 M) 25 s, +0.4 GB;
+llama-m (123 M params: hidden 1,024, 8 layers, 16 heads / 4 kv heads, MLP 2,816) 343 s, +1.7 GB (dense
+targets cached). A 0.5B model was not run here: the cost is dominated by the shrunk model's prefix per pass.
 
 Each case runs in its own process (one torch thread); peak memory is the process's maximum resident set size
 (``ru_maxrss``) measured before the reconstruction and at its end, so the difference is what it added.
@@ -127,6 +133,34 @@ def _case_digits() -> dict:
     return {"case": "digits", "dense": digits.evaluate(model), "rows": rows}
 
 
+def _case_vit() -> dict:
+    import numpy as np
+    import torch
+
+    from prunescope.examples import digits, vit_digits
+    from prunescope.graph import trace
+    from prunescope.masks.units import head_masks, unit_masks
+    from prunescope.shrink import reconstruct, shrink
+
+    model = vit_digits.load_trained()
+    xt = digits.load_data()[0]
+    draws = [xt[torch.randperm(len(xt), generator=torch.Generator().manual_seed(s))[:256]] for s in (1, 2, 3)]
+    x = torch.ones(digits.INPUT_SIZE)
+    g = trace(model, x)
+    fc1 = [n for n, _ in model.named_modules() if n.endswith("mlp.fc1")]
+    rows = []
+    for sp in (0.25, 0.5):
+        for score in ("l1", "activation"):
+            acc: dict[str, list[float]] = {"as_pruned": [], "reconstructed": []}
+            for calib in draws:
+                masks = head_masks(model, x, sp, graph=g, prune_type=score, calibration=[calib])
+                masks.update(unit_masks(model, x, sp, layers=fc1, graph=g, prune_type=score, calibration=[calib]))
+                acc["as_pruned"].append(digits.evaluate(shrink(model, masks, x, graph=g)))
+                acc["reconstructed"].append(digits.evaluate(reconstruct(model, masks, x, [calib], graph=g)))
+            rows.append({"sparsity": sp, "score": score, **{k: float(np.mean(v)) for k, v in acc.items()}})
+    return {"case": "vit-digits", "dense": digits.evaluate(model), "rows": rows}
+
+
 def _worker(case: str) -> None:
     import torch
 
@@ -138,6 +172,8 @@ def _worker(case: str) -> None:
         out = _case_llama(case)
     elif case == "digits":
         out = _case_digits()
+    elif case == "vit-digits":
+        out = _case_vit()
     else:
         raise SystemExit(f"unknown case {case!r}")
     print(json.dumps(out))
@@ -145,7 +181,7 @@ def _worker(case: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="digits,resnet50,llama-s,llama-m")
+    ap.add_argument("--cases", default="digits,vit-digits,resnet50,llama-s,llama-m")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -174,6 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             for row in r["rows"]:
                 print(f"{row['sparsity']:>8.3f} {row['score']:>10} {row['as_pruned']:>10.3f} {row['bn']:>10.3f} "
                       f"{row['reconstructed']:>10.3f} {row['seconds']:>6.2f}")
+        elif case == "vit-digits":
+            print(f"vit-digits (dense {r['dense']:.3f}); heads + MLP units; mean of 3 draws of 256 unlabeled inputs")
+            print(f"{'removed':>8} {'score':>10} {'as-pruned':>10} {'reconstr.':>10}")
+            for row in r["rows"]:
+                print(f"{row['sparsity']:>8.3f} {row['score']:>10} {row['as_pruned']:>10.3f} "
+                      f"{row['reconstructed']:>10.3f}")
         else:
             print(f"{case}: {r['params_M']:.1f} M params, {r['layers_refit']} layers in {r['passes']} passes, "
                   f"reconstruct {r['seconds_total']:.1f} s (refit {r['seconds_refit']:.1f} s), peak RSS "
