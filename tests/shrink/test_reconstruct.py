@@ -325,3 +325,29 @@ def test_nothing_removed_changes_nothing() -> None:
     assert res.reconstruction.layers == []
     for (k, v), w in zip(small.state_dict().items(), net.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+class _Routed(nn.Module):
+    """``b`` runs only for inputs with a positive mean (data-dependent routing, like a mixture of experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if float(x.mean()) > 0:
+            h = h + self.b(h)
+        return self.c(h)
+
+
+def test_data_dependent_calls_are_skipped_with_a_warning() -> None:
+    torch.manual_seed(0)
+    net = _Routed().eval()
+    x = torch.ones(1, 4)
+    masks = unit_masks(net, x, 0.5, layers=["a"])
+    calib = [torch.randn(16, 4) + 1, torch.randn(16, 4) - 1]  # b runs on the first batch only
+    with pytest.warns(ShrinkWarning, match="'b'.*data-dependent"):
+        small, res = reconstruct(net, masks, x, calib, return_result=True)
+    assert "b" in res.reconstruction.skipped and "b" not in res.reconstruction.layers
+    assert "c" in res.reconstruction.layers

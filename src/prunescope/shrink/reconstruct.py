@@ -340,16 +340,20 @@ class _Fit:
 
 
 # ---------------------------------------------------------------------------------------- execution structure
-def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
-    """The candidate layers in order of first call on ``batch``, and how often each is called per forward."""
+def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any]
+                ) -> tuple[list[str], dict[str, int], list[str]]:
+    """The candidate layers in order of first call, how often each is called per forward, and the layers whose
+    call count differs between ``batches`` (data-dependent routing, e.g. mixture-of-experts modules: they
+    cannot be cut short reliably and are not refit). One forward of ``model`` per batch."""
     modules = dict(model.named_modules())
     order: list[str] = []
-    counts: dict[str, int] = {}
+    per_batch: list[dict[str, int]] = []
     handles = []
 
     def pre(name: str) -> Any:
         def hook(_m: nn.Module, _a: Any) -> None:
-            if name not in counts:
+            counts = per_batch[-1]
+            if name not in counts and name not in order:
                 order.append(name)
             counts[name] = counts.get(name, 0) + 1
         return hook
@@ -357,12 +361,15 @@ def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[lis
     try:
         for n in names:
             handles.append(modules[n].register_forward_pre_hook(pre(n)))
-        args, kw = make_inputs(model, batch)
-        model(*args, **kw)
+        for b in batches:
+            per_batch.append({})
+            args, kw = make_inputs(model, b)
+            model(*args, **kw)
     finally:
         for h in handles:
             h.remove()
-    return order, counts
+    varying = [n for n in order if len({c.get(n, 0) for c in per_batch}) > 1]
+    return order, per_batch[0], varying
 
 
 def _depends(graph: ModelGraph | None, names: Sequence[str]) -> dict[str, int] | None:
@@ -516,7 +523,10 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
     cands = [n for n, m in small_mods.items() if _kind(m) is not None and n in dense_mods
              and _kind(dense_mods[n]) == _kind(m)]
     with preserved_training(model, False), preserved_training(small, False):
-        order, counts = _call_order(small, cands, batches[0])
+        order, counts, varying = _call_order(small, cands, batches)
+        for n in varying:
+            res.skipped[n] = "called a different number of times on different batches (data-dependent routing)"
+        order = [n for n in order if n not in varying]
         affected = []
         for n in order:
             ws, wd = small_mods[n].weight, dense_mods[n].weight  # type: ignore[union-attr]
@@ -525,6 +535,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                 affected.append(n)
         if not affected:
             res.seconds = time.perf_counter() - t0
+            _warn_skipped(res)
             return res
         chosen = affected if layers == "affected" else order[order.index(affected[0]):]
         graph = plan.graph if isinstance(plan.graph, ModelGraph) else None
@@ -571,11 +582,15 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
     if bn == "recalibrate":
         _recalibrate(small, batches)
     res.seconds = time.perf_counter() - t0
+    _warn_skipped(res)
+    return res
+
+
+def _warn_skipped(res: ReconstructResult) -> None:
     if res.skipped:
         first = next(iter(res.skipped.items()))
         warnings.warn(f"reconstruct: {len(res.skipped)} layers were not refit, e.g. '{first[0]}': {first[1]}",
-                      ShrinkWarning, stacklevel=3)
-    return res
+                      ShrinkWarning, stacklevel=4)
 
 
 def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
