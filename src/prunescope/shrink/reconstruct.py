@@ -180,6 +180,7 @@ class _Fit:
         self.n = 0
         self.samples = 0  # inputs seen (rows of a sample go to fold ``sample % folds``)
         self.ridge_used = float("nan")
+        self.bn: nn.Module | None = None  # the BatchNorm that takes the intercept of a bias-free conv
 
     def design(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, groups, d_in)`` rows of the input."""
@@ -555,7 +556,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
             bn_name = None if has_bias else _folding_bn(graph, n, small_mods)
             fits[n] = _Fit(n, mod, keep, intercept=has_bias or bn_name is not None, batches=len(batches),
                            auto_ridge=ridge is None)
-            fits[n].bn = small_mods[bn_name] if bn_name else None  # type: ignore[attr-defined]
+            fits[n].bn = small_mods[bn_name] if bn_name else None
         names = list(fits)
         passes = _passes([n for n in order if n in fits], _depends(graph, names), names)
         cache = _dense_targets(model, fits, [n for n in order if n in fits], counts, batches, cache_mb)
@@ -575,7 +576,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                 wm = f.solve(ridge)
                 res.error_after[n] = f.error(wm)
                 res.ridge[n] = f.ridge_used
-                f.write(wm, f.bn)  # type: ignore[attr-defined]
+                f.write(wm, f.bn)
                 res.layers.append(n)
                 fits[n] = None  # type: ignore[assignment]  # free the Gram matrices
             res.passes += 1
