@@ -12,6 +12,7 @@ from prunescope.examples.digits import DigitsNet
 from prunescope.graph import trace
 from prunescope.masks import fix_mask_conflict, group_masks, unit_masks
 from prunescope.masks.units import channel_units, is_trivial
+from prunescope.shrink import shrink
 from prunescope.topology import channel_atoms
 
 X = torch.ones(1, 1, 8, 8)
@@ -62,17 +63,20 @@ def test_single_layer_set_is_layer_mask() -> None:
 
 
 class Shuffle(nn.Module):
-    """A channel shuffle after ``a``: the engine ties a's channels c and c + 4 (same in-group index)."""
+    """A channel shuffle after ``a``: the engine ties a's channels c and c + 4 (same in-group index). The sizes
+    are read from the tensor (``literal=True``: written as numbers, which shrink cannot update)."""
 
-    def __init__(self) -> None:
+    def __init__(self, literal: bool = False) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 8, 1)
         self.b = nn.Conv2d(8, 4, 1)
+        self.literal = literal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         y = self.a(x)
-        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)
+        c = 8 if self.literal else y.shape[1]
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
         return self.b(y)
 
 
@@ -94,6 +98,18 @@ def test_units_spanning_channels_of_one_layer_go_whole() -> None:
     assert keep.tolist() == [unit_of[c] not in lowest for c in range(8)]
     fixed = fix_mask_conflict(masks, net, x)
     assert torch.equal(fixed["a"]["weight"], masks["a"]["weight"])  # whole classes: nothing to fix
+    small = shrink(net, masks, x, fix_conflicts=False)
+    assert small.a.out_channels == 4 and small(x).shape == net(x).shape
+
+
+def test_units_shrink_cannot_narrow_are_not_offered() -> None:
+    """The same shuffle with its sizes written as numbers: shrink cannot narrow ``a``, so no unit is offered
+    (and naming the layer says why)."""
+    net = Shuffle(literal=True).eval()
+    x = torch.ones(1, 3, 4, 4)
+    assert unit_masks(net, x, 0.5) == {}
+    with pytest.raises(ConfigError, match="dependency set a may not be pruned: shrink cannot remove"):
+        unit_masks(net, x, 0.5, layers=["a"])
 
 
 def test_unit_masks_refuses() -> None:

@@ -116,73 +116,54 @@ def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str]
     return total
 
 
-def _prunable(model: nn.Module, dummy_input: Any, graph: Any) -> tuple[list[list[str]], dict[str, str], Any]:
-    """Channel-dependency sets of conv/linear layers, the reason a set may not be pruned, the engine."""
-    from ..graph import trace
-    from ..topology import ChannelDependency, channel_atoms, not_safe_to_prune
-
-    g = graph if graph is not None else trace(model, dummy_input)
-    ca = channel_atoms(g)
-    cd = ChannelDependency(model, dummy_input, traced_model=g, include_linear=True)
-    unsafe = not_safe_to_prune(model, dummy_input, traced_model=g, with_reasons=True)
-    assert isinstance(unsafe, dict)
-    out_layers: set[str] = set()
-    for t in g.outputs:
-        ci = ca.info(t)
-        if ci is not None:
-            for a in {int(v) for v in ci.atoms.reshape(-1) if v >= 0}:
-                out_layers.update(layer for layer, _ in ca.class_members(a))
-    modules = dict(model.named_modules())
-    why: dict[str, str] = {}
-    sets = [list(s) for s in cd.sets]
-    for s in sets:
-        key = "+".join(s)
-        bad = [m for m in s if m in unsafe]
-        if bad:
-            why[key] = f"{bad[0]} is unsafe to prune: {unsafe[bad[0]][0]}"
-        elif any(m in out_layers for m in s):
-            why[key] = "its channels reach the model output"
-        elif any(not is_filter_layer(modules.get(m)) for m in s):
-            why[key] = "a member is not a convolution or linear layer"
-    return sets, why, ca
-
-
 @torch.no_grad()
 def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: Iterable[str] | None = None,
                prune_type: str = "l1", consumers: bool = False, graph: Any = None) -> dict[str, dict[str, Any]]:
     """Masks that prune ``int(n_units * sparsity)`` whole units of every dependency set (see the module docs).
 
-    ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned; sets
-    with an unsafe layer or whose channels reach the model output are skipped). A named layer whose set may
-    not be pruned is an error. Returns NNI's mask layout ``{layer: {'weight', 'bias'}}`` for every member of
-    the pruned sets; the masks remove whole engine classes, so :func:`prunescope.masks.fix_mask_conflict`
-    leaves them as they are. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``; ``consumers=True``
-    adds the consumer columns' norms to the unit scores. The model is not modified.
+    ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned, the one
+    definition of :func:`prunescope.shrink.prunable.prunable_sets`: no unsafe layer, no channel reaching the
+    model output, units removable group by group of the grouped convolutions, and a set that
+    :func:`~prunescope.shrink.shrink` narrows as asked). A named layer whose set may not be pruned is an error
+    naming the reason. On a grouped convolution the same number of units goes from every group. Returns NNI's
+    mask layout ``{layer: {'weight', 'bias'}}`` for every member of the pruned sets; the masks remove whole
+    engine classes, equally per group, so :func:`prunescope.masks.fix_mask_conflict` leaves them as they are
+    and ``shrink`` removes every masked channel. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``;
+    ``consumers=True`` adds the consumer columns' norms to the unit scores. The model is not modified.
     """
+    return _unit_masks(model, dummy_input, sparsity, layers, prune_type, consumers, graph, strict=True)
+
+
+def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Iterable[str] | None,
+                prune_type: str, consumers: bool, graph: Any, strict: bool) -> dict[str, dict[str, Any]]:
+    """:func:`unit_masks`; ``strict=False`` skips the named layers' sets that may not be pruned."""
     if prune_type not in PRUNE_TYPES or prune_type == "level":
         raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm'), got {prune_type!r}")
-    sets, why, ca = _prunable(model, dummy_input, graph)
+    from ..graph import trace
+    from ..shrink.prunable import prunable_sets  # the removal layer owns "prunable"; it imports this module
+
+    g = graph if graph is not None else trace(model, dummy_input)
+    p = prunable_sets(model, g, dummy_input)
     wanted = None if layers is None else list(layers)
     if wanted is not None:
-        known = {m for s in sets for m in s}
+        known = {m for s in p.sets for m in s} | {m for k in p.excluded for m in k.split("+")}
         missing = [n for n in wanted if n not in known]
         if missing:
             raise ConfigError(f"layers {missing} are not conv/linear layers of any dependency set")
+        for key, why in p.excluded.items():
+            if strict and any(m in wanted for m in key.split("+")):
+                raise ConfigError(f"dependency set {key} may not be pruned: {why}")
     modules = dict(model.named_modules())
     out: dict[str, dict[str, Any]] = {}
-    for s in sets:
+    for s in p.sets:
         key = "+".join(s)
         if wanted is not None and not any(m in wanted for m in s):
             continue
-        if key in why:
-            if wanted is not None:
-                raise ConfigError(f"dependency set {key} may not be pruned: {why[key]}")
-            continue
-        units = channel_units(ca, s)
-        assert units is not None
-        extra = unit_scores_from_consumers(ca, model, s, units, prune_type) if consumers else None
+        units = p.units[key]
+        extra = unit_scores_from_consumers(p.atoms, model, s, units, prune_type) if consumers else None
+        chunk = p.chunks.get(key)
         masks = group_masks([modules[m] for m in s], sparsity, prune_type, units=[u.tolist() for u in units],
-                            extra_scores=extra)
+                            extra_scores=extra, chunks=None if chunk is None else chunk.tolist())
         out.update(zip(s, masks))
     return out
 
@@ -191,7 +172,8 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
                consumers: bool = True, graph: Any = None) -> dict[str, dict[str, Any]]:
     """Masks that prune ``int(units * sparsity)`` whole heads (whole kv groups under GQA) of every attention
     :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows and (default)
-    output-projection columns. MLP units: :func:`unit_masks` with ``layers=[the MLP's first layer]``.
+    output-projection columns. Attentions whose heads :func:`~prunescope.shrink.shrink` cannot remove (see
+    :func:`unit_masks`) are left out. MLP units: :func:`unit_masks` with ``layers=[the MLP's first layer]``.
 
     >>> import torch
     >>> from prunescope.masks.units import head_masks
@@ -208,5 +190,4 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
     layers = [n for a in HeadDependency(model, dummy_input, traced_model=g).attentions for n in (a.q, a.k, a.v)]
     if not layers:
         return {}
-    return unit_masks(model, dummy_input, sparsity, layers=layers, prune_type=prune_type, consumers=consumers,
-                      graph=g)
+    return _unit_masks(model, dummy_input, sparsity, layers, prune_type, consumers, g, strict=False)
