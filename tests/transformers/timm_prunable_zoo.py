@@ -64,13 +64,13 @@ ZOO: dict[str, list[tuple[str, dict[str, Any], tuple[int, ...]]]] = {
                      ("swin_s3_tiny_224", {}, (3, 224, 224)),
                      ("test_maxvit", {}, (3, 160, 160)), ("test_coatnet", {}, (3, 160, 160)),
                      ("pvt_v2_b0", {}, (3, 64, 64)), ("twins_svt_small", {}, (3, 64, 64)),
-                     ("coat_lite_tiny", {}, (3, 64, 64)), ("tiny_vit_5m_224", {"img_size": 64}, (3, 64, 64)),
+                     ("coat_lite_tiny", {"img_size": 64}, (3, 64, 64)), ("tiny_vit_5m_224", {}, (3, 224, 224)),
                      ("davit_tiny", {}, (3, 64, 64)), ("focalnet_tiny_srf", {}, (3, 64, 64)),
                      ("mvitv2_tiny", {"img_size": 64}, (3, 64, 64)), ("hiera_tiny_224", {"img_size": 64},
                                                                        (3, 64, 64)),
                      ("nest_tiny", {"img_size": 64}, (3, 64, 64)), ("gcvit_xxtiny", {"img_size": 64},
                                                                      (3, 64, 64))],
-    "mobile-hybrid": [("efficientformer_l1", {"img_size": 64}, (3, 64, 64)),
+    "mobile-hybrid": [("efficientformer_l1", {}, (3, 224, 224)),
                       ("efficientformerv2_s0", {"img_size": 64}, (3, 64, 64)),
                       ("fastvit_t8", {}, (3, 64, 64)), ("mobilevit_xxs", {}, (3, 64, 64)),
                       ("mobilevitv2_050", {}, (3, 64, 64)), ("efficientvit_b0", {}, (3, 64, 64)),
@@ -94,19 +94,26 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(1, *size)
 
 
-def mac_share(model: torch.nn.Module, graph: Any, sets: list[list[str]]) -> float:
+def mac_share(model: torch.nn.Module, x: torch.Tensor, sets: list[tuple[str, ...]]) -> float:
     """Fraction of the model's MACs in the conv/linear layers of ``sets`` (what pruning them can reach)."""
     from prunescope.flops import count_flops_params
 
-    _, _, res = count_flops_params(model, graph.inputs[0].shape and _x_of(graph), verbose=False)
-    per = dict(zip(res["name"], res["flops"]))
-    total = sum(per.values()) or 1
+    total, _, res = count_flops_params(model, x, verbose=False)
     members = {m for s in sets for m in s}
-    return sum(v for k, v in per.items() if k in members) / total
+    return sum(sum(v["flops"]) for k, v in res.items() if k in members) / max(1, total)
 
 
-def _x_of(graph: Any) -> torch.Tensor:
-    return torch.zeros(graph.inputs[0].shape)
+def normalised_over_removed(plan: Any) -> list[str]:
+    """Modules of a LayerNorm/GroupNorm/RMSNorm that normalises across channels the plan removes: there the
+    shrunk model normalises over the kept channels only, which ``as_pruned`` does not emulate yet (helper A1)."""
+    out = []
+    for node in plan.graph.nodes:
+        if node.name not in ("layer_norm", "group_norm", "rms_norm") or not node.inputs:
+            continue
+        ci = plan.atoms.info(node.inputs[0])
+        if ci is not None and len(ci.axes) and not plan.alive(ci.atoms).all():
+            out.append(node.module)
+    return out
 
 
 def check(name: str, sparsity: float = 0.3) -> dict[str, Any]:
@@ -135,6 +142,7 @@ def check(name: str, sparsity: float = 0.3) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - reported per model
         row["error"] = f"shrink refused: {type(e).__name__}: {str(e)[:300]}"
         return row
+    row["norms"] = normalised_over_removed(res.plan)
     row["fixed"] = len(res.fixed)
     row["protected"] = len(res.protected)
     row["warnings"] = [str(w.message)[:200] for w in caught if issubclass(w.category, ShrinkWarning)]
