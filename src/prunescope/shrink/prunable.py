@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from math import gcd
 from typing import Any, Callable
 
 import numpy as np
@@ -70,32 +69,42 @@ def output_layers(graph: ModelGraph) -> set[str]:
     return names
 
 
-def unit_chunks(units: list[np.ndarray], widths: list[int], constraints: list[int]) -> np.ndarray | str:
-    """The chunk of every unit when each member's channels form ``constraints[k]`` equal contiguous groups, or
-    a reason why the units cannot be removed group by group.
+def unit_chunks(units: list[np.ndarray], widths: list[int], constraints: list[int]) -> np.ndarray | None | str:
+    """The chunk of every unit when each member's channels form ``constraints[k]`` equal contiguous groups
+    (``None``: any choice of units keeps the groups equal), or a reason why the units cannot be removed group
+    by group.
 
-    Chunks are those of the finest common split (``lcm`` of the constraints): a unit must lie in one chunk of
-    every member and every chunk must hold as many units as the others, so removing the same number of units
-    per chunk removes the same number of channels per group of every member.
+    A unit either lies in one group of a member, or holds as many channels of every group of it (ResNeSt's
+    radix splits: one channel per group; removing it takes one from each). Chunks are the units with the same
+    group in every member; removing as many units from every chunk keeps every member's groups equal when
+    each chunk holds as many units and each group as many chunks.
     """
-    lcm = 1
-    for c in constraints:
-        lcm = lcm * int(c) // gcd(lcm, int(c))
     n_units = int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
-    chunk = np.full(n_units, -1, np.int64)
+    keys: list[np.ndarray] = []
     for u, n, c in zip(units, widths, constraints):
         if c <= 1 or not len(u):
             continue
-        if n % lcm:
-            return f"{n} channels cannot be split into {lcm} equal groups"
-        ch = np.arange(n) * lcm // n
-        for uid, k in zip(u.tolist(), ch.tolist()):
-            if chunk[uid] not in (-1, k):
-                return "a pruning unit spans several groups of a grouped convolution"
-            chunk[uid] = k
-    if (chunk < 0).any():
+        if n % c:
+            return f"{n} channels cannot be split into {c} equal groups"
+        hist = np.zeros((n_units, c), np.int64)
+        np.add.at(hist, (u, np.arange(n) * c // n), 1)
+        used = hist.sum(1) > 0
+        if ((hist[used] > 0).sum(1) == 1).all():
+            grp = np.where(used, hist.argmax(1), -1)
+            counts = np.bincount(grp[used], minlength=c)
+            if len(set(counts.tolist())) > 1:
+                return f"the groups hold unequal numbers of pruning units {sorted(set(counts.tolist()))}"
+            keys.append(grp)
+        elif not (hist[used] == hist[used][:, :1]).all():
+            return "a pruning unit spans several groups of a grouped convolution unevenly"
+    if not keys:
+        return None
+    key = np.stack(keys, 1)
+    if (key < 0).any():
         return "a pruning unit is not in a group of the grouped convolution"
-    counts = np.bincount(chunk, minlength=lcm)
+    _, chunk = np.unique(key, axis=0, return_inverse=True)
+    chunk = chunk.reshape(-1).astype(np.int64)
+    counts = np.bincount(chunk)
     if len(set(counts.tolist())) > 1:
         return f"the groups hold unequal numbers of pruning units {sorted(set(counts.tolist()))}"
     if counts[0] < 2:
@@ -243,7 +252,8 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
                 result.excluded[key] = f"its units cannot be removed group by group: {got}"
                 continue
             chunk = got
-            result.chunks[key] = chunk
+            if chunk is not None:
+                result.chunks[key] = chunk
         result.units[key] = units
         members_of[key] = members
         masks[key] = _structural(modules, members, units, chunk)
