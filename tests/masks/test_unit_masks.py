@@ -3,6 +3,9 @@ for bit; where the engine ties several channels of a layer into one unit, whole 
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,6 +15,7 @@ from prunescope.examples.digits import DigitsNet
 from prunescope.graph import trace
 from prunescope.masks import fix_mask_conflict, group_masks, unit_masks
 from prunescope.masks.units import channel_units, is_trivial
+from prunescope.shrink import shrink
 from prunescope.topology import channel_atoms
 
 X = torch.ones(1, 1, 8, 8)
@@ -62,17 +66,20 @@ def test_single_layer_set_is_layer_mask() -> None:
 
 
 class Shuffle(nn.Module):
-    """A channel shuffle after ``a``: the engine ties a's channels c and c + 4 (same in-group index)."""
+    """A channel shuffle after ``a``: the engine ties a's channels c and c + 4 (same in-group index). The sizes
+    are read from the tensor (``literal=True``: written as numbers, which shrink cannot update)."""
 
-    def __init__(self) -> None:
+    def __init__(self, literal: bool = False) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 8, 1)
         self.b = nn.Conv2d(8, 4, 1)
+        self.literal = literal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         y = self.a(x)
-        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)
+        c = 8 if self.literal else y.shape[1]
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
         return self.b(y)
 
 
@@ -94,6 +101,18 @@ def test_units_spanning_channels_of_one_layer_go_whole() -> None:
     assert keep.tolist() == [unit_of[c] not in lowest for c in range(8)]
     fixed = fix_mask_conflict(masks, net, x)
     assert torch.equal(fixed["a"]["weight"], masks["a"]["weight"])  # whole classes: nothing to fix
+    small = shrink(net, masks, x, fix_conflicts=False)
+    assert small.a.out_channels == 4 and small(x).shape == net(x).shape
+
+
+def test_units_shrink_cannot_narrow_are_not_offered() -> None:
+    """The same shuffle with its sizes written as numbers: shrink cannot narrow ``a``, so no unit is offered
+    (and naming the layer says why)."""
+    net = Shuffle(literal=True).eval()
+    x = torch.ones(1, 3, 4, 4)
+    assert unit_masks(net, x, 0.5) == {}
+    with pytest.raises(ConfigError, match="dependency set a may not be pruned: shrink cannot remove"):
+        unit_masks(net, x, 0.5, layers=["a"])
 
 
 def test_unit_masks_refuses() -> None:
@@ -107,3 +126,80 @@ def test_unit_masks_refuses() -> None:
     with pytest.raises(ConfigError, match="unit id per output channel"):
         group_masks([net.conv1], 0.5, "l1", units=[[0, 1]])
     assert "fc2" not in unit_masks(net, X, 0.5)  # default: every prunable set, the classifier left alone
+
+
+class Grouped(nn.Module):
+    """A ResNeXt-like bottleneck: ``a`` feeds a 4-group conv ``g``, whose output feeds ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.g(torch.relu(self.a(x)))))
+
+
+def test_grouped_units_go_equally_per_group() -> None:
+    """By hand: 4 groups of 4 channels, 50 % -> the 2 lowest-L1 filters of every group go, so the conflict
+    fixer changes nothing and shrink removes every masked channel (a global choice would unbalance groups)."""
+    torch.manual_seed(0)
+    net = Grouped().eval()
+    x = torch.randn(1, 3, 6, 6)
+    masks = unit_masks(net, x, 0.5)
+    assert sorted(masks) == ["a", "g"]
+    for name in ("a", "g"):
+        l1 = getattr(net, name).weight.detach().abs().sum(dim=(1, 2, 3)).view(4, 4)
+        want = torch.ones(4, 4, dtype=torch.bool)
+        want.scatter_(1, l1.argsort(1)[:, :2], False)
+        assert masks[name]["bias"].bool().view(4, 4).tolist() == want.tolist()
+    fixed = fix_mask_conflict(masks, net, x)
+    assert not fixed.changed and all(torch.equal(fixed[k]["weight"], masks[k]["weight"]) for k in masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ShrinkWarning: nothing fixed, nothing kept
+        small = shrink(net, masks, x)
+    assert (small.a.out_channels, small.g.in_channels, small.g.out_channels, small.c.in_channels) == (8, 8, 8, 8)
+
+
+def test_unit_chunks_reasons() -> None:
+    from prunescope.shrink.prunable import unit_chunks
+
+    u = [np.arange(8)]
+    assert unit_chunks(u, [8], [2]).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # one channel of every group per unit (ResNeSt's radix splits): any choice keeps the groups equal
+    assert unit_chunks([np.array([0, 1, 2, 3, 0, 1, 2, 3])], [8], [2]) is None
+    assert "unevenly" in unit_chunks([np.array([0, 0, 1, 2, 0, 1, 2, 3])], [8], [2])
+    assert "one unit" in unit_chunks(u, [8], [8])  # removing a unit would empty a group
+    assert "cannot be split" in unit_chunks(u, [8], [3])
+
+
+class LayerScaled(nn.Module):
+    """ConvNeXt's ``gamma.reshape(1, -1, 1, 1)`` and timm's layer scale keeping its shape as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.shape = (8, 1, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) * self.gamma.reshape(1, -1, 1, 1)
+        return self.b(y * self.scale.view(self.shape))
+
+
+def test_reshaped_per_channel_parameters_are_narrowed() -> None:
+    torch.manual_seed(0)
+    net = LayerScaled().eval()
+    x = torch.randn(1, 3, 5, 5)
+    masks = unit_masks(net, x, 0.5)
+    assert sorted(masks) == ["a"]
+    small = shrink(net, masks, x)
+    keep = masks["a"]["bias"].bool()
+    assert small.gamma.shape == (4,) and torch.equal(small.gamma, net.gamma[keep])
+    assert small.shape == (4, 1, 1) and net.shape == (8, 1, 1)
+    with torch.no_grad():
+        want = net.b(net.a(x) * (net.gamma * keep).reshape(1, -1, 1, 1) * net.scale.view(8, 1, 1))
+        assert torch.allclose(small(x), want, rtol=1e-5, atol=1e-6)

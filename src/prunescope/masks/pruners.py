@@ -187,6 +187,19 @@ def _select(scores: torch.Tensor, num_prune: int, prune_type: str) -> torch.Tens
     return torch.gt(scores, threshold)
 
 
+def _select_per_chunk(scores: torch.Tensor, chunk: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep per entry: in every chunk, exactly ``int(size * sparsity)`` entries with the lowest scores pruned."""
+    if chunk.shape[0] != scores.shape[0]:
+        raise ConfigError(f"chunks: one chunk id per unit is needed ({scores.shape[0]} units, {chunk.shape[0]} ids)")
+    keep = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+    for c in torch.unique(chunk).tolist():
+        idx = torch.nonzero(chunk == c).flatten().to(scores.device)
+        k = int(idx.numel() * sparsity)
+        if k > 0:
+            keep[idx[torch.argsort(scores[idx], stable=True)[:k]]] = False
+    return keep
+
+
 def _masks_from_keep(modules: Sequence[nn.Module], keeps: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     out = []
     for m, keep in zip(modules, keeps):
@@ -201,7 +214,8 @@ def _masks_from_keep(modules: Sequence[nn.Module], keeps: Sequence[torch.Tensor]
 @torch.no_grad()
 def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str,
                 units: Sequence[Sequence[int]] | None = None,
-                extra_scores: torch.Tensor | None = None) -> list[dict[str, Any]]:
+                extra_scores: torch.Tensor | None = None,
+                chunks: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Masks for layers pruned together; filter pruners keep the same output channels in every member.
 
     One layer: exactly :func:`prunescope.masks.pruners.layer_mask` (NNI's mask). Several layers and a
@@ -215,6 +229,10 @@ def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str,
     scores over all members (plus ``extra_scores[u]`` when given, e.g. consumer columns) and
     ``int(U * sparsity)`` units are pruned with the same selection rule. When every unit is one channel of
     every member (``units[k] == range(n)``) this is exactly the rule above, bit for bit.
+
+    ``chunks`` (grouped convolutions, :func:`prunescope.shrink.prunable.unit_chunks`): the chunk of every unit;
+    ``int(units per chunk * sparsity)`` units are pruned in every chunk, exactly that many (lowest scores,
+    stable order on ties), so every group loses as many channels as the others.
     """
     if prune_type == "level" or (units is None and len(modules) == 1):
         return [layer_mask(m, sparsity, prune_type) for m in modules]
@@ -229,7 +247,10 @@ def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str,
             scores.index_add_(0, u.to(dev), filter_scores(m, prune_type).to(torch.float64).to(dev))
         if extra_scores is not None:
             scores = scores + extra_scores.to(device=dev, dtype=torch.float64)
-        keep_unit = _select(scores, int(n_units * float(sparsity)), prune_type)
+        if chunks is not None:
+            keep_unit = _select_per_chunk(scores, torch.as_tensor(list(chunks), dtype=torch.long), float(sparsity))
+        else:
+            keep_unit = _select(scores, int(n_units * float(sparsity)), prune_type)
         return _masks_from_keep(modules, [keep_unit[u.to(dev)] for u in ids])
     n = num_filters(modules[0])
     total = sum(filter_scores(m, prune_type).to(torch.float64) for m in modules)

@@ -119,37 +119,6 @@ def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str]
     return total
 
 
-def _prunable(model: nn.Module, dummy_input: Any, graph: Any) -> tuple[list[list[str]], dict[str, str], Any]:
-    """Channel-dependency sets of conv/linear layers, the reason a set may not be pruned, the engine."""
-    from ..graph import trace
-    from ..topology import ChannelDependency, channel_atoms, not_safe_to_prune
-
-    g = graph if graph is not None else trace(model, dummy_input)
-    ca = channel_atoms(g)
-    cd = ChannelDependency(model, dummy_input, traced_model=g, include_linear=True)
-    unsafe = not_safe_to_prune(model, dummy_input, traced_model=g, with_reasons=True)
-    assert isinstance(unsafe, dict)
-    out_layers: set[str] = set()
-    for t in g.outputs:
-        ci = ca.info(t)
-        if ci is not None:
-            for a in {int(v) for v in ci.atoms.reshape(-1) if v >= 0}:
-                out_layers.update(layer for layer, _ in ca.class_members(a))
-    modules = dict(model.named_modules())
-    why: dict[str, str] = {}
-    sets = [list(s) for s in cd.sets]
-    for s in sets:
-        key = "+".join(s)
-        bad = [m for m in s if m in unsafe]
-        if bad:
-            why[key] = f"{bad[0]} is unsafe to prune: {unsafe[bad[0]][0]}"
-        elif any(m in out_layers for m in s):
-            why[key] = "its channels reach the model output"
-        elif any(not is_filter_layer(modules.get(m)) for m in s):
-            why[key] = "a member is not a convolution or linear layer"
-    return sets, why, ca
-
-
 def _check_sparsity(sparsity: Any, where: str) -> float:
     """``sparsity`` as a float in ``[0, 1)``; a :class:`ConfigError` naming the value otherwise (1 would remove
     every unit of every set, NaN and values outside the range select no meaningful count)."""
@@ -169,17 +138,29 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
     """Masks that prune ``int(n_units * sparsity)`` whole units of every dependency set (see the module docs);
     ``0 <= sparsity < 1`` (anything else, NaN included, is a :class:`~prunescope.errors.ConfigError`).
 
-    ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned; sets
-    with an unsafe layer or whose channels reach the model output are skipped). A named layer whose set may
-    not be pruned is an error. Returns NNI's mask layout ``{layer: {'weight', 'bias'}}`` for every member of
-    the pruned sets; the masks remove whole engine classes, so :func:`prunescope.masks.fix_mask_conflict`
-    leaves them as they are. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``; ``consumers=True``
-    adds the consumer columns' norms to the unit scores. ``prune_type='activation'`` (needs ``calibration``,
-    an iterable of unlabeled input batches) scores a unit by what its removal costs on those inputs: the
-    activation-weighted norm of Wanda-sp/FLAP, ``Σ |W[:, c]| · ‖X_c‖₂`` over the consumer columns ``c`` that read
-    the unit (see :func:`unit_scores_from_activations`). The model is not modified.
+    ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned, the one
+    definition of :func:`prunescope.shrink.prunable.prunable_sets`: no unsafe layer, no channel reaching the
+    model output, units removable group by group of the grouped convolutions, and a set that
+    :func:`~prunescope.shrink.shrink` narrows as asked). A named layer whose set may not be pruned is an error
+    naming the reason. On a grouped convolution the same number of units goes from every group. Returns NNI's
+    mask layout ``{layer: {'weight', 'bias'}}`` for every member of the pruned sets; the masks remove whole
+    engine classes, equally per group, so :func:`prunescope.masks.fix_mask_conflict` leaves them as they are
+    and ``shrink`` removes every masked channel. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``;
+    ``consumers=True`` adds the consumer columns' norms to the unit scores. ``prune_type='activation'`` (needs
+    ``calibration``, an iterable of unlabeled input batches) scores a unit by what its removal costs on those
+    inputs: the activation-weighted norm of Wanda-sp/FLAP, ``Σ |W[:, c]| · ‖X_c‖₂`` over the consumer columns
+    ``c`` that read the unit (see :func:`unit_scores_from_activations`; sets of grouped convolutions, whose units
+    are chosen group by group, keep L1 scores). The model is not modified.
     """
-    sparsity = _check_sparsity(sparsity, "unit_masks")
+    return _unit_masks(model, dummy_input, sparsity, layers, prune_type, consumers, graph, calibration,
+                       strict=True, where="unit_masks")
+
+
+def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Iterable[str] | None,
+                prune_type: str, consumers: bool, graph: Any, calibration: Iterable[Any] | None, strict: bool,
+                where: str) -> dict[str, dict[str, Any]]:
+    """:func:`unit_masks`; ``strict=False`` skips the named layers' sets that may not be pruned."""
+    sparsity = _check_sparsity(sparsity, where)
     norms = None
     if prune_type == "activation":
         if calibration is None:
@@ -188,31 +169,35 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
     elif prune_type not in PRUNE_TYPES or prune_type == "level":
         raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm', 'activation'), got "
                           f"{prune_type!r}")
-    sets, why, ca = _prunable(model, dummy_input, graph)
+    from ..graph import trace
+    from ..shrink.prunable import prunable_sets  # the removal layer owns "prunable"; it imports this module
+
+    g = graph if graph is not None else trace(model, dummy_input)
+    p = prunable_sets(model, g, dummy_input)
     wanted = None if layers is None else list(layers)
     if wanted is not None:
-        known = {m for s in sets for m in s}
+        known = {m for s in p.sets for m in s} | {m for k in p.excluded for m in k.split("+")}
         missing = [n for n in wanted if n not in known]
         if missing:
             raise ConfigError(f"layers {missing} are not conv/linear layers of any dependency set")
+        for key, why in p.excluded.items():
+            if strict and any(m in wanted for m in key.split("+")):
+                raise ConfigError(f"dependency set {key} may not be pruned: {why}")
     modules = dict(model.named_modules())
     out: dict[str, dict[str, Any]] = {}
-    for s in sets:
+    for s in p.sets:
         key = "+".join(s)
         if wanted is not None and not any(m in wanted for m in s):
             continue
-        if key in why:
-            if wanted is not None:
-                raise ConfigError(f"dependency set {key} may not be pruned: {why[key]}")
+        units = p.units[key]
+        chunk = p.chunks.get(key)
+        if norms is not None and chunk is None:
+            out.update(zip(s, _activation_masks(p.atoms, model, [modules[m] for m in s], s, units, norms, sparsity)))
             continue
-        units = channel_units(ca, s)
-        assert units is not None
-        if norms is not None:
-            out.update(zip(s, _activation_masks(ca, model, [modules[m] for m in s], s, units, norms, sparsity)))
-            continue
-        extra = unit_scores_from_consumers(ca, model, s, units, prune_type) if consumers else None
-        masks = group_masks([modules[m] for m in s], sparsity, prune_type, units=[u.tolist() for u in units],
-                            extra_scores=extra)
+        extra = unit_scores_from_consumers(p.atoms, model, s, units, prune_type) if consumers else None
+        kind = "l1" if prune_type == "activation" else prune_type
+        masks = group_masks([modules[m] for m in s], sparsity, kind, units=[u.tolist() for u in units],
+                            extra_scores=extra, chunks=None if chunk is None else chunk.tolist())
         out.update(zip(s, masks))
     return out
 
@@ -223,7 +208,8 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
     """Masks that prune ``int(units * sparsity)`` whole heads (whole kv groups under GQA; ``0 <= sparsity < 1``)
     of every attention :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows
     and (default) output-projection columns (``prune_type='activation'`` with ``calibration``: by the
-    activation-weighted norm of the output-projection columns, see :func:`unit_masks`). MLP units:
+    activation-weighted norm of the output-projection columns, see :func:`unit_masks`). Attentions whose heads
+    :func:`~prunescope.shrink.shrink` cannot remove (see :func:`unit_masks`) are left out. MLP units:
     :func:`unit_masks` with ``layers=[the MLP's first layer]``.
 
     >>> import torch
@@ -242,8 +228,8 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
     layers = [n for a in HeadDependency(model, dummy_input, traced_model=g).attentions for n in (a.q, a.k, a.v)]
     if not layers:
         return {}
-    return unit_masks(model, dummy_input, sparsity, layers=layers, prune_type=prune_type, consumers=consumers,
-                      graph=g, calibration=calibration)
+    return _unit_masks(model, dummy_input, sparsity, layers, prune_type, consumers, g, calibration, strict=False,
+                       where="head_masks")
 
 
 # ------------------------------------------------------------------------------- data-aware scores (issue 17.2)

@@ -38,10 +38,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..shrink.prunable import output_layers  # noqa: F401 - re-exported: the report's name for it
+from ..shrink.prunable import prunable_sets as _prunable_sets
 from .output import ReportFolder
 
 __all__ = ["ReportResult", "run_report", "prunable_sets"]
@@ -59,22 +60,6 @@ def _say(console: Callable[[str], None] | None, text: str) -> None:
         console(text)
 
 
-def output_layers(graph: Any) -> set[str]:
-    """Layers whose output channels reach a model output (pruning them changes the output's shape)."""
-    from ..topology import channel_atoms
-
-    ca = channel_atoms(graph)
-    names: set[str] = set()
-    for t in graph.outputs:
-        ci = ca.info(t)
-        if ci is None:
-            continue
-        for a in set(int(v) for v in ci.atoms.reshape(-1) if v >= 0):
-            for layer, _ in ca.class_members(a):
-                names.add(layer)
-    return names
-
-
 def report_layer_types() -> tuple[type[nn.Module], ...]:
     """The layer types the report prunes: convolutions, Linear, and Hugging Face ``Conv1D`` (GPT-2's
     transposed linear) when ``transformers`` is loaded."""
@@ -87,111 +72,17 @@ def _report_layer(m: nn.Module | None) -> bool:
     return m is not None and isinstance(m, report_layer_types())
 
 
-def _kept_by_shrink(graph: Any, model: nn.Module, candidates: dict[str, tuple[list[str], Any]]) -> dict[str, str]:
-    """Why :func:`prunescope.shrink.shrink` would keep a set's channels if half its units were masked, per set
-    key (absent: shrink removes them), e.g. a class token concatenated to the channels of a residual stream. A
-    set whose masked channels stay in the shipped model saves nothing and is left alone. One removal plan for
-    all the sets; the sets it protects are confirmed one by one (a protection could come from another set)."""
-    import warnings
-
-    from ..masks.pruners import group_masks
-    from ..shrink.plan import plan_removal
-
-    modules = dict(model.named_modules())
-
-    def structural(members: list[str], units: Any) -> list[dict[str, Any]]:
-        """Half of the units masked, chosen by position: weights on ``meta`` have no norms to rank, and which
-        units are masked does not change why shrink would keep them."""
-        from ..masks.layers import bias_of, expand_filters, num_filters
-
-        out = []
-        for i, m in enumerate(members):
-            mod = modules[m]
-            n = num_filters(mod)
-            uid = np.asarray(units[i]) if units is not None else np.arange(n)
-            keep = torch.from_numpy(uid >= (int(uid.max()) + 1) // 2 if n else uid >= 0)
-            w = mod.weight
-            b = bias_of(mod)
-            out.append({"weight": expand_filters(mod, keep, torch.ones(tuple(w.shape))),
-                        "bias": keep.float() if b is not None else None})
-        return out
-
-    def probe(keys: list[str]) -> dict[str, str]:
-        masks: dict[str, Any] = {}
-        for k in keys:
-            members, units = candidates[k]
-            if any(modules[m].weight.device.type == "meta" for m in members):
-                masks.update(zip(members, structural(members, units)))
-                continue
-            masks.update(zip(members, group_masks([modules[m] for m in members], 0.5, "l1", units=units)))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                plan = plan_removal(graph, masks, check_pins=False)
-        except Exception as e:  # noqa: BLE001 - a refusal: each set is probed on its own
-            if len(keys) > 1:
-                return {k: r for key in keys for k, r in probe([key]).items()}
-            return {keys[0]: str(e).splitlines()[0] if str(e) else type(e).__name__}
-        out = {}
-        for k in keys:
-            hit = [m for m in candidates[k][0] if m in plan.protected]
-            if hit:
-                out[k] = f"{hit[0]}: {plan.protected[hit[0]][0]}"
-        return out
-
-    if not candidates:
-        return {}
-    found = probe(list(candidates))
-    if len(candidates) == 1 or not found:
-        return found
-    return {k: r for key in found for k, r in probe([key]).items()}
-
-
 def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str, ...]], dict[str, str],
                                                                    dict[str, int]]:
-    """Dependency sets (conv + linear) that may be pruned, and why the others may not.
+    """Dependency sets (conv + linear) that may be pruned, and why the others may not: the one definition of
+    :func:`prunescope.shrink.prunable.prunable_sets` (which ``unit_masks`` uses too), members limited to
+    :func:`report_layer_types`.
 
     Returns ``(sets, excluded, group_constraint)``: ``excluded`` maps a set key to the reason,
     ``group_constraint`` maps a layer to its GroupDependency constraint (lcm of groups).
     """
-    from ..masks.layers import num_filters
-    from ..masks.units import channel_units
-    from ..topology import ChannelDependency, GroupDependency, not_safe_to_prune
-
-    cd = ChannelDependency(model, x, traced_model=graph, include_linear=True)
-    unsafe = not_safe_to_prune(model, x, traced_model=graph, with_reasons=True)
-    assert isinstance(unsafe, dict)
-    outs = output_layers(graph)
-    gd = GroupDependency(model, x, traced_model=graph)
-    modules = dict(model.named_modules())
-    sets: list[tuple[str, ...]] = []
-    excluded: dict[str, str] = {}
-    candidates: dict[str, tuple[list[str], Any]] = {}
-    for members in cd.sets:
-        key = "+".join(members)
-        bad = [m for m in members if m in unsafe]
-        if bad:
-            excluded[key] = f"{bad[0]} is unsafe to prune: {unsafe[bad[0]][0]}"
-            continue
-        if any(m in outs for m in members):
-            excluded[key] = "its channels reach the model output"
-            continue
-        if any(not _report_layer(modules.get(m)) for m in members):
-            excluded[key] = "a member is not a convolution or linear layer"
-            continue
-        widths = {num_filters(modules[m]) for m in members}
-        units = channel_units(cd.atoms, members)
-        if len(widths) > 1 and units is None:
-            excluded[key] = "members have different widths"
-            continue
-        candidates[key] = (list(members), None if units is None else [u.tolist() for u in units])
-    kept = _kept_by_shrink(graph, model, candidates)
-    for key, (members, _) in candidates.items():
-        if key in kept:
-            excluded[key] = f"shrink cannot remove its channels: {kept[key]}"
-        else:
-            sets.append(tuple(members))
-    return sets, excluded, {k: int(v) for k, v in gd.dependency.items()}
+    p = _prunable_sets(model, graph, x, layer_ok=_report_layer)
+    return p.sets, p.excluded, p.groups
 
 
 FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensitivity_png": "sensitivity.png",

@@ -8,12 +8,13 @@ names:
 1. The removal plan says what every recorded tensor's shape must become (each channel axis keeps its alive
    positions). The narrowed copy is traced (on the ``meta`` device when the forward allows it) and compared
    op by op with those shapes; when every op matches, nothing is read from a stale attribute.
-2. Otherwise the candidates are the integer attributes of the modules (``vars(module)``, public names) whose
-   value is a size that changes inside that module's own ops (e.g. ``split_size`` = 768 where a 768-wide
-   axis becomes 576, ``num_heads`` = 12 where a 12-head axis becomes 9). Candidates are tried greedily, all
-   modules of one class and attribute name together, each with its per-module new value: the one that moves
-   the first mismatching op furthest is kept, until every op matches. An attribute that the forward does
-   not read (GPT-2's ``embed_dim``) never helps and is left as it is.
+2. Otherwise the candidates are the integer attributes of the modules (``vars(module)``, public names; also
+   tuples of integers, a shape kept as an attribute, with the changing size replaced) whose value is a size
+   that changes inside that module's own ops (e.g. ``split_size`` = 768 where a 768-wide axis becomes 576,
+   ``num_heads`` = 12 where a 12-head axis becomes 9). Candidates are tried greedily, all modules of one
+   class and attribute name together, each with its per-module new value: the one that moves the first
+   mismatching op furthest is kept, until every op matches. An attribute that the forward does not read
+   (GPT-2's ``embed_dim``) never helps and is left as it is.
 3. If no candidate makes the shapes match, :class:`~prunescope.shrink.plan.ShrinkError` names the first op
    whose shape differs (a size written as a literal, or read from somewhere shrink cannot update).
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..graph import ModelGraph, meta_copy, trace
-from .plan import RemovalPlan, ShrinkError, axis_positions
+from .plan import _RESHAPE_LIKE, RemovalPlan, ShrinkError, axis_positions
 
 __all__ = ["expected_shapes", "fit_attributes"]
 
@@ -53,6 +54,36 @@ def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
     from .experts import derived_param_shapes
 
     out.update(derived_param_shapes(plan))
+    out.update(_reshaped_vectors(plan))
+    return out
+
+
+def _reshaped_vectors(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
+    """Shapes of the pure reshapes of a narrowed per-channel vector (ConvNeXt's ``gamma.reshape(1, -1, 1, 1)``,
+    a GRN's ``weight.view(1, -1, 1, 1)``, a layer scale's ``scale.view(C, 1, 1)``): the plan narrows the
+    vector itself (its elementwise use), so every view of it with the vector's one long axis narrows too."""
+    long_axis: dict[int, tuple[int, int]] = {}  # tensor id -> (old length, new length)
+    for t in plan.graph.tensors:
+        cut = plan.cuts.get(t.name or "") if t.kind in ("param", "buffer") else None
+        if cut is None or not cut.changes() or sum(s > 1 for s in t.shape) != 1:
+            continue
+        big = next(i for i, s in enumerate(t.shape) if s > 1)
+        long_axis[t.id] = (int(t.shape[big]), int(cut.new_shape()[big]))
+    out: dict[int, tuple[int, ...]] = {}
+    if not long_axis:
+        return out
+    for node in plan.graph.nodes:
+        tins = [t for t in node.inputs if t.kind != "const"]
+        if node.name not in _RESHAPE_LIKE or len(tins) != 1 or tins[0].id not in long_axis:
+            continue
+        old, new = long_axis[tins[0].id]
+        for o in node.outputs:
+            big = [i for i, s in enumerate(o.shape) if s > 1]
+            if len(big) == 1 and o.shape[big[0]] == old:
+                shape = list(o.shape)
+                shape[big[0]] = new
+                out[o.id] = tuple(shape)
+                long_axis[o.id] = (old, new)
     return out
 
 
@@ -104,21 +135,32 @@ def _written(plan: RemovalPlan) -> dict[str, set[int]]:
 
 
 def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known: dict[str, set[str]],
-                written: dict[str, set[int]]) -> dict[tuple[type, str, int], dict[str, int]]:
-    """``{(class, attribute, option index): {module: new value}}`` for integer attributes of changing sizes that
-    the module's ops were called with (an attribute no call received cannot have set a recorded size)."""
-    groups: dict[tuple[type, str, int], dict[str, int]] = {}
+                written: dict[str, set[int]]) -> dict[tuple[type, str, int], dict[str, Any]]:
+    """``{(class, attribute, option index): {module: new value}}`` for integer attributes (and tuples of
+    integers) of changing sizes that the module's ops were called with (an attribute no call received cannot
+    have set a recorded size)."""
+    groups: dict[tuple[type, str, int], dict[str, Any]] = {}
     for name, mod in model.named_modules():
         sizes = scopes.get(name)
         if not sizes:
             continue
         args = written.get(name, set())
         for k, v in vars(mod).items():
-            if k.startswith("_") or type(v) is not int or k in known.get(name, ()) or v not in args:
+            if k.startswith("_") or k in known.get(name, ()):
                 continue
-            news = sorted(n for n in sizes.get(v, ()) if n != v)
-            for i, n in enumerate(news):
-                groups.setdefault((type(mod), k, i), {})[name] = n
+            if type(v) is int and v in args:
+                news = sorted(n for n in sizes.get(v, ()) if n != v)
+                for i, n in enumerate(news):
+                    groups.setdefault((type(mod), k, i), {})[name] = n
+            elif type(v) is tuple and v and all(type(e) is int for e in v):
+                # a shape kept as an attribute (timm's layer scale ``self.shape = (dim, 1, 1)``): the first of
+                # its sizes that changes, replaced
+                size = next((e for e in v if e in args and any(n != e for n in sizes.get(e, ()))), None)
+                if size is None:
+                    continue
+                news = sorted(n for n in sizes[size] if n != size)
+                for i, n in enumerate(news):
+                    groups.setdefault((type(mod), k, i), {})[name] = tuple(n if e == size else e for e in v)
     return groups
 
 
@@ -150,7 +192,7 @@ class _Prober:
             return min(len(g.nodes), len(self.want)), "the narrowed forward runs different ops"
         return len(self.want), ""
 
-    def set(self, values: dict[str, int], attr: str) -> dict[str, int]:
+    def set(self, values: dict[str, Any], attr: str) -> dict[str, Any]:
         old = {}
         for name, v in values.items():
             mod = self.modules[name]
@@ -168,7 +210,7 @@ def _meta_copy(model: nn.Module, dummy_input: Any) -> tuple[nn.Module, Any]:
 
 
 def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
-                   known: dict[str, set[str]] | None = None, *, force: bool = False) -> dict[str, dict[str, int]]:
+                   known: dict[str, set[str]] | None = None, *, force: bool = False) -> dict[str, dict[str, Any]]:
     """Update the size attributes of ``small`` (already narrowed) that its forward reads; returns what changed.
 
     Does nothing when no module has an integer attribute equal to a size that changes, unless ``force``
@@ -190,7 +232,7 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
         if rb > best:
             prober, best, why = real, rb, rw
     done = len(prober.want)
-    chosen: dict[tuple[type, str, int], dict[str, int]] = {}
+    chosen: dict[tuple[type, str, int], dict[str, Any]] = {}
     for _ in range(_MAX_ROUNDS):
         if best >= done:
             break
@@ -213,7 +255,7 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
     if best < done:
         raise ShrinkError(f"the shrunk model does not compute the planned shapes: {why} (a size written as a "
                           "literal or read from somewhere shrink cannot update)")
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, Any]] = {}
     mods = dict(small.named_modules())
     for (_cls, attr, _i), values in chosen.items():
         for name, v in values.items():

@@ -49,6 +49,8 @@ VERSION = 1
 
 def _attrs_of(mod: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in vars(mod).items() if not k.startswith("_") and type(v) is int}
+    out.update({k: list(v) for k, v in vars(mod).items() if not k.startswith("_") and type(v) is tuple and v
+                and all(type(e) is int for e in v)})  # a shape kept as an attribute (shrink/attrs.py)
     for n in sorted(attr_names(mod)):
         v = getattr(mod, n, None)
         if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
