@@ -62,6 +62,7 @@ class PlanSearch:
     budget: int = 16
     candidates: dict[tuple, Candidate] = field(default_factory=dict)
     measured: list[Candidate] = field(default_factory=list)
+    on_measure: Callable[[Candidate], None] | None = None  # called after each measurement (progress)
 
     # ------------------------------------------------------------------ helpers
     def _key(self, plan: Plan) -> tuple:
@@ -131,6 +132,8 @@ class PlanSearch:
             c.measured = float(self.measure(c.plan))
             c.order = len(self.measured)
             self.measured.append(c)
+            if self.on_measure is not None:
+                self.on_measure(c)
         return c
 
     def better(self, a: Candidate, b: Candidate | None) -> bool:

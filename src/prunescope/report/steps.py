@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
+from ..flops.plancost import PlanCost
 from .search import Candidate, PlanSearch
 
 __all__ = ["Run", "STEPS"]
@@ -71,7 +72,13 @@ class Run:
     latency_dense_ms: float = float("nan")
     final: nn.Module | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    cost: Any = None  # PlanCost: effective MACs of a plan from its sets' masked atoms
     _masks_cache: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    _macs_cache: dict[tuple, int] = field(default_factory=dict)
+    _set_masks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    _set_atoms: dict[tuple[str, int], Any] = field(default_factory=dict)
+    _scores: dict[str, tuple[Any, list[Any]]] = field(default_factory=dict)
+    _modules: dict[str, nn.Module] | None = None
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -99,9 +106,88 @@ class Run:
         return coerce_metric(value, "", None, where=what)
 
     # -- plans -> masks -> counts / metrics
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        if self._modules is None:
+            self._modules = dict(self.model.named_modules())
+        return self._modules
+
+    def constrained(self, key: str) -> bool:
+        """Does a member of set ``key`` carry a group constraint (grouped convolutions it feeds or is)? Then the
+        conflict fix may change its masks."""
+        return any(int(self.gd.dependency.get(m, 1)) > 1 or int(getattr(self.gd, "min_groups", {}).get(m, 1)) > 1
+                   for m in key.split("+"))
+
+    def unit_scores(self, key: str) -> tuple[Any, list[Any]]:
+        """Set ``key``'s unit scores (float64, summed over the members, as :func:`group_masks` sums them) and,
+        per member, the unit of each output channel; computed once per set."""
+        import torch
+
+        from ..masks.pruners import filter_scores
+
+        hit = self._scores.get(key)
+        if hit is None:
+            members = [self.modules[m] for m in key.split("+")]
+            u = self.units.get(key)
+            ids = [torch.as_tensor(x, dtype=torch.long) for x in u] if u is not None else \
+                [torch.arange(self.n_units(key))] * len(members)
+            scores = torch.zeros(self.n_units(key), dtype=torch.float64)
+            for m, i in zip(members, ids):
+                scores.index_add_(0, i, filter_scores(m, "l1").detach().to("cpu", torch.float64))
+            hit = self._scores[key] = (scores, ids)
+        return hit
+
+    def set_masks(self, key: str, s: float) -> dict[str, Any]:
+        """Set ``key`` pruned at sparsity ``s`` on its own: its conflict-free masks (``group_masks`` by L1;
+        the conflict fix only where a group constraint can change them). Cached per set and unit count
+        (``int(n_units * s)``: sparsities that remove the same number of units give the same masks)."""
+        from ..masks import fix_masks_with
+        from ..masks.pruners import group_masks
+
+        state = (key, int(self.n_units(key) * float(s)))
+        hit = self._set_masks.get(state)
+        if hit is None:
+            members = key.split("+")
+            out = dict(zip(members, group_masks([self.modules[m] for m in members], float(s), "l1",
+                                                units=self.units.get(key))))
+            if self.constrained(key):
+                out = dict(fix_masks_with(out, self.model, self.cd.dependency_sets, self.gd.dependency,
+                                          getattr(self.gd, "min_groups", {}), classes=self.cd.atoms.layer_classes))
+            hit = self._set_masks[state] = out
+        return hit
+
+    def set_atoms(self, key: str, s: float) -> Any:
+        """The engine atoms :meth:`set_masks` zeroes, without building masks: the ``int(n_units * s)`` units of
+        lowest score go (``group_masks``' selection rule on the scores of :meth:`unit_scores`); a set with a group
+        constraint reads them off its conflict-fixed masks."""
+        import numpy as np
+
+        from ..masks.pruners import _select
+
+        n = self.n_units(key)
+        state = (key, int(n * float(s)))
+        hit = self._set_atoms.get(state)
+        if hit is None:
+            if self.constrained(key):
+                hit = self.cost.masked_atoms(self.set_masks(key, s))
+            else:
+                scores, ids = self.unit_scores(key)
+                gone = (~_select(scores, state[1], "l1")).numpy()
+                hit = np.zeros(self.cost.n_atoms, dtype=bool)
+                for m, i in zip(key.split("+"), ids):
+                    li = self.cost.ca.layers.get(m)
+                    if li is not None:
+                        hit[li.atom_start: li.atom_start + li.out_channels] = gone[i.numpy()]
+            self._set_atoms[state] = hit
+        return hit
+
     def masks_for(self, plan: dict[str, float]) -> dict[str, Any]:
         """Conflict-free masks of a plan: each set's units (engine classes: channels, heads, kv groups) by the
-        summed L1 norm of their members' filters, ``int(n_units * sparsity)`` units removed."""
+        summed L1 norm of their members' filters, ``int(n_units * sparsity)`` units removed.
+
+        The conflict fix acts per dependency set (and per layer for group constraints), so the masks of a plan
+        are the union of its sets' own conflict-free masks (:meth:`set_masks`; equal to ``fix_mask_conflict``
+        of the whole plan's masks, tested)."""
         from ..masks import fix_mask_conflict
         from ..masks.pruners import group_masks
 
@@ -109,32 +195,46 @@ class Run:
         hit = self._masks_cache.get(key)
         if hit is not None:
             return hit
-        modules = dict(self.model.named_modules())
         merged: dict[str, Any] = {}
+        overlap = False
         for k, s in key:
-            members = k.split("+")
-            merged.update(zip(members, group_masks([modules[m] for m in members], float(s), "l1",
-                                                   units=self.units.get(k))))
-        out = dict(fix_mask_conflict(merged, self.model, self.x, traced=self.graph)) if merged else {}
-        self._masks_cache[key] = out
-        return out
+            part = self.set_masks(k, s)
+            overlap |= bool(merged.keys() & part.keys())
+            merged.update(part)
+        if overlap:  # sets whose fixes touch the same layer (not seen): fix the whole plan's masks at once
+            merged = {}
+            for k, s in key:
+                members = k.split("+")
+                merged.update(zip(members, group_masks([self.modules[m] for m in members], float(s), "l1",
+                                                       units=self.units.get(k))))
+            merged = dict(fix_mask_conflict(merged, self.model, self.x, traced=self.graph))
+        self._masks_cache[key] = merged
+        return merged
 
     def n_units(self, key: str) -> int:
-        """How many pruning units set ``key`` has (its channel count when a unit is one channel per member)."""
+        """How many pruning units set ``key`` has (its channel count when a unit is one channel of each member)."""
         u = self.units.get(key)
         if u is not None:
             return max(max(x) for x in u if x) + 1
         from ..masks.layers import num_filters
 
-        return num_filters(dict(self.model.named_modules())[key.split("+")[0]])
+        return num_filters(self.modules[key.split("+")[0]])
 
     def macs_of(self, plan: dict[str, float]) -> int:
-        from ..flops import flops_report
+        """The plan's exact effective MACs from its sets' masked atoms (:class:`prunescope.flops.plancost.PlanCost`:
+        about a millisecond, no count from scratch)."""
+        import numpy as np
 
-        masks = self.masks_for(plan)
-        if not masks:
+        key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
+        if not key:
             return int(self.dense.total_flops)
-        return int(flops_report(self.model, self.x, graph=self.graph, masks=masks, effective=True).total_flops)
+        hit = self._macs_cache.get(key)
+        if hit is None:
+            masked = np.zeros(self.cost.n_atoms, dtype=bool)
+            for k, s in key:
+                masked |= self.set_atoms(k, s)
+            hit = self._macs_cache[key] = self.cost.macs(masked)
+        return hit
 
     def measure_plan(self, plan: dict[str, float]) -> float:
         """The metric of the plan's model, measured as pruned (equal to the shrunk model's output)."""
@@ -176,6 +276,7 @@ def step_topology(r: Run) -> None:
     r.gd = GroupDependency(r.model, r.x, traced_model=r.graph)
     r.sets, r.excluded, r.group_lcm = prunable_sets(r.model, r.graph, r.x)
     r.keys = ["+".join(s) for s in r.sets]
+    r.cost = PlanCost(r.model, r.graph)
     from ..masks.units import channel_units, is_trivial
 
     for key, members in zip(r.keys, r.sets):
@@ -272,12 +373,36 @@ def step_plan(r: Run) -> None:
     search = PlanSearch(r.keys, grid, loss, r.macs_of, r.measure_plan, r.metric_before, r.sign, r.target_macs,
                         budget=max(2, r.plan_evals))
     r.search = search
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=search.budget, desc="plan search", unit="plan", disable=not r.progress, leave=False)
+
+    def shown(c: Candidate) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{c.source[:40]}: {c.measured:.4f}", refresh=False)
+
+    search.on_measure = shown
+    try:
+        _search(r, search, common)
+    finally:
+        bar.close()
+    c = r.chosen
+    assert c is not None
+    if not r.keys:
+        r.say(f"[4/6] plan     -- {r.note}")
+        return
+    r.say(f"[4/6] plan     {len(c.plan)} sets pruned, {c.macs:,} MACs "
+          f"({c.macs / max(1, r.dense.total_flops):.1%} of dense, target {r.flops_target:.0%}); "
+          f"{len(search.measured)} candidate plans measured, best: {c.source}"
+          + (f" -- {r.note}" if r.note else ""))
+
+
+def _search(r: Run, search: PlanSearch, common: Callable[[float], dict[str, float]]) -> None:
     if not r.keys:
         r.note = (f"nothing to prune: no prunable dependency set ({len(r.excluded)} left alone: unsafe or model "
                   "outputs); the model is shipped unpruned")
         r.chosen = search.candidate({}, "unpruned (nothing prunable)")
         search.run_measure(r.chosen)
-        r.say(f"[4/6] plan     -- {r.note}")
         return
     r.uniform = search.uniform(common)
     r.knapsack = _knapsack(r, search)
@@ -287,12 +412,6 @@ def step_plan(r: Run) -> None:
             search.run_measure(r.chosen)
     else:
         r.chosen = search.run([c for c in (r.uniform, r.knapsack) if c is not None])
-    assert r.chosen is not None
-    c = r.chosen
-    r.say(f"[4/6] plan     {len(c.plan)} sets pruned, {c.macs:,} MACs "
-          f"({c.macs / max(1, r.dense.total_flops):.1%} of dense, target {r.flops_target:.0%}); "
-          f"{len(search.measured)} candidate plans measured, best: {c.source}"
-          + (f" -- {r.note}" if r.note else ""))
 
 
 def step_verify(r: Run) -> None:
@@ -306,6 +425,10 @@ def step_verify(r: Run) -> None:
         r.note = (r.note + " " if r.note else "") + (
             f"the shrunk model counts {ship.flops:,} MACs / {ship.params:,} params, the effective count said "
             f"{eff.total_flops:,} / {eff.total_params:,}")
+    if r.chosen.macs != eff.total_flops:  # the search's per-set count (PlanCost) against a count from scratch
+        r.note = (r.note + " " if r.note else "") + (
+            f"the plan search counted {r.chosen.macs:,} MACs for this plan, the effective count of its masks "
+            f"says {eff.total_flops:,}")
     if r.uniform is not None:
         r.baseline = r.ship(r.uniform.plan)
     models = {"dense": r.model, "plan": ship.model}

@@ -449,8 +449,11 @@ class _Planner:
             return None
         return ~gone
 
-    def decide(self) -> np.ndarray:
-        self.static_protection()
+    def decide(self, static: bool = True) -> np.ndarray:
+        """Atoms removed. ``static=False``: the mask-independent protection is already in ``prot`` (a planner
+        reused for many masks, :class:`prunescope.flops.plancost.PlanCost`)."""
+        if static:
+            self.static_protection()
         for _ in range(100):
             atom_removed = _decide(self.ca, self.masked, self.prot)
             if not self.dynamic_protection(atom_removed):
