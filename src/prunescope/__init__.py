@@ -37,6 +37,7 @@ _EXPORTS = {
     "as_pruned": "prunescope.shrink",
     "save_pruned": "prunescope.shrink",
     "load_pruned": "prunescope.shrink",
+    "reconstruct": "prunescope.shrink",
     "ShrinkError": "prunescope.shrink",
     "save_masks": "prunescope.masks",
     "load_masks": "prunescope.masks",

@@ -57,10 +57,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import in_channel_matrix, weight_of
-from .pruners import PRUNE_TYPES, group_masks, is_filter_layer
+from ..graph import make_inputs, preserved_training
+from .layers import CONV_TYPES, in_channel_matrix, is_transposed_linear, weight_of
+from .pruners import PRUNE_TYPES, _masks_from_keep, _select, group_masks, is_filter_layer
 
-__all__ = ["channel_units", "unit_masks", "head_masks", "unit_scores_from_consumers"]
+__all__ = ["channel_units", "unit_masks", "head_masks", "unit_scores_from_consumers", "input_channel_norms",
+           "unit_scores_from_activations"]
 
 
 def channel_units(ca: Any, members: Sequence[str]) -> list[np.ndarray] | None:
@@ -149,7 +151,8 @@ def _prunable(model: nn.Module, dummy_input: Any, graph: Any) -> tuple[list[list
 
 @torch.no_grad()
 def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: Iterable[str] | None = None,
-               prune_type: str = "l1", consumers: bool = False, graph: Any = None) -> dict[str, dict[str, Any]]:
+               prune_type: str = "l1", consumers: bool = False, graph: Any = None,
+               calibration: Iterable[Any] | None = None) -> dict[str, dict[str, Any]]:
     """Masks that prune ``int(n_units * sparsity)`` whole units of every dependency set (see the module docs).
 
     ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned; sets
@@ -157,10 +160,19 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
     not be pruned is an error. Returns NNI's mask layout ``{layer: {'weight', 'bias'}}`` for every member of
     the pruned sets; the masks remove whole engine classes, so :func:`prunescope.masks.fix_mask_conflict`
     leaves them as they are. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``; ``consumers=True``
-    adds the consumer columns' norms to the unit scores. The model is not modified.
+    adds the consumer columns' norms to the unit scores. ``prune_type='activation'`` (needs ``calibration``,
+    an iterable of unlabeled input batches) scores a unit by what its removal costs on those inputs: the
+    activation-weighted norm of Wanda-sp/FLAP, ``Σ |W[:, c]| · ‖X_c‖₂`` over the consumer columns ``c`` that read
+    the unit (see :func:`unit_scores_from_activations`). The model is not modified.
     """
-    if prune_type not in PRUNE_TYPES or prune_type == "level":
-        raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm'), got {prune_type!r}")
+    norms = None
+    if prune_type == "activation":
+        if calibration is None:
+            raise ConfigError("unit pruning with prune_type='activation' needs calibration= (input batches)")
+        norms = input_channel_norms(model, calibration)
+    elif prune_type not in PRUNE_TYPES or prune_type == "level":
+        raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm', 'activation'), got "
+                          f"{prune_type!r}")
     sets, why, ca = _prunable(model, dummy_input, graph)
     wanted = None if layers is None else list(layers)
     if wanted is not None:
@@ -180,6 +192,9 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
             continue
         units = channel_units(ca, s)
         assert units is not None
+        if norms is not None:
+            out.update(zip(s, _activation_masks(ca, model, [modules[m] for m in s], s, units, norms, sparsity)))
+            continue
         extra = unit_scores_from_consumers(ca, model, s, units, prune_type) if consumers else None
         masks = group_masks([modules[m] for m in s], sparsity, prune_type, units=[u.tolist() for u in units],
                             extra_scores=extra)
@@ -210,3 +225,94 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
         return {}
     return unit_masks(model, dummy_input, sparsity, layers=layers, prune_type=prune_type, consumers=consumers,
                       graph=g)
+
+
+# ------------------------------------------------------------------------------- data-aware scores (issue 17.2)
+@torch.no_grad()
+def input_channel_norms(model: nn.Module, calibration: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """``{layer: ‖X_c‖₂ per input channel c}`` of every conv/linear layer over the ``calibration`` batches (the
+    layer's actual input, all positions and calls). The model runs in eval mode; nothing is left on it."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise ConfigError("calibration must be an iterable of batches (e.g. a list of tensors), not one batch")
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str, channel_dim: int) -> Any:
+        def fn(_m: nn.Module, args: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None or x.ndim == 0:
+                return
+            d = channel_dim if channel_dim >= 0 and x.ndim > 1 else x.ndim - 1
+            sq = x.detach().double().pow(2).sum(dim=[i for i in range(x.ndim) if i != d])
+            sums[name] = sums[name] + sq if name in sums else sq
+        return fn
+
+    n = 0
+    try:
+        for name, mod in model.named_modules():
+            if isinstance(mod, CONV_TYPES):
+                handles.append(mod.register_forward_pre_hook(hook(name, 1)))
+            elif isinstance(mod, nn.Linear) or (is_transposed_linear(mod) and not isinstance(mod, nn.Embedding)):
+                handles.append(mod.register_forward_pre_hook(hook(name, -1)))
+        with preserved_training(model, False):
+            for b in calibration:
+                args, kw = make_inputs(model, b)
+                model(*args, **kw)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ConfigError("calibration is empty; give at least one batch of inputs")
+    return {k: v.sqrt() for k, v in sums.items()}
+
+
+@torch.no_grad()
+def unit_scores_from_activations(ca: Any, model: nn.Module, members: Sequence[str], units: Sequence[np.ndarray],
+                                 norms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit, ``Σ |W[:, c]|₁ · ‖X_c‖₂`` over every consumer column ``c`` that reads it (Wanda-sp / FLAP's
+    activation-weighted norm; ``norms`` from :func:`input_channel_norms`), and per unit whether any consumer
+    column was found (grouped convolutions are skipped as in :func:`unit_scores_from_consumers`)."""
+    cls_unit: dict[int, int] = {}
+    for m, u in zip(members, units):
+        for c, uid in zip(ca.layer_classes(m).tolist(), u.tolist()):
+            cls_unit[int(c)] = int(uid)
+    n_units = int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
+    total = torch.zeros(n_units, dtype=torch.float64)
+    seen = torch.zeros(n_units, dtype=torch.bool)
+    modules = dict(model.named_modules())
+    for name, li in ca.layers.items():
+        mod = modules.get(name)
+        w = weight_of(mod) if mod is not None else None
+        if w is None or name not in norms or not li.inputs or li.groups != 1 or not is_filter_layer(mod):
+            continue
+        cols = li.inputs[0]
+        valid = cols >= 0
+        if not valid.any():
+            continue
+        col_cls = np.where(valid, ca.atom_class(np.maximum(cols, 0)), -1)
+        col_unit = np.array([cls_unit.get(int(c), -1) for c in col_cls], dtype=np.int64)
+        if (col_unit < 0).all():
+            continue
+        mat = in_channel_matrix(mod, w.detach()).to(torch.float64)
+        nrm = norms[name].to(torch.float64).cpu()
+        if mat.shape[0] != len(col_unit) or nrm.numel() != len(col_unit):
+            continue
+        per_col = mat.abs().sum(1).cpu() * nrm
+        sel = torch.from_numpy(col_unit >= 0)
+        idx = torch.from_numpy(col_unit[col_unit >= 0])
+        total.index_add_(0, idx, per_col[sel])
+        seen[idx] = True
+    return total, seen
+
+
+def _activation_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members: Sequence[str],
+                      units: Sequence[np.ndarray], norms: dict[str, torch.Tensor], sparsity: float
+                      ) -> list[dict[str, Any]]:
+    """Masks of one dependency set by activation scores; a set with a unit no consumer reads falls back to L1."""
+    scores, seen = unit_scores_from_activations(ca, model, members, units, norms)
+    if not bool(seen.all()):
+        return group_masks(mods, sparsity, "l1", units=[u.tolist() for u in units])
+    keep_unit = _select(scores, int(scores.numel() * float(sparsity)), "l1")
+    return _masks_from_keep(mods, [keep_unit[torch.from_numpy(u)].to(weight_of(m).device)  # type: ignore[union-attr]
+                                   for m, u in zip(mods, units)])

@@ -16,9 +16,10 @@ import types as _types
 from .core import ShrinkResult, ShrinkWarning, as_pruned, shrink
 from .io import load_pruned, save_pruned
 from .plan import Cut, RemovalPlan, ShrinkError, plan_removal, removed_channels
+from .reconstruct import ReconstructResult, reconstruct, refit
 
 __all__ = ["shrink", "as_pruned", "save_pruned", "load_pruned", "plan_removal", "removed_channels", "RemovalPlan",
-           "Cut", "ShrinkError", "ShrinkWarning", "ShrinkResult"]
+           "Cut", "ShrinkError", "ShrinkWarning", "ShrinkResult", "reconstruct", "refit", "ReconstructResult"]
 
 
 class _CallablePackage(_types.ModuleType):

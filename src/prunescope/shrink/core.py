@@ -59,6 +59,7 @@ class ShrinkResult:
         self.fixed = fixed
         self.protected = plan.protected
         self.removed = {k: int(v.sum()) for k, v in plan.removed.items() if v.any()}
+        self.reconstruction: Any = None  # a ReconstructResult when shrink ran with calibration=
 
     def __repr__(self) -> str:
         return (f"ShrinkResult(removed={sum(self.removed.values())} channels in {len(self.removed)} layers, "
@@ -147,7 +148,8 @@ def _mask_in_place(small: nn.Module, masks: Mapping[str, Any]) -> None:
 
 
 def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_conflicts: bool = True,
-           graph: ModelGraph | None = None, return_result: bool = False, check: bool = True) -> Any:
+           graph: ModelGraph | None = None, return_result: bool = False, check: bool = True,
+           calibration: Iterable[Any] | None = None) -> Any:
     """A physically narrower copy of ``model`` in which every removed channel is gone.
 
     ``masks``: NNI's layout ``{layer: {'weight': tensor, 'bias': tensor or None}}`` (or a mask file's
@@ -163,6 +165,11 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
     changes. ``model`` is not modified. A removed channel of a layer that ``not_safe_to_prune`` reports
     raises :class:`ShrinkError` naming the layer and the op that pins it; after narrowing the copy is run
     (on the meta device when possible) and a failure raises :class:`ShrinkError` naming the op.
+
+    ``calibration``: an iterable of unlabeled input batches (shaped like ``dummy_input``); when given, every
+    layer that lost channels is then refit by least squares to reproduce the dense model
+    (:func:`prunescope.shrink.reconstruct.reconstruct`, default options; ``result.reconstruction`` says what
+    was refit).
 
     >>> import torch
     >>> from torch import nn
@@ -213,7 +220,12 @@ def shrink(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, *, fix_
         plan.attrs.setdefault(name, {}).update(values)
     if check:
         _check_runs(small, dummy_input, [tuple(t.shape) for t in g.outputs])
-    return (small, ShrinkResult(plan, masks, changed)) if return_result else small
+    result = ShrinkResult(plan, masks, changed)
+    if calibration is not None:  # post-training reconstruction (issue 17)
+        from .reconstruct import refit
+
+        result.reconstruction = refit(model, small, plan, calibration)
+    return (small, result) if return_result else small
 
 
 def _positional_removal(plan: RemovalPlan) -> bool:

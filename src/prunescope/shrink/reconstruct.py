@@ -1,0 +1,540 @@
+"""Post-training reconstruction: refit the narrowed layers by least squares from unlabeled inputs.
+
+After channels are removed, every layer that lost input or output channels (``Conv1d/2d/3d`` including grouped
+and depthwise ones, ``Linear``, Hugging Face ``Conv1D``: attention output projections, gated-MLP down
+projections, q/k/v and gate/up rows) is refit so that it reproduces the **dense** model's output at that layer
+(its kept output channels) from the **shrunk** model's actual inputs (He et al. 2017, ThiNet, Kwon et al. 2022).
+Layers are refit one pass at a time in execution order, so a later layer corrects what an earlier one could
+not reproduce.
+
+The choice: ``prunescope.reconstruct(model, masks, x, calibration)`` is ``shrink(model, masks, x,
+calibration=calibration)``: one implementation, one model that ships. Evaluate a masked model "as it will
+ship" by reconstructing it (the reconstructed model is the shrunk one; as-pruned masks alone cannot hold the
+refit weights of narrower layers).
+
+How (and why)
+-------------
+* **Ridge towards the narrowed weight.** Per layer (per group of a grouped conv) the weight and bias are
+  solved jointly from the streamed normal equations::
+
+      W = (XᵀX + λI)⁻¹ (XᵀY + λ W₀),    λ = ridge · mean(diag XᵀX)
+
+  with ``X`` the shrunk model's input patches (a column of ones for the bias), ``Y`` the dense output's kept
+  channels and ``W₀`` the narrowed weight. The regulariser pulls towards ``W₀``, not towards zero, so a layer
+  whose input and output are unchanged comes back as itself (exact up to float noise), and a layer seen on
+  too few samples stays near what it was.
+* **Streaming.** ``XᵀX`` and ``XᵀY`` are accumulated per batch in float64; a convolution's patches (an unfold,
+  any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Each pass
+  runs the dense and the shrunk model only up to its last layer (a forward is cut short there), so every
+  calibration batch is seen once per pass. Layers whose inputs do not depend on each other (q/k/v, gate/up,
+  a residual block's last conv and its downsample) share a pass.
+* **BatchNorm.** An eval-mode BatchNorm after a conv is a per-channel affine map; least squares with one Gram
+  matrix solves every output channel separately, so matching the conv output before the BatchNorm is the
+  same solution as matching after it. A conv without a bias whose only reader is such a BatchNorm gets its
+  fitted intercept folded into the BatchNorm's running mean (the module keeps its parameters, so saved
+  models load as before). A layer without a bias and no such BatchNorm is fitted without an intercept.
+  ``bn="recalibrate"`` re-estimates the BatchNorm statistics afterwards (measured on the digits CNN it is
+  worse than keeping them: the refit already targets the dense statistics), ``bn="keep"`` (default) does not.
+* **Scope.** ``layers="affected"`` (default) refits the layers that lost channels; ``"downstream"`` also every
+  later conv/linear layer (their inputs changed too). Layers called more than once per forward are fitted
+  on all their calls. Fused expert tensors (parameters, not modules) are not refit.
+
+The user's model is not modified (temporary hooks, eval mode, all restored, also on exceptions). The
+reconstruction targets eval-mode outputs; the returned model is in the training mode the model had.
+
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+>>> m = torch.ones(8, 3, 3, 3); m[:2] = 0
+>>> x = [torch.randn(16, 3, 10, 10) for _ in range(2)]
+>>> small = reconstruct(net, {'0': {'weight': m, 'bias': torch.tensor([0.] * 2 + [1.] * 6)}}, x[0], x)
+>>> small[2].in_channels
+6
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..graph import ModelGraph, make_inputs, preserved_training
+from ..masks.layers import CONV_TYPES, is_transposed_linear
+from .core import ShrinkError, ShrinkWarning, shrink
+from .plan import RemovalPlan
+
+__all__ = ["reconstruct", "refit", "ReconstructResult"]
+
+_SCOPES = ("affected", "downstream")
+DEFAULT_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX, for layers with many rows per unknown
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # tried by cross-validation otherwise
+CV_ROWS_PER_UNKNOWN = 10  # fewer expected rows per input column than this: choose the ridge by cross-validation
+CV_FOLDS = 4
+_BN_MODES = ("keep", "recalibrate")
+
+
+class _Stop(BaseException):
+    """Raised by a hook to cut a forward short once every layer of a pass has been seen (a ``BaseException``,
+    so that a model's own ``except Exception`` does not swallow it)."""
+
+
+@dataclass
+class ReconstructResult:
+    """What :func:`refit` did: the refit layers in order, the passes over the calibration batches, the relative
+    output error of every refit layer before and after (on the calibration inputs), and the seconds spent."""
+
+    layers: list[str] = field(default_factory=list)
+    passes: int = 0
+    batches: int = 0
+    error_before: dict[str, float] = field(default_factory=dict)
+    error_after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    ridge: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"ReconstructResult({len(self.layers)} layers in {self.passes} passes over {self.batches} batches, "
+                f"{self.seconds:.2f} s, skipped={len(self.skipped)})")
+
+
+def _kind(mod: nn.Module) -> str | None:
+    if isinstance(mod, CONV_TYPES):
+        return "conv"
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if is_transposed_linear(mod) and not isinstance(mod, nn.Embedding):
+        w = getattr(mod, "weight", None)
+        return "tlinear" if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    return None
+
+
+def _first_tensor(args: Any) -> torch.Tensor | None:
+    if isinstance(args, torch.Tensor):
+        return args
+    if isinstance(args, (tuple, list)):
+        for a in args:
+            t = _first_tensor(a)
+            if t is not None:
+                return t
+    return None
+
+
+# ------------------------------------------------------------------------------------------- per-layer algebra
+def _patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input patches of ``conv`` on ``x`` (``(B, C, *S)``) as ``(B·L, C·k)``, channel-major like the weight."""
+    nd = x.ndim - 2
+    ks, st, dil = conv.kernel_size, conv.stride, conv.dilation  # type: ignore[attr-defined]
+    pad = conv._reversed_padding_repeated_twice  # type: ignore[attr-defined]
+    if any(pad):
+        mode = conv.padding_mode  # type: ignore[attr-defined]
+        x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    for d in range(nd):
+        window = dil[d] * (ks[d] - 1) + 1
+        x = x.unfold(2 + d, window, st[d])
+        if dil[d] > 1:
+            x = x[..., :: dil[d]]
+    # (B, C, o1..on, k1..kn) -> (B, o1..on, C, k1..kn)
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    x = x.permute(perm)
+    n_pos = math.prod(x.shape[1 : 1 + nd])
+    return x.reshape(x.shape[0] * n_pos, -1)
+
+
+class _Fit:
+    """Streamed normal equations of one layer (one block per group of a grouped conv; one set per fold when the
+    ridge is chosen by cross-validation)."""
+
+    def __init__(self, name: str, mod: nn.Module, keep_out: torch.Tensor, intercept: bool, batches: int = 1,
+                 auto_ridge: bool = False) -> None:
+        self.name, self.mod, self.kind = name, mod, _kind(mod)
+        self.keep_out = keep_out
+        self.intercept = intercept
+        self.groups = int(getattr(mod, "groups", 1)) if self.kind == "conv" else 1
+        w = mod.weight  # type: ignore[union-attr]
+        self.d_in = (w.shape[1] * math.prod(w.shape[2:])) if self.kind == "conv" else (
+            w.shape[0] if self.kind == "tlinear" else w.shape[1])
+        self.n_out = w.shape[1] if self.kind == "tlinear" else w.shape[0]
+        self.batches, self.auto_ridge = batches, auto_ridge
+        self.folds = 0  # set by the first batch
+        self.gram = self.cross = self.yy = torch.zeros(0)
+        self.n = 0
+        self.samples = 0  # inputs seen (rows of a sample go to fold ``sample % folds``)
+        self.ridge_used = float("nan")
+
+    def design(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, groups, d_in)`` rows of the input."""
+        if self.kind == "conv":
+            p = _patches(self.mod, x)
+        else:
+            p = x.reshape(-1, x.shape[-1])
+        return p.reshape(p.shape[0], self.groups, -1)
+
+    def target(self, y: torch.Tensor) -> torch.Tensor:
+        """``(N, groups, out_per_group)`` rows of the dense output's kept channels."""
+        if self.kind == "conv":
+            y = y.movedim(1, -1)
+        y = y.reshape(-1, y.shape[-1])[:, self.keep_out.to(y.device)]
+        return y.reshape(y.shape[0], self.groups, -1)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        xd = self.design(x.detach().float())
+        yd = self.target(y.detach().float())
+        if xd.shape[0] != yd.shape[0]:
+            raise ShrinkError(f"reconstruct: '{self.name}' saw {xd.shape[0]} input rows and {yd.shape[0]} "
+                              "output rows", self.name)
+        if self.intercept:
+            xd = torch.cat([xd, xd.new_ones(xd.shape[0], self.groups, 1)], 2)
+        b = max(int(x.shape[0]), 1) if x.ndim > 1 else 1
+        b = b if xd.shape[0] % b == 0 else 1
+        if not self.folds:  # the first batch: cross-validate the ridge only where rows are few per unknown
+            d, g, og = xd.shape[2], self.groups, yd.shape[2]
+            few = xd.shape[0] * self.batches < CV_ROWS_PER_UNKNOWN * d
+            self.folds = CV_FOLDS if (self.auto_ridge and few and b * self.batches >= CV_FOLDS) else 1
+            self.gram = torch.zeros(self.folds, g, d, d, dtype=torch.float64, device=xd.device)
+            self.cross = torch.zeros(self.folds, g, d, og, dtype=torch.float64, device=xd.device)
+            self.yy = torch.zeros(self.folds, dtype=torch.float64, device=xd.device)
+        fold = (self.samples + torch.arange(xd.shape[0], device=xd.device) // (xd.shape[0] // b)) % self.folds
+        for k in range(self.folds):
+            sel = fold == k if self.folds > 1 else slice(None)
+            xg, yg = xd[sel].transpose(0, 1), yd[sel].transpose(0, 1)  # (g, N, d), (g, N, o)
+            self.gram[k] += torch.bmm(xg.transpose(1, 2), xg).double()
+            self.cross[k] += torch.bmm(xg.transpose(1, 2), yg).double()
+            self.yy[k] += (yg.double() ** 2).sum()
+        self.n += xd.shape[0]
+        self.samples += b
+
+    def current(self) -> torch.Tensor:
+        """The layer's current weight (and bias) as ``(groups, d, out_per_group)``."""
+        w = self.mod.weight.detach().double()  # type: ignore[union-attr]
+        g = self.groups
+        if self.kind == "tlinear":
+            wm = w.unsqueeze(0)  # (1, in, out)
+        else:
+            wm = w.reshape(g, self.n_out // g, -1).transpose(1, 2)  # (g, d_in, o)
+        if self.intercept:
+            b = getattr(self.mod, "bias", None)
+            bb = b.detach().double() if isinstance(b, torch.Tensor) else torch.zeros(self.n_out, dtype=torch.float64,
+                                                                                       device=w.device)
+            wm = torch.cat([wm, bb.reshape(g, 1, -1)], 1)
+        return wm
+
+    @staticmethod
+    def _quad(wm: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("gio,gij,gjo->", wm, gram, wm) - 2 * (wm * cross).sum() + yy
+
+    def error(self, wm: torch.Tensor) -> float:
+        """Relative squared error ``‖XW − Y‖² / ‖Y‖²`` from the accumulated statistics."""
+        yy = self.yy.sum()
+        quad = self._quad(wm, self.gram.sum(0), self.cross.sum(0), yy)
+        return float(quad.clamp(min=0) / yy.clamp(min=1e-30))
+
+    @staticmethod
+    def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+        d = gram.shape[1]
+        scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)  # (g,)
+        lam = (ridge * scale).reshape(-1, 1, 1)
+        a = gram + lam * torch.eye(d, dtype=torch.float64, device=gram.device)
+        rhs = cross + lam * w0
+        try:
+            return torch.linalg.solve(a, rhs)
+        except RuntimeError:  # singular even with the ridge (all-zero inputs): least squares
+            return torch.linalg.lstsq(a, rhs).solution
+
+    def solve(self, ridge: float | None) -> torch.Tensor:
+        """The refit ``(groups, d, out)``; ``ridge=None``: chosen from :data:`RIDGE_GRID` by cross-validation
+        over the folds (whole samples held out) when the layer was fitted with folds, else ``DEFAULT_RIDGE``."""
+        w0 = self.current()
+        gram, cross = self.gram.sum(0), self.cross.sum(0)
+        if ridge is None:
+            ridge = DEFAULT_RIDGE
+            if self.folds > 1:
+                errs = []
+                for r in RIDGE_GRID:
+                    e = torch.zeros((), dtype=torch.float64)
+                    for k in range(self.folds):
+                        wk = self._ridge_solve(gram - self.gram[k], cross - self.cross[k], w0, r)
+                        e = e + self._quad(wk, self.gram[k], self.cross[k], self.yy[k]).cpu()
+                    errs.append(float(e))
+                ridge = RIDGE_GRID[int(np.argmin(errs))]
+        self.ridge_used = ridge
+        return self._ridge_solve(gram, cross, w0, ridge)
+
+    @torch.no_grad()
+    def write(self, wm: torch.Tensor, bn: nn.Module | None) -> None:
+        mod = self.mod
+        w = mod.weight  # type: ignore[union-attr]
+        body = wm[:, : self.d_in, :]
+        if self.kind == "tlinear":
+            new = body[0]
+        else:
+            new = body.transpose(1, 2).reshape(w.shape)
+        w.copy_(new.to(w.dtype))
+        if self.intercept:
+            c = wm[:, self.d_in, :].reshape(-1)
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.Tensor):
+                b.copy_(c.to(b.dtype))
+            elif bn is not None:  # BN(y + c) with running mean μ is BN(y) with running mean μ − c
+                bn.running_mean.sub_(c.to(bn.running_mean.dtype))  # type: ignore[union-attr,operator]
+
+
+# ---------------------------------------------------------------------------------------- execution structure
+def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
+    """The candidate layers in order of first call on ``batch``, and how often each is called per forward."""
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    counts: dict[str, int] = {}
+    handles = []
+
+    def pre(name: str) -> Any:
+        def hook(_m: nn.Module, _a: Any) -> None:
+            if name not in counts:
+                order.append(name)
+            counts[name] = counts.get(name, 0) + 1
+        return hook
+
+    try:
+        for n in names:
+            handles.append(modules[n].register_forward_pre_hook(pre(n)))
+        args, kw = make_inputs(model, batch)
+        model(*args, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, counts
+
+
+def _depends(graph: ModelGraph | None, names: Sequence[str]) -> dict[str, int] | None:
+    """Per candidate layer, a bit set of the candidate layers its input depends on (``None``: unknown)."""
+    if graph is None:
+        return None
+    bit = {n: 1 << i for i, n in enumerate(names)}
+    anc: dict[int, int] = {}  # tensor id -> layers it depends on
+    dep: dict[str, int] = {}
+    try:
+        for node in graph.nodes:
+            a = 0
+            for t in node.inputs:
+                a |= anc.get(t.id, 0)
+            if node.module in bit:
+                dep[node.module] = dep.get(node.module, 0) | a
+                a |= bit[node.module]
+            for t in node.outputs:
+                anc[t.id] = anc.get(t.id, 0) | a
+            for t in node.mutated:
+                anc[t.id] = anc.get(t.id, 0) | a
+    except AttributeError:
+        return None
+    return dep
+
+
+def _passes(order: Sequence[str], dep: dict[str, int] | None, names: Sequence[str]) -> list[list[str]]:
+    """Consecutive layers (execution order) whose inputs do not depend on each other share a pass."""
+    if dep is None:
+        return [[n] for n in order]
+    bit = {n: 1 << i for i, n in enumerate(names)}
+    out: list[list[str]] = []
+    cur: list[str] = []
+    cur_bits = 0
+    for n in order:
+        if cur and not (dep.get(n, 0) & cur_bits):
+            cur.append(n)
+        else:
+            if cur:
+                out.append(cur)
+            cur = [n]
+            cur_bits = 0
+        cur_bits |= bit[n]
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _folding_bn(graph: ModelGraph | None, name: str, modules: Mapping[str, nn.Module]) -> str | None:
+    """The eval BatchNorm that alone reads ``name``'s output (where a bias-free conv's intercept can go)."""
+    if graph is None:
+        return None
+    nodes = [n for n in graph.nodes if n.module == name and n.outputs]
+    if len(nodes) != 1:
+        return None
+    cons = graph.consumers(nodes[0].outputs[0])
+    if len(cons) != 1 or cons[0].name != "batch_norm" or not cons[0].module:
+        return None
+    bn = modules.get(cons[0].module)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None:
+        return cons[0].module
+    return None
+
+
+def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int], batch: Any, output: bool
+             ) -> dict[str, list[torch.Tensor]]:
+    """Run ``model`` on ``batch`` up to the last call of ``layers``; their inputs (or outputs), per call."""
+    modules = dict(model.named_modules())
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    remaining = [sum(counts[n] for n in layers)]
+    handles = []
+
+    def hook(name: str) -> Any:
+        def fn(_m: nn.Module, args: Any, out: Any = None) -> None:
+            t = _first_tensor(out if output else args)
+            if t is None:
+                raise ShrinkError(f"reconstruct: '{name}' was called without a tensor", name)
+            got[name].append(t.detach())
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                raise _Stop
+        return fn
+
+    try:
+        for n in layers:
+            m = modules[n]
+            handles.append(m.register_forward_hook(hook(n)) if output else m.register_forward_pre_hook(hook(n)))
+        args, kw = make_inputs(model, batch)
+        try:
+            model(*args, **kw)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    for n in layers:
+        if len(got[n]) != counts[n]:
+            raise ShrinkError(f"reconstruct: '{n}' ran {len(got[n])} times on a calibration batch, "
+                              f"{counts[n]} times on the first one; the call pattern must not depend on the input", n)
+    return got
+
+
+# ------------------------------------------------------------------------------------------------------ public
+@torch.no_grad()
+def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: Iterable[Any], *,
+          ridge: float | None = None, layers: str = "affected", bn: str = "keep") -> ReconstructResult:
+    """Refit ``small`` (the shrunk copy of ``model`` made with ``plan``) in place; see the module docs.
+
+    ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels. Returns
+    a :class:`ReconstructResult`. ``model`` is only run (eval mode, temporary hooks), never modified.
+    """
+    if layers not in _SCOPES:
+        raise ConfigError(f"reconstruct: layers must be one of {_SCOPES}, got {layers!r}")
+    if bn not in _BN_MODES:
+        raise ConfigError(f"reconstruct: bn must be one of {_BN_MODES}, got {bn!r}")
+    if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise ConfigError(f"reconstruct: ridge must be None (automatic) or a finite number >= 0, got {ridge!r}")
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise ConfigError("reconstruct: calibration must be an iterable of batches (e.g. a list of tensors), "
+                          "not one batch; wrap it in a list")
+    batches = list(calibration)
+    if not batches:
+        raise ConfigError("reconstruct: calibration is empty; give at least one batch of inputs")
+    t0 = time.perf_counter()
+    res = ReconstructResult(batches=len(batches))
+    dense_mods = dict(model.named_modules())
+    small_mods = dict(small.named_modules())
+    cands = [n for n, m in small_mods.items() if _kind(m) is not None and n in dense_mods
+             and _kind(dense_mods[n]) == _kind(m)]
+    with preserved_training(model, False), preserved_training(small, False):
+        order, counts = _call_order(small, cands, batches[0])
+        affected = []
+        for n in order:
+            ws, wd = small_mods[n].weight, dense_mods[n].weight  # type: ignore[union-attr]
+            if tuple(ws.shape) != tuple(wd.shape) or getattr(small_mods[n], "groups", 1) != getattr(
+                    dense_mods[n], "groups", 1):
+                affected.append(n)
+        if not affected:
+            res.seconds = time.perf_counter() - t0
+            return res
+        chosen = affected if layers == "affected" else order[order.index(affected[0]):]
+        graph = plan.graph if isinstance(plan.graph, ModelGraph) else None
+        fits: dict[str, _Fit] = {}
+        for n in chosen:
+            mod = small_mods[n]
+            kind = _kind(mod)
+            n_dense = dense_mods[n].weight.shape[1 if kind == "tlinear" else 0]  # type: ignore[union-attr]
+            rem = plan.removed.get(n)
+            keep = torch.ones(n_dense, dtype=torch.bool) if rem is None else torch.from_numpy(~np.asarray(rem))
+            fit_n_out = mod.weight.shape[1 if kind == "tlinear" else 0]  # type: ignore[union-attr]
+            if keep.numel() != n_dense or int(keep.sum()) != fit_n_out:
+                res.skipped[n] = (f"the plan keeps {int(keep.sum())} of {keep.numel()} output channels, the layer "
+                                  f"has {fit_n_out}")
+                continue
+            has_bias = isinstance(getattr(mod, "bias", None), torch.Tensor)
+            bn_name = None if has_bias else _folding_bn(graph, n, small_mods)
+            fits[n] = _Fit(n, mod, keep, intercept=has_bias or bn_name is not None, batches=len(batches),
+                           auto_ridge=ridge is None)
+            fits[n].bn = small_mods[bn_name] if bn_name else None  # type: ignore[attr-defined]
+        names = list(fits)
+        passes = _passes([n for n in order if n in fits], _depends(graph, names), names)
+        for group in passes:
+            for b in batches:
+                ys = _capture(model, group, counts, b, output=True)
+                xs = _capture(small, group, counts, b, output=False)
+                for n in group:
+                    for x, y in zip(xs[n], ys[n]):
+                        fits[n].add(x, y)
+            for n in group:
+                f = fits[n]
+                res.error_before[n] = f.error(f.current())
+                wm = f.solve(ridge)
+                res.error_after[n] = f.error(wm)
+                res.ridge[n] = f.ridge_used
+                f.write(wm, f.bn)  # type: ignore[attr-defined]
+                res.layers.append(n)
+                fits[n] = None  # type: ignore[assignment]  # free the Gram matrices
+            res.passes += 1
+    if bn == "recalibrate":
+        _recalibrate(small, batches)
+    res.seconds = time.perf_counter() - t0
+    if res.skipped:
+        first = next(iter(res.skipped.items()))
+        warnings.warn(f"reconstruct: {len(res.skipped)} layers were not refit, e.g. '{first[0]}': {first[1]}",
+                      ShrinkWarning, stacklevel=3)
+    return res
+
+
+def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
+    """Exact BatchNorm statistics over ``batches`` (momentum and train flags restored)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    moms = [(m, m.momentum) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        with preserved_training(model, True):
+            for b in batches:
+                args, kw = make_inputs(model, b)
+                model(*args, **kw)
+    finally:
+        for m, mom in moms:
+            m.momentum = mom
+
+
+def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, calibration: Iterable[Any], *,
+                ridge: float | None = None, layers: str = "affected", bn: str = "keep", graph: ModelGraph | None = None,
+                fix_conflicts: bool = True, return_result: bool = False) -> Any:
+    """The shrunk model with every narrowed layer refit to reproduce the dense model (see the module docs).
+
+    Same as ``shrink(model, masks, dummy_input, calibration=calibration)``. ``calibration``: an iterable of
+    inputs shaped like ``dummy_input`` (a tensor or tuple per batch; no labels; a few hundred samples are
+    enough). ``ridge``: the regulariser relative to the mean diagonal of ``XᵀX`` (towards the narrowed
+    weight); ``None`` (default) chooses it per layer: by 4-fold cross-validation over the calibration
+    samples from ``RIDGE_GRID`` where the layer has fewer than ``CV_ROWS_PER_UNKNOWN`` rows per unknown
+    (a linear layer fitted on a few hundred inputs), else ``DEFAULT_RIDGE``. ``layers``: ``'affected'``
+    (layers that lost channels) or ``'downstream'`` (also every later conv/linear layer). ``bn``: ``'keep'``
+    or ``'recalibrate'`` (re-estimate BatchNorm statistics after the refit). ``return_result=True`` returns
+    ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``model`` is not
+    modified.
+    """
+    small, result = shrink(model, masks, dummy_input, fix_conflicts=fix_conflicts, graph=graph, return_result=True)
+    result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn)
+    return (small, result) if return_result else small
