@@ -232,12 +232,20 @@ def run_report(
     plan_evals: int = 16,
     calibrate: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
     finetune: Callable[[nn.Module], Any] | None = None,
+    reconstruct: bool = True,
+    calibration_samples: int = 512,
 ) -> ReportResult:
     """Run the whole analysis and write the report folder (see the module docs). The model is left as it was.
 
     ``plan_evals``: how many candidate plans may be measured (one ``val_func`` call each) to choose the plan.
-    ``calibrate``: batches (or a function returning them) for BatchNorm re-estimation of the shrunk model;
-    ``finetune``: ``fn(model)`` that trains the shrunk model in place. Both run on the shrunk copy only.
+    ``calibrate``: unlabeled input batches (or a function returning them). With them and ``reconstruct``
+    (default) every candidate plan is measured, chosen and shipped **reconstructed**: the shrunk model's
+    narrowed layers refit by least squares to reproduce the dense model on the first ``calibration_samples``
+    inputs (:func:`prunescope.shrink.reconstruct`); ``summary['plan_metric']`` says ``'reconstructed'``. With
+    ``reconstruct=False`` they serve BatchNorm re-estimation of the shrunk model only (``'as-pruned'``).
+    ``finetune``: ``fn(model)`` that trains the shipped model in place, after the reconstruction. Recovery
+    order: reconstruct -> (BatchNorm re-estimation, without reconstruction) -> fine-tune; the uniform baseline
+    gets the same recovery. All of it runs on copies.
     """
     from ..errors import ConfigError
     from .page import FILES, write_folder
@@ -249,11 +257,14 @@ def run_report(
         raise ConfigError(f"plan_evals must be an integer >= 2 (uniform and knapsack plans), got {plan_evals!r}")
     if finetune is not None and not callable(finetune):
         raise ConfigError(f"finetune must be a function fn(model), got {type(finetune).__name__}")
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise ConfigError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
     folder = ReportFolder(out_dir, tuple(FILES.values()))
     folder.check()  # before any work: a bad --out is reported at once
     r = Run(model, val_func, dummy_input, float(flops_target), sparsities, workers,
             1.0 if higher_is_better else -1.0, model_name, metric_name, progress, console, plan_evals=plan_evals,
-            calibrate=calibrate, finetune=finetune)
+            calibrate=calibrate, finetune=finetune, reconstruct=bool(reconstruct),
+            calibration_samples=calibration_samples)
     for step in STEPS:
         step(r)
     with folder as tmp:

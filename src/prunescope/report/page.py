@@ -27,7 +27,7 @@ PREDICTION = ("predicted before its own measurement as a first-order step from t
 def summary(r: Run, run_id: str) -> dict[str, Any]:
     ship, base, chosen = r.shipped, r.baseline, r.chosen
     assert ship is not None and chosen is not None and r.search is not None
-    final_metric = r.recovery[-1][1] if r.recovery else ship.metric
+    final_metric = ship.final
     cal = next((v for s, v, _ in r.recovery if s.startswith("BatchNorm")), None)
     ft = next((v for s, v, _ in r.recovery if s == "fine-tuning"), None)
     out: dict[str, Any] = {
@@ -43,6 +43,8 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "metric_before": r.metric_before,
         "metric_after_predicted": chosen.predicted,
         "metric_after_measured": ship.metric,
+        "metric_after_reconstructed": ship.reconstructed,
+        "plan_metric": r.plan_metric,
         "metric_after_calibrated": cal,
         "metric_after_finetuned": ft,
         "metric_final": final_metric,
@@ -54,7 +56,8 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "prediction_method": PREDICTION,
         "plan_source": chosen.source,
         "plan_candidates": [
-            {"plan": c.plan, "source": c.source, "flops": c.macs, "predicted": c.predicted, "measured": c.measured}
+            {"plan": c.plan, "source": c.source, "flops": c.macs, "predicted": c.predicted, "measured": c.measured,
+             "as_pruned": c.as_pruned, "reconstructed": c.reconstructed, "finetuned": c.finetuned}
             for c in r.search.measured],
         "target_met": ship.flops <= r.target_macs,
         "note": r.note,
@@ -64,6 +67,10 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "uniform_params_after": base.params if base is not None else None,
         "uniform_latency_ms": round(base.latency_ms, 4) if base is not None else None,
         "uniform_metric_measured": base.metric if base is not None else None,
+        "uniform_metric_reconstructed": base.reconstructed if base is not None else None,
+        "uniform_metric_final": base.final if base is not None else None,
+        "uniform_recovery_steps": [{"step": st, "metric": v, "seconds": round(t, 2)} for st, v, t in base.recovery]
+        if base is not None else None,
         "sensitivity_semantics": "as pruned" if r.sa.as_pruned else "masked (NNI)",
         "excluded_sets": r.excluded,
         "set_units": {k: r.n_units(k) for k in r.keys},
@@ -124,7 +131,11 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
                         f"{base.metric:.4f}", ", ".join(f"{v:g}" for v in sorted(set(base.plan.values())))))
     errs = [abs(c.predicted - c.measured) for c in search.measured
             if c.predicted is not None and c.measured is not None]
-    cand_rows = [(c.order + 1, c.source, c.macs, f"{c.predicted:.4f}", f"{c.measured:.4f}",
+    def m4(v: float | None) -> str:
+        return "–" if v is None else f"{v:.4f}"
+
+    cand_rows = [(c.order + 1, c.source, c.macs, f"{c.predicted:.4f}", f"{c.measured:.4f}", m4(c.as_pruned),
+                  m4(c.reconstructed), m4(c.finetuned),
                   ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in c.plan.items()))
                  for c in search.measured]
     rec_rows = [("shrunk", f"{ship.metric:.4f}", "")] + [(st, f"{v:.4f}", f"{t:.1f}") for st, v, t in r.recovery]
@@ -150,7 +161,11 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
                       "plan")),
         ("Recovery", table_html(["Step", r.metric_name, "Seconds"], rec_rows, "recovery")),
         ("Candidate plans (in measurement order)",
-         table_html(["#", "Source", "MACs", "Predicted", "Measured", "Sparsities"], cand_rows, "candidates")),
+         (f"<p>Chosen by the {r.plan_metric} metric (“Measured”); as pruned = the shrunk model before any "
+          "recovery, reconstructed = after the least-squares refit, fine-tuned = after the full recovery (the "
+          "shipped plan and the uniform baseline only).</p>")
+         + table_html(["#", "Source", "MACs", "Predicted", "Measured", "As pruned", "Reconstructed", "Fine-tuned",
+                       "Sparsities"], cand_rows, "candidates")),
         ("Sensitivity", table_html(["Dependency set", *[str(x) for x in r.sa.sparsities]], sens_rows,
                                    "sensitivity")),
         ("Dependency sets", table_html(["Set", "Layers", "Units", "Prunable"], dep_rows, "dependencies")),

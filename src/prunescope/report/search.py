@@ -44,6 +44,9 @@ class Candidate:
     predicted: float | None = None
     measured: float | None = None
     order: int = -1  # measurement order (0 = first)
+    as_pruned: float | None = None  # the masked model as pruned (= the shrunk model before any recovery)
+    reconstructed: float | None = None  # after least-squares reconstruction (None: not reconstructed)
+    finetuned: float | None = None  # after the full recovery with fine-tuning (the shipped plan and uniform only)
 
 
 @dataclass

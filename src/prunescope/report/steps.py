@@ -18,7 +18,9 @@ __all__ = ["Run", "STEPS"]
 
 @dataclass
 class Shipped:
-    """One shrunk model and what was measured on it."""
+    """One shrunk model and what was measured on it. ``metric``: the shrunk model as pruned (before any
+    recovery); ``reconstructed``: after the least-squares reconstruction (None: not reconstructed); ``model``:
+    the model that ships (reconstructed when it was, then recovered in place by fine-tuning)."""
 
     plan: dict[str, float]
     masks: dict[str, Any]
@@ -28,6 +30,14 @@ class Shipped:
     metric: float
     report: Any = None
     latency_ms: float = float("nan")
+    reconstructed: float | None = None
+    reconstruct_seconds: float = 0.0
+    recovery: list[tuple[str, float, float]] = field(default_factory=list)  # (step, metric, seconds)
+
+    @property
+    def final(self) -> float:
+        """The metric of the model as it ships (after every recovery step)."""
+        return self.recovery[-1][1] if self.recovery else self.metric
 
 
 @dataclass
@@ -48,6 +58,10 @@ class Run:
     plan_evals: int = 16
     calibrate: Callable[[], Iterable[Any]] | Iterable[Any] | None = None
     finetune: Callable[[nn.Module], Any] | None = None
+    reconstruct: bool = True  # with calibration inputs: the plan is chosen and shipped reconstructed
+    calibration_samples: int = 512  # inputs the reconstruction fits on (the first batches up to this many)
+    _calibration: list[Any] | None = None
+    metrics: dict[tuple, dict[str, float | None]] = field(default_factory=dict)  # plan key -> as_pruned, reconstructed
     t0: float = field(default_factory=time.perf_counter)
     graph: Any = None
     dense: Any = None
@@ -236,25 +250,90 @@ class Run:
             hit = self._macs_cache[key] = self.cost.macs(masked)
         return hit
 
+    @property
+    def reconstructing(self) -> bool:
+        """Plans are measured and shipped reconstructed (calibration inputs given and ``reconstruct``)."""
+        return self.reconstruct and self.calibrate is not None
+
+    @property
+    def plan_metric(self) -> str:
+        return "reconstructed" if self.reconstructing else "as-pruned"
+
+    def calibration(self) -> list[Any]:
+        """The calibration batches, read once (``calibrate`` may be a function returning them)."""
+        if self._calibration is None:
+            from ..errors import ConfigError
+
+            got = self.calibrate() if callable(self.calibrate) else self.calibrate
+            try:
+                self._calibration = list(got) if got is not None else []
+            except TypeError:
+                raise ConfigError(f"calibrate must be an iterable of input batches (or a function returning one), "
+                                  f"got {type(got).__name__}") from None
+        return self._calibration
+
+    def fit_batches(self) -> list[Any]:
+        """The first calibration batches, up to ``calibration_samples`` inputs: what every reconstruction fits on
+        (the same inputs for every candidate plan and the shipped model)."""
+        out, n = [], 0
+        for b in self.calibration():
+            if n >= self.calibration_samples:
+                break
+            out.append(b)
+            n += _batch_len(b)
+        return out
+
+    def rebuilt(self, masks: dict[str, Any]) -> nn.Module:
+        """The plan's shipped model before fine-tuning: shrunk, and refit by least squares when reconstructing."""
+        import warnings
+
+        from ..shrink import reconstruct, shrink
+
+        if not masks:
+            return copy.deepcopy(self.model)
+        if not self.reconstructing:
+            return shrink(self.model, masks, self.x, graph=self.graph, fix_conflicts=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # per-layer notes of the refit; the metric says how it went
+            return reconstruct(self.model, masks, self.x, self.fit_batches(), graph=self.graph, fix_conflicts=False)
+
     def measure_plan(self, plan: dict[str, float]) -> float:
-        """The metric of the plan's model, measured as pruned (equal to the shrunk model's output)."""
+        """The metric the plan is chosen by: the reconstructed model's when reconstructing, else the masked model's
+        as pruned (equal to the shrunk model's output). The as-pruned metric is measured either way (one more
+        evaluation) and kept in :attr:`metrics`."""
         from ..shrink import as_pruned
 
+        key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
         masks = self.masks_for(plan)
         with as_pruned(self.model, masks, graph=self.graph):
-            return self.evaluate(self.model, f"plan {plan}")
+            ap = self.evaluate(self.model, f"plan {plan}")
+        rec = None
+        if self.reconstructing:
+            rec = self.evaluate(self.rebuilt(masks), f"the reconstructed model of plan {plan}")
+        self.metrics[key] = {"as_pruned": ap, "reconstructed": rec}
+        return rec if rec is not None else ap
 
     def ship(self, plan: dict[str, float]) -> Shipped:
-        """Shrink the plan's model and measure it (metric, dense counts)."""
+        """Shrink the plan's model (and reconstruct it when reconstructing) and measure it (metric, counts)."""
         from ..flops import flops_report
-        from ..shrink import shrink
+        from ..shrink import as_pruned
 
+        key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
         masks = self.masks_for(plan)
-        small = shrink(self.model, masks, self.x, graph=self.graph, fix_conflicts=False) if masks else \
-            copy.deepcopy(self.model)
+        t = time.perf_counter()
+        small = self.rebuilt(masks)
+        seconds = time.perf_counter() - t
         rep = flops_report(small, self.x)
-        return Shipped(dict(plan), masks, small, rep.total_flops, rep.total_params,
-                       self.evaluate(small, f"the shrunk model of plan {plan}"), rep)
+        if not self.reconstructing:
+            return Shipped(dict(plan), masks, small, rep.total_flops, rep.total_params,
+                           self.evaluate(small, f"the shrunk model of plan {plan}"), rep)
+        ap = (self.metrics.get(key) or {}).get("as_pruned")
+        if ap is None:
+            with as_pruned(self.model, masks, graph=self.graph):
+                ap = self.evaluate(self.model, f"plan {plan}")
+        rec = self.evaluate(small, f"the reconstructed model of plan {plan}")
+        return Shipped(dict(plan), masks, small, rep.total_flops, rep.total_params, float(ap), rep,
+                       reconstructed=rec, reconstruct_seconds=seconds)
 
 
 def step_cost(r: Run) -> None:
@@ -386,6 +465,9 @@ def step_plan(r: Run) -> None:
         _search(r, search, common)
     finally:
         bar.close()
+    for cand in search.measured:
+        got = r.metrics.get(tuple(sorted((k, v) for k, v in cand.plan.items() if v > 0)), {})
+        cand.as_pruned, cand.reconstructed = got.get("as_pruned"), got.get("reconstructed")
     c = r.chosen
     assert c is not None
     if not r.keys:
@@ -439,6 +521,15 @@ def step_verify(r: Run) -> None:
     ship.latency_ms = ms["plan"]
     if r.baseline is not None:
         r.baseline.latency_ms = ms["uniform"]
+    if r.reconstructing:
+        base = r.baseline
+        uni = (f"; uniform {r.uniform.source.split()[-1]}: {base.metric:.4f} -> {base.reconstructed:.4f} at "
+               f"{base.flops:,} MACs" if base is not None and r.uniform is not None else "")
+        r.say(f"[5/6] verify   {r.metric_name} (shrunk models, as pruned -> reconstructed from "
+              f"{sum(_batch_len(b) for b in r.fit_batches())} unlabeled inputs): before {r.metric_before:.4f}, "
+              f"plan {ship.metric:.4f} -> {ship.reconstructed:.4f} (predicted {r.chosen.predicted:.4f}){uni}; "
+              f"CPU latency {ms['dense']:.2f} -> {ms['plan']:.2f} ms")
+        return
     uni = (f"; uniform {r.uniform.source.split()[-1]}: {r.baseline.metric:.4f} at {r.baseline.flops:,} MACs"
            if r.baseline is not None and r.uniform is not None else "")
     r.say(f"[5/6] verify   {r.metric_name} (shrunk models): before {r.metric_before:.4f}, plan predicted "
@@ -446,35 +537,62 @@ def step_verify(r: Run) -> None:
           f"{ms['plan']:.2f} ms")
 
 
-def step_recover(r: Run) -> None:
-    """BatchNorm re-estimation and fine-tuning of the shrunk model, each measured; the result is shipped."""
+def _batch_len(b: Any) -> int:
+    t = b if hasattr(b, "shape") else next((v for v in (b.values() if isinstance(b, dict) else b)
+                                            if hasattr(v, "shape")), None)
+    return int(t.shape[0]) if t is not None and len(t.shape) else 1
+
+
+def _recover(r: Run, ship: Shipped, what: str) -> list[str]:
+    """The recovery of one shipped model, in order: least-squares reconstruction (done when it was built, see
+    :meth:`Run.ship`) -> BatchNorm re-estimation (only without reconstruction: the refit already targets the
+    dense model's statistics) -> fine-tuning; each step measured into ``ship.recovery``. Returns the parts of
+    the console line."""
     from .recovery import recalibrate_bn
 
-    assert r.shipped is not None
-    model = r.shipped.model
-    r.final = model
-    if r.calibrate is None and r.finetune is None:
-        r.say("[6/6] recover  (no --calibrate / --finetune given: the shrunk model is shipped as it is)")
-        return
     parts = []
-    if r.calibrate is not None:
+    if ship.reconstructed is not None:
+        n = sum(_batch_len(b) for b in r.fit_batches())
+        ship.recovery.append((f"least-squares reconstruction ({n} unlabeled inputs)", ship.reconstructed,
+                              ship.reconstruct_seconds))
+        parts.append(f"reconstructed {ship.reconstructed:.4f}")
+    elif r.calibrate is not None:
         t = time.perf_counter()
-        batches = r.calibrate() if callable(r.calibrate) else r.calibrate
-        n = recalibrate_bn(model, batches)
+        n = recalibrate_bn(ship.model, r.calibration())
         if n:
-            value = r.evaluate(model, "the shrunk model after BatchNorm re-estimation")
-            r.recovery.append((f"BatchNorm re-estimation ({n} batches)", value, time.perf_counter() - t))
+            value = r.evaluate(ship.model, f"the {what} after BatchNorm re-estimation")
+            ship.recovery.append((f"BatchNorm re-estimation ({n} batches)", value, time.perf_counter() - t))
             parts.append(f"calibrated {value:.4f}")
         else:  # no BatchNorm (e.g. LayerNorm only): nothing was re-estimated, no step to report
             parts.append("no BatchNorm to re-estimate")
     if r.finetune is not None:
         t = time.perf_counter()
-        r.finetune(model)
-        value = r.evaluate(model, "the shrunk model after fine-tuning")
-        r.recovery.append(("fine-tuning", value, time.perf_counter() - t))
+        r.finetune(ship.model)
+        value = r.evaluate(ship.model, f"the {what} after fine-tuning")
+        ship.recovery.append(("fine-tuning", value, time.perf_counter() - t))
         parts.append(f"fine-tuned {value:.4f}")
+    return parts
+
+
+def step_recover(r: Run) -> None:
+    """Recovery of the shrunk model (reconstruction, BatchNorm re-estimation, fine-tuning), each measured; the
+    result is shipped. The uniform baseline gets the same recovery, so the comparison holds after it too."""
+    assert r.shipped is not None
+    r.final = r.shipped.model
+    r.recovery = r.shipped.recovery
+    if r.calibrate is None and r.finetune is None:
+        r.say("[6/6] recover  (no --calibrate / --finetune given: the shrunk model is shipped as it is)")
+        return
+    parts = _recover(r, r.shipped, "shrunk model")
+    uni = ""
+    if r.baseline is not None:
+        _recover(r, r.baseline, "uniform baseline")
+        uni = f"; uniform after the same recovery {r.baseline.final:.4f}"
+    for c, sh in ((r.chosen, r.shipped), (r.uniform, r.baseline)):
+        if c is not None and sh is not None:
+            c.finetuned = next((v for st, v, _ in sh.recovery if st == "fine-tuning"), None)
     r.say(f"[6/6] recover  {r.metric_name}: shrunk {r.shipped.metric:.4f}, " + ", ".join(parts)
-          + f" ({sum(s for _, _, s in r.recovery):.1f} s)")
+          + f" ({sum(s for _, _, s in r.recovery):.1f} s){uni}")
 
 
 STEPS = (step_cost, step_topology, step_sensitivity, step_plan, step_verify, step_recover)
