@@ -199,17 +199,26 @@ FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensiti
          "pruned": "pruned.pt", "summary": "summary.json"}
 
 
+def snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, copy)`` for every parameter and buffer of ``model``: what :func:`borrowed` restores."""
+    return [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+
+
 @contextlib.contextmanager
-def borrowed(model: nn.Module) -> Iterator[nn.Module]:
-    """Lend ``model`` to user code: parameters, buffers and training flags come back exactly afterwards."""
-    state = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+def borrowed(model: nn.Module, state: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+             ) -> Iterator[nn.Module]:
+    """Lend ``model`` to user code: parameters, buffers and training flags come back exactly afterwards.
+
+    ``state``: a :func:`snapshot` taken earlier and still exact (a caller lending the model many times takes it
+    once); only the tensors that differ from it are written back."""
+    state = snapshot(model) if state is None else state
     flags = [(m, m.training) for m in model.modules()]
     try:
         yield model
     finally:
         with torch.no_grad():
             for t, saved in state:
-                if t.shape == saved.shape:
+                if t.shape == saved.shape and not torch.equal(t, saved):
                     t.copy_(saved)
         for m, f in flags:
             m.training = f

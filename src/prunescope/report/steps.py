@@ -93,6 +93,7 @@ class Run:
     _set_atoms: dict[tuple[str, int], Any] = field(default_factory=dict)
     _scores: dict[str, tuple[Any, list[Any]]] = field(default_factory=dict)
     _modules: dict[str, nn.Module] | None = None
+    _state: list[Any] | None = None  # snapshot of the user's model, taken once (see report.borrowed)
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -113,7 +114,11 @@ class Run:
         from . import borrowed
 
         if model is self.model:
-            with borrowed(model):
+            if self._state is None:
+                from . import snapshot
+
+                self._state = snapshot(model)  # once: each lending compares against it, copies back what changed
+            with borrowed(model, self._state):
                 value = self.val_func(model)
         else:
             value = self.val_func(model)
