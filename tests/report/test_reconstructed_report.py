@@ -13,11 +13,12 @@ from prunescope.report import run_report
 from prunescope.shrink import as_pruned, load_pruned, reconstruct
 
 X = torch.ones(digits.INPUT_SIZE)
+ALL_BATCHES = digits.calibration_batches
 
 
 def first_inputs(n):
     out, k = [], 0
-    for b in digits.calibration_batches():
+    for b in ALL_BATCHES():
         if k >= n:
             break
         out.append(b)
@@ -25,8 +26,9 @@ def first_inputs(n):
     return out
 
 
-def test_cli_no_finetune_ships_the_reconstructed_model(tmp_path, capsys):
-    code = main(["report", "--flops-target", "0.25", "--no-finetune", "--plan-evals", "4", "--sparsities",
+def test_cli_no_finetune_ships_the_reconstructed_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(digits, "calibration_batches", lambda: first_inputs(256))  # fewer inputs: a faster test
+    code = main(["report", "--flops-target", "0.25", "--no-finetune", "--plan-evals", "3", "--sparsities",
                  "0.5,0.75", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -37,8 +39,8 @@ def test_cli_no_finetune_ships_the_reconstructed_model(tmp_path, capsys):
     assert s["metric_after_finetuned"] is None
     model = digits.load_trained()
     masks = load_masks(tmp_path / "masks.pth")
-    # the shipped model is the reconstruction of the shipped masks from the first 512 training inputs
-    ref = reconstruct(model, masks, X, first_inputs(512))
+    # the shipped model is the reconstruction of the shipped masks from the calibration inputs
+    ref = reconstruct(model, masks, X, first_inputs(256))
     shipped = load_pruned(digits.DigitsNet(), tmp_path / "pruned.pt")
     assert digits.evaluate(shipped) == s["metric_final"] == s["metric_after_reconstructed"]
     assert digits.evaluate(ref) == s["metric_final"]
@@ -68,13 +70,13 @@ def test_recovery_order_reconstruct_then_finetune_for_plan_and_uniform(tmp_path)
     def finetune(m):
         digits.finetune(m, epochs=1)
 
-    res = run_report(model, digits.evaluate, X, tmp_path, flops_target=0.4, sparsities=[0.5, 0.75], plan_evals=3,
+    res = run_report(model, digits.evaluate, X, tmp_path, flops_target=0.55, sparsities=[0.5], plan_evals=2,
                      progress=False, console=None, calibrate=digits.calibration_batches, finetune=finetune,
-                     calibration_samples=256)
+                     calibration_samples=128)
     s = res.summary
     steps = [st["step"].split(" (")[0] for st in s["recovery_steps"]]
     assert steps == ["least-squares reconstruction", "fine-tuning"]
-    assert s["recovery_steps"][0]["step"].endswith("(256 unlabeled inputs)")
+    assert s["recovery_steps"][0]["step"].endswith("(128 unlabeled inputs)")
     assert s["metric_final"] == s["metric_after_finetuned"]
     assert digits.evaluate(load_pruned(digits.DigitsNet(), tmp_path / "pruned.pt")) == s["metric_final"]
     assert [st["step"] for st in s["uniform_recovery_steps"]] == [st["step"] for st in s["recovery_steps"]]

@@ -20,6 +20,23 @@ Steps (each prints one short line; the details go to the output folder):
    model a user ships; its metric, its dense MACs and parameters (equal to the effective count, checked) and
    its CPU latency next to the dense model's (median of interleaved runs) are measured, and it is written to
    ``pruned.pt`` (:func:`prunescope.load_pruned`).
+6. **Recover** — reconstruct -> (BatchNorm re-estimation) -> fine-tune, each measured, for the plan and the
+   uniform baseline alike.
+
+**Choosing by what ships.** With calibration inputs (``calibrate``) the shipped model is the *reconstructed*
+one (:func:`prunescope.shrink.reconstruct`: every narrowed layer refit by least squares to the dense model's
+output, from the first ``calibration_samples`` unlabeled inputs), so every candidate plan of the search and
+the verification measure that model (``plan_metric: "reconstructed"``; the as-pruned metric is measured beside
+it). The sensitivity sweep stays as pruned: its single-set curves only rank sets and seed the knapsack and
+the predictions (whose per-set factors are refit on the reconstructed measurements), while reconstructing
+each of its sets x sparsities models would multiply the report's cost by the number of sweep points; the
+choice itself is made on reconstructed measurements. Without calibration inputs plans are measured as pruned
+(``plan_metric: "as-pruned"``).
+
+**The report's own work.** A plan's effective MACs come from its sets' masked channels, computed once per set
+and pruning level, combined by :class:`prunescope.flops.plancost.PlanCost` (the effective counter's own factors
+and removal decision, the mask-independent work done once): the hundreds of plans of the search cost
+milliseconds each, and the user's evaluations are the only cost that grows with the model.
 
 Every number on the page and in ``summary.json`` describes that one shrunk model. Sensitivity is measured
 "as pruned" (a removed channel is zero after its normalisation too, see :func:`prunescope.shrink.as_pruned`),

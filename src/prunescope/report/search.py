@@ -21,8 +21,10 @@ The chosen plan's prediction is the one
 recorded before its own measurement, so ``|predicted − measured|`` is an honest out-of-sample error; the page
 lists every candidate's prediction and measurement.
 
-Candidates are measured on the masked model with as-pruned semantics (:func:`prunescope.shrink.as_pruned`,
-equal to the shrunk model's output), each costing one ``val_func`` call.
+Candidates are measured by the report's ``measure`` function: the reconstructed shrunk model when calibration
+inputs exist (what ships), else the masked model with as-pruned semantics (:func:`prunescope.shrink.as_pruned`,
+equal to the shrunk model's output). :attr:`PlanSearch.on_measure` is called after each measurement (the
+report's progress bar).
 """
 
 from __future__ import annotations

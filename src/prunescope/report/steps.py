@@ -502,11 +502,24 @@ def _search(r: Run, search: PlanSearch, common: Callable[[float], dict[str, floa
 
 
 def step_verify(r: Run) -> None:
+    from tqdm.auto import tqdm
+
+    assert r.chosen is not None
+    bar = tqdm(total=3, desc="verify", unit="step", disable=not r.progress, leave=False)
+    try:
+        _verify(r, bar)
+    finally:
+        bar.close()
+
+
+def _verify(r: Run, bar: Any) -> None:
     from ..flops import flops_report
     from ..shrink.latency import measure_latency
 
     assert r.chosen is not None
+    bar.set_postfix_str("the plan's model", refresh=True)
     r.shipped = ship = r.ship(r.chosen.plan)
+    bar.update(1)
     eff = flops_report(r.model, r.x, graph=r.graph, masks=ship.masks, effective=True) if ship.masks else r.dense
     if (ship.flops, ship.params) != (eff.total_flops, eff.total_params):
         r.note = (r.note + " " if r.note else "") + (
@@ -516,8 +529,11 @@ def step_verify(r: Run) -> None:
         r.note = (r.note + " " if r.note else "") + (
             f"the plan search counted {r.chosen.macs:,} MACs for this plan, the effective count of its masks "
             f"says {eff.total_flops:,}")
+    bar.set_postfix_str("the uniform baseline's model", refresh=True)
     if r.uniform is not None:
         r.baseline = r.ship(r.uniform.plan)
+    bar.update(1)
+    bar.set_postfix_str("latency", refresh=True)
     models = {"dense": r.model, "plan": ship.model}
     if r.baseline is not None:
         models["uniform"] = r.baseline.model
@@ -526,6 +542,7 @@ def step_verify(r: Run) -> None:
     ship.latency_ms = ms["plan"]
     if r.baseline is not None:
         r.baseline.latency_ms = ms["uniform"]
+    bar.update(1)
     if r.reconstructing:
         base = r.baseline
         uni = (f"; uniform {r.uniform.source.split()[-1]}: {base.metric:.4f} -> {base.reconstructed:.4f} at "
