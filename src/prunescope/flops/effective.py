@@ -46,7 +46,8 @@ from .counter import FlopsReport, _build
 __all__ = ["effective_report", "node_scales", "removed_channels"]
 
 
-def node_scales(ca: Any, atom_removed: np.ndarray) -> Callable[[OpNode], tuple[float, int | None]]:
+def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] | None = None
+                ) -> Callable[[OpNode], tuple[float, int | None]]:
     """Per counted op node, the factor its dense count is multiplied by once ``atom_removed`` (per engine atom,
     see :func:`prunescope.topology.channel_atoms`) is physically gone.
 
@@ -56,11 +57,21 @@ def node_scales(ca: Any, atom_removed: np.ndarray) -> Callable[[OpNode], tuple[f
     * any other op: the fraction of its output (else input) channel positions still alive.
 
     The effective counter and :class:`prunescope.flops.plancost.PlanCost` both multiply by these factors, so the
-    two give the same count by construction.
+    two give the same count by construction. ``index``: a cache (kept by a caller that counts many plans on one
+    graph) of each atom array's positions into the alive vector, ``-1`` (no atom: always alive) mapped to an
+    extra last entry.
     """
+    alive_ext = np.append(~np.asarray(atom_removed, dtype=bool), True)
+    n = len(alive_ext) - 1
+
     def alive_in(atoms: np.ndarray) -> np.ndarray:
-        a = np.asarray(atoms).reshape(-1)
-        return np.where(a >= 0, ~atom_removed[np.maximum(a, 0)], True)
+        idx = index.get(id(atoms)) if index is not None else None
+        if idx is None:
+            a = np.asarray(atoms).reshape(-1)
+            idx = np.where(a >= 0, a, n)
+            if index is not None:
+                index[id(atoms)] = idx  # the arrays live as long as the engine (ca) the caller holds
+        return alive_ext[idx]
 
     # per op node of a layer call: MAC scale (pairs of kept input and output channels / dense pairs)
     layer_scale: dict[int, tuple[float, int | None]] = {}

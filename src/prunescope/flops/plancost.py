@@ -67,6 +67,7 @@ class PlanCost:
         rep = _build(graph, model, {}, "default", {}, record)  # the counter's own choice of counted ops
         self._counted = [(node, _op_cost(node, "default")[0]) for node in counted]
         self.dense = int(rep.total_flops)
+        self._index: dict[int, np.ndarray] = {}  # atom array id -> positions into the alive vector (node_scales)
 
     @property
     def n_atoms(self) -> int:
@@ -94,5 +95,5 @@ class PlanCost:
         atom_removed = self.removed(masked)
         if not atom_removed.any():
             return self.dense
-        scale = node_scales(self.ca, atom_removed)
+        scale = node_scales(self.ca, atom_removed, self._index)
         return int(sum(int(round(n * scale(node)[0])) for node, n in self._counted))
