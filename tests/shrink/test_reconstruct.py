@@ -238,7 +238,7 @@ def _sequences(n: int, g: torch.Generator, vocab: int = 32, length: int = 12) ->
     return (start + step * torch.arange(length)) % vocab
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "bert"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])  # BERT: plain Linear layers, as LLaMA
 def test_transformer_heads_and_mlp_units(kind: str) -> None:
     transformers = pytest.importorskip("transformers")
     from prunescope.graph import trace
@@ -250,9 +250,10 @@ def test_transformer_heads_and_mlp_units(kind: str) -> None:
     if kind == "llama-gqa":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
         first = "mlp.up_proj"
-    else:
-        model = transformers.BertLMHeadModel(transformers.BertConfig(is_decoder=True, **common))
-        first = "intermediate.dense"
+    else:  # Hugging Face Conv1D layers (weights stored transposed), fused q/k/v
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=32, attn_implementation="eager"))
+        first = "mlp.c_fc"
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     model.train()
@@ -273,8 +274,8 @@ def test_transformer_heads_and_mlp_units(kind: str) -> None:
     small, res = reconstruct(model, masks, x, calib, graph=gr, return_result=True)
     plain = shrink(model, masks, x, graph=gr)
     refit_names = res.reconstruction.layers
-    assert any(n.endswith(("o_proj", "attention.output.dense")) for n in refit_names)
-    assert any(n.endswith(("down_proj", "output.dense")) for n in refit_names)
+    assert any(n.endswith(("o_proj", "attn.c_proj")) for n in refit_names)
+    assert any(n.endswith(("down_proj", "mlp.c_proj")) for n in refit_names)
     with torch.no_grad():
         dense = model(input_ids=held).logits
         e_plain = _rel_err(plain(input_ids=held).logits, dense)
@@ -291,3 +292,59 @@ def test_skipped_layer_warns() -> None:
     with pytest.warns(ShrinkWarning, match="'3'"):
         out = R.refit(net, small, res.plan, [torch.randn(4, 3, 8, 8)])
     assert "3" in out.skipped and "3" not in out.layers
+
+
+def test_cached_targets_equal_recomputed_and_options() -> None:
+    """The dense-target cache changes nothing; 'downstream' also refits later layers that lost no channel."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    calib = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    masks = unit_masks(net, x, 0.5, layers=["0"])
+    a, ra = reconstruct(net, masks, x, calib, return_result=True)
+    b, rb = reconstruct(net, masks, x, calib, cache_mb=0, return_result=True)
+    assert ra.reconstruction.cached and not rb.reconstruction.cached
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-5), k
+    assert ra.reconstruction.layers == ["0", "3"]
+    c, rc = reconstruct(net, masks, x, calib, layers="downstream", bn="recalibrate", return_result=True)
+    assert rc.reconstruction.layers == ["0", "3", "5", "7"]
+    assert not torch.equal(c[5].weight, net[5].weight)
+    assert not torch.equal(c[1].running_var, a[1].running_var)  # statistics re-estimated
+
+
+def test_nothing_removed_changes_nothing() -> None:
+    net = _conv_net()
+    masks = {"0": _mask(8, (8, 3, 3, 3), [])}
+    x = torch.randn(1, 3, 8, 8)
+    small, res = reconstruct(net, masks, x, [torch.randn(4, 3, 8, 8)], layers="downstream", return_result=True)
+    assert res.reconstruction.layers == []
+    for (k, v), w in zip(small.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+class _Routed(nn.Module):
+    """``b`` runs only for inputs with a positive mean (data-dependent routing, like a mixture of experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if float(x.mean()) > 0:
+            h = h + self.b(h)
+        return self.c(h)
+
+
+def test_data_dependent_calls_are_skipped_with_a_warning() -> None:
+    torch.manual_seed(0)
+    net = _Routed().eval()
+    x = torch.ones(1, 4)
+    masks = unit_masks(net, x, 0.5, layers=["a"])
+    calib = [torch.randn(16, 4) + 1, torch.randn(16, 4) - 1]  # b runs on the first batch only
+    with pytest.warns(ShrinkWarning, match="'b'.*data-dependent"):
+        small, res = reconstruct(net, masks, x, calib, return_result=True)
+    assert "b" in res.reconstruction.skipped and "b" not in res.reconstruction.layers
+    assert "c" in res.reconstruction.layers

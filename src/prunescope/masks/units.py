@@ -203,10 +203,13 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
 
 
 def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_type: str = "l1",
-               consumers: bool = True, graph: Any = None) -> dict[str, dict[str, Any]]:
+               consumers: bool = True, graph: Any = None, calibration: Iterable[Any] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """Masks that prune ``int(units * sparsity)`` whole heads (whole kv groups under GQA) of every attention
     :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows and (default)
-    output-projection columns. MLP units: :func:`unit_masks` with ``layers=[the MLP's first layer]``.
+    output-projection columns (``prune_type='activation'`` with ``calibration``: by the activation-weighted
+    norm of the output-projection columns, see :func:`unit_masks`). MLP units: :func:`unit_masks` with
+    ``layers=[the MLP's first layer]``.
 
     >>> import torch
     >>> from prunescope.masks.units import head_masks
@@ -224,7 +227,7 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
     if not layers:
         return {}
     return unit_masks(model, dummy_input, sparsity, layers=layers, prune_type=prune_type, consumers=consumers,
-                      graph=g)
+                      graph=g, calibration=calibration)
 
 
 # ------------------------------------------------------------------------------- data-aware scores (issue 17.2)

@@ -19,15 +19,22 @@ How (and why)
 
       W = (XᵀX + λI)⁻¹ (XᵀY + λ W₀),    λ = ridge · mean(diag XᵀX)
 
-  with ``X`` the shrunk model's input patches (a column of ones for the bias), ``Y`` the dense output's kept
-  channels and ``W₀`` the narrowed weight. The regulariser pulls towards ``W₀``, not towards zero, so a layer
-  whose input and output are unchanged comes back as itself (exact up to float noise), and a layer seen on
-  too few samples stays near what it was.
+  with ``X`` the shrunk model's input patches, ``Y`` the dense output's kept channels and ``W₀`` the narrowed
+  weight, on centred data: the intercept is not shrunk (ridge practice) and absorbs the mean the removed
+  channels carried (FLAP's bias compensation). The regulariser pulls towards ``W₀``, not towards zero, so a
+  layer whose input and kept output are what the dense model computes comes back as itself (exact up to float
+  noise), and a layer seen on too few samples stays near what it was. ``ridge=None`` (default): ``1e-3`` where
+  a layer has at least 4 rows per unknown; below that (a linear layer fitted on a few hundred inputs) the
+  ridge is chosen from ``RIDGE_GRID`` by 4-fold cross-validation over whole calibration samples (one
+  eigendecomposition per fold), or ``0.1`` for layers wider than ``CV_MAX_DIM``.
 * **Streaming.** ``XᵀX`` and ``XᵀY`` are accumulated per batch in float64; a convolution's patches (an unfold,
   any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Each pass
-  runs the dense and the shrunk model only up to its last layer (a forward is cut short there), so every
-  calibration batch is seen once per pass. Layers whose inputs do not depend on each other (q/k/v, gate/up,
-  a residual block's last conv and its downsample) share a pass.
+  runs the shrunk model only up to its last layer (a forward is cut short there), so every calibration batch
+  is seen once per pass. The dense model's targets of all refit layers are kept for all batches when they fit
+  in ``cache_mb`` (one dense forward per batch); otherwise each pass reruns the dense model up to its layers.
+  Layers whose inputs do not depend on each other (q/k/v, gate/up, a residual block's last conv and its
+  downsample) share a pass. Cost: the shrunk model's prefix up to each pass, so ``O(depth²)`` forwards of the
+  shrunk model per batch (measured in ``bench/bench_reconstruct.py``).
 * **BatchNorm.** An eval-mode BatchNorm after a conv is a per-channel affine map; least squares with one Gram
   matrix solves every output channel separately, so matching the conv output before the BatchNorm is the
   same solution as matching after it. A conv without a bias whose only reader is such a BatchNorm gets its
@@ -77,9 +84,11 @@ __all__ = ["reconstruct", "refit", "ReconstructResult"]
 
 _SCOPES = ("affected", "downstream")
 DEFAULT_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX, for layers with many rows per unknown
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # tried by cross-validation otherwise
-CV_ROWS_PER_UNKNOWN = 10  # fewer expected rows per input column than this: choose the ridge by cross-validation
+RIDGE_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 10.0)  # tried by cross-validation otherwise
+CV_ROWS_PER_UNKNOWN = 4  # fewer expected rows per input column than this: choose the ridge by cross-validation
 CV_FOLDS = 4
+CV_MAX_DIM = 1024  # wider under-determined layers skip the cross-validation (an eigendecomposition per fold) ...
+UNDERDETERMINED_RIDGE = 0.1  # ... and get this ridge (what the cross-validation chose on the digits CNN's fc1)
 _BN_MODES = ("keep", "recalibrate")
 
 
@@ -99,6 +108,7 @@ class ReconstructResult:
     error_before: dict[str, float] = field(default_factory=dict)
     error_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    cached: bool = False
     ridge: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -186,9 +196,10 @@ class _Fit:
         y = y.reshape(-1, y.shape[-1])[:, self.keep_out.to(y.device)]
         return y.reshape(y.shape[0], self.groups, -1)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, is_target: bool = False) -> None:
+        """Accumulate one call: input ``x`` of the shrunk layer, dense output ``y`` (or its :meth:`target`)."""
         xd = self.design(x.detach().float())
-        yd = self.target(y.detach().float())
+        yd = y if is_target else self.target(y.detach().float())
         if xd.shape[0] != yd.shape[0]:
             raise ShrinkError(f"reconstruct: '{self.name}' saw {xd.shape[0]} input rows and {yd.shape[0]} "
                               "output rows", self.name)
@@ -230,7 +241,7 @@ class _Fit:
 
     @staticmethod
     def _quad(wm: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("gio,gij,gjo->", wm, gram, wm) - 2 * (wm * cross).sum() + yy
+        return (torch.bmm(gram, wm) * wm).sum() - 2 * (wm * cross).sum() + yy
 
     def error(self, wm: torch.Tensor) -> float:
         """Relative squared error ``‖XW − Y‖² / ‖Y‖²`` from the accumulated statistics."""
@@ -238,33 +249,73 @@ class _Fit:
         quad = self._quad(wm, self.gram.sum(0), self.cross.sum(0), yy)
         return float(quad.clamp(min=0) / yy.clamp(min=1e-30))
 
-    @staticmethod
-    def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
-        d = gram.shape[1]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)  # (g,)
-        lam = (ridge * scale).reshape(-1, 1, 1)
-        a = gram + lam * torch.eye(d, dtype=torch.float64, device=gram.device)
-        rhs = cross + lam * w0
+    def _centred(self, gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The weight block of the normal equations with the (unpenalised) intercept eliminated: ridge on
+        centred data. Returns ``(gram_c, cross_c, mean_x, mean_y)`` (means ``None`` without an intercept)."""
+        d = self.d_in
+        if not self.intercept:
+            return gram, cross, None, None
+        n = gram[:, d, d].clamp(min=1.0)  # (g,)
+        mu = gram[:, :d, d] / n[:, None]  # (g, d)
+        ybar = cross[:, d, :] / n[:, None]  # (g, o)
+        gc = gram[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+        cc = cross[:, :d, :] - n[:, None, None] * mu[:, :, None] * ybar[:, None, :]
+        return gc, cc, mu, ybar
+
+    def _with_intercept(self, body: torch.Tensor, mu: Any, ybar: Any) -> torch.Tensor:
+        if mu is None:
+            return body
+        b = ybar - torch.einsum("gd,gdo->go", mu, body)
+        return torch.cat([body, b[:, None, :]], 1)
+
+    def _ridge_solve(self, gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+        """``W = (XᵀX + λI)⁻¹ (XᵀY + λW₀)`` on the weight block (the intercept is not shrunk: ridge practice; it
+        absorbs the mean the removed channels carried), ``λ = ridge · mean(diag)``."""
+        gc, cc, mu, ybar = self._centred(gram, cross)
+        d = self.d_in
+        lam = (ridge * gc.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)).reshape(-1, 1, 1)
+        a = gc + lam * torch.eye(d, dtype=torch.float64, device=gc.device)
+        rhs = cc + lam * w0[:, :d, :]
         try:
-            return torch.linalg.solve(a, rhs)
+            body = torch.linalg.solve(a, rhs)
         except RuntimeError:  # singular even with the ridge (all-zero inputs): least squares
-            return torch.linalg.lstsq(a, rhs).solution
+            body = torch.linalg.lstsq(a, rhs).solution
+        return self._with_intercept(body, mu, ybar)
+
+    def _ridge_path(self, gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridges: Sequence[float]
+                    ) -> list[torch.Tensor]:
+        """:meth:`_ridge_solve` for several ridges from one eigendecomposition."""
+        gc, cc, mu, ybar = self._centred(gram, cross)
+        d = self.d_in
+        scale = gc.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)  # (g,)
+        evals, vecs = torch.linalg.eigh(gc)
+        evals = evals.clamp(min=0)
+        vc = vecs.transpose(1, 2) @ cc
+        vw = vecs.transpose(1, 2) @ w0[:, :d, :]
+        out = []
+        for r in ridges:
+            lam = (r * scale)[:, None]  # (g, 1)
+            den = evals + lam
+            inv = torch.where(den > 1e-12 * scale[:, None], 1.0 / den.clamp(min=1e-300), torch.zeros_like(den))
+            body = vecs @ ((vc + lam[:, :, None] * vw) * inv[:, :, None])
+            out.append(self._with_intercept(body, mu, ybar))
+        return out
 
     def solve(self, ridge: float | None) -> torch.Tensor:
-        """The refit ``(groups, d, out)``; ``ridge=None``: chosen from :data:`RIDGE_GRID` by cross-validation
-        over the folds (whole samples held out) when the layer was fitted with folds, else ``DEFAULT_RIDGE``."""
+        """The refit ``(groups, d, out)``. ``ridge=None``: chosen from :data:`RIDGE_GRID` by cross-validation over
+        the folds (whole samples held out) when the layer was fitted with folds (few rows per unknown); such a
+        layer wider than ``CV_MAX_DIM`` gets ``UNDERDETERMINED_RIDGE``; others ``DEFAULT_RIDGE``."""
         w0 = self.current()
         gram, cross = self.gram.sum(0), self.cross.sum(0)
         if ridge is None:
             ridge = DEFAULT_RIDGE
-            if self.folds > 1:
-                errs = []
-                for r in RIDGE_GRID:
-                    e = torch.zeros((), dtype=torch.float64)
-                    for k in range(self.folds):
-                        wk = self._ridge_solve(gram - self.gram[k], cross - self.cross[k], w0, r)
-                        e = e + self._quad(wk, self.gram[k], self.cross[k], self.yy[k]).cpu()
-                    errs.append(float(e))
+            if self.folds > 1 and self.d_in > CV_MAX_DIM:
+                ridge = UNDERDETERMINED_RIDGE
+            elif self.folds > 1:
+                errs = np.zeros(len(RIDGE_GRID))
+                for k in range(self.folds):
+                    sols = self._ridge_path(gram - self.gram[k], cross - self.cross[k], w0, RIDGE_GRID)
+                    errs += [float(self._quad(w, self.gram[k], self.cross[k], self.yy[k])) for w in sols]
                 ridge = RIDGE_GRID[int(np.argmin(errs))]
         self.ridge_used = ridge
         return self._ridge_solve(gram, cross, w0, ridge)
@@ -289,16 +340,20 @@ class _Fit:
 
 
 # ---------------------------------------------------------------------------------------- execution structure
-def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], dict[str, int]]:
-    """The candidate layers in order of first call on ``batch``, and how often each is called per forward."""
+def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any]
+                ) -> tuple[list[str], dict[str, int], list[str]]:
+    """The candidate layers in order of first call, how often each is called per forward, and the layers whose
+    call count differs between ``batches`` (data-dependent routing, e.g. mixture-of-experts modules: they
+    cannot be cut short reliably and are not refit). One forward of ``model`` per batch."""
     modules = dict(model.named_modules())
     order: list[str] = []
-    counts: dict[str, int] = {}
+    per_batch: list[dict[str, int]] = []
     handles = []
 
     def pre(name: str) -> Any:
         def hook(_m: nn.Module, _a: Any) -> None:
-            if name not in counts:
+            counts = per_batch[-1]
+            if name not in counts and name not in order:
                 order.append(name)
             counts[name] = counts.get(name, 0) + 1
         return hook
@@ -306,12 +361,15 @@ def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[lis
     try:
         for n in names:
             handles.append(modules[n].register_forward_pre_hook(pre(n)))
-        args, kw = make_inputs(model, batch)
-        model(*args, **kw)
+        for b in batches:
+            per_batch.append({})
+            args, kw = make_inputs(model, b)
+            model(*args, **kw)
     finally:
         for h in handles:
             h.remove()
-    return order, counts
+    varying = [n for n in order if len({c.get(n, 0) for c in per_batch}) > 1]
+    return order, per_batch[0], varying
 
 
 def _depends(graph: ModelGraph | None, names: Sequence[str]) -> dict[str, int] | None:
@@ -376,6 +434,28 @@ def _folding_bn(graph: ModelGraph | None, name: str, modules: Mapping[str, nn.Mo
     return None
 
 
+def _dense_targets(model: nn.Module, fits: Mapping[str, _Fit], names: Sequence[str], counts: Mapping[str, int],
+                   batches: Sequence[Any], cache_mb: float) -> list[dict[str, list[torch.Tensor]]] | None:
+    """The dense model's targets of every refit layer for every batch, from one dense forward per batch, when
+    they fit in ``cache_mb`` (estimated from the first batch); ``None`` otherwise (each pass then reruns the
+    dense model up to its layers). Saves most of the time on deep CNNs, whose passes rerun long prefixes."""
+    if cache_mb <= 0 or not names:
+        return None
+    def lead(b: Any) -> int:  # samples in a batch (the first input's leading dimension)
+        t = _first_tensor(make_inputs(model, b)[0]) if not isinstance(b, dict) else _first_tensor(list(b.values()))
+        return int(t.shape[0]) if t is not None and t.ndim else 1
+
+    out: list[dict[str, list[torch.Tensor]]] = []
+    for i, b in enumerate(batches):
+        ys = _capture(model, names, counts, b, output=True)
+        out.append({n: [fits[n].target(y.float()) for y in ys[n]] for n in names})
+        if i == 0:
+            size = sum(t.numel() * t.element_size() for ts in out[0].values() for t in ts)
+            if size / max(lead(b), 1) * sum(lead(bb) for bb in batches) > cache_mb * 2**20:
+                return None
+    return out
+
+
 def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int], batch: Any, output: bool
              ) -> dict[str, list[torch.Tensor]]:
     """Run ``model`` on ``batch`` up to the last call of ``layers``; their inputs (or outputs), per call."""
@@ -417,7 +497,8 @@ def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int],
 # ------------------------------------------------------------------------------------------------------ public
 @torch.no_grad()
 def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: Iterable[Any], *,
-          ridge: float | None = None, layers: str = "affected", bn: str = "keep") -> ReconstructResult:
+          ridge: float | None = None, layers: str = "affected", bn: str = "keep", cache_mb: float = 1024.0
+          ) -> ReconstructResult:
     """Refit ``small`` (the shrunk copy of ``model`` made with ``plan``) in place; see the module docs.
 
     ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels. Returns
@@ -442,7 +523,10 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
     cands = [n for n, m in small_mods.items() if _kind(m) is not None and n in dense_mods
              and _kind(dense_mods[n]) == _kind(m)]
     with preserved_training(model, False), preserved_training(small, False):
-        order, counts = _call_order(small, cands, batches[0])
+        order, counts, varying = _call_order(small, cands, batches)
+        for n in varying:
+            res.skipped[n] = "called a different number of times on different batches (data-dependent routing)"
+        order = [n for n in order if n not in varying]
         affected = []
         for n in order:
             ws, wd = small_mods[n].weight, dense_mods[n].weight  # type: ignore[union-attr]
@@ -451,6 +535,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                 affected.append(n)
         if not affected:
             res.seconds = time.perf_counter() - t0
+            _warn_skipped(res)
             return res
         chosen = affected if layers == "affected" else order[order.index(affected[0]):]
         graph = plan.graph if isinstance(plan.graph, ModelGraph) else None
@@ -473,13 +558,17 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
             fits[n].bn = small_mods[bn_name] if bn_name else None  # type: ignore[attr-defined]
         names = list(fits)
         passes = _passes([n for n in order if n in fits], _depends(graph, names), names)
+        cache = _dense_targets(model, fits, [n for n in order if n in fits], counts, batches, cache_mb)
+        res.cached = cache is not None
         for group in passes:
-            for b in batches:
-                ys = _capture(model, group, counts, b, output=True)
+            for bi, b in enumerate(batches):
+                ys = cache[bi] if cache is not None else _capture(model, group, counts, b, output=True)
                 xs = _capture(small, group, counts, b, output=False)
                 for n in group:
                     for x, y in zip(xs[n], ys[n]):
-                        fits[n].add(x, y)
+                        fits[n].add(x, y, is_target=cache is not None)
+                    if cache is not None:
+                        cache[bi][n] = []  # this layer is done: free its targets
             for n in group:
                 f = fits[n]
                 res.error_before[n] = f.error(f.current())
@@ -493,11 +582,15 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
     if bn == "recalibrate":
         _recalibrate(small, batches)
     res.seconds = time.perf_counter() - t0
+    _warn_skipped(res)
+    return res
+
+
+def _warn_skipped(res: ReconstructResult) -> None:
     if res.skipped:
         first = next(iter(res.skipped.items()))
         warnings.warn(f"reconstruct: {len(res.skipped)} layers were not refit, e.g. '{first[0]}': {first[1]}",
-                      ShrinkWarning, stacklevel=3)
-    return res
+                      ShrinkWarning, stacklevel=4)
 
 
 def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
@@ -521,7 +614,7 @@ def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
 
 def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, calibration: Iterable[Any], *,
                 ridge: float | None = None, layers: str = "affected", bn: str = "keep", graph: ModelGraph | None = None,
-                fix_conflicts: bool = True, return_result: bool = False) -> Any:
+                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0) -> Any:
     """The shrunk model with every narrowed layer refit to reproduce the dense model (see the module docs).
 
     Same as ``shrink(model, masks, dummy_input, calibration=calibration)``. ``calibration``: an iterable of
@@ -532,9 +625,11 @@ def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, ca
     (a linear layer fitted on a few hundred inputs), else ``DEFAULT_RIDGE``. ``layers``: ``'affected'``
     (layers that lost channels) or ``'downstream'`` (also every later conv/linear layer). ``bn``: ``'keep'``
     or ``'recalibrate'`` (re-estimate BatchNorm statistics after the refit). ``return_result=True`` returns
-    ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``model`` is not
-    modified.
+    ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``cache_mb``: the
+    dense model's targets of all refit layers are kept for all batches when they fit in this many MiB (one
+    dense forward per batch instead of one per pass; ``0``: never). ``model`` is not modified.
     """
     small, result = shrink(model, masks, dummy_input, fix_conflicts=fix_conflicts, graph=graph, return_result=True)
-    result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn)
+    result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn,
+                                  cache_mb=cache_mb)
     return (small, result) if return_result else small

@@ -1,0 +1,232 @@
+"""Benchmark: post-training reconstruction (issue 17) — time and peak memory vs model size, and accuracy at
+fixed masks on the digits CNN (L1 vs activation unit scores, with and without reconstruction).
+
+``python bench/bench_reconstruct.py [--cases digits,vit-digits,resnet50,llama-s,llama-m] [--json out.json]``
+
+* ``resnet50``: torchvision, random weights, 1x3x224x224, half of every prunable dependency set removed
+  (``unit_masks``, L1), calibration 4 batches of 2 images (random inputs: time and memory only).
+* ``llama-*``: ``LlamaForCausalLM`` from a config (GQA, 4 query heads per kv head), half of the heads (whole kv
+  groups) and half of the MLP units removed, calibration 8 sequences x 512 tokens in 4 batches (4,096 rows: at
+  least 4 per unknown up to 1,024 inputs, so no layer needs the ridge cross-validation).
+* ``digits``: the embedded CNN trained here; 50 / 62.5 / 75 % of every prunable set removed; calibration =
+  128 unlabeled training inputs (three seeded draws, mean); held-out accuracy as-pruned, after BatchNorm
+  re-estimation, after reconstruction, for L1 and activation (Wanda-sp/FLAP) scores.
+* ``vit-digits``: the embedded ViT (cached weights); 25 / 50 % of the heads and MLP units, 256 inputs.
+
+Measured on a 2-core machine shared with other jobs (load ~11, so times are inflated several-fold), one
+torch thread: resnet50 (25.6 M params, 54 layers, 50 passes) 80 s, +0.7 GB; llama-s (19.5 M) 25 s, +0.4 GB;
+llama-m (123 M params: hidden 1,024, 8 layers, 16 heads / 4 kv heads, MLP 2,816) 343 s, +1.7 GB (dense
+targets cached). A 0.5B model was not run here: the cost is dominated by the shrunk model's prefix per pass.
+
+Each case runs in its own process (one torch thread); peak memory is the process's maximum resident set size
+(``ru_maxrss``) measured before the reconstruction and at its end, so the difference is what it added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
+    "llama-s": (512, 4, 8, 2, 1408, 8000),
+    "llama-m": (1024, 8, 16, 4, 2816, 16000),
+    "llama-l": (2048, 8, 16, 4, 5632, 32000),
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _case_resnet50() -> dict:
+    import torch
+    import torchvision
+
+    from prunescope.masks.units import unit_masks
+    from prunescope.shrink import reconstruct
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(1, 3, 224, 224)
+    masks = unit_masks(model, x, 0.5)
+    calib = [torch.randn(2, 3, 224, 224) for _ in range(4)]
+    params = sum(p.numel() for p in model.parameters())
+    before = _rss_mb()
+    t = time.perf_counter()
+    small, res = reconstruct(model, masks, x, calib, return_result=True)
+    total = time.perf_counter() - t
+    r = res.reconstruction
+    return {"case": "resnet50", "params_M": params / 1e6, "calib": "4 x 2 images 224x224",
+            "layers_refit": len(r.layers), "passes": r.passes, "seconds_total": total, "seconds_refit": r.seconds,
+            "rss_before_MB": before, "rss_peak_MB": _rss_mb()}
+
+
+def _case_llama(name: str) -> dict:
+    import torch
+
+    import transformers
+    from prunescope.graph import trace
+    from prunescope.masks.units import head_masks, unit_masks
+    from prunescope.shrink import reconstruct
+
+    hidden, layers, heads, kv, inter, vocab = LLAMA[name]
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                                   max_position_embeddings=1024, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = {"input_ids": torch.randint(0, vocab, (1, 16))}
+    g = trace(model, x)
+    masks = head_masks(model, x, 0.5, graph=g)
+    masks.update(unit_masks(model, x, 0.5, graph=g,
+                            layers=[n for n, _ in model.named_modules() if n.endswith("mlp.up_proj")]))
+    calib = [{"input_ids": torch.randint(0, vocab, (2, 512))} for _ in range(4)]
+    params = sum(p.numel() for p in model.parameters())
+    before = _rss_mb()
+    t = time.perf_counter()
+    small, res = reconstruct(model, masks, x, calib, graph=g, return_result=True)
+    total = time.perf_counter() - t
+    r = res.reconstruction
+    return {"case": name, "params_M": params / 1e6, "config": dict(zip(
+        ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), LLAMA[name])),
+        "calib": "4 batches x 2 sequences x 512 tokens", "layers_refit": len(r.layers), "passes": r.passes,
+        "seconds_total": total, "seconds_refit": r.seconds, "rss_before_MB": before, "rss_peak_MB": _rss_mb()}
+
+
+def _case_digits() -> dict:
+    import numpy as np
+    import torch
+
+    from prunescope.examples import digits
+    from prunescope.masks.units import unit_masks
+    from prunescope.report.recovery import recalibrate_bn
+    from prunescope.shrink import reconstruct, shrink
+
+    model = digits.train()
+    xt = digits.load_data()[0]
+    draws = [xt[torch.randperm(len(xt), generator=torch.Generator().manual_seed(s))[:128]] for s in (1, 2, 3)]
+    x = torch.ones(digits.INPUT_SIZE)
+    rows = []
+    for sp in (0.5, 0.625, 0.75):
+        for score in ("l1", "activation"):
+            acc: dict[str, list[float]] = {"as_pruned": [], "bn": [], "reconstructed": []}
+            secs = []
+            for calib in draws:
+                masks = unit_masks(model, x, sp, prune_type=score, calibration=[calib])
+                plain = shrink(model, masks, x)
+                acc["as_pruned"].append(digits.evaluate(plain))
+                recalibrate_bn(plain, [calib])
+                acc["bn"].append(digits.evaluate(plain))
+                t = time.perf_counter()
+                small = reconstruct(model, masks, x, [calib])
+                secs.append(time.perf_counter() - t)
+                acc["reconstructed"].append(digits.evaluate(small))
+            rows.append({"sparsity": sp, "score": score, **{k: float(np.mean(v)) for k, v in acc.items()},
+                         "reconstructed_each": acc["reconstructed"], "seconds": float(np.mean(secs))})
+    return {"case": "digits", "dense": digits.evaluate(model), "rows": rows}
+
+
+def _case_vit() -> dict:
+    import numpy as np
+    import torch
+
+    from prunescope.examples import digits, vit_digits
+    from prunescope.graph import trace
+    from prunescope.masks.units import head_masks, unit_masks
+    from prunescope.shrink import reconstruct, shrink
+
+    model = vit_digits.load_trained()
+    xt = digits.load_data()[0]
+    draws = [xt[torch.randperm(len(xt), generator=torch.Generator().manual_seed(s))[:256]] for s in (1, 2, 3)]
+    x = torch.ones(digits.INPUT_SIZE)
+    g = trace(model, x)
+    fc1 = [n for n, _ in model.named_modules() if n.endswith("mlp.fc1")]
+    rows = []
+    for sp in (0.25, 0.5):
+        for score in ("l1", "activation"):
+            acc: dict[str, list[float]] = {"as_pruned": [], "reconstructed": []}
+            for calib in draws:
+                masks = head_masks(model, x, sp, graph=g, prune_type=score, calibration=[calib])
+                masks.update(unit_masks(model, x, sp, layers=fc1, graph=g, prune_type=score, calibration=[calib]))
+                acc["as_pruned"].append(digits.evaluate(shrink(model, masks, x, graph=g)))
+                acc["reconstructed"].append(digits.evaluate(reconstruct(model, masks, x, [calib], graph=g)))
+            rows.append({"sparsity": sp, "score": score, **{k: float(np.mean(v)) for k, v in acc.items()}})
+    return {"case": "vit-digits", "dense": digits.evaluate(model), "rows": rows}
+
+
+def _worker(case: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    if case == "resnet50":
+        out = _case_resnet50()
+    elif case.startswith("llama"):
+        out = _case_llama(case)
+    elif case == "digits":
+        out = _case_digits()
+    elif case == "vit-digits":
+        out = _case_vit()
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    print(json.dumps(out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="digits,vit-digits,resnet50,llama-s,llama-m")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        _worker(a.worker)
+        return
+    results = []
+    for case in a.cases.split(","):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        try:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case], capture_output=True,
+                               text=True, timeout=a.timeout, env=env)
+        except subprocess.TimeoutExpired:
+            print(f"{case}: > {a.timeout:.0f} s")
+            continue
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if not lines:
+            print(f"{case}: failed\n{p.stderr[-2000:]}")
+            continue
+        r = json.loads(lines[-1])
+        results.append(r)
+        if case == "digits":
+            print(f"digits (dense {r['dense']:.3f}); mean of 3 draws of 128 unlabeled inputs")
+            print(f"{'removed':>8} {'score':>10} {'as-pruned':>10} {'BN re-est.':>10} {'reconstr.':>10} {'s':>6}")
+            for row in r["rows"]:
+                print(f"{row['sparsity']:>8.3f} {row['score']:>10} {row['as_pruned']:>10.3f} {row['bn']:>10.3f} "
+                      f"{row['reconstructed']:>10.3f} {row['seconds']:>6.2f}")
+        elif case == "vit-digits":
+            print(f"vit-digits (dense {r['dense']:.3f}); heads + MLP units; mean of 3 draws of 256 unlabeled inputs")
+            print(f"{'removed':>8} {'score':>10} {'as-pruned':>10} {'reconstr.':>10}")
+            for row in r["rows"]:
+                print(f"{row['sparsity']:>8.3f} {row['score']:>10} {row['as_pruned']:>10.3f} "
+                      f"{row['reconstructed']:>10.3f}")
+        else:
+            print(f"{case}: {r['params_M']:.1f} M params, {r['layers_refit']} layers in {r['passes']} passes, "
+                  f"reconstruct {r['seconds_total']:.1f} s (refit {r['seconds_refit']:.1f} s), peak RSS "
+                  f"{r['rss_peak_MB']:.0f} MB (+{r['rss_peak_MB'] - r['rss_before_MB']:.0f} MB)")
+    if a.json:
+        sys.path.insert(0, os.path.join(HERE, "..", "src"))
+        from prunescope._io import atomic_open
+
+        with atomic_open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
