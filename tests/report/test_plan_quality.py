@@ -1,4 +1,5 @@
-"""Issue-13 quality bar on the embedded default at a 50% MACs target (the main job, default settings).
+"""Issue-13 quality bar on the embedded default at a 50% MACs target (the main job, default settings, the plan
+chosen as pruned: ``reconstruct=False``; the reconstructed choice is tested in test_reconstructed_report.py).
 
 The plan is measured on shrunk models against the uniform baseline and against 10 random plans that meet the
 same target (measured the same way: shrunk, then evaluated); its prediction is the one made before its own
@@ -28,7 +29,7 @@ def main_job(tmp_path_factory):
     out = tmp_path_factory.mktemp("job") / "report"
     model = digits.load_trained()
     res = run_report(model, digits.evaluate, X, out, flops_target=0.5, progress=False, console=None,
-                     calibrate=digits.calibration_batches, finetune=digits.finetune)
+                     calibrate=digits.calibration_batches, finetune=digits.finetune, reconstruct=False)
     return model, res, out
 
 

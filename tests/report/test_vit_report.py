@@ -1,5 +1,6 @@
 """``prunescope report --example vit-digits`` end to end (fast settings): heads and MLP units are the prunable
-groups, and summary.json describes the shipped (shrunk, fine-tuned) model, checked by reloading it."""
+groups, and summary.json describes the shipped (shrunk, reconstructed, fine-tuned) model, checked by reloading
+it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from prunescope.shrink import load_pruned
 def vit_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("vit_report")
     finetune = vit_digits.finetune
-    with pytest.MonkeyPatch.context() as mp:  # one epoch of recovery keeps the test short
+    batches = vit_digits.calibration_batches
+    with pytest.MonkeyPatch.context() as mp:  # one epoch of recovery, 256 calibration inputs: a short test
         mp.setattr(vit_digits, "finetune", lambda m: finetune(m, epochs=1))
+        mp.setattr(vit_digits, "calibration_batches", lambda: batches()[:2])
         code = main(["report", "--example", "vit-digits", "--out", str(out), "--sparsities", "0.25,0.5,0.75",
                      "--plan-evals", "4", "--no-progress"])
     return code, out, json.loads((out / "summary.json").read_text())
@@ -35,7 +38,10 @@ def test_vit_report_plan_prunes_units(vit_report):
     residual = next(k for k in s["excluded_sets"] if k.startswith("patch_embed+"))
     assert "shrink cannot remove" in s["excluded_sets"][residual]
     assert "head" in s["excluded_sets"]
-    assert [st["step"] for st in s["recovery_steps"]] == ["fine-tuning"]  # LayerNorm: no BatchNorm step
+    # reconstruction from the unlabeled inputs, then fine-tuning (LayerNorm: no BatchNorm step)
+    assert [st["step"] for st in s["recovery_steps"]] == ["least-squares reconstruction (256 unlabeled inputs)",
+                                                          "fine-tuning"]
+    assert s["plan_metric"] == "reconstructed"
 
 
 def test_vit_report_numbers_are_the_shipped_model(vit_report):

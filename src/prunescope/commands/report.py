@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "ships one: a few epochs on its training split)")
     p.add_argument("--no-recovery", action="store_true",
                    help="ship the shrunk model without the embedded default's calibration and fine-tuning")
+    p.add_argument("--no-finetune", action="store_true",
+                   help="ship without fine-tuning: the reconstructed model (least squares from the calibration "
+                        "inputs) is what ships")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
 
@@ -72,9 +75,8 @@ def _run(a: argparse.Namespace) -> int:
         val = ex.evaluate
         x = torch.ones(ex.INPUT_SIZE)
         name, metric = title, "accuracy"
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        calibrate = ex.calibration_batches if has_bn and not a.no_recovery else None  # LayerNorm: nothing to do
-        finetune = None if a.no_recovery else ex.finetune
+        calibrate = None if a.no_recovery else ex.calibration_batches  # unlabeled inputs: reconstruction
+        finetune = None if a.no_recovery or a.no_finetune else ex.finetune
     else:
         if a.example:
             raise CLIError("--example is for the embedded examples; it does not go with MODEL")
@@ -95,6 +97,8 @@ def _run(a: argparse.Namespace) -> int:
             raise CLIError(f"--finetune {a.finetune!r} is not callable")
     if a.no_recovery:
         calibrate = finetune = None
+    if a.no_finetune:
+        finetune = None
     sparsities = None
     if a.sparsities:
         try:
@@ -111,7 +115,7 @@ def _run(a: argparse.Namespace) -> int:
           f"({s['flops_after'] / max(1, s['flops_before']):.1%}, target {s['flops_target']:.0%})")
     print(f"  params  {s['params_before']:>12,} -> {s['params_after']:>12,}")
     print(f"  {metric:<7} {s['metric_before']:>12.4f} -> {s['metric_after_measured']:>12.4f}  "
-          f"(shrunk; predicted {s['metric_after_predicted']:.4f}; uniform baseline "
+          f"(shrunk, as pruned; predicted ({s['plan_metric']}) {s['metric_after_predicted']:.4f}; uniform baseline "
           f"{s['uniform_metric_measured'] if s['uniform_metric_measured'] is not None else float('nan'):.4f})")
     if s["recovery_steps"]:
         print(f"  final   {s['metric_final']:>12.4f}  after " + ", ".join(st["step"] for st in s["recovery_steps"]))

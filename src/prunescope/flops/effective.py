@@ -41,39 +41,48 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode, check_graph_of, trace
 from ..shrink.plan import plan_removal, removed_channels
 from .counter import FlopsReport, _build
 
-__all__ = ["effective_report", "removed_channels"]
+__all__ = ["effective_report", "node_scales", "removed_channels"]
 
 
-def effective_report(
-    model: nn.Module,
-    x: Any = None,
-    custom_ops: Mapping[type, Callable[..., Any]] | None = None,
-    mode: str = "default",
-    *,
-    masks: Mapping[str, Any] | None = None,
-    graph: ModelGraph | None = None,
-) -> FlopsReport:
-    """:class:`FlopsReport` of the narrowed network; ``total_params`` counts its parameters."""
-    check_graph_of(graph, model, "flops_report")
-    g = graph if graph is not None else trace(model, x)
-    from ..masks.io import validate_masks
+def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] | None = None
+                ) -> Callable[[OpNode], tuple[float, int | None]]:
+    """Per counted op node, the factor its dense count is multiplied by once ``atom_removed`` (per engine atom,
+    see :func:`prunescope.topology.channel_atoms`) is physically gone.
 
-    masks = validate_masks(masks or {}, model, "count_flops_params masks")
-    plan = plan_removal(g, masks, check_pins=False)
-    ca = plan.atoms
-    alive_in = plan.alive
+    * a conv / linear call: pairs of kept (input, output) channels over dense pairs, per group (the MACs of
+      ``W[out_kept][:, in_kept]``);
+    * a fused expert layer: pairs per expert (the removal plan keeps equal counts per expert);
+    * any other op: the fraction of its output (else input) channel positions still alive.
+
+    The effective counter and :class:`prunescope.flops.plancost.PlanCost` both multiply by these factors, so the
+    two give the same count by construction. ``index``: a cache (kept by a caller that counts many plans on one
+    graph) of each atom array's positions into the alive vector, ``-1`` (no atom: always alive) mapped to an
+    extra last entry.
+    """
+    alive_ext = np.append(~np.asarray(atom_removed, dtype=bool), True)
+    n = len(alive_ext) - 1
+
+    def alive_in(atoms: np.ndarray) -> np.ndarray:
+        idx = index.get(id(atoms)) if index is not None else None
+        if idx is None:
+            a = np.asarray(atoms).reshape(-1)
+            idx = np.where(a >= 0, a, n)
+            if index is not None:
+                index[id(atoms)] = idx  # the arrays live as long as the engine (ca) the caller holds
+        return alive_ext[idx]
 
     # per op node of a layer call: MAC scale (pairs of kept input and output channels / dense pairs)
     layer_scale: dict[int, tuple[float, int | None]] = {}
-    for name, li in ca.layers.items():
+    for li in ca.layers.values():
         if li.kind == "experts":  # a fused expert layer: pairs per expert (the plan keeps equal counts per expert)
-            ok = (~plan.removed[name]).reshape(li.experts, -1)
+            ok = (~atom_removed[li.atom_start: li.atom_start + li.out_channels]).reshape(li.experts, -1)
             for node_idx, ins in zip(li.nodes, li.inputs):
                 ik = alive_in(ins).reshape(li.experts, -1)
                 pairs = float((ik.sum(1) * ok.sum(1)).mean())
@@ -81,15 +90,15 @@ def effective_report(
             continue
         if li.kind not in ("conv", "conv_transpose", "linear"):
             continue
-        out_keep = ~plan.removed[name]
+        out_keep = ~atom_removed[li.atom_start: li.atom_start + li.out_channels]
         for node_idx, ins in zip(li.nodes, li.inputs):
             in_keep = alive_in(ins)
             cin, cout, gr = len(in_keep), len(out_keep), max(1, li.groups)
             if cin % gr or cout % gr:
                 layer_scale[node_idx] = (1.0, None)
                 continue
-            pairs = sum(int(in_keep.reshape(gr, -1)[k].sum()) * int(out_keep.reshape(gr, -1)[k].sum())
-                        for k in range(gr))
+            pairs = int(np.dot(in_keep.reshape(gr, -1).sum(1, dtype=np.int64),
+                               out_keep.reshape(gr, -1).sum(1, dtype=np.int64)))
             dense_pairs = (cin // gr) * cout
             layer_scale[node_idx] = (pairs / dense_pairs if dense_pairs else 1.0, None)
 
@@ -108,6 +117,26 @@ def effective_report(
                 return float(alive_in(ci.atoms).mean()), None
         return 1.0, None
 
+    return op_scale
+
+
+def effective_report(
+    model: nn.Module,
+    x: Any = None,
+    custom_ops: Mapping[type, Callable[..., Any]] | None = None,
+    mode: str = "default",
+    *,
+    masks: Mapping[str, Any] | None = None,
+    graph: ModelGraph | None = None,
+) -> FlopsReport:
+    """:class:`FlopsReport` of the narrowed network; ``total_params`` counts its parameters."""
+    check_graph_of(graph, model, "flops_report")
+    g = graph if graph is not None else trace(model, x)
+    from ..masks.io import validate_masks
+
+    masks = validate_masks(masks or {}, model, "count_flops_params masks")
+    plan = plan_removal(g, masks, check_pins=False)
+    op_scale = node_scales(plan.atoms, plan.atom_removed)
     rep = _build(g, model, custom_ops or {}, mode, {}, op_scale)
     rep.total_params = plan.param_count(model)
     return rep

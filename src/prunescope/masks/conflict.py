@@ -359,13 +359,15 @@ def _fix(masks: Mapping[str, Any], model: nn.Module, channel_sets: Iterable[Iter
 
 def fix_masks_with(masks: Mapping[str, Any], model: nn.Module, channel_sets: Iterable[Iterable[str]],
                    group_dependency: Mapping[str, int] | None = None, min_groups: Mapping[str, int] | None = None,
-                   *, policy: str = "union", inplace: bool = False, max_iter: int = 10) -> dict:
+                   *, policy: str = "union", inplace: bool = False, max_iter: int = 10,
+                   classes: Callable[[str], np.ndarray] | None = None) -> dict:
     """The fixer on given dependencies (no tracing): the engine behind :func:`fix_mask_conflict`.
 
     ``channel_sets`` are sets of layer names that must keep the same output channels;
     ``group_dependency`` maps a layer to the number of equal groups its filters form, ``min_groups`` to the
-    group count whose entirely pruned chunks are exempt. Returns a :class:`FixedMasks`, or the caller's
-    dict when ``inplace=True``.
+    group count whose entirely pruned chunks are exempt; ``classes(layer)`` (the channel engine's
+    ``layer_classes``, as :func:`fix_mask_conflict` passes it) ties channels per class instead of by index.
+    Returns a :class:`FixedMasks`, or the caller's dict when ``inplace=True``.
 
     >>> import torch
     >>> net = torch.nn.ModuleDict({'a': torch.nn.Conv2d(1, 4, 1), 'b': torch.nn.Conv2d(1, 4, 1)})
@@ -376,7 +378,7 @@ def fix_masks_with(masks: Mapping[str, Any], model: nn.Module, channel_sets: Ite
     ([1.0, 1.0, 1.0, 0.0], [('a', 'b')])
     """
     work, changes, skipped = _fix(masks, model, channel_sets, group_dependency, min_groups, policy, inplace,
-                                  max_iter)
+                                  max_iter, classes)
     if inplace:
         return work
     out = FixedMasks(work)

@@ -20,6 +20,23 @@ Steps (each prints one short line; the details go to the output folder):
    model a user ships; its metric, its dense MACs and parameters (equal to the effective count, checked) and
    its CPU latency next to the dense model's (median of interleaved runs) are measured, and it is written to
    ``pruned.pt`` (:func:`prunescope.load_pruned`).
+6. **Recover** — reconstruct -> (BatchNorm re-estimation) -> fine-tune, each measured, for the plan and the
+   uniform baseline alike.
+
+**Choosing by what ships.** With calibration inputs (``calibrate``) the shipped model is the *reconstructed*
+one (:func:`prunescope.shrink.reconstruct`: every narrowed layer refit by least squares to the dense model's
+output, from the first ``calibration_samples`` unlabeled inputs), so every candidate plan of the search and
+the verification measure that model (``plan_metric: "reconstructed"``; the as-pruned metric is measured beside
+it). The sensitivity sweep stays as pruned: its single-set curves only rank sets and seed the knapsack and
+the predictions (whose per-set factors are refit on the reconstructed measurements), while reconstructing
+each of its sets x sparsities models would multiply the report's cost by the number of sweep points; the
+choice itself is made on reconstructed measurements. Without calibration inputs plans are measured as pruned
+(``plan_metric: "as-pruned"``).
+
+**The report's own work.** A plan's effective MACs come from its sets' masked channels, computed once per set
+and pruning level, combined by :class:`prunescope.flops.plancost.PlanCost` (the effective counter's own factors
+and removal decision, the mask-independent work done once): the hundreds of plans of the search cost
+milliseconds each, and the user's evaluations are the only cost that grows with the model.
 
 Every number on the page and in ``summary.json`` describes that one shrunk model. Sensitivity is measured
 "as pruned" (a removed channel is zero after its normalisation too, see :func:`prunescope.shrink.as_pruned`),
@@ -90,17 +107,26 @@ FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensiti
          "pruned": "pruned.pt", "summary": "summary.json"}
 
 
+def snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, copy)`` for every parameter and buffer of ``model``: what :func:`borrowed` restores."""
+    return [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+
+
 @contextlib.contextmanager
-def borrowed(model: nn.Module) -> Iterator[nn.Module]:
-    """Lend ``model`` to user code: parameters, buffers and training flags come back exactly afterwards."""
-    state = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+def borrowed(model: nn.Module, state: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+             ) -> Iterator[nn.Module]:
+    """Lend ``model`` to user code: parameters, buffers and training flags come back exactly afterwards.
+
+    ``state``: a :func:`snapshot` taken earlier and still exact (a caller lending the model many times takes it
+    once); only the tensors that differ from it are written back."""
+    state = snapshot(model) if state is None else state
     flags = [(m, m.training) for m in model.modules()]
     try:
         yield model
     finally:
         with torch.no_grad():
             for t, saved in state:
-                if t.shape == saved.shape:
+                if t.shape == saved.shape and not torch.equal(t, saved):
                     t.copy_(saved)
         for m, f in flags:
             m.training = f
@@ -123,12 +149,20 @@ def run_report(
     plan_evals: int = 16,
     calibrate: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
     finetune: Callable[[nn.Module], Any] | None = None,
+    reconstruct: bool = True,
+    calibration_samples: int = 512,
 ) -> ReportResult:
     """Run the whole analysis and write the report folder (see the module docs). The model is left as it was.
 
     ``plan_evals``: how many candidate plans may be measured (one ``val_func`` call each) to choose the plan.
-    ``calibrate``: batches (or a function returning them) for BatchNorm re-estimation of the shrunk model;
-    ``finetune``: ``fn(model)`` that trains the shrunk model in place. Both run on the shrunk copy only.
+    ``calibrate``: unlabeled input batches (or a function returning them). With them and ``reconstruct``
+    (default) every candidate plan is measured, chosen and shipped **reconstructed**: the shrunk model's
+    narrowed layers refit by least squares to reproduce the dense model on the first ``calibration_samples``
+    inputs (:func:`prunescope.shrink.reconstruct`); ``summary['plan_metric']`` says ``'reconstructed'``. With
+    ``reconstruct=False`` they serve BatchNorm re-estimation of the shrunk model only (``'as-pruned'``).
+    ``finetune``: ``fn(model)`` that trains the shipped model in place, after the reconstruction. Recovery
+    order: reconstruct -> (BatchNorm re-estimation, without reconstruction) -> fine-tune; the uniform baseline
+    gets the same recovery. All of it runs on copies.
     Arguments and the output folder (it must be creatable) are checked before the first step.
     """
     from ..errors import ConfigError
@@ -145,11 +179,14 @@ def run_report(
             isinstance(calibrate, (str, bytes)) or not hasattr(calibrate, "__iter__")):
         raise ConfigError(f"calibrate must be batches (an iterable of model inputs) or a function returning them, "
                           f"got {type(calibrate).__name__}")
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise ConfigError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
     folder = ReportFolder(out_dir, tuple(FILES.values()))
     folder.check()  # before any work: a bad --out is reported at once
     r = Run(model, val_func, dummy_input, float(flops_target), sparsities, workers,
             1.0 if higher_is_better else -1.0, model_name, metric_name, progress, console, plan_evals=plan_evals,
-            calibrate=calibrate, finetune=finetune)
+            calibrate=calibrate, finetune=finetune, reconstruct=bool(reconstruct),
+            calibration_samples=calibration_samples)
     for step in STEPS:
         step(r)
     with folder as tmp:

@@ -29,7 +29,7 @@ PREDICTION = ("predicted before its own measurement as a first-order step from t
 def summary(r: Run, run_id: str) -> dict[str, Any]:
     ship, base, chosen = r.shipped, r.baseline, r.chosen
     assert ship is not None and chosen is not None and r.search is not None
-    final_metric = r.recovery[-1][1] if r.recovery else ship.metric
+    final_metric = ship.final
     cal = next((v for s, v, _ in r.recovery if s.startswith("BatchNorm")), None)
     ft = next((v for s, v, _ in r.recovery if s == "fine-tuning"), None)
     out: dict[str, Any] = {
@@ -45,6 +45,8 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "metric_before": r.metric_before,
         "metric_after_predicted": chosen.predicted,
         "metric_after_measured": ship.metric,
+        "metric_after_reconstructed": ship.reconstructed,
+        "plan_metric": r.plan_metric,
         "metric_after_calibrated": cal,
         "metric_after_finetuned": ft,
         "metric_final": final_metric,
@@ -56,7 +58,8 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "prediction_method": PREDICTION,
         "plan_source": chosen.source,
         "plan_candidates": [
-            {"plan": c.plan, "source": c.source, "flops": c.macs, "predicted": c.predicted, "measured": c.measured}
+            {"plan": c.plan, "source": c.source, "flops": c.macs, "predicted": c.predicted, "measured": c.measured,
+             "as_pruned": c.as_pruned, "reconstructed": c.reconstructed, "finetuned": c.finetuned}
             for c in r.search.measured],
         "target_met": ship.flops <= r.target_macs,
         "note": r.note,
@@ -66,6 +69,10 @@ def summary(r: Run, run_id: str) -> dict[str, Any]:
         "uniform_params_after": base.params if base is not None else None,
         "uniform_latency_ms": round(base.latency_ms, 4) if base is not None else None,
         "uniform_metric_measured": base.metric if base is not None else None,
+        "uniform_metric_reconstructed": base.reconstructed if base is not None else None,
+        "uniform_metric_final": base.final if base is not None else None,
+        "uniform_recovery_steps": [{"step": st, "metric": v, "seconds": round(t, 2)} for st, v, t in base.recovery]
+        if base is not None else None,
         "sensitivity_semantics": "as pruned" if r.sa.as_pruned else "masked (NNI)",
         "excluded_sets": r.excluded,
         "set_units": {k: r.n_units(k) for k in r.keys},
@@ -160,14 +167,16 @@ def decision_sentence(r: Run) -> str:
     if base is None:
         return text + "; no uniform plan meets the budget, so there is no uniform baseline."
     uni = _range(list(base.plan.values()))
-    better = r.sign * (ship.metric - base.metric)
+    recovered = bool(ship.recovery) and bool(base.recovery)
+    mine, theirs = (ship.final, base.final) if recovered else (ship.metric, base.metric)
+    how = f"after the same recovery ({shipped_label(r)})" if recovered else "shrunk, before recovery"
+    better = r.sign * (mine - theirs)
     text += (f"; at the same budget the uniform plan (every set at sparsity {uni}, {base.flops:,} MACs) measures "
-             f"{base.metric:.4f} shrunk, against {ship.metric:.4f} for this plan shrunk ("
+             f"{theirs:.4f} against {mine:.4f} for this plan, both {how} ("
              + (f"{abs(better):.4f} better" if better > 0 else "no better" if better == 0 else
                 f"{abs(better):.4f} worse") + ")")
-    if r.recovery:
-        text += (", both before recovery (the uniform model is not recovered, so the two are not compared after "
-                 "recovery)")
+    if r.recovery and not recovered:
+        text += " (the uniform model is not recovered, so the two are not compared after recovery)"
     return text + "."
 
 
@@ -222,13 +231,22 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
         vs_rows.append((f"plan, shipped ({shipped})", ship.flops, ship.params, f"{ship.latency_ms:.3f}",
                         f"{final:.4f}", "the same model, recovered"))
     if base is not None:
-        vs_rows.append(("uniform, shrunk (= as pruned), not recovered", base.flops, base.params,
-                        f"{base.latency_ms:.3f}", f"{base.metric:.4f}",
-                        ", ".join(f"{v:g}" for v in sorted(set(base.plan.values())))))
+        uni_sp = ", ".join(f"{v:g}" for v in sorted(set(base.plan.values())))
+        vs_rows.append(("uniform, shrunk (= as pruned), before recovery" if base.recovery else
+                        "uniform, shrunk (= as pruned), not recovered", base.flops, base.params,
+                        f"{base.latency_ms:.3f}", f"{base.metric:.4f}", uni_sp))
+        if base.recovery:
+            vs_rows.append((f"uniform, after the same recovery ({shipped})", base.flops, base.params,
+                            f"{base.latency_ms:.3f}", f"{base.final:.4f}", uni_sp))
     errs = [abs(c.predicted - c.measured) for c in search.measured
             if c.predicted is not None and c.measured is not None]
+
+    def m4(v: float | None) -> str:
+        return "–" if v is None else f"{v:.4f}"
+
     cand_rows = [(c.order + 1, c.source + (" — shipped" if c is r.chosen else ""), c.macs, f"{c.predicted:.4f}",
-                  f"{c.measured:.4f}", ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in c.plan.items()))
+                  f"{c.measured:.4f}", m4(c.as_pruned), m4(c.reconstructed), m4(c.finetuned),
+                  ", ".join(f"{k.replace('+', ', ')}: {v:g}" for k, v in c.plan.items()))
                  for c in search.measured]
     chosen_rows = {i for i, c in enumerate(search.measured) if c is r.chosen}
     rec_rows = [("plan, shrunk (before recovery)", f"{ship.metric:.4f}", "")] + [
@@ -246,7 +264,7 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
            f"which <code>pruned.pt</code> holds (load it with <code>prunescope.load_pruned(model, "
            f"'pruned.pt')</code>). The plan was chosen by measuring {len(search.measured)} candidate plans that all "
            f"meet the target (uniform, the additive knapsack optimum, and a local search around the best) as "
-           f"shrunk models; the best measured is shipped (highlighted below). Its prediction "
+           f"{html.escape(r.plan_metric)} models; the best measured is shipped (highlighted below). Its prediction "
            f"({r.chosen.predicted:.4f}) was {html.escape(PREDICTION)}; it was off by "
            f"{abs(r.chosen.predicted - ship.metric):.4f} (mean over all candidates: "
            f"{sum(errs) / max(1, len(errs)):.4f}).</p>")
@@ -258,9 +276,12 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
          + (f'<p id="latency">{html.escape(lat)}</p>' if lat else "")),
         ("Recovery of the shipped plan", table_html(["Model", r.metric_name, "Seconds"], rec_rows, "recovery")),
         ("Candidate plans (in measurement order; the shipped one highlighted)",
-         table_html(["#", "Source", "MACs (shrunk)", f"Predicted {r.metric_name} (shrunk)",
-                     f"Measured {r.metric_name} (shrunk, before recovery)", "Sparsities"], cand_rows,
-                    "candidates", highlight=chosen_rows)),
+         (f"<p>Chosen by the {html.escape(r.plan_metric)} metric (“Measured”); as pruned = the shrunk model before "
+          "any recovery, reconstructed = after the least-squares refit, fine-tuned = after the full recovery (the "
+          "shipped plan and the uniform baseline only).</p>")
+         + table_html(["#", "Source", "MACs (shrunk)", f"Predicted {r.metric_name} ({r.plan_metric})",
+                       f"Measured {r.metric_name} ({r.plan_metric})", "As pruned", "Reconstructed", "Fine-tuned",
+                       "Sparsities"], cand_rows, "candidates", highlight=chosen_rows)),
         ("Sensitivity",
          f"<p>{html.escape(r.metric_name)} of the model with one dependency set pruned at a time at each sparsity, "
          f"as pruned (= the shrunk model's), before recovery; dense: {r.metric_before:.4f}.</p>"

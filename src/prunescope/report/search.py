@@ -21,8 +21,10 @@ The chosen plan's prediction is the one
 recorded before its own measurement, so ``|predicted − measured|`` is an honest out-of-sample error; the page
 lists every candidate's prediction and measurement.
 
-Candidates are measured on the masked model with as-pruned semantics (:func:`prunescope.shrink.as_pruned`,
-equal to the shrunk model's output), each costing one ``val_func`` call.
+Candidates are measured by the report's ``measure`` function: the reconstructed shrunk model when calibration
+inputs exist (what ships), else the masked model with as-pruned semantics (:func:`prunescope.shrink.as_pruned`,
+equal to the shrunk model's output). :attr:`PlanSearch.on_measure` is called after each measurement (the
+report's progress bar).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Candidate:
     predicted: float | None = None
     measured: float | None = None
     order: int = -1  # measurement order (0 = first)
+    as_pruned: float | None = None  # the masked model as pruned (= the shrunk model before any recovery)
+    reconstructed: float | None = None  # after least-squares reconstruction (None: not reconstructed)
+    finetuned: float | None = None  # after the full recovery with fine-tuning (the shipped plan and uniform only)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class PlanSearch:
     budget: int = 16
     candidates: dict[tuple, Candidate] = field(default_factory=dict)
     measured: list[Candidate] = field(default_factory=list)
+    on_measure: Callable[[Candidate], None] | None = None  # called after each measurement (progress)
 
     # ------------------------------------------------------------------ helpers
     def _key(self, plan: Plan) -> tuple:
@@ -131,6 +137,8 @@ class PlanSearch:
             c.measured = float(self.measure(c.plan))
             c.order = len(self.measured)
             self.measured.append(c)
+            if self.on_measure is not None:
+                self.on_measure(c)
         return c
 
     def better(self, a: Candidate, b: Candidate | None) -> bool:

@@ -352,10 +352,9 @@ def _decide(ca: Any, masked: np.ndarray, protected: np.ndarray) -> np.ndarray:
         if li.depthwise:
             voter[li.atom_start: li.atom_start + li.out_channels] = False
     root = ca.root
-    alive_vote = np.zeros(n, dtype=bool)
-    np.logical_or.at(alive_vote, root[voter], ~masked[voter])
-    has_voter = np.zeros(n, dtype=bool)
-    np.logical_or.at(has_voter, root[voter], True)
+    rv = root[voter]  # per class: does any voter keep it, is there a voter at all (bincount: ufunc.at is slow)
+    alive_vote = np.bincount(rv, weights=(~masked[voter]).astype(np.float64), minlength=n) > 0
+    has_voter = np.bincount(rv, minlength=n) > 0
     class_removed = has_voter & ~alive_vote
     prot_cls = np.zeros(n, dtype=bool)
     prot_cls[root[protected]] = True
@@ -646,8 +645,11 @@ class _Planner:
             return None
         return ~gone
 
-    def decide(self) -> np.ndarray:
-        self.static_protection()
+    def decide(self, static: bool = True) -> np.ndarray:
+        """Atoms removed. ``static=False``: the mask-independent protection is already in ``prot`` (a planner
+        reused for many masks, :class:`prunescope.flops.plancost.PlanCost`)."""
+        if static:
+            self.static_protection()
         for _ in range(100):
             atom_removed = _decide(self.ca, self.masked, self.prot)
             if not self.dynamic_protection(atom_removed):

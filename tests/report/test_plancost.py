@@ -1,0 +1,108 @@
+"""A plan's effective MACs from per-set contributions (``Run.macs_of``, :class:`prunescope.flops.plancost.PlanCost`)
+equal a count from scratch: ``flops_report(..., effective=True)`` of ``fix_mask_conflict`` of the plan's raw
+``group_masks``, on random plans of a resnet18, a residual CNN with shared and grouped sets, and a tiny BERT with
+head and MLP units. The plan's masks (merged per-set conflict-free masks) equal the whole-plan fix too."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunescope.flops import flops_report
+from prunescope.masks import fix_mask_conflict
+from prunescope.masks.pruners import group_masks
+from prunescope.report.steps import Run, step_cost, step_topology
+
+
+class SharedCNN(nn.Module):
+    """Residual adds (one set over three convs), a concat, a grouped conv and a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 1)
+        self.d = nn.Conv2d(16, 8, 1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 5)
+        with torch.no_grad():  # the g+dw set's weakest channels spread over g's groups (else shrink keeps them)
+            order = torch.tensor([1 + 4 * p + j for j in range(4) for p in range(4)], dtype=torch.float)
+            self.g.weight.mul_(5 * order.view(16, 1, 1, 1) / self.g.weight.abs().sum((1, 2, 3), keepdim=True))
+            self.dw.weight.mul_(0.01)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + torch.relu(self.a(x))
+        x = x + self.b(x)
+        x = torch.cat([self.c(x), self.d(x)], 1)
+        x = torch.relu(self.g(x))
+        x = self.pw(torch.relu(self.dw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _run(model, x) -> Run:
+    r = Run(model, lambda m: 0.0, x, 0.5, None, None, 1.0, "m", "metric", False, None)
+    step_cost(r)
+    step_topology(r)
+    return r
+
+
+def _reference(r: Run, plan: dict[str, float]) -> tuple[dict, int]:
+    """The count from scratch: raw group masks of every set, one conflict fix of the whole plan, the effective
+    counter."""
+    modules = dict(r.model.named_modules())
+    raw: dict = {}
+    for k, s in plan.items():
+        members = k.split("+")
+        raw.update(zip(members, group_masks([modules[m] for m in members], s, "l1", units=r.units.get(k))))
+    fixed = dict(fix_mask_conflict(raw, r.model, r.x, traced=r.graph))
+    return fixed, flops_report(r.model, r.x, graph=r.graph, masks=fixed, effective=True).total_flops
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "shared", "bert"])
+def test_plan_macs_equal_the_effective_count_from_scratch(kind):
+    torch.manual_seed(0)
+    if kind == "resnet18":
+        model, x, n = torchvision.models.resnet18().eval(), torch.ones(1, 3, 32, 32), 6
+    elif kind == "shared":
+        model, x, n = SharedCNN().eval(), torch.ones(1, 3, 8, 8), 12
+    else:
+        model, x, n = _bert(), {"input_ids": torch.randint(0, 50, (2, 8))}, 12
+    r = _run(model, x)
+    assert len(r.keys) >= (2 if kind == "shared" else 3), (r.keys, r.excluded)
+    if kind == "shared":  # the grouped-conv set goes through the conflict fix, the others through the fast path
+        assert any(r.constrained(k) for k in r.keys) and not all(r.constrained(k) for k in r.keys)
+    if kind == "bert":  # heads (4 units over 3 members of 32 channels) and MLP units
+        assert any(r.units.get(k) is not None for k in r.keys)
+    rng = random.Random(1)
+    levels = [0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9]
+    seen = set()
+    for _ in range(n):
+        plan = {k: rng.choice(levels) for k in r.keys if rng.random() < 0.7}
+        if not plan:
+            continue
+        fixed, want = _reference(r, plan)
+        got = r.macs_of(plan)
+        assert got == want, (plan, got, want)
+        seen.add(got)
+        masks = r.masks_for(plan)
+        assert set(masks) == set(fixed)
+        for layer, m in fixed.items():
+            assert torch.equal(masks[layer]["weight"], m["weight"]), layer
+    assert len(seen) >= 3  # the plans differ in cost: the comparison is not between constants
+    assert r.macs_of({}) == r.dense.total_flops
