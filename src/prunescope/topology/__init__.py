@@ -2,7 +2,7 @@
 
 NNI-compatible entry points (same names and signatures as ``nni.compression.pytorch.utils``), built on the
 shared recorded trace (:func:`prunescope.graph.trace`) and on the channel engine
-:func:`~prunescope.topology.atoms.channel_atoms`, which is public for other analyses:
+:func:`~prunescope.topology.engine.channel_atoms`, which is public for other analyses:
 
 * :class:`ChannelDependency` — layers whose output channels must be pruned together (residual adds, SE
   scales, depthwise convs, channel shuffle ...), ``.dependency_sets`` / ``.sets`` / ``.export(path)``;
@@ -29,18 +29,11 @@ from torch import nn
 from .._io import atomic_open
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ModelGraph, meta_copy, quantized_kind, trace
-from .atoms import (
-    CONV_OPS,
-    LINEAR_OPS,
-    ChannelAtoms,
-    ChannelInfo,
-    LayerInfo,
-    TopologyWarning,
-    channel_atoms,
-    map_channels,
-    sets_from_classes,
-)
+from .base import ChannelInfo, LayerInfo, TopologyWarning
+from .engine import ChannelAtoms, channel_atoms, sets_from_classes
 from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
+from .replay import map_channels
+from .rules import CONV_OPS, LINEAR_OPS
 
 __all__ = [
     "ChannelDependency", "InputChannelDependency", "GroupDependency", "ReshapeDependency", "not_safe_to_prune",
@@ -150,7 +143,7 @@ class ChannelDependency:
 
     Attributes: ``dependency_sets`` (list of sets, sets in order of first execution), ``sets`` (the same as
     ordered lists, names in execution order), ``dependency`` (``{layer: its set}``), ``atoms`` (the
-    :class:`~prunescope.topology.atoms.ChannelAtoms` engine with the exact channel-level ties), ``unsafe``
+    :class:`~prunescope.topology.engine.ChannelAtoms` engine with the exact channel-level ties), ``unsafe``
     (``{layer: [reason, ...]}`` for the grouped layers that :func:`not_safe_to_prune` reports; computed on first
     use, with the pin probe of :mod:`~prunescope.topology.probe` unless ``probe=False``).
 
