@@ -27,11 +27,12 @@ import numpy as np
 from torch import nn
 
 from .._io import atomic_open
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, TraceError, UnsupportedModelError
 from ..graph import ModelGraph, meta_copy, quantized_kind, trace
 from .base import ChannelInfo, LayerInfo, TopologyWarning
 from .engine import ChannelAtoms, channel_atoms, sets_from_classes
 from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
+from .probe import probe_pins
 from .replay import map_channels
 from .rules import CONV_OPS, LINEAR_OPS
 
@@ -99,7 +100,6 @@ def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
     import torch
     from torch.utils import _pytree as pytree
 
-    from ..errors import TraceError
 
     if all(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
         return None  # already on meta (or nothing to copy): the caller's own trace is the meta trace
@@ -412,8 +412,6 @@ def not_safe_to_prune(model: nn.Module | None, dummy_input: Any, *, traced_model
 # ------------------------------------------------------------------ pin probe hook (topology/probe.py)
 def _pin_probe(graph: ModelGraph, dummy_input: Any) -> Any:
     """The cached :class:`~prunescope.topology.probe.PinProbe` of ``graph`` (pins decided physically on meta)."""
-    from .probe import probe_pins
-
     return probe_pins(graph, dummy_input)
 
 
