@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .common import CLIError, load_model, load_object, parse_size, run_guarded
+from .common import CLIError, load_model, load_object, parse_size
 
 #: ``--example`` choices: module under prunescope.examples, description, report title
 EXAMPLES = {
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-recovery", action="store_true",
                    help="ship the shrunk model without the embedded default's calibration and fine-tuning")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
+    p.set_defaults(func=_run)
 
 
 def _run(a: argparse.Namespace) -> int:
