@@ -135,3 +135,30 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"prunescope {prunescope.__version__}"
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+def test_a_bug_surfaces_as_a_traceback_not_as_one_line(monkeypatch, capsys, error):
+    """Errors are translated once, in cli.main, and only those raised on purpose (PrunescopeError, CLIError, an
+    output that cannot be written): a ValueError or TypeError from a bug keeps its traceback."""
+    import prunescope.commands.flops as flops_cmd
+
+    def buggy(a):
+        raise error("a bug inside prunescope")
+
+    monkeypatch.setattr(flops_cmd, "_run", buggy)
+    with pytest.raises(error, match="a bug inside prunescope"):
+        main(["flops", "resnet18", "--input-size", "1,3,32,32"])
+    assert "prunescope: error" not in capsys.readouterr().err
+
+
+def test_an_error_raised_on_purpose_is_one_line_exit_2(monkeypatch, capsys):
+    import prunescope.commands.flops as flops_cmd
+    from prunescope.errors import ConfigError
+
+    def refuses(a):
+        raise ConfigError("sparsity 2 is out of\nrange")
+
+    monkeypatch.setattr(flops_cmd, "_run", refuses)
+    assert main(["flops", "resnet18", "--input-size", "1,3,32,32"]) == 2
+    assert capsys.readouterr().err == "prunescope: error: sparsity 2 is out of range\n"

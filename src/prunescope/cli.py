@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line. Errors prunescope raises on purpose (and failures to write an output) become one
-    line on stderr and exit code 2; an interrupt exits 130 without a traceback."""
+    """Run the command line. Errors prunescope raises on purpose (:class:`~prunescope.errors.PrunescopeError`,
+    the commands' ``CLIError``) and failures to read or write a file become one line on stderr and exit code 2;
+    an interrupt exits 130 without a traceback. This is the only place errors are translated: any other
+    exception (a ``ValueError`` or ``TypeError`` from a bug) keeps its traceback."""
     from .commands.common import CLIError, one_line
     from .errors import PrunescopeError
 

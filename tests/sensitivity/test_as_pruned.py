@@ -78,3 +78,49 @@ def test_parametrized_layer_is_refused_by_name():
     net.c2 = nn.utils.parametrizations.weight_norm(net.c2)
     with pytest.raises(ConfigError, match="layer 'c2' has a parametrized weight"):
         SensitivityAnalysis(net, metric, sparsities=[0.5]).analysis(val_args=[net])
+
+
+def _count_traces(monkeypatch):
+    """Count calls to prunescope.graph.trace, wherever a module bound the name."""
+    import sys
+
+    import prunescope.graph
+
+    original, calls = prunescope.graph.trace, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("model"))
+        return original(*args, **kwargs)
+
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("prunescope") and getattr(mod, "trace", None) is original:
+            monkeypatch.setattr(mod, "trace", counting)
+    return original, calls
+
+
+def test_graph_feeds_groups_and_as_pruned_without_tracing_again(monkeypatch):
+    """SensitivityAnalysis(graph=) reads the dependency sets and the as-pruned zeros from the given trace: the
+    model is not traced again, and the values are those of the sweep that traces it itself."""
+    kw = dict(sparsities=[0.25, 0.5], layer_types=(nn.Conv2d,), group_dependencies=True, dummy_input=X,
+              as_pruned=True, progress=False)
+    net = make()
+    own = SensitivityAnalysis(net, metric, **kw).analysis(val_args=[net])
+    trace, calls = _count_traces(monkeypatch)
+    SensitivityAnalysis(make(), metric, **kw).analysis(val_args=[make()])
+    assert len(calls) >= 2  # the counter sees the traces a sweep without graph= makes (groups, as-pruned zeros)
+    graph = trace(net, X)
+    calls.clear()
+    given = SensitivityAnalysis(net, metric, graph=graph, **kw)
+    sens = given.analysis(val_args=[net])
+    assert calls == []
+    assert sens == own and list(sens) == ["c1+c2", "head"]
+
+
+def test_graph_of_another_model_is_refused():
+    from prunescope.errors import ConfigError
+    from prunescope.graph import trace
+
+    other = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(ConfigError, match="graph was traced from another model"):
+        SensitivityAnalysis(make(), metric, group_dependencies=True, dummy_input=X, graph=trace(other, X),
+                            progress=False)

@@ -39,7 +39,8 @@ from prunescope.errors import MaskError  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
 from prunescope.shrink import shrink  # noqa: E402
 from prunescope.shrink.plan import plan_removal  # noqa: E402
-from prunescope.topology import TopologyWarning, _meta_trace, channel_atoms  # noqa: E402
+from prunescope.topology import TopologyWarning, channel_atoms  # noqa: E402
+from prunescope.topology.tracing import _meta_trace  # noqa: E402
 
 H, E, K, W, LAYERS = 32, 4, 2, 16, 2
 SHARED = 24

@@ -139,19 +139,6 @@ def load_model(spec: str, device: str | None = None) -> nn.Module:
     return model.eval()
 
 
-def run_guarded(func: Callable[[], int]) -> int:
-    """Run a command body; known errors become one line on stderr and exit code 2."""
-    import sys
-
-    from ..errors import PrunescopeError
-
-    try:
-        return func()
-    except (CLIError, PrunescopeError, OSError, ValueError, TypeError) as e:
-        print(f"prunescope: error: {one_line(e)}", file=sys.stderr)
-        return 2
-
-
 def build_on_meta(builder: Callable[[], nn.Module]) -> nn.Module:
     """Build a model with its parameters and buffers on the ``meta`` device (no memory, no init compute).
 

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -23,11 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("--csv", default=None, help="write the sets as CSV (Dependency Set,Convolutional Layers)")
     p.add_argument("--include-linear", action="store_true", help="also group Linear/attention layers")
-    p.set_defaults(func=lambda a: run_guarded(lambda: _deps(a)))
+    p.set_defaults(func=_deps)
     q = sub.add_parser("unsafe", help="layers not safe to prune (channel count pinned downstream)",
                        description="List the layers whose output channel count is pinned, with the reason.")
     _common(q)
-    q.set_defaults(func=lambda a: run_guarded(lambda: _unsafe(a)))
+    q.set_defaults(func=_unsafe)
 
 
 def _graph(a: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--effective", action="store_true",
                    help="with --masks: count the physically narrowed model (input channels included)")
     p.add_argument("--out", default=None, help="write the csv/json/table here instead of stdout")
-    p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
+    p.set_defaults(func=_run)
 
 
 def _run(a: argparse.Namespace) -> int:

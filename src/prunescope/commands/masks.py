@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", default=None, help="device to build the model on (cpu, cuda, ...)")
     p.add_argument("--out", required=True, help="mask file to write (atomically)")
     p.add_argument("--quiet", action="store_true", help="do not print the per-layer summary")
-    p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
+    p.set_defaults(func=_run)
 
 
 def _names(text: str | None) -> list[str]:

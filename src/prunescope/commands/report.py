@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .common import CLIError, load_model, load_object, parse_size, run_guarded
+from .common import CLIError, load_model, load_object, parse_size
 
 #: ``--example`` choices: module under prunescope.examples, description, report title
 EXAMPLES = {
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="ship without fine-tuning: the reconstructed model (least squares from the calibration "
                         "inputs) is what ships")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
+    p.set_defaults(func=_run)
 
 
 def _run(a: argparse.Namespace) -> int:

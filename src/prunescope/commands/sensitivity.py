@@ -17,7 +17,7 @@ import os
 import tempfile
 from typing import Any
 
-from .common import CLIError, load_model, load_object, run_guarded
+from .common import CLIError, load_model, load_object
 
 
 def _floats(text: str) -> list[float]:
@@ -115,4 +115,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="CSV file to write (NNI's format)")
     p.add_argument("--plot", help="also write a PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda args: run_guarded(lambda: _run(args)))
+    p.set_defaults(func=_run)

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .common import CLIError, check_device, check_out, load_model, parse_size, run_guarded
+from .common import CLIError, check_device, check_out, load_model, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--runs", type=int, default=15, help="timed runs per model (interleaved; median)")
     p.add_argument("--seed", type=int, default=None, help="torch.manual_seed before building the model")
     p.add_argument("--device", default=None, help="device to build the model on (latency is measured there)")
-    p.set_defaults(func=lambda a: run_guarded(lambda: _run(a)))
+    p.set_defaults(func=_run)
 
 
 def _run(a: argparse.Namespace) -> int:

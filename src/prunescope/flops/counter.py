@@ -18,6 +18,8 @@ from torch import nn
 from .._io import atomic_write
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, check_graph_of, quantized_kind, trace
+from ..masks.io import validate_masks
+from ..masks.layers import has_filters, num_filters
 from .formulas import FORMULAS, MAC_CATEGORIES, Formula
 
 __all__ = ["LayerRow", "FlopsReport", "flops_report", "count_flops_params"]
@@ -287,8 +289,6 @@ def _mask_fractions(masks: Mapping[str, Any] | None, model: nn.Module) -> dict[s
     """Weight-parameter FQN -> fraction of output filters kept, counted NNI's way (nnz // filter size)."""
     if not masks:
         return {}
-    from ..masks.io import validate_masks
-    from ..masks.layers import has_filters, num_filters
 
     modules = dict(model.named_modules())
     out: dict[str, float] = {}

@@ -62,6 +62,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MaskError
+from ..graph import trace
+from ..topology import ChannelDependency, GroupDependency
 from .io import check_structure, load_masks, validate_masks
 from .layers import (
     CONV_TYPES,
@@ -408,9 +410,6 @@ def fix_mask_conflict(masks: Mapping[str, Any] | str | os.PathLike[str], model: 
     >>> [c.members for c in fixed.changed][0]
     ('conv1', 'layer1.0.conv2', 'layer1.1.conv2')
     """
-    from .. import topology
-    from ..graph import trace
-
     if isinstance(masks, (str, os.PathLike)):
         masks = load_masks(masks)
         inplace = False
@@ -423,9 +422,9 @@ def fix_mask_conflict(masks: Mapping[str, Any] | str | os.PathLike[str], model: 
     modules = dict(model.named_modules())
     # NNI's channel prune type: 'Batchnorm' when every mask is on a BatchNorm layer, else 'Filter'
     bn_only = all(isinstance(modules.get(n), _BN_TYPES) for n in masks)
-    chan = topology.ChannelDependency(model, dummy_input, traced_model=traced,
-                                      prune_type="Batchnorm" if bn_only else "Filter", include_linear=True)
-    group = topology.GroupDependency(model, dummy_input, traced_model=traced)
+    chan = ChannelDependency(model, dummy_input, traced_model=traced,
+                             prune_type="Batchnorm" if bn_only else "Filter", include_linear=True)
+    group = GroupDependency(model, dummy_input, traced_model=traced)
     atoms = getattr(chan, "atoms", None)
     classes = None
     if atoms is not None and not bn_only and hasattr(atoms, "layer_classes"):

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph import trace
+from ..topology import channel_atoms
 
 __all__ = ["expert_masks"]
 
@@ -54,9 +56,6 @@ def expert_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_t
     or to other layers (a down projection's outputs are the residual stream), are left out. Returns
     ``{parameter name: {'weight': mask, 'bias': None}}``; the model is not modified.
     """
-    from ..graph import trace
-    from ..topology import channel_atoms
-
     if prune_type not in ("l1", "l2"):
         raise ConfigError(f"expert unit pruning scores rows by 'l1' or 'l2', got {prune_type!r}")
     if not 0 <= sparsity < 1:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._io import atomic_open
 from ..errors import MaskError
-from .layers import bias_of, weight_of
+from .layers import bias_of, expert_param_shape, weight_of
 
 __all__ = ["check_structure", "load_masks", "save_masks", "validate_masks"]
 
@@ -120,8 +120,6 @@ def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks
 def _fused_expert_mask(model: nn.Module, name: str, m: Mapping[str, Any], source: str) -> bool:
     """A mask keyed by a fused expert parameter (a 3-D parameter, ``'layers.0.mlp.experts.gate_up_proj'``): check
     it has the parameter's shape, 0/1 values and no bias; False when ``name`` is no such parameter."""
-    from ..shrink.experts import expert_param_shape
-
     shape = expert_param_shape(model, name)
     if shape is None:
         return False

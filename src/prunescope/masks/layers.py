@@ -135,3 +135,17 @@ def expand_in_channels(module: nn.Module, keep: torch.Tensor, like: torch.Tensor
     if isinstance(module, CONVT_TYPES) or like.dim() == 1 or is_transposed_linear(module):
         return keep.view(-1, *([1] * (like.dim() - 1))).expand_as(like).contiguous()
     return keep.view(1, -1, *([1] * (like.dim() - 2))).expand_as(like).contiguous()
+
+
+def expert_param_shape(model: torch.nn.Module, name: str) -> tuple[int, ...] | None:
+    """Shape of ``name`` if it is a 3-D parameter of ``model`` other than a layer's ``weight`` (a fused expert
+    weight), else None."""
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    p = mod._parameters.get(attr) if attr else None
+    if p is getattr(mod, "weight", None):  # a layer's own weight (a Conv1d's is 3-D) is masked by the layer name
+        return None
+    return tuple(p.shape) if isinstance(p, torch.Tensor) and p.dim() == 3 else None

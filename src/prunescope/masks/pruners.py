@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import layers as _layers
+from .io import save_masks
 from .layers import FILTER_TYPES, bias_of, expand_filters, filter_matrix, num_filters, weight_of
 
 __all__ = [
@@ -383,7 +384,6 @@ class Pruner:
 
     def export_masks(self, path: str | os.PathLike[str]) -> dict[str, Mask]:
         """Compute the masks and write them atomically to ``path`` (NNI's mask-file layout); return them."""
-        from .io import save_masks
 
         masks = self.compute_masks()
         save_masks(masks, path)

@@ -19,9 +19,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph import ModelGraph, check_graph_of, trace
+from ..masks.layers import FILTER_TYPES, num_filters
+from ..masks.pruners import transposed_linear_types
+from ..masks.units import channel_units, is_trivial
+from ..shrink.core import follower_zero_map
+from ..topology import ChannelDependency
 from . import report
 from .checkpoint import Checkpoint, state_hash
 from .engine import EARLY_STOP_MODES, Eval, Job, _StateGuard, coerce_metric, run_job
+from .parallel import Backend, make_bundle, process_pool
 from .schedule import BASELINE, SweepState
 
 logger = logging.getLogger("prunescope.sensitivity")
@@ -70,6 +77,9 @@ class SensitivityAnalysis:
       physically removed: a pruned channel is also zero after its normalisation (the constant an eval-mode
       BatchNorm adds to a zeroed channel is gone), which is what :func:`prunescope.shrink` builds. The default
       keeps NNI's mask semantics (and NNI's numbers).
+    * ``graph=``: the model's :class:`~prunescope.graph.ModelGraph` (``prunescope.graph.trace(model, x)``), so
+      that one trace feeds the dependency sets (``group_dependencies``) and ``as_pruned`` instead of the model
+      being traced again; it must be a trace of this model (:func:`prunescope.graph.check_graph_of`).
     * ``checkpoint=path``: JSON-lines checkpoint, appended the moment each evaluation finishes (every
       mode); a rerun skips every finished evaluation.
     * ``workers=N`` / ``executor=``: run the evaluations on N local processes or any ``concurrent.futures``
@@ -103,7 +113,7 @@ class SensitivityAnalysis:
                  dummy_input: Any = None, checkpoint: str | os.PathLike[str] | None = None,
                  workers: int | None = None, executor: Executor | None = None,
                  device: str | Sequence[str] | None = None, progress: bool = True,
-                 restore_buffers: bool = True, as_pruned: bool = False) -> None:
+                 restore_buffers: bool = True, as_pruned: bool = False, graph: ModelGraph | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(val_func):
@@ -142,9 +152,11 @@ class SensitivityAnalysis:
         self.restore_buffers = restore_buffers
         self.group_dependencies = group_dependencies
         self.dummy_input = dummy_input
-        if as_pruned and dummy_input is None:
+        check_graph_of(graph, model, "SensitivityAnalysis")
+        self.graph = graph
+        if as_pruned and dummy_input is None and graph is None:
             raise ConfigError("as_pruned=True needs dummy_input (the model is traced to find where each pruned "
-                              "channel is normalised)")
+                              "channel is normalised) or graph= (its trace)")
         self.as_pruned = bool(as_pruned)
         self._zero_after: dict[str, tuple] = {}
         self.layer_types = tuple(layer_types) if layer_types is not None else None
@@ -188,9 +200,6 @@ class SensitivityAnalysis:
 
     def model_parse(self) -> None:
         """Collect the target layers (``named_modules`` order) and, with grouping, the dependency sets."""
-        from ..masks.layers import FILTER_TYPES
-        from ..masks.pruners import transposed_linear_types
-
         filter_prune = self.prune_type != "level"
         types = self.layer_types
         if types is None:
@@ -223,12 +232,11 @@ class SensitivityAnalysis:
             self.groups = {n: (n,) for n in self.target_layer}
 
     def _parse_groups(self) -> None:
-        if self.dummy_input is None:
-            raise ConfigError("group_dependencies=True needs dummy_input (an example input to trace the model)")
-        from ..topology import ChannelDependency
-
+        if self.dummy_input is None and self.graph is None:
+            raise ConfigError("group_dependencies=True needs dummy_input (an example input to trace the model) "
+                              "or graph= (its trace)")
         include_linear = any(issubclass(t, nn.Linear) for t in (self.layer_types or ()))
-        dep = ChannelDependency(self.model, self.dummy_input, include_linear=include_linear)
+        dep = ChannelDependency(self.model, self.dummy_input, include_linear=include_linear, graph=self.graph)
         order = {n: k for k, n in enumerate(self.target_layer)}
         seen: set[str] = set()
         groups: list[tuple[str, ...]] = []
@@ -239,9 +247,6 @@ class SensitivityAnalysis:
                 seen.update(members)
         groups += [(n,) for n in self.target_layer if n not in seen]
         groups.sort(key=lambda g: order[g[0]])
-        from ..masks.layers import num_filters
-        from ..masks.units import channel_units, is_trivial
-
         self.units = {}
         for g in groups:
             if self.prune_type == "level":
@@ -331,8 +336,6 @@ class SensitivityAnalysis:
         remote = bool(self.workers or self.executor)
         bundle = None
         if remote:
-            from .parallel import make_bundle
-
             bundle = make_bundle(self.model, self.val_func, val_args, val_kwargs)
         ckpt = Checkpoint(self.checkpoint, self._fingerprint()) if self.checkpoint else None
         state = SweepState(keys, len(self.sparsities), self.early_stop_mode, self.early_stop_value,
@@ -421,10 +424,7 @@ class SensitivityAnalysis:
         if not self.as_pruned:
             return ()
         if not self._zero_after:
-            from ..graph import trace
-            from ..shrink.core import follower_zero_map
-
-            graph = trace(self.model, self.dummy_input)
+            graph = self.graph if self.graph is not None else trace(self.model, self.dummy_input)
             self._zero_after = {k: follower_zero_map(graph, g) for k, g in self.groups.items()}
         return self._zero_after.get(key, ())
 
@@ -434,8 +434,6 @@ class SensitivityAnalysis:
         as there are workers; a finished evaluation is checkpointed the moment it arrives."""
         from concurrent.futures import FIRST_COMPLETED, CancelledError, wait
         from concurrent.futures.process import BrokenProcessPool
-
-        from .parallel import Backend, process_pool
 
         digest, data = bundle
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import PrunescopeError
 from ..masks.pruners import group_masks
+from ..shrink.core import zero_hooks
 
 EARLY_STOP_MODES = ("minimize", "maximize", "dropped", "raised")
 
@@ -192,8 +193,6 @@ def _zero_hooks(model: nn.Module, points: tuple) -> list[Any]:
     """As-pruned semantics: zero a pruned channel after its normalisation too (removed again on exit)."""
     if not points:
         return []
-    from ..shrink.core import zero_hooks
-
     return zero_hooks(model, points)
 
 

@@ -27,25 +27,13 @@ import numpy as np
 import torch
 
 from ..errors import MaskError
+from ..graph import TensorInfo
+from ..masks.layers import expert_param_shape  # noqa: F401  (public here before it moved down to masks)
 
 if TYPE_CHECKING:
     from .plan import RemovalPlan, _Planner
 
 __all__ = ["ExpertCut", "expert_filter_keep", "expert_protection", "expert_cuts", "expert_param_shape"]
-
-
-def expert_param_shape(model: torch.nn.Module, name: str) -> tuple[int, ...] | None:
-    """Shape of ``name`` if it is a 3-D parameter of ``model`` other than a layer's ``weight`` (a fused expert
-    weight), else None."""
-    mod_name, _, attr = name.rpartition(".")
-    try:
-        mod = model.get_submodule(mod_name) if mod_name else model
-    except AttributeError:
-        return None
-    p = mod._parameters.get(attr) if attr else None
-    if p is getattr(mod, "weight", None):  # a layer's own weight (a Conv1d's is 3-D) is masked by the layer name
-        return None
-    return tuple(p.shape) if isinstance(p, torch.Tensor) and p.dim() == 3 else None
 
 
 def expert_filter_keep(mask: torch.Tensor, li: Any) -> np.ndarray:
@@ -162,8 +150,6 @@ def derived_param_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
     if not out:
         return out
     from torch.utils import _pytree as pytree
-
-    from ..graph import TensorInfo
 
     for node in plan.graph.nodes:
         src = [t for t in node.inputs if t.id in out]

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..masks.layers import is_transposed_linear
 from .core import attr_names, replace_tensors
 from .plan import ShrinkError
 
@@ -157,8 +158,6 @@ def _check_tensors(data: dict[str, Any], p: str) -> None:
 
 def _implied(mod: nn.Module, name: str, shapes: dict[str, list[int]], groups: int) -> dict[str, Any]:
     """The size attributes of ``mod`` that its (narrowed) tensors in ``shapes`` imply."""
-    from ..masks.layers import is_transposed_linear
-
     def shape(t: str) -> list[int] | None:
         return shapes.get(f"{name}.{t}" if name else t)
 

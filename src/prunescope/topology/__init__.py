@@ -2,7 +2,7 @@
 
 NNI-compatible entry points (same names and signatures as ``nni.compression.pytorch.utils``), built on the
 shared recorded trace (:func:`prunescope.graph.trace`) and on the channel engine
-:func:`~prunescope.topology.atoms.channel_atoms`, which is public for other analyses:
+:func:`~prunescope.topology.engine.channel_atoms`, which is public for other analyses:
 
 * :class:`ChannelDependency` — layers whose output channels must be pruned together (residual adds, SE
   scales, depthwise convs, channel shuffle ...), ``.dependency_sets`` / ``.sets`` / ``.export(path)``;
@@ -18,7 +18,6 @@ feeds several analyses.
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import os
 from typing import Any, Iterable
@@ -28,19 +27,14 @@ from torch import nn
 
 from .._io import atomic_open
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph import ModelGraph, meta_copy, quantized_kind, trace
-from .atoms import (
-    CONV_OPS,
-    LINEAR_OPS,
-    ChannelAtoms,
-    ChannelInfo,
-    LayerInfo,
-    TopologyWarning,
-    channel_atoms,
-    map_channels,
-    sets_from_classes,
-)
+from ..graph import ModelGraph
+from .base import ChannelInfo, LayerInfo, TopologyWarning
+from .engine import ChannelAtoms, channel_atoms, sets_from_classes
 from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
+from .probe import probe_pins
+from .replay import map_channels
+from .rules import CONV_OPS, LINEAR_OPS
+from .tracing import _refuse_quantized, get_graph
 
 __all__ = [
     "ChannelDependency", "InputChannelDependency", "GroupDependency", "ReshapeDependency", "not_safe_to_prune",
@@ -49,37 +43,6 @@ __all__ = [
 ]
 
 _CONV_KINDS = ("conv", "conv_transpose")
-
-
-def get_graph(model: nn.Module | None, dummy_input: Any, traced_model: Any = None,
-              graph: ModelGraph | None = None) -> ModelGraph:
-    """The :class:`ModelGraph` to analyse: ``graph`` or ``traced_model`` if it is one, else a new trace."""
-    if graph is not None:
-        return graph
-    if isinstance(traced_model, ModelGraph):
-        return traced_model
-    if traced_model is not None:
-        raise TypeError(
-            "traced_model must be a prunescope ModelGraph (from prunescope.trace); torch.jit traces are not "
-            f"used, got {type(traced_model).__name__}"
-        )
-    if model is None or dummy_input is None:
-        raise TypeError("give model and dummy_input, or traced_model=ModelGraph")
-    _refuse_quantized(model)
-    meta = _meta_trace(model, dummy_input)
-    return meta if meta is not None else trace(model, dummy_input)
-
-
-def _refuse_quantized(model: nn.Module) -> None:
-    """Quantized layers hold packed int8 weights behind opaque kernels: their channels cannot be followed, and
-    a silent empty answer would read as "nothing to prune". Refuse them by name (analyse the float model)."""
-    for name, m in model.named_modules():
-        if quantized_kind(m) is not None:
-            where = f"module '{name}'" if name else "the model"
-            raise UnsupportedModelError(
-                f"{where} is a quantized {type(m).__name__} ({type(m).__module__}): channel dependencies are "
-                "analysed on float layers; analyse the model before quantization (the same channels apply "
-                "after it)", module=name)
 
 
 def _channel_atoms(graph: ModelGraph) -> ChannelAtoms:
@@ -91,39 +54,6 @@ def _channel_atoms(graph: ModelGraph) -> ChannelAtoms:
         if type(e).__name__ != "_Unknown":
             raise
         raise UnsupportedModelError(f"channel analysis cannot interpret the model: {e}") from None
-
-
-def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
-    """Trace a parameter-free ``meta`` copy of the model: topology needs shapes, not values.
-
-    A forward that reads tensor values (data-dependent control flow, ``.item()``, ``.tolist()``) or uses an
-    op without a meta kernel raises on ``meta``; then ``None`` is returned and the caller traces the real
-    model, so the branch actually taken on ``dummy_input`` is what gets analysed.
-    """
-    import copy
-    import itertools
-
-    import torch
-    from torch.utils import _pytree as pytree
-
-    from ..errors import TraceError
-
-    if all(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
-        return None  # already on meta (or nothing to copy): the caller's own trace is the meta trace
-    try:
-        meta_model = meta_copy(model)
-        x = pytree.tree_map(
-            lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, dummy_input)
-        if isinstance(x, tuple) and all(isinstance(v, int) for v in x):
-            x = tuple(x)
-        g = trace(meta_model, x)
-    except (TraceError, RuntimeError, NotImplementedError, TypeError, copy.Error) as e:
-        # e.g. a data-dependent op (nonzero, one-argument where, .item()) in the forward: a one-line note
-        logging.getLogger("prunescope").info(
-            "prunescope: the meta-device trace failed (%s); tracing on the model's own device instead",
-            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-        return None
-    return g
 
 
 def _atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None:
@@ -150,7 +80,7 @@ class ChannelDependency:
 
     Attributes: ``dependency_sets`` (list of sets, sets in order of first execution), ``sets`` (the same as
     ordered lists, names in execution order), ``dependency`` (``{layer: its set}``), ``atoms`` (the
-    :class:`~prunescope.topology.atoms.ChannelAtoms` engine with the exact channel-level ties), ``unsafe``
+    :class:`~prunescope.topology.engine.ChannelAtoms` engine with the exact channel-level ties), ``unsafe``
     (``{layer: [reason, ...]}`` for the grouped layers that :func:`not_safe_to_prune` reports; computed on first
     use, with the pin probe of :mod:`~prunescope.topology.probe` unless ``probe=False``).
 
@@ -419,8 +349,6 @@ def not_safe_to_prune(model: nn.Module | None, dummy_input: Any, *, traced_model
 # ------------------------------------------------------------------ pin probe hook (topology/probe.py)
 def _pin_probe(graph: ModelGraph, dummy_input: Any) -> Any:
     """The cached :class:`~prunescope.topology.probe.PinProbe` of ``graph`` (pins decided physically on meta)."""
-    from .probe import probe_pins
-
     return probe_pins(graph, dummy_input)
 
 

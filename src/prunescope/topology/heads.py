@@ -50,6 +50,7 @@ from .base import ChannelInfo, arg
 from .engine import ChannelAtoms, channel_atoms
 from .replay import fast_map, map_channels
 from .rules import RULES, passthrough, shape_op
+from .tracing import get_graph
 
 __all__ = ["AttentionHeads", "HeadDependency", "AttentionWeightDependency", "find_attentions"]
 
@@ -318,8 +319,6 @@ class HeadDependency:
 
     def __init__(self, model: nn.Module | None = None, dummy_input: Any = None, traced_model: Any = None, *,
                  graph: ModelGraph | None = None) -> None:
-        from . import get_graph
-
         self.graph = get_graph(model, dummy_input, traced_model, graph)
         self.model = model if model is not None else self.graph.model
         self.atoms = channel_atoms(self.graph)

@@ -73,7 +73,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..graph import ModelGraph, TensorInfo, meta_copy, model_device, trace
+from ..graph import ModelGraph, TensorInfo, make_inputs, meta_copy, model_device, trace
+from .engine import ChannelAtoms, channel_atoms
 
 __all__ = ["PinProbe", "probe_pins"]
 
@@ -138,8 +139,6 @@ def _meta_like(v: Any) -> Any:
 def _meta_inputs(graph: ModelGraph, dummy_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """``(args, kwargs)`` on ``meta`` for re-tracing, or None when the inputs cannot be rebuilt."""
     if dummy_input is not None:
-        from ..graph import make_inputs
-
         if isinstance(dummy_input, (tuple, list)) and dummy_input and all(isinstance(v, int) for v in dummy_input):
             return (torch.empty(tuple(dummy_input), device="meta"),), {}
         args, kw = make_inputs(graph.model, dummy_input)
@@ -216,8 +215,6 @@ def _drop_class(cls_grid: np.ndarray, c: int) -> np.ndarray:
 
 class _Prober:
     def __init__(self, graph: ModelGraph, dummy_input: Any, max_probes: int, max_per_group: int) -> None:
-        from . import channel_atoms
-
         self.g = graph
         self.ca = channel_atoms(graph)
         self.dummy_input = dummy_input
@@ -453,8 +450,6 @@ class _Prober:
 
     def _compare_grids(self, g2: ModelGraph, c: int, plan: Any) -> tuple[bool, str]:
         """Channel grids of the probed copy, mapped back to the original classes, equal the expected ones."""
-        from .engine import ChannelAtoms
-
         ca = self.ca
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
