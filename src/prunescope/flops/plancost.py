@@ -40,7 +40,7 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode
-from ..shrink.plan import _decide, _masked_atoms, _Planner
+from ..shrink.plan import Planner, decide_removal, masked_atoms
 from .counter import _build, _op_cost
 from .effective import node_scales
 
@@ -53,7 +53,7 @@ class PlanCost:
 
     def __init__(self, model: nn.Module, graph: ModelGraph) -> None:
         self.graph = graph
-        self._planner = _Planner(graph, {})
+        self._planner = Planner(graph, {})
         self.ca = self._planner.ca
         self._planner.static_protection()
         self._prot0 = self._planner.prot.copy()
@@ -76,7 +76,7 @@ class PlanCost:
     def masked_atoms(self, masks: Mapping[str, Any]) -> np.ndarray:
         """Per engine atom: is its filter all zeros in ``masks`` (NNI layout)? Vectors of disjoint layers
         combine by ``|``."""
-        return _masked_atoms(self.ca, masks, [])
+        return masked_atoms(self.ca, masks, [])
 
     def removed(self, masked: np.ndarray) -> np.ndarray:
         """Per engine atom: removed by the removal plan of masks whose masked atoms are ``masked`` (the
@@ -86,7 +86,7 @@ class PlanCost:
         pl.prot = self._prot0.copy()
         pl.reasons = dict(self._reasons0)
         if not pl.masked.any():
-            return _decide(self.ca, pl.masked, pl.prot)
+            return decide_removal(self.ca, pl.masked, pl.prot)
         return pl.decide(static=False)
 
     def macs(self, masked: np.ndarray) -> int:

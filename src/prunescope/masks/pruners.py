@@ -174,7 +174,7 @@ def layer_mask(module: nn.Module, sparsity: float, prune_type: str) -> Mask:
 _ALLOWED_KEYS = {"sparsity", "op_types", "op_names", "exclude"}
 
 
-def _select(scores: torch.Tensor, num_prune: int, prune_type: str) -> torch.Tensor:
+def select_lowest(scores: torch.Tensor, num_prune: int, prune_type: str) -> torch.Tensor:
     """NNI's selection rule on summed scores: bool keep per entry (floor count given, ``<= threshold`` for
     l1/l2 so ties can prune more, FPGM: exactly ``num_prune`` in stable order)."""
     n = scores.shape[0]
@@ -251,12 +251,12 @@ def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str,
         if chunks is not None:
             keep_unit = _select_per_chunk(scores, torch.as_tensor(list(chunks), dtype=torch.long), float(sparsity))
         else:
-            keep_unit = _select(scores, int(n_units * float(sparsity)), prune_type)
+            keep_unit = select_lowest(scores, int(n_units * float(sparsity)), prune_type)
         return _masks_from_keep(modules, [keep_unit[u.to(dev)] for u in ids])
     n = num_filters(modules[0])
     total = sum(filter_scores(m, prune_type).to(torch.float64) for m in modules)
     assert isinstance(total, torch.Tensor)
-    keep = _select(total, int(n * sparsity), prune_type)
+    keep = select_lowest(total, int(n * sparsity), prune_type)
     return _masks_from_keep(modules, [keep] * len(modules))
 
 

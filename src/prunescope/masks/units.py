@@ -60,7 +60,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..graph import make_inputs, preserved_training
 from .layers import CONV_TYPES, in_channel_matrix, is_transposed_linear, weight_of
-from .pruners import PRUNE_TYPES, _masks_from_keep, _select, group_masks, is_filter_layer
+from .pruners import PRUNE_TYPES, _masks_from_keep, group_masks, is_filter_layer, select_lowest
 
 __all__ = ["channel_units", "unit_masks", "head_masks", "unit_scores_from_consumers", "input_channel_norms",
            "unit_scores_from_activations"]
@@ -318,6 +318,6 @@ def _activation_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members:
     scores, seen = unit_scores_from_activations(ca, model, members, units, norms)
     if not bool(seen.all()):
         return group_masks(mods, sparsity, "l1", units=[u.tolist() for u in units])
-    keep_unit = _select(scores, int(scores.numel() * float(sparsity)), "l1")
+    keep_unit = select_lowest(scores, int(scores.numel() * float(sparsity)), "l1")
     return _masks_from_keep(mods, [keep_unit[torch.from_numpy(u)].to(weight_of(m).device)  # type: ignore[union-attr]
                                    for m, u in zip(mods, units)])

@@ -72,11 +72,6 @@ class ReportResult:
     plan: dict[str, float] = field(default_factory=dict)  # set key -> sparsity
 
 
-def _say(console: Callable[[str], None] | None, text: str) -> None:
-    if console is not None:
-        console(text)
-
-
 def report_layer_types() -> tuple[type[nn.Module], ...]:
     """The layer types the report prunes: convolutions, Linear, and Hugging Face ``Conv1D`` (GPT-2's
     transposed linear) when ``transformers`` is loaded."""
@@ -100,11 +95,6 @@ def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str,
     """
     p = _prunable_sets(model, graph, x, layer_ok=_report_layer)
     return p.sets, p.excluded, p.groups
-
-
-FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensitivity_png": "sensitivity.png",
-         "flops": "flops.csv", "dependencies": "dependencies.csv", "plan": "plan.json", "masks": "masks.pth",
-         "pruned": "pruned.pt", "summary": "summary.json"}
 
 
 def snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -181,7 +181,7 @@ class Run:
         constraint reads them off its conflict-fixed masks."""
         import numpy as np
 
-        from ..masks.pruners import _select
+        from ..masks.pruners import select_lowest
 
         n = self.n_units(key)
         state = (key, int(n * float(s)))
@@ -191,7 +191,7 @@ class Run:
                 hit = self.cost.masked_atoms(self.set_masks(key, s))
             else:
                 scores, ids = self.unit_scores(key)
-                gone = (~_select(scores, state[1], "l1")).numpy()
+                gone = (~select_lowest(scores, state[1], "l1")).numpy()
                 hit = np.zeros(self.cost.n_atoms, dtype=bool)
                 for m, i in zip(key.split("+"), ids):
                     li = self.cost.ca.layers.get(m)
@@ -377,7 +377,7 @@ def step_sensitivity(r: Run) -> None:
     layer_types = report_layer_types()
     r.sa = SensitivityAnalysis(r.model, r.val_func, sparsities=r.sparsities, prune_type="l1",
                                layer_types=layer_types, group_dependencies=True, dummy_input=r.x,
-                               workers=r.workers, progress=r.progress, as_pruned=True)
+                               workers=r.workers, progress=r.progress, as_pruned=True, graph=r.graph)
     with borrowed(r.model):
         sens = r.sa.analysis(val_args=[r.model], specified_layers=[s[0] for s in r.sets]) if r.sets else {}
     r.sens = {k: v for k, v in sens.items() if k in r.keys}

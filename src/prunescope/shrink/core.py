@@ -13,7 +13,7 @@ from torch import nn
 
 from ..graph import ModelGraph, check_graph_of, trace
 from .fold import apply_folds
-from .plan import RemovalPlan, ShrinkError, _masked_atoms, check_not_empty, pin_error, pinned_removals, plan_removal
+from .plan import RemovalPlan, ShrinkError, check_not_empty, masked_atoms, pin_error, pinned_removals, plan_removal
 from .verify import run_eval, verify_shrunk
 
 __all__ = ["shrink", "as_pruned", "ShrinkWarning", "ShrinkResult", "prepare_masks"]
@@ -119,7 +119,7 @@ def _unfixed_conflicts(plan: RemovalPlan, masks: Mapping[str, Any]) -> dict[str,
     tied to them (same engine class: a residual add, a concatenation, ...) keep theirs — conflicting masks that
     were not fixed. Layers whose masked channels are protected for a reason (``plan.protected``) are left out."""
     ca = plan.atoms
-    masked = _masked_atoms(ca, masks, [])
+    masked = masked_atoms(ca, masks, [])
     out: dict[str, tuple[int, list[str]]] = {}
     for name in ca.layers:
         if name in plan.protected:

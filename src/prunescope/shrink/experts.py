@@ -31,7 +31,7 @@ from ..graph import TensorInfo
 from ..masks.layers import expert_param_shape  # noqa: F401  (public here before it moved down to masks)
 
 if TYPE_CHECKING:
-    from .plan import RemovalPlan, _Planner
+    from .plan import Planner, RemovalPlan
 
 __all__ = ["ExpertCut", "expert_filter_keep", "expert_protection", "expert_cuts", "expert_param_shape"]
 
@@ -46,7 +46,7 @@ def expert_filter_keep(mask: torch.Tensor, li: Any) -> np.ndarray:
     return m.reshape(m.shape[0], m.shape[1], -1).any(dim=2).reshape(-1).numpy()
 
 
-def expert_protection(pl: _Planner, atom_removed: np.ndarray) -> bool:
+def expert_protection(pl: Planner, atom_removed: np.ndarray) -> bool:
     """Keep the masked units of fused layers whose experts would keep unequal numbers of units."""
     changed = False
     for name, li in pl.ca.layers.items():
@@ -104,7 +104,7 @@ class ExpertCut:
         self.keep[axis] = keep
 
 
-def expert_cuts(plan: RemovalPlan, pl: _Planner) -> None:
+def expert_cuts(plan: RemovalPlan, pl: Planner) -> None:
     """Add the :class:`ExpertCut` of every fused layer that loses units or input columns."""
     from .plan import ShrinkError
 

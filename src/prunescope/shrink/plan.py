@@ -51,7 +51,7 @@ from ..errors import MaskError, PrunescopeError
 from ..graph import ModelGraph, OpNode, TensorInfo
 from ..topology.base import arg as _arg
 from ..topology.moe import EXPERT_OPS
-from ..topology.rules import _MATMUL
+from ..topology.rules import MATMUL_OPS
 from ..topology.values import CONST, UNKNOWN, ZERO, value_states
 from .experts import expert_cuts, expert_filter_keep, expert_protection
 
@@ -60,7 +60,7 @@ __all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "removed
 
 _CONV = frozenset("conv1d conv2d conv3d".split())
 _CONVT = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
-_CONTRACTIONS = _MATMUL | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
+_CONTRACTIONS = MATMUL_OPS | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
 _NORM_AXIS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
 # ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
 _RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
@@ -232,7 +232,7 @@ def example_inputs(graph: ModelGraph, device: Any) -> tuple[tuple[Any, ...], dic
 def _contracted_pairs(node: OpNode) -> list[tuple[TensorInfo, int, TensorInfo, int]] | None:
     """``(a, axis, b, axis)``: the operands and axes a product sums over, index by index (None: not known)."""
     ins = node.inputs
-    if node.name in _MATMUL and len(ins) == 2:
+    if node.name in MATMUL_OPS and len(ins) == 2:
         a, b = ins
         return [(a, a.ndim - 1, b, b.ndim - 2 if b.ndim >= 2 else 0)]
     if node.name == "scaled_dot_product_attention" and len(ins) >= 3:
@@ -321,7 +321,7 @@ def _filter_keep(mask: torch.Tensor, kind: str, groups: int, out_dim: int = 0) -
     return m.reshape(m.shape[0], -1).any(dim=1).numpy()
 
 
-def _masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.ndarray:
+def masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.ndarray:
     n = len(ca.root)
     masked = np.zeros(n, dtype=bool)
     for layer, m in masks.items():
@@ -345,7 +345,7 @@ def _masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.n
     return masked
 
 
-def _decide(ca: Any, masked: np.ndarray, protected: np.ndarray) -> np.ndarray:
+def decide_removal(ca: Any, masked: np.ndarray, protected: np.ndarray) -> np.ndarray:
     n = len(ca.root)
     voter = np.ones(n, dtype=bool)
     for li in ca.layers.values():
@@ -370,14 +370,14 @@ def removed_channels(graph: ModelGraph, masks: Mapping[str, Any]) -> dict[str, n
     return plan_removal(graph, masks, check_pins=False).removed
 
 
-class _Planner:
+class Planner:
     def __init__(self, graph: ModelGraph, masks: Mapping[str, Any]) -> None:
         from ..topology import channel_atoms
 
         self.g = graph
         self.ca = channel_atoms(graph)
         self.ignored: list[str] = []
-        self.masked = _masked_atoms(self.ca, masks, self.ignored)
+        self.masked = masked_atoms(self.ca, masks, self.ignored)
         self.prot = np.zeros(len(self.ca.root), dtype=bool)
         self.reasons: dict[int, str] = {}  # class root -> first reason it was protected
         self.derived = self._param_derived()
@@ -651,15 +651,15 @@ class _Planner:
         if static:
             self.static_protection()
         for _ in range(100):
-            atom_removed = _decide(self.ca, self.masked, self.prot)
+            atom_removed = decide_removal(self.ca, self.masked, self.prot)
             if not self.dynamic_protection(atom_removed):
                 return atom_removed
-        return _decide(self.ca, self.masked, self.prot)
+        return decide_removal(self.ca, self.masked, self.prot)
 
 
 def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: bool = True) -> RemovalPlan:
     """The :class:`RemovalPlan` of ``masks`` (NNI layout, ``{layer: {'weight': t, 'bias': t}}``) on ``graph``."""
-    pl = _Planner(graph, masks)
+    pl = Planner(graph, masks)
     ca = pl.ca
     atom_removed = pl.decide()
     removed = {name: atom_removed[li.atom_start: li.atom_start + li.out_channels].copy()
@@ -751,7 +751,7 @@ def _put(plan: RemovalPlan, t: TensorInfo, axis: int, keep: np.ndarray, where: s
     c.merge(axis, keep, where)
 
 
-def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
+def _make_cuts(plan: RemovalPlan, pl: Planner) -> None:
     g, ca = plan.graph, plan.atoms
     ar = plan.atom_removed
     for name, li in ca.layers.items():
@@ -818,7 +818,7 @@ def _make_cuts(plan: RemovalPlan, pl: _Planner) -> None:
             _elementwise_cuts(plan, pl, node)
 
 
-def _norm_cuts(plan: RemovalPlan, pl: _Planner, node: OpNode) -> None:
+def _norm_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
     x = node.inputs[0]
     ci = plan.atoms.info(x)
     if ci is None:
@@ -857,7 +857,7 @@ def _norm_cuts(plan: RemovalPlan, pl: _Planner, node: OpNode) -> None:
             attrs["num_features"] = int(keep.sum())
 
 
-def _elementwise_cuts(plan: RemovalPlan, pl: _Planner, node: OpNode) -> None:
+def _elementwise_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
     from ..topology.rules import _ELEMENTWISE
 
     if node.name not in _ELEMENTWISE:

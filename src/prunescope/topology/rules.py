@@ -107,7 +107,7 @@ _EXEC = frozenset(
 _RESHAPE = frozenset({"view", "reshape", "unflatten", "expand"})
 _SPLIT = frozenset({"chunk", "split", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk",
                     "unbind"})
-_MATMUL = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"})
+MATMUL_OPS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"})
 _RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 RNN_OPS = frozenset(_RNN_GATES)
 # ops that create a layer (make new channel atoms), also when their input carries no channels
@@ -662,7 +662,7 @@ def _cat_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> No
 def _build_rules() -> dict[str, Rule]:
     rules: dict[str, Rule] = {}
     # lowest precedence first: a later family overrides an op name that is in several
-    rules.update(dict.fromkeys(_MATMUL, matmul))
+    rules.update(dict.fromkeys(MATMUL_OPS, matmul))
     rules.update(dict.fromkeys(_EXEC, shape_op))
     rules.update(dict.fromkeys(("cat", "concat", "concatenate", "stack"), _cat_op))
     rules.update(dict.fromkeys(_REDUCE, reduce_op))

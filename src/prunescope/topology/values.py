@@ -38,10 +38,10 @@ from .rules import (
     _ELEMENTWISE,
     _EXEC,
     _FRESH,
-    _MATMUL,
     _NORM_OPS,
     _PASS,
     _REDUCE,
+    MATMUL_OPS,
     NEUTRAL_ON_ZERO,
     ZERO_ABSORBING,
     ZERO_PRESERVING,
@@ -55,7 +55,7 @@ __all__ = ["LIVE", "ZERO", "CONST", "UNKNOWN", "ValueStates", "value_states", "h
 
 LIVE, ZERO, CONST, UNKNOWN = 0, 1, 2, 3
 _NONUNIFORM = 4  # an operand code only: input-independent but varying along a non-channel axis
-_CONTRACT = _MATMUL | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
+_CONTRACT = MATMUL_OPS | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
 _CLAMPS = frozenset(("clamp", "clamp_", "clip", "clip_"))
 _CAT = frozenset(("cat", "concat", "concatenate", "stack", "hstack", "vstack"))
 
