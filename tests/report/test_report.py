@@ -212,22 +212,24 @@ def test_page_states_the_decision_first_and_highlights_the_shipped_candidate(rep
     uni = sorted(set(s["uniform_plan"].values()))
     assert len(uni) == 1
     assert (f"the uniform plan (every set at sparsity {uni[0]:g}, {s['uniform_flops_after']:,} MACs) measures "
-            f"{s['uniform_metric_measured']:.4f} shrunk, against {s['metric_after_measured']:.4f} for this plan "
-            "shrunk") in text
+            f"{s['uniform_metric_measured']:.4f} against {s['metric_after_measured']:.4f} for this plan, both shrunk, "
+            "before recovery") in text
     table = page[page.index('<table id="candidates">'):]
     table = table[: table.index("</table>")]
     rows = re.findall(r'<tr( class="chosen")?><td class="n">(\d+)</td>', table)
     assert len(rows) == len(s["plan_candidates"])
     assert [int(n) for mark, n in rows if mark] == [chosen + 1]  # the shipped one, and only it
     # every metric column says which model it describes
-    assert "accuracy (of this row&#x27;s model)" in page and "Measured accuracy (shrunk, before recovery)" in page
+    assert "accuracy (of this row&#x27;s model)" in page and "Measured accuracy (as-pruned)" in page
     assert "MACs (shipped, shrunk)" in page
 
 
 def _run(**kw):
     """A finished run as the page reads it (hand-made numbers)."""
-    ship = SimpleNamespace(plan={"a+b": 0.5, "c": 0.25}, flops=400, params=40, metric=0.81, latency_ms=0.96)
-    base = SimpleNamespace(plan={"a+b": 0.375, "c": 0.375}, flops=410, params=41, metric=0.77, latency_ms=0.97)
+    ship = SimpleNamespace(plan={"a+b": 0.5, "c": 0.25}, flops=400, params=40, metric=0.81, latency_ms=0.96,
+                           recovery=[], final=0.81)
+    base = SimpleNamespace(plan={"a+b": 0.375, "c": 0.375}, flops=410, params=41, metric=0.77, latency_ms=0.97,
+                           recovery=[], final=0.77)
     chosen = SimpleNamespace(order=6, source="neighbour: c lighter, a+b heavier")
     r = SimpleNamespace(shipped=ship, baseline=base, chosen=chosen, dense=SimpleNamespace(total_flops=1000),
                         recovery=[], metric_name="accuracy", flops_target=0.5, target_macs=500, note="",
@@ -239,15 +241,22 @@ def _run(**kw):
 
 
 def test_decision_sentence_names_the_model_behind_every_number():
-    text = decision_sentence(_run(recovery=[("BatchNorm re-estimation (3 batches)", 0.86, 0.1),
-                                            ("fine-tuning", 0.88, 2.0)]))
-    assert text == (  # the shipped plan measured 0.81 shrunk, 0.88 after recovery; uniform 0.77 shrunk
+    steps = [("BatchNorm re-estimation (3 batches)", 0.86, 0.1), ("fine-tuning", 0.88, 2.0)]
+    run = _run(recovery=steps)
+    run.shipped.recovery, run.shipped.final = steps, 0.88
+    text = decision_sentence(run)
+    assert text == (  # the shipped plan measured 0.81 shrunk, 0.88 after recovery; uniform 0.77 shrunk, not recovered
         "Ship candidate #7 (neighbour: c lighter, a+b heavier; 2 of 3 prunable sets pruned at sparsities "
         "0.25–0.5): 400 MACs, 40.0% of the dense model's 1,000 (target 50%), accuracy 0.8800 for the shipped "
         "model (shrunk, then BatchNorm re-estimation (3 batches) and fine-tuning) against 0.9000 for the dense "
-        "model; at the same budget the uniform plan (every set at sparsity 0.375, 410 MACs) measures 0.7700 shrunk, "
-        "against 0.8100 for this plan shrunk (0.0400 better), both before recovery (the uniform model is not "
+        "model; at the same budget the uniform plan (every set at sparsity 0.375, 410 MACs) measures 0.7700 "
+        "against 0.8100 for this plan, both shrunk, before recovery (0.0400 better) (the uniform model is not "
         "recovered, so the two are not compared after recovery).")
+    # the uniform baseline recovered the same way (reconstruction in the report): compared after recovery
+    run.baseline.recovery, run.baseline.final = [("fine-tuning", 0.9, 2.0)], 0.9
+    both = decision_sentence(run)
+    assert both.endswith("measures 0.9000 against 0.8800 for this plan, both after the same recovery (shrunk, then "
+                         "BatchNorm re-estimation (3 batches) and fine-tuning) (0.0200 worse).")
     lower = decision_sentence(_run(sign=-1.0, baseline=None))  # a loss; no uniform plan fits the budget
     assert lower.endswith("no uniform plan meets the budget, so there is no uniform baseline.")
     missed = decision_sentence(_run(target_macs=300, note="cannot reach the FLOPs target"))

@@ -103,7 +103,7 @@ def test_report_with_a_weight_norm_conv_excludes_its_sets_and_completes(tmp_path
     res = run_report(model, val, x, tmp_path / "r", flops_target=0.9, sparsities=[0.5], progress=False,
                      console=None)
     assert res.plan == {"conv3": 0.5}, res.plan
-    assert "conv2" in res.summary["excluded_sets"]["conv1+conv2"] and "computed" in \
+    assert "conv2" in res.summary["excluded_sets"]["conv1+conv2"] and "parametrized" in \
         res.summary["excluded_sets"]["conv1+conv2"]
 
 

@@ -131,6 +131,12 @@ def cache_dir() -> str:
     return os.path.join(base, "prunescope")
 
 
+# Training sums gradients in an order that depends on the number of intra-op threads, so the trained weights (and
+# every accuracy the README and the tests quote) would depend on the machine and on OMP_NUM_THREADS; the examples
+# train with this many threads, whatever the caller set.
+TRAIN_THREADS = 2
+
+
 def cached_model(build: Callable[[], nn.Module], train_fn: Callable[..., nn.Module], tag: str, use_cache: bool = True,
                  progress: bool = True) -> nn.Module:
     """A trained example model: its weights loaded from the cache (``cache_dir()/<tag>-<key>.pt``, key = tag and
@@ -151,7 +157,12 @@ def cached_model(build: Callable[[], nn.Module], train_fn: Callable[..., nn.Modu
         log(f"training the {tag.split('-')[0]} example on scikit-learn's digits"
             + (f" (first run only: the weights are cached in {path})" if use_cache else ""))
     t0 = time.perf_counter()
-    model = train_fn(log=log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)  # the float order of training depends on it: one set of weights everywhere
+    try:
+        model = train_fn(log=log)
+    finally:
+        torch.set_num_threads(threads)
     if log is not None:
         log(f"trained in {time.perf_counter() - t0:.1f} s")
     if use_cache:
