@@ -412,15 +412,6 @@ def random_masks(net, rng):
     return masks
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: intra-op threads only wait for each other (on a loaded machine, many times the work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_random_graphs_shrink_to_as_pruned_or_refuse(one_thread):
     rng = np.random.default_rng(16)
     t0 = time.process_time()  # CPU seconds of this process (the wall clock depends on the machine's load)

@@ -50,7 +50,7 @@ Example
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,17 +85,14 @@ def is_trivial(units: Sequence[np.ndarray]) -> bool:
     return all(len(u) == len(units[0]) and np.array_equal(u, np.arange(len(u))) for u in units)
 
 
-@torch.no_grad()
-def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str], units: Sequence[np.ndarray],
-                               prune_type: str = "l1") -> torch.Tensor:
-    """Per unit, the norm of the consumer input columns that read it (L1; L2 for ``l2``), summed over every
-    layer that reads a member's channels (grouped convolutions are skipped: a column there is not one unit)."""
+def _consumer_columns(ca: Any, model: nn.Module, members: Sequence[str], units: Sequence[np.ndarray]
+                      ) -> Iterator[tuple[str, torch.Tensor, np.ndarray]]:
+    """Every layer that reads a member's channels, as ``(layer, in-channel matrix (float64), unit of each input
+    column or -1)`` (grouped convolutions are skipped: a column there is not one unit)."""
     cls_unit: dict[int, int] = {}
     for m, u in zip(members, units):
         for c, uid in zip(ca.layer_classes(m).tolist(), u.tolist()):
             cls_unit[int(c)] = int(uid)
-    n_units = int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
-    total = torch.zeros(n_units, dtype=torch.float64)
     modules = dict(model.named_modules())
     for name, li in ca.layers.items():
         mod = modules.get(name)
@@ -111,8 +108,21 @@ def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str]
         if (col_unit < 0).all():
             continue
         mat = in_channel_matrix(mod, w.detach()).to(torch.float64)
-        if mat.shape[0] != len(col_unit):
-            continue
+        if mat.shape[0] == len(col_unit):
+            yield name, mat, col_unit
+
+
+def _n_units(units: Sequence[np.ndarray]) -> int:
+    return int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
+
+
+@torch.no_grad()
+def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str], units: Sequence[np.ndarray],
+                               prune_type: str = "l1") -> torch.Tensor:
+    """Per unit, the norm of the consumer input columns that read it (L1; L2 for ``l2``), summed over every
+    layer that reads a member's channels (grouped convolutions are skipped: a column there is not one unit)."""
+    total = torch.zeros(_n_units(units), dtype=torch.float64)
+    for _name, mat, col_unit in _consumer_columns(ca, model, members, units):
         per_col = mat.abs().sum(1) if prune_type != "l2" else torch.sqrt((mat ** 2).sum(1))
         sel = torch.from_numpy(col_unit >= 0)
         total.index_add_(0, torch.from_numpy(col_unit[col_unit >= 0]), per_col[sel].cpu())
@@ -278,30 +288,11 @@ def unit_scores_from_activations(ca: Any, model: nn.Module, members: Sequence[st
     """Per unit, ``Σ |W[:, c]|₁ · ‖X_c‖₂`` over every consumer column ``c`` that reads it (Wanda-sp / FLAP's
     activation-weighted norm; ``norms`` from :func:`input_channel_norms`), and per unit whether any consumer
     column was found (grouped convolutions are skipped as in :func:`unit_scores_from_consumers`)."""
-    cls_unit: dict[int, int] = {}
-    for m, u in zip(members, units):
-        for c, uid in zip(ca.layer_classes(m).tolist(), u.tolist()):
-            cls_unit[int(c)] = int(uid)
-    n_units = int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
-    total = torch.zeros(n_units, dtype=torch.float64)
-    seen = torch.zeros(n_units, dtype=torch.bool)
-    modules = dict(model.named_modules())
-    for name, li in ca.layers.items():
-        mod = modules.get(name)
-        w = weight_of(mod) if mod is not None else None
-        if w is None or name not in norms or not li.inputs or li.groups != 1 or not is_filter_layer(mod):
-            continue
-        cols = li.inputs[0]
-        valid = cols >= 0
-        if not valid.any():
-            continue
-        col_cls = np.where(valid, ca.atom_class(np.maximum(cols, 0)), -1)
-        col_unit = np.array([cls_unit.get(int(c), -1) for c in col_cls], dtype=np.int64)
-        if (col_unit < 0).all():
-            continue
-        mat = in_channel_matrix(mod, w.detach()).to(torch.float64)
-        nrm = norms[name].to(torch.float64).cpu()
-        if mat.shape[0] != len(col_unit) or nrm.numel() != len(col_unit):
+    total = torch.zeros(_n_units(units), dtype=torch.float64)
+    seen = torch.zeros(_n_units(units), dtype=torch.bool)
+    for name, mat, col_unit in _consumer_columns(ca, model, members, units):
+        nrm = norms[name].to(torch.float64).cpu() if name in norms else None
+        if nrm is None or nrm.numel() != len(col_unit):
             continue
         per_col = mat.abs().sum(1).cpu() * nrm
         sel = torch.from_numpy(col_unit >= 0)
