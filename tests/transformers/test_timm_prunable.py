@@ -44,10 +44,5 @@ def test_offered_units_shrink_as_pruned(name: str) -> None:
     if name in COUNT_DIFFERS and dense != eff:
         pytest.xfail(f"dense {dense} vs effective {eff}")
     assert dense == eff  # the shrunk model costs what the effective counter said
-    if row["norms"] and row["rel"] > 1e-4:
-        # a LayerNorm/GroupNorm/RMSNorm normalises across removed channels: the shrunk model normalises over
-        # the kept ones, as_pruned does not emulate that yet. Expected to pass once helper A1's norm emulation
-        # in as_pruned is merged (ConvNeXt, PoolFormer, Swin, MaxViT, CoAtNet, MobileViT, ... in the full zoo)
-        pytest.xfail(f"as_pruned does not renormalise {row['norms'][0]} over the kept channels "
-                     f"(rel {row['rel']:.2g})")
+    # norms over removed channels included: as_pruned normalises over the kept ones, as the narrowed norm does
     assert row["rel"] <= 1e-4
