@@ -120,8 +120,10 @@ def verify_shrunk(model: nn.Module, small: nn.Module, dummy_input: Any, plan: Re
 
 
 # ------------------------------------------------------------------------------------------------ localisation
-def _record(model: nn.Module, sink: Callable[[str, int, list[torch.Tensor], list[torch.Tensor]], None]
-            ) -> list[Any]:
+def _run_recorded(model: nn.Module, dummy_input: Any,
+                  sink: Callable[[str, int, list[torch.Tensor], list[torch.Tensor]], None]) -> None:
+    """Run ``model`` once (:func:`run_eval`) with ``sink(module, call number, outputs, inputs)`` called after every
+    module call; the hooks are removed afterwards, also on exceptions."""
     counts: dict[str, int] = {}
     handles = []
     for name, mod in model.named_modules():
@@ -130,7 +132,11 @@ def _record(model: nn.Module, sink: Callable[[str, int, list[torch.Tensor], list
             sink(name, counts[name], _leaves(out), _leaves(args))
 
         handles.append(mod.register_forward_hook(hook))
-    return handles
+    try:
+        run_eval(model, dummy_input)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _kept(t: torch.Tensor, info: Any, ci: Any, plan: RemovalPlan, want: tuple[int, ...]) -> torch.Tensor | None:
@@ -198,18 +204,8 @@ def _first_divergence(model: nn.Module, small: nn.Module, dummy_input: Any, plan
                 return
 
     with reference() as ref_model:
-        handles = _record(ref_model, keep_ref)
-        try:
-            run_eval(ref_model, dummy_input)
-        finally:
-            for h in handles:
-                h.remove()
-    handles = _record(small, compare)
-    try:
-        run_eval(small, dummy_input)
-    finally:
-        for h in handles:
-            h.remove()
+        _run_recorded(ref_model, dummy_input, keep_ref)
+    _run_recorded(small, dummy_input, compare)
     if not found:
         return None
     (name, k), d = found[0]
