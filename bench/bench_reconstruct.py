@@ -50,7 +50,7 @@ def _case_resnet50() -> dict:
     import torchvision
 
     from prunescope.masks.units import unit_masks
-    from prunescope.shrink import reconstruct
+    from prunescope.narrow import reconstruct
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
@@ -74,7 +74,7 @@ def _case_llama(name: str) -> dict:
     import transformers
     from prunescope.graph import trace
     from prunescope.masks.units import head_masks, unit_masks
-    from prunescope.shrink import reconstruct
+    from prunescope.narrow import reconstruct
 
     hidden, layers, heads, kv, inter, vocab = LLAMA[name]
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -106,8 +106,8 @@ def _case_digits() -> dict:
 
     from prunescope.examples import digits
     from prunescope.masks.units import unit_masks
+    from prunescope.narrow import reconstruct, shrink
     from prunescope.report.recovery import recalibrate_bn
-    from prunescope.shrink import reconstruct, shrink
 
     model = digits.train()
     xt = digits.load_data()[0]
@@ -140,7 +140,7 @@ def _case_vit() -> dict:
     from prunescope.examples import digits, vit_digits
     from prunescope.graph import trace
     from prunescope.masks.units import head_masks, unit_masks
-    from prunescope.shrink import reconstruct, shrink
+    from prunescope.narrow import reconstruct, shrink
 
     model = vit_digits.load_trained()
     xt = digits.load_data()[0]

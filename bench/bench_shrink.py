@@ -62,9 +62,9 @@ def latency_check() -> None:
     from prunescope.flops import flops_report
     from prunescope.graph import trace
     from prunescope.masks.pruners import group_masks
+    from prunescope.narrow import shrink
+    from prunescope.narrow.latency import measure_latency
     from prunescope.report import prunable_sets
-    from prunescope.shrink import shrink
-    from prunescope.shrink.latency import measure_latency
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()

@@ -67,7 +67,8 @@ def nni(name: str) -> float | None:
 def zoo() -> tuple[float, int, float, str]:
     from prunescope.commands.common import build_on_meta
     from prunescope.graph import trace
-    from prunescope.topology import ChannelDependency, GroupDependency, not_safe_to_prune
+    from prunescope.removal import not_safe_to_prune
+    from prunescope.topology import ChannelDependency, GroupDependency
 
     names = torchvision.models.list_models(module=torchvision.models)[: 5 if QUICK else None]
     t0 = time.perf_counter()

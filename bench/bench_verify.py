@@ -49,7 +49,7 @@ def tiny_llama():
 
 
 def timed(model, masks, x, verify: bool) -> float:
-    from prunescope.shrink import shrink
+    from prunescope.narrow import shrink
 
     t = time.perf_counter()
     with warnings.catch_warnings():

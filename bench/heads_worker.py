@@ -162,7 +162,7 @@ def masked_reference(model: nn.Module, spec: list[dict], removed: dict[str, tupl
 
 # ------------------------------------------------------------------------------------------- prunescope
 def run_prunescope(model, x, spec, ratio):
-    from prunescope.shrink import shrink
+    from prunescope.narrow import shrink
     from prunescope.topology import HeadDependency
 
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ def run_prunescope(model, x, sparsity, cls, strict=False):
     ``strict``, masks on them too: shrink then refuses by name, e.g. swin's window reshape ``view(..., C)``)."""
     from prunescope import not_safe_to_prune, trace
     from prunescope.masks import L1FilterPruner
-    from prunescope.shrink import shrink
+    from prunescope.narrow import shrink
 
     g = trace(model, x)
     unsafe = [] if strict else sorted(not_safe_to_prune(model, x, traced_model=g))

@@ -6,7 +6,7 @@ about 90 architectures in 15 families, random weights, CPU, small inputs).
 Per model: the fraction of the model's MACs in the conv/linear layers of the dependency sets offered by
 ``unit_masks`` **before** issue 19 (every set without an unsafe layer, a channel reaching the output or a
 non-filter member: shrink refused some and conflict-fixed grouped ones) and **after** (the one definition of
-:func:`prunescope.shrink.prunable.prunable_sets`), then the pipeline of ``check``: ``unit_masks`` at 30 % ->
+:func:`prunescope.narrow.prunable.prunable_sets`), then the pipeline of ``check``: ``unit_masks`` at 30 % ->
 ``shrink`` (refused? conflicts fixed? channels kept?) -> relative difference shrunk vs ``as_pruned`` -> dense
 count of the shrunk model vs effective count. Per family: the mean fractions before and after.
 """
@@ -28,7 +28,7 @@ _NEW_REASONS = ("shrink cannot remove", "its units cannot be removed group by gr
 def shares(name: str) -> tuple[float, float]:
     """``(before, after)``: fraction of MACs in the sets unit_masks offered before issue 19 and now."""
     from prunescope.graph import trace
-    from prunescope.shrink.prunable import prunable_sets
+    from prunescope.narrow.prunable import prunable_sets
 
     model, x = build(name)
     with warnings.catch_warnings():

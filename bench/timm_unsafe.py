@@ -6,7 +6,7 @@ family (``timm.list_models()`` grouped by the name's leading word, the smallest-
 be built or traced on meta is a *refusal*, counted apart with its reason; nothing else may fail.
 
 Per model: conv/linear layers, the fraction unsafe before (``channel_atoms(graph).unsafe``: the engine alone)
-and after (:func:`prunescope.topology.probe.probe_pins`), the number of probes and the probe's seconds.
+and after (:func:`prunescope.removal.probe.probe_pins`), the number of probes and the probe's seconds.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 def measure(name: str) -> dict[str, Any]:
     """One row: ``{'name', 'layers', 'before', 'after', 'probes', 'probe_s', 'trace_s'}`` or ``{'refused': why}``."""
     from prunescope.graph import trace
+    from prunescope.removal.probe import probe_pins
     from prunescope.topology import channel_atoms
-    from prunescope.topology.probe import probe_pins
 
     row: dict[str, Any] = {"name": name}
     try:

@@ -12,7 +12,7 @@ def test_shrink_is_the_function_after_importing_its_subpackage_names():
 
 
 def test_shrink_is_callable_whatever_the_import_order():
-    code = ("import torch; from prunescope.shrink import save_pruned; from prunescope import shrink; "
+    code = ("import torch; from prunescope.narrow import save_pruned; from prunescope import shrink; "
             "import prunescope; net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)); "
             "m = {'0': {'weight': torch.tensor([[1.] * 4, [0.] * 4, [1.] * 4]), 'bias': torch.tensor([1., 0, 1])}}; "
             "assert shrink(net, m, torch.ones(1, 4))[0].out_features == 2; "

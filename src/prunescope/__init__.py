@@ -25,20 +25,20 @@ _EXPORTS = {
     "ChannelDependency": "prunescope.topology",
     "InputChannelDependency": "prunescope.topology",
     "GroupDependency": "prunescope.topology",
-    "ReshapeDependency": "prunescope.topology",
-    "not_safe_to_prune": "prunescope.topology",
+    "ReshapeDependency": "prunescope.removal",
+    "not_safe_to_prune": "prunescope.removal",
     "L1FilterPruner": "prunescope.masks",
     "L2FilterPruner": "prunescope.masks",
     "LevelPruner": "prunescope.masks",
     "FPGMPruner": "prunescope.masks",
     "flops_report": "prunescope.flops",
     "run_report": "prunescope.report",
-    "shrink": "prunescope.shrink",
-    "as_pruned": "prunescope.shrink",
-    "save_pruned": "prunescope.shrink",
-    "load_pruned": "prunescope.shrink",
-    "reconstruct": "prunescope.shrink",
-    "ShrinkError": "prunescope.shrink",
+    "shrink": "prunescope.narrow",
+    "as_pruned": "prunescope.narrow",
+    "save_pruned": "prunescope.narrow",
+    "load_pruned": "prunescope.narrow",
+    "reconstruct": "prunescope.narrow",
+    "ShrinkError": "prunescope.errors",
     "save_masks": "prunescope.masks",
     "load_masks": "prunescope.masks",
     "apply_masks": "prunescope.masks",
@@ -58,8 +58,7 @@ def __getattr__(name: str) -> Any:
     if mod is None:
         raise AttributeError(f"module 'prunescope' has no attribute {name!r}")
     module = importlib.import_module(mod)
-    # importing ``prunescope.shrink`` binds the subpackage to the name ``shrink`` here; every name exported
-    # from that module is bound now, so ``from prunescope import as_pruned, shrink`` gives the function
+    # bind every name the module exports at once (one import per module)
     for n, m in _EXPORTS.items():
         if m == mod:
             globals()[n] = getattr(module, n)

@@ -49,3 +49,19 @@ class OutputError(PrunescopeError, OSError):
 
     def __str__(self) -> str:  # OSError's own __str__ would format errno/filename fields we do not set
         return str(self.args[0]) if self.args else ""
+
+
+class ShrinkError(PrunescopeError, ValueError):
+    """The masks cannot be turned into a physically smaller model (a pinned layer, a model that no longer runs).
+
+    ``layer`` names the layer concerned, ``op`` the op that pins it or failed, when known.
+    """
+
+    def __init__(self, message: str, layer: str | None = None, op: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.op = op
+
+
+class ShrinkWarning(UserWarning):
+    """Masks were changed before shrinking (conflicts fixed) or some masked channels had to be kept."""

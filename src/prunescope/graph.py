@@ -218,7 +218,7 @@ _SKIP = frozenset(
 _CONV_OPS = frozenset(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
 
 
-def _op_name(func: Callable[..., Any]) -> str:
+def op_name(func: Callable[..., Any]) -> str:
     if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
         # torch.ops.<ns>.<op>: aten ops keep their plain name (same arguments as the torch function); other
         # namespaces are qualified, so torch.ops.quantized.conv2d (packed int8 weights) is never mistaken for
@@ -296,7 +296,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.hidden:
             return func(*args, **kwargs)
-        name = _op_name(func)
+        name = op_name(func)
         if name in _SKIP:
             return func(*args, **kwargs)
         if name in _CONV_OPS:

@@ -15,7 +15,7 @@ from prunescope.examples.digits import DigitsNet
 from prunescope.graph import trace
 from prunescope.masks import fix_mask_conflict, group_masks, unit_masks
 from prunescope.masks.units import channel_units, is_trivial
-from prunescope.shrink import shrink
+from prunescope.narrow import shrink
 from prunescope.topology import channel_atoms
 
 X = torch.ones(1, 1, 8, 8)
@@ -163,7 +163,7 @@ def test_grouped_units_go_equally_per_group() -> None:
 
 
 def test_unit_chunks_reasons() -> None:
-    from prunescope.shrink.prunable import unit_chunks
+    from prunescope.narrow.prunable import unit_chunks
 
     u = [np.arange(8)]
     assert unit_chunks(u, [8], [2]).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]

@@ -17,8 +17,8 @@ from prunescope.examples import digits
 from prunescope.flops import flops_report
 from prunescope.masks import fix_mask_conflict
 from prunescope.masks.pruners import group_masks
+from prunescope.narrow import load_pruned, shrink
 from prunescope.report import run_report
-from prunescope.shrink import load_pruned, shrink
 
 pytestmark = pytest.mark.slow
 X = torch.ones(digits.INPUT_SIZE)

@@ -9,8 +9,8 @@ import torch
 from prunescope.cli import main
 from prunescope.examples import digits
 from prunescope.masks import load_masks
+from prunescope.narrow import as_pruned, load_pruned, reconstruct
 from prunescope.report import run_report
-from prunescope.shrink import as_pruned, load_pruned, reconstruct
 
 X = torch.ones(digits.INPUT_SIZE)
 ALL_BATCHES = digits.calibration_batches

@@ -15,9 +15,9 @@ from prunescope import count_flops_params
 from prunescope.cli import main
 from prunescope.examples import digits
 from prunescope.masks import load_masks
+from prunescope.narrow import as_pruned, load_pruned
 from prunescope.report import run_report
 from prunescope.report.page import decision_sentence, latency_note
-from prunescope.shrink import as_pruned, load_pruned
 
 FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "macs_per_layer.png", "flops.csv", "dependencies.csv",
          "plan.json", "masks.pth", "pruned.pt", "summary.json"]

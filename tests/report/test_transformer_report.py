@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prunescope import count_flops_params
-from prunescope.shrink import load_pruned
+from prunescope.narrow import load_pruned
 
 transformers = pytest.importorskip("transformers")
 

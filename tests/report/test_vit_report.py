@@ -12,7 +12,7 @@ import torch
 from prunescope import count_flops_params
 from prunescope.cli import main
 from prunescope.examples import vit_digits
-from prunescope.shrink import load_pruned
+from prunescope.narrow import load_pruned
 
 
 @pytest.fixture(scope="module")

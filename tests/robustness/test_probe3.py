@@ -16,10 +16,10 @@ from torch import nn
 
 from prunescope.cli import main
 from prunescope.masks import save_masks
+from prunescope.narrow import ShrinkError, ShrinkWarning, as_pruned, load_pruned, save_pruned, shrink
+from prunescope.narrow.io import tensor_digest
 from prunescope.report.search import PlanSearch
 from prunescope.report.steps import _knapsack
-from prunescope.shrink import ShrinkError, ShrinkWarning, as_pruned, load_pruned, save_pruned, shrink
-from prunescope.shrink.io import tensor_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

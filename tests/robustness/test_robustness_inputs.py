@@ -26,10 +26,11 @@ from prunescope.flops import flops_report
 from prunescope.graph import trace
 from prunescope.masks import apply_masks, load_masks, save_masks, validate_masks
 from prunescope.masks.units import head_masks, unit_masks
+from prunescope.narrow import ShrinkError, as_pruned, save_pruned, shrink
+from prunescope.removal import not_safe_to_prune
 from prunescope.report import run_report
 from prunescope.report.recovery import recalibrate_bn
-from prunescope.shrink import ShrinkError, as_pruned, save_pruned, shrink
-from prunescope.topology import ChannelDependency, not_safe_to_prune
+from prunescope.topology import ChannelDependency
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTRACT = "fn(module, inputs, output) -> int >= 0"

@@ -20,7 +20,8 @@ from torch import nn
 from prunescope import count_flops_params
 from prunescope.graph import trace
 from prunescope.masks import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, apply_masks, fix_mask_conflict
-from prunescope.topology import ChannelDependency, GroupDependency, not_safe_to_prune
+from prunescope.removal import not_safe_to_prune
+from prunescope.topology import ChannelDependency, GroupDependency
 
 X = (2, 3, 8, 8)
 CFG = [{"sparsity": 0.5, "op_types": ["Conv2d"]}]

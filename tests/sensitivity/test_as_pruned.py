@@ -6,7 +6,7 @@ from torch import nn
 
 from prunescope import SensitivityAnalysis
 from prunescope.masks.pruners import group_masks
-from prunescope.shrink import shrink
+from prunescope.narrow import shrink
 
 
 class Net(nn.Module):

@@ -21,9 +21,9 @@ from torch import nn
 import prunescope
 from prunescope.errors import ConfigError
 from prunescope.masks.units import input_channel_norms, unit_masks
-from prunescope.shrink import ShrinkWarning, reconstruct, shrink
+from prunescope.narrow import ShrinkWarning, reconstruct, shrink
 
-R = sys.modules["prunescope.shrink.reconstruct"]
+R = sys.modules["prunescope.narrow.reconstruct"]
 
 
 def _conv_net() -> nn.Module:

@@ -11,7 +11,7 @@ from narrow_models import DW, Cat, Chain, FlatLinear, Res, filt_mask
 from prunescope import count_flops_params
 from prunescope.errors import MaskError, PrunescopeError
 from prunescope.flops import flops_report
-from prunescope.shrink import ShrinkError, ShrinkWarning, as_pruned, load_pruned, save_pruned, shrink
+from prunescope.narrow import ShrinkError, ShrinkWarning, as_pruned, load_pruned, save_pruned, shrink
 
 
 def shapes(model):
@@ -298,8 +298,8 @@ def test_roll_along_channels_is_pinned_not_shrunk_wrongly():
     to other positions (the output differs from the masked model), so the layer is unsafe and shrink refuses."""
     import pytest
 
-    from prunescope.shrink import ShrinkError
-    from prunescope.topology import not_safe_to_prune
+    from prunescope.narrow import ShrinkError
+    from prunescope.removal import not_safe_to_prune
 
     class Roll(nn.Module):
         def __init__(self):

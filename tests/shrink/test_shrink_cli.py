@@ -4,7 +4,7 @@ import torch
 
 from prunescope.cli import main
 from prunescope.masks import L1FilterPruner, fix_mask_conflict, save_masks
-from prunescope.shrink import load_pruned, shrink
+from prunescope.narrow import load_pruned, shrink
 
 
 def test_cli_shrink_writes_the_library_model(tmp_path, capsys):

@@ -16,8 +16,8 @@ from torch import nn
 
 from prunescope.flops import flops_report
 from prunescope.graph import meta_copy, trace
-from prunescope.shrink import ShrinkError, as_pruned, shrink
-from prunescope.topology import not_safe_to_prune
+from prunescope.narrow import ShrinkError, as_pruned, shrink
+from prunescope.removal import not_safe_to_prune
 
 
 def filt(layer, drop):
@@ -102,7 +102,7 @@ def test_constant_after_activation_is_folded_or_kept(act, kind):
 
 
 def test_created_bias_survives_save_and_load(tmp_path):
-    from prunescope.shrink import load_pruned, save_pruned
+    from prunescope.narrow import load_pruned, save_pruned
 
     torch.manual_seed(7)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Conv2d(8, 4, 1, bias=False)).eval()

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from prunescope import as_pruned, count_flops_params, shrink  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
 from prunescope.masks.layers import expand_filters, num_filters  # noqa: E402
-from prunescope.shrink import load_pruned, save_pruned  # noqa: E402
+from prunescope.narrow import load_pruned, save_pruned  # noqa: E402
 from prunescope.topology import HeadDependency, channel_atoms  # noqa: E402
 
 
@@ -168,7 +168,7 @@ def test_a_literal_head_count_keeps_heads_and_removes_in_head_positions() -> Non
     import torch.nn.functional as F
     from torch import nn
 
-    from prunescope.shrink import ShrinkWarning
+    from prunescope.narrow import ShrinkWarning
 
     class Attn(nn.Module):
         def __init__(self):
@@ -208,7 +208,7 @@ def test_a_size_written_as_a_literal_refuses_with_the_pin() -> None:
     """reshape(B, N, 3, 4, 4) with literals (no attribute to update): removing a head is refused, naming the op."""
     from torch import nn
 
-    from prunescope.shrink import ShrinkError
+    from prunescope.narrow import ShrinkError
 
     class Fused(nn.Module):
         def __init__(self):

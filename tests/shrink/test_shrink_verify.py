@@ -12,7 +12,7 @@ from torch import nn
 from prunescope import SensitivityAnalysis
 from prunescope.masks import FPGMPruner, L1FilterPruner, L2FilterPruner
 from prunescope.masks.pruners import group_masks
-from prunescope.shrink import ShrinkError, ShrinkWarning, as_pruned, shrink
+from prunescope.narrow import ShrinkError, ShrinkWarning, as_pruned, shrink
 
 
 def rows(n_out, n_in, drop, *k):
@@ -251,7 +251,7 @@ def test_rmsnorm_over_removed_channels_is_the_narrowed_rmsnorm():
         hand.fc2.weight.copy_(net.fc2.weight[:, keep]), hand.fc2.bias.copy_(net.fc2.bias)
         want = hand(x)
     from prunescope.graph import trace
-    from prunescope.shrink.plan import plan_removal
+    from prunescope.removal.plan import plan_removal
     from prunescope.topology import channel_atoms
 
     g = trace(net, x)

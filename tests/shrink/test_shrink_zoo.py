@@ -17,8 +17,8 @@ torchvision = pytest.importorskip("torchvision")
 
 from prunescope.flops import flops_report  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
+from prunescope.narrow import as_pruned, shrink  # noqa: E402
 from prunescope.report import prunable_sets  # noqa: E402
-from prunescope.shrink import as_pruned, shrink  # noqa: E402
 from zoo_helpers import NAMES, zoo_model  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,8 @@ import torch
 import torchvision
 
 from prunescope.graph import trace
-from prunescope.topology import ChannelDependency, GroupDependency, channel_atoms, not_safe_to_prune
+from prunescope.removal import not_safe_to_prune
+from prunescope.topology import ChannelDependency, GroupDependency, channel_atoms
 
 REFS = Path(__file__).resolve().parents[1] / "data" / "nni" / "topology"
 

@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from prunescope import as_pruned
 from prunescope.graph import trace
-from prunescope.shrink.core import _apply_plan, as_pruned
-from prunescope.shrink.plan import plan_removal
-from prunescope.topology import ChannelDependency, ReshapeDependency, channel_atoms, not_safe_to_prune
-from prunescope.topology.probe import probe_pins
+from prunescope.removal import ReshapeDependency, not_safe_to_prune
+from prunescope.removal.narrow import apply_plan
+from prunescope.removal.plan import plan_removal
+from prunescope.removal.probe import probe_pins
+from prunescope.topology import ChannelDependency, channel_atoms
 
 
 class Windows(nn.Module):
@@ -85,7 +87,7 @@ def _remove(model: nn.Module, g, layer: str, channel: int) -> tuple[nn.Module, d
     plan = plan_removal(g, masks, check_pins=False)
     assert plan.removed[layer][channel]
     small = copy.deepcopy(model)
-    _apply_plan(small, plan)
+    apply_plan(small, plan)
     return small, masks
 
 
@@ -107,7 +109,7 @@ def test_size_from_shape_is_cleared_and_removal_is_exact():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_wired_into_not_safe_to_prune_and_channel_dependency():
+def test_wired_into_not_safe_to_prune():
     model, x = Windows().eval(), torch.ones(1, 4, 4, 3)
     assert not_safe_to_prune(model, x) == []
     assert not_safe_to_prune(model, x, probe=False) == ["a"]
@@ -116,9 +118,8 @@ def test_wired_into_not_safe_to_prune_and_channel_dependency():
     assert not_safe_to_prune(None, None, traced_model=g) == []
     dep = ReshapeDependency(traced_model=g)
     assert dep.probe is not None and dep.probe.cleared_layers == ["a"]
-    cd = ChannelDependency(model, x, include_linear=True)
-    assert cd.unsafe == {}
-    assert set(ChannelDependency(model, x, include_linear=True, probe=False).unsafe) == {"a"}
+    # ChannelDependency (the topology layer, below the removal plan) gives the engine's answer alone
+    assert set(ChannelDependency(model, x, include_linear=True).unsafe) == {"a"}
 
 
 def test_literal_size_stays_pinned_and_really_breaks():

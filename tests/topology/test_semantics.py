@@ -13,16 +13,15 @@ from torch import nn
 
 from prunescope.errors import ConfigError, TraceError
 from prunescope.graph import trace
+from prunescope.removal import ReshapeDependency, not_safe_to_prune
 from prunescope.topology import (
     ChannelDependency,
     ChannelInfo,
     GroupDependency,
     InputChannelDependency,
-    ReshapeDependency,
     TopologyWarning,
     channel_atoms,
     map_channels,
-    not_safe_to_prune,
 )
 
 X = torch.ones(1, 3, 8, 8)

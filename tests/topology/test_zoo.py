@@ -16,7 +16,8 @@ import torchvision
 
 from prunescope.commands.common import build_on_meta
 from prunescope.graph import trace
-from prunescope.topology import ChannelDependency, GroupDependency, InputChannelDependency, not_safe_to_prune
+from prunescope.removal import not_safe_to_prune
+from prunescope.topology import ChannelDependency, GroupDependency, InputChannelDependency
 
 NAMES = torchvision.models.list_models(module=torchvision.models)
 CPU_SUBSET = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "efficientnet_b0",

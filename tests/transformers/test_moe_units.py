@@ -37,8 +37,8 @@ transformers = pytest.importorskip("transformers")
 from prunescope import count_flops_params  # noqa: E402
 from prunescope.errors import MaskError  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
-from prunescope.shrink import shrink  # noqa: E402
-from prunescope.shrink.plan import plan_removal  # noqa: E402
+from prunescope.narrow import shrink  # noqa: E402
+from prunescope.removal.plan import plan_removal  # noqa: E402
 from prunescope.topology import TopologyWarning, channel_atoms  # noqa: E402
 from prunescope.topology.tracing import _meta_trace  # noqa: E402
 
@@ -302,7 +302,7 @@ def test_expert_masks_prune_the_lowest_units_of_every_expert_and_shrink() -> Non
 def test_router_stays_unsafe_after_the_pin_probe() -> None:
     """Removing router row e runs (softmax and topk over 3 channels, every shape fits) but shifts the expert
     indices: the pin probe, which clears pins whose removal runs with every size following, must keep it."""
-    from prunescope.topology import not_safe_to_prune
+    from prunescope.removal import not_safe_to_prune
 
     unsafe = not_safe_to_prune(build("mixtral", "sdpa"), inputs(), with_reasons=True)
     assert isinstance(unsafe, dict)
@@ -312,7 +312,7 @@ def test_router_stays_unsafe_after_the_pin_probe() -> None:
 
 def test_apply_masks_and_as_pruned_take_fused_masks() -> None:
     from prunescope.masks import apply_masks
-    from prunescope.shrink import as_pruned
+    from prunescope.narrow import as_pruned
 
     model = build("qwen2_moe", "sdpa")
     x = inputs()

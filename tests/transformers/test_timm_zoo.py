@@ -23,10 +23,10 @@ timm = pytest.importorskip("timm")
 
 from prunescope.commands.common import build_on_meta  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
-from prunescope.shrink.core import _apply_plan  # noqa: E402
-from prunescope.shrink.plan import plan_removal  # noqa: E402
+from prunescope.removal.narrow import apply_plan  # noqa: E402
+from prunescope.removal.plan import plan_removal  # noqa: E402
+from prunescope.removal.probe import probe_pins  # noqa: E402
 from prunescope.topology import channel_atoms, not_safe_to_prune  # noqa: E402
-from prunescope.topology.probe import probe_pins  # noqa: E402
 
 CHANGES = ["swin_s3_tiny_224", "tiny_vit_5m_224", "mobilevitv2_050", "sam2_hiera_tiny"]
 STAYS = {"test_vit": "reshape", "mixnet_s": "split", "resnet18": None}
@@ -59,7 +59,7 @@ def _prune_and_run(model: torch.nn.Module, g, classes: list[int], want: list[tup
     plan = plan_removal(g, _masks(model, ca, classes), check_pins=False)
     assert np.array_equal(plan.atom_removed, np.isin(ca.root, classes)), "the plan removes exactly the classes"
     small = copy.deepcopy(model)
-    _apply_plan(small, plan)
+    apply_plan(small, plan)
     with torch.no_grad():
         out = small(torch.empty(g.inputs[0].shape, device="meta"))
     got = [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])]

@@ -51,7 +51,7 @@ def test_vit_head_masks_by_hand(sparsity: float, consumers: bool) -> None:
 
 
 def test_vit_mlp_units_and_shrink_equals_masked() -> None:
-    from prunescope.shrink import as_pruned, shrink
+    from prunescope.narrow import as_pruned, shrink
 
     model = _vit()
     masks = unit_masks(model, X, 0.5, layers=["blocks.0.attn.q", "blocks.1.attn.q", "blocks.0.mlp.fc1",

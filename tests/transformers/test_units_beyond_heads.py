@@ -22,13 +22,8 @@ transformers = pytest.importorskip("transformers")
 from prune_helpers import classes_of, mask, prune  # noqa: E402
 
 from prunescope.graph import trace  # noqa: E402
-from prunescope.topology import (  # noqa: E402
-    ChannelDependency,
-    HeadDependency,
-    TopologyWarning,
-    channel_atoms,
-    not_safe_to_prune,
-)
+from prunescope.removal import not_safe_to_prune  # noqa: E402
+from prunescope.topology import ChannelDependency, HeadDependency, TopologyWarning, channel_atoms  # noqa: E402
 
 
 def atoms(model, x):

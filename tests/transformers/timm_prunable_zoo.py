@@ -122,7 +122,7 @@ def check(name: str, sparsity: float = 0.3) -> dict[str, Any]:
     from prunescope.flops import count_flops_params
     from prunescope.graph import trace
     from prunescope.masks import unit_masks
-    from prunescope.shrink import ShrinkWarning, as_pruned, shrink
+    from prunescope.narrow import ShrinkWarning, as_pruned, shrink
 
     row: dict[str, Any] = {"name": name, "family": FAMILY.get(name, "?")}
     t0 = time.perf_counter()

@@ -71,7 +71,7 @@ def _deps(a: argparse.Namespace) -> int:
 
 
 def _unsafe(a: argparse.Namespace) -> int:
-    from ..topology import not_safe_to_prune
+    from ..removal import not_safe_to_prune
 
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter("always")

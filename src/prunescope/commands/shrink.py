@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _run(a: argparse.Namespace) -> int:
     from ..flops import flops_report
     from ..masks import load_masks
-    from ..shrink import ShrinkWarning, save_pruned, shrink
-    from ..shrink.latency import measure_latency
+    from ..narrow import ShrinkWarning, save_pruned, shrink
+    from ..narrow.latency import measure_latency
 
     size = parse_size(a.input_size)
     if check_device(a.device) is not None and torch.device(a.device).type == "meta":

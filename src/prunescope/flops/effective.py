@@ -5,7 +5,7 @@ removes the matching input channel of every layer that consumes it — through B
 pooling, residual adds, concatenation, channel shuffles and ``flatten`` into a Linear — and norms shrink with
 their channels. The figure equals the dense count of the physically narrowed network.
 
-Which channels go is the removal plan of :mod:`prunescope.shrink.plan`, the same one :func:`prunescope.shrink`
+Which channels go is the removal plan of :mod:`prunescope.removal.plan`, the same one :func:`prunescope.shrink`
 builds the narrowed model from (its dense count equals this count; tested on every torchvision model).
 How a channel is decided removed (read off the channel engine,
 :func:`prunescope.topology.channel_atoms`): every output channel of every layer is an *atom*; ops that force
@@ -22,7 +22,7 @@ count of that narrowed network.
 
 A removed channel that reaches the next layer as a non-zero constant (``sigmoid(0) = 0.5``) is folded into that
 layer's bias where that is exact (a bias created for it is counted), or kept (counted) where it is not; see
-:mod:`prunescope.shrink.fold`. Channels pinned for their values (a mean over the channel axis) count as removed
+:mod:`prunescope.removal.fold`. Channels pinned for their values (a mean over the channel axis) count as removed
 here when masked, but ``shrink`` refuses them.
 
 Unstructured (fine-grained) masks remove no channel and leave the count unchanged; attention projections and
@@ -45,7 +45,8 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode, check_graph_of, trace
-from ..shrink.plan import plan_removal, removed_channels
+from ..masks.io import validate_masks
+from ..removal.plan import plan_removal, removed_channels
 from .counter import FlopsReport, _build
 
 __all__ = ["effective_report", "node_scales", "removed_channels"]
@@ -132,8 +133,6 @@ def effective_report(
     """:class:`FlopsReport` of the narrowed network; ``total_params`` counts its parameters."""
     check_graph_of(graph, model, "flops_report")
     g = graph if graph is not None else trace(model, x)
-    from ..masks.io import validate_masks
-
     masks = validate_masks(masks or {}, model, "count_flops_params masks")
     plan = plan_removal(g, masks, check_pins=False)
     op_scale = node_scales(plan.atoms, plan.atom_removed)

@@ -15,7 +15,7 @@ level), and its count is
 
 with ``scale`` the factor of :func:`prunescope.flops.effective.node_scales` — for a conv/linear call the pairs
 of kept (input, output) channels over the dense pairs, bilinear in the kept counts; for other counted ops the
-fraction of channel positions alive — after the removal decision of :func:`prunescope.shrink.plan_removal`
+fraction of channel positions alive — after the removal decision of :func:`prunescope.narrow.plan_removal`
 (a class goes when every voter is masked; the mask-dependent protection: grouped convolutions, GroupNorm
 divisibility, SDPA's head_dim) is re-run on the vector. The same factors, the same decision and the same
 rounding as the effective counter, so the two give the same number (tested against
@@ -40,7 +40,7 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode
-from ..shrink.plan import Planner, decide_removal, masked_atoms
+from ..removal.plan import Planner, decide_removal, masked_atoms
 from .counter import _build, _op_cost
 from .effective import node_scales
 
@@ -80,7 +80,7 @@ class PlanCost:
 
     def removed(self, masked: np.ndarray) -> np.ndarray:
         """Per engine atom: removed by the removal plan of masks whose masked atoms are ``masked`` (the
-        decision of :func:`prunescope.shrink.plan_removal`, mask-independent protection reused)."""
+        decision of :func:`prunescope.narrow.plan_removal`, mask-independent protection reused)."""
         pl = self._planner
         pl.masked = np.asarray(masked, dtype=bool)
         pl.prot = self._prot0.copy()

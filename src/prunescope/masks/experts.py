@@ -1,7 +1,7 @@
 """Masks for fused expert parameters: remove the same number of units from every expert.
 
 A fused expert layer (:mod:`prunescope.topology.moe`) holds all experts in one 3-D parameter; its masks are keyed
-by the parameter's name and have its shape (:mod:`prunescope.shrink.experts`). :func:`expert_masks` scores the
+by the parameter's name and have its shape (:mod:`prunescope.removal.experts`). :func:`expert_masks` scores the
 units of every expert (an expert unit is one class of the channel engine: for a SwiGLU expert, row ``j`` and
 row ``I + j`` of ``gate_up_proj[e]``; ``down_proj[e]``'s column ``j`` reads it) by the norms of their rows and
 removes the ``int(units * sparsity)`` lowest of **each** expert, so every expert keeps the same width and

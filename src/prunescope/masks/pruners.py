@@ -231,7 +231,7 @@ def group_masks(modules: Sequence[nn.Module], sparsity: float, prune_type: str,
     ``int(U * sparsity)`` units are pruned with the same selection rule. When every unit is one channel of
     every member (``units[k] == range(n)``) this is exactly the rule above, bit for bit.
 
-    ``chunks`` (grouped convolutions, :func:`prunescope.shrink.prunable.unit_chunks`): the chunk of every unit;
+    ``chunks`` (grouped convolutions, :func:`prunescope.narrow.prunable.unit_chunks`): the chunk of every unit;
     ``int(units per chunk * sparsity)`` units are pruned in every chunk, exactly that many (lowest scores,
     stable order on ties), so every group loses as many channels as the others.
     """

@@ -149,9 +149,9 @@ def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: I
     ``0 <= sparsity < 1`` (anything else, NaN included, is a :class:`~prunescope.errors.ConfigError`).
 
     ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned, the one
-    definition of :func:`prunescope.shrink.prunable.prunable_sets`: no unsafe layer, no channel reaching the
+    definition of :func:`prunescope.narrow.prunable.prunable_sets`: no unsafe layer, no channel reaching the
     model output, units removable group by group of the grouped convolutions, and a set that
-    :func:`~prunescope.shrink.shrink` narrows as asked). A named layer whose set may not be pruned is an error
+    :func:`~prunescope.narrow.shrink` narrows as asked). A named layer whose set may not be pruned is an error
     naming the reason. On a grouped convolution the same number of units goes from every group. Returns NNI's
     mask layout ``{layer: {'weight', 'bias'}}`` for every member of the pruned sets; the masks remove whole
     engine classes, equally per group, so :func:`prunescope.masks.fix_mask_conflict` leaves them as they are
@@ -180,7 +180,7 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
         raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm', 'activation'), got "
                           f"{prune_type!r}")
     from ..graph import trace
-    from ..shrink.prunable import prunable_sets  # the removal layer owns "prunable"; it imports this module
+    from ..narrow.prunable import prunable_sets  # the removal layer owns "prunable"; it imports this module
 
     g = graph if graph is not None else trace(model, dummy_input)
     p = prunable_sets(model, g, dummy_input)
@@ -219,7 +219,7 @@ def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_typ
     of every attention :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows
     and (default) output-projection columns (``prune_type='activation'`` with ``calibration``: by the
     activation-weighted norm of the output-projection columns, see :func:`unit_masks`). Attentions whose heads
-    :func:`~prunescope.shrink.shrink` cannot remove (see :func:`unit_masks`) are left out. MLP units:
+    :func:`~prunescope.narrow.shrink` cannot remove (see :func:`unit_masks`) are left out. MLP units:
     :func:`unit_masks` with ``layers=[the MLP's first layer]``.
 
     >>> import torch

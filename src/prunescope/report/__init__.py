@@ -24,7 +24,7 @@ Steps (each prints one short line; the details go to the output folder):
    uniform baseline alike.
 
 **Choosing by what ships.** With calibration inputs (``calibrate``) the shipped model is the *reconstructed*
-one (:func:`prunescope.shrink.reconstruct`: every narrowed layer refit by least squares to the dense model's
+one (:func:`prunescope.narrow.reconstruct`: every narrowed layer refit by least squares to the dense model's
 output, from the first ``calibration_samples`` unlabeled inputs), so every candidate plan of the search and
 the verification measure that model (``plan_metric: "reconstructed"``; the as-pruned metric is measured beside
 it). The sensitivity sweep stays as pruned: its single-set curves only rank sets and seed the knapsack and
@@ -39,7 +39,7 @@ and removal decision, the mask-independent work done once): the hundreds of plan
 milliseconds each, and the user's evaluations are the only cost that grows with the model.
 
 Every number on the page and in ``summary.json`` describes that one shrunk model. Sensitivity is measured
-"as pruned" (a removed channel is zero after its normalisation too, see :func:`prunescope.shrink.as_pruned`),
+"as pruned" (a removed channel is zero after its normalisation too, see :func:`prunescope.narrow.as_pruned`),
 so prediction and measurement describe the same kind of model. Predicted loss of a plan = the sum of the
 measured drops of its sets (each measured with the other sets intact), the usual additive assumption of
 sensitivity-based allocation; the measured metric shows how far it holds.
@@ -58,8 +58,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..shrink.prunable import output_layers  # noqa: F401 - re-exported: the report's name for it
-from ..shrink.prunable import prunable_sets as _prunable_sets
+from ..narrow.prunable import output_layers  # noqa: F401 - re-exported: the report's name for it
+from ..narrow.prunable import prunable_sets as _prunable_sets
 from .output import ReportFolder
 
 __all__ = ["ReportResult", "run_report", "prunable_sets"]
@@ -87,7 +87,7 @@ def _report_layer(m: nn.Module | None) -> bool:
 def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str, ...]], dict[str, str],
                                                                    dict[str, int]]:
     """Dependency sets (conv + linear) that may be pruned, and why the others may not: the one definition of
-    :func:`prunescope.shrink.prunable.prunable_sets` (which ``unit_masks`` uses too), members limited to
+    :func:`prunescope.narrow.prunable.prunable_sets` (which ``unit_masks`` uses too), members limited to
     :func:`report_layer_types`.
 
     Returns ``(sets, excluded, group_constraint)``: ``excluded`` maps a set key to the reason,
@@ -148,7 +148,7 @@ def run_report(
     ``calibrate``: unlabeled input batches (or a function returning them). With them and ``reconstruct``
     (default) every candidate plan is measured, chosen and shipped **reconstructed**: the shrunk model's
     narrowed layers refit by least squares to reproduce the dense model on the first ``calibration_samples``
-    inputs (:func:`prunescope.shrink.reconstruct`); ``summary['plan_metric']`` says ``'reconstructed'``. With
+    inputs (:func:`prunescope.narrow.reconstruct`); ``summary['plan_metric']`` says ``'reconstructed'``. With
     ``reconstruct=False`` they serve BatchNorm re-estimation of the shrunk model only (``'as-pruned'``).
     ``finetune``: ``fn(model)`` that trains the shipped model in place, after the reconstruction. Recovery
     order: reconstruct -> (BatchNorm re-estimation, without reconstruction) -> fine-tune; the uniform baseline

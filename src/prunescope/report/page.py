@@ -298,7 +298,7 @@ def page(r: Run, s: dict[str, Any], pngs: list[tuple[str, str | None]]) -> str:
 
 def write_folder(r: Run, folder: ReportFolder, tmp: str) -> dict[str, str]:
     from ..masks import save_masks
-    from ..shrink import save_pruned
+    from ..narrow import save_pruned
 
     assert r.shipped is not None and r.final is not None
     p = {k: os.path.join(tmp, v) for k, v in FILES.items()}

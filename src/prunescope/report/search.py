@@ -22,7 +22,7 @@ recorded before its own measurement, so ``|predicted − measured|`` is an hones
 lists every candidate's prediction and measurement.
 
 Candidates are measured by the report's ``measure`` function: the reconstructed shrunk model when calibration
-inputs exist (what ships), else the masked model with as-pruned semantics (:func:`prunescope.shrink.as_pruned`,
+inputs exist (what ships), else the masked model with as-pruned semantics (:func:`prunescope.narrow.as_pruned`,
 equal to the shrunk model's output). :attr:`PlanSearch.on_measure` is called after each measurement (the
 report's progress bar).
 """

@@ -292,7 +292,7 @@ class Run:
         """The plan's shipped model before fine-tuning: shrunk, and refit by least squares when reconstructing."""
         import warnings
 
-        from ..shrink import reconstruct, shrink
+        from ..narrow import reconstruct, shrink
 
         if not masks:
             return copy.deepcopy(self.model)
@@ -306,7 +306,7 @@ class Run:
         """The metric the plan is chosen by: the reconstructed model's when reconstructing, else the masked model's
         as pruned (equal to the shrunk model's output). The as-pruned metric is measured either way (one more
         evaluation) and kept in :attr:`metrics`."""
-        from ..shrink import as_pruned
+        from ..narrow import as_pruned
 
         key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
         masks = self.masks_for(plan)
@@ -321,7 +321,7 @@ class Run:
     def ship(self, plan: dict[str, float]) -> Shipped:
         """Shrink the plan's model (and reconstruct it when reconstructing) and measure it (metric, counts)."""
         from ..flops import flops_report
-        from ..shrink import as_pruned
+        from ..narrow import as_pruned
 
         key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
         masks = self.masks_for(plan)
@@ -538,7 +538,7 @@ def step_verify(r: Run) -> None:
 
 def _verify(r: Run, bar: Any) -> None:
     from ..flops import flops_report
-    from ..shrink.latency import measure_latency
+    from ..narrow.latency import measure_latency
 
     assert r.chosen is not None
     bar.set_postfix_str("the plan's model", refresh=True)

@@ -23,7 +23,7 @@ from ..graph import ModelGraph, check_graph_of, trace
 from ..masks.layers import FILTER_TYPES, num_filters
 from ..masks.pruners import transposed_linear_types
 from ..masks.units import channel_units, is_trivial
-from ..shrink.core import follower_zero_map
+from ..removal.zeros import follower_zero_map
 from ..topology import ChannelDependency
 from . import report
 from .checkpoint import Checkpoint, state_hash

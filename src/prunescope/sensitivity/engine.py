@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import PrunescopeError
 from ..masks.pruners import group_masks
-from ..shrink.core import zero_hooks
+from ..removal.zeros import zero_hooks
 
 EARLY_STOP_MODES = ("minimize", "maximize", "dropped", "raised")
 
@@ -69,7 +69,7 @@ class Job:
     prune: bool = True
     done: Mapping[int, float] = field(default_factory=dict)
     restore_buffers: bool = True
-    zero_after: tuple = ()  # as-pruned semantics: prunescope.shrink.core.follower_zero_map points
+    zero_after: tuple = ()  # as-pruned semantics: prunescope.removal.zeros.follower_zero_map points
     units: tuple | None = None  # unit pruning: per member, the unit id of each output channel
 
 
@@ -89,7 +89,7 @@ class Eval:
     restore_buffers: bool = True
     device: str | None = None
     threads: int | None = None
-    zero_after: tuple = ()  # as-pruned semantics: prunescope.shrink.core.follower_zero_map points
+    zero_after: tuple = ()  # as-pruned semantics: prunescope.removal.zeros.follower_zero_map points
     units: tuple | None = None  # unit pruning: per member, the unit id of each output channel
 
 

@@ -8,8 +8,10 @@ shared recorded trace (:func:`prunescope.graph.trace`) and on the channel engine
   scales, depthwise convs, channel shuffle ...), ``.dependency_sets`` / ``.sets`` / ``.export(path)``;
 * :class:`InputChannelDependency` — layers that read the same channels (input-channel pruning);
 * :class:`GroupDependency` — grouped-convolution divisibility constraints, ``.dependency`` / ``.min_groups``;
-* :class:`ReshapeDependency` and :func:`not_safe_to_prune` — layers whose channel count is pinned by a
-  shape op (a ``view`` with a fixed size ...) or that feed an op the analysis cannot interpret.
+* NNI's ``ReshapeDependency`` and ``not_safe_to_prune`` (layers whose channel count is pinned by a shape op
+  or that feed an op the analysis cannot interpret) decide each pin physically with the removal plan, so they
+  live in :mod:`prunescope.removal.unsafe` (root names: ``prunescope.ReshapeDependency``,
+  ``prunescope.not_safe_to_prune``).
 
 Every class accepts ``traced_model=`` a :class:`~prunescope.graph.ModelGraph` (or ``graph=``), so one trace
 feeds several analyses.
@@ -31,21 +33,21 @@ from ..graph import ModelGraph
 from .base import ChannelInfo, LayerInfo, TopologyWarning
 from .engine import ChannelAtoms, channel_atoms, sets_from_classes
 from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
-from .probe import probe_pins
 from .replay import map_channels
 from .rules import CONV_OPS, LINEAR_OPS
 from .tracing import _refuse_quantized, get_graph
 
 __all__ = [
-    "ChannelDependency", "InputChannelDependency", "GroupDependency", "ReshapeDependency", "not_safe_to_prune",
+    "ChannelDependency", "InputChannelDependency", "GroupDependency",
     "channel_atoms", "map_channels", "ChannelAtoms", "ChannelInfo", "LayerInfo", "TopologyWarning",
-    "get_graph", "HeadDependency", "AttentionWeightDependency", "AttentionHeads",
+    "get_graph", "HeadDependency", "AttentionWeightDependency", "AttentionHeads", "checked_channel_atoms",
+    "atomic_csv", "is_module_layer",
 ]
 
 _CONV_KINDS = ("conv", "conv_transpose")
 
 
-def _channel_atoms(graph: ModelGraph) -> ChannelAtoms:
+def checked_channel_atoms(graph: ModelGraph) -> ChannelAtoms:
     """:func:`channel_atoms`, with a quantized layer refused by name and no private exception escaping."""
     _refuse_quantized(graph.model)
     try:
@@ -56,14 +58,14 @@ def _channel_atoms(graph: ModelGraph) -> ChannelAtoms:
         raise UnsupportedModelError(f"channel analysis cannot interpret the model: {e}") from None
 
 
-def _atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None:
+def atomic_csv(path: str | os.PathLike[str], rows: Iterable[list[Any]]) -> None:
     with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         for r in rows:
             w.writerow(r)
 
 
-def _is_module_layer(ca: ChannelAtoms, name: str) -> bool:
+def is_module_layer(ca: ChannelAtoms, name: str) -> bool:
     # fused expert parameters (topology/moe.py) are layers of the engine but not modules: the NNI-compatible
     # views list modules only (their units are read off the engine: channel_atoms(graph).layers)
     return not name.startswith("<") and ca.layers[name].kind != "experts"
@@ -81,8 +83,8 @@ class ChannelDependency:
     Attributes: ``dependency_sets`` (list of sets, sets in order of first execution), ``sets`` (the same as
     ordered lists, names in execution order), ``dependency`` (``{layer: its set}``), ``atoms`` (the
     :class:`~prunescope.topology.engine.ChannelAtoms` engine with the exact channel-level ties), ``unsafe``
-    (``{layer: [reason, ...]}`` for the grouped layers that :func:`not_safe_to_prune` reports; computed on first
-    use, with the pin probe of :mod:`~prunescope.topology.probe` unless ``probe=False``).
+    (``{layer: [reason, ...]}`` for the grouped layers whose channels reach a pin of the channel engine; the
+    engine's answer alone: :func:`prunescope.not_safe_to_prune` decides each pin physically).
 
     Example
     -------
@@ -98,15 +100,14 @@ class ChannelDependency:
 
     def __init__(self, model: nn.Module | None = None, dummy_input: Any = None, traced_model: Any = None,
                  prune_type: str = "Filter", *, include_linear: bool = False,
-                 graph: ModelGraph | None = None, probe: bool = True) -> None:
+                 graph: ModelGraph | None = None) -> None:
         if prune_type not in ("Filter", "Batchnorm"):
             raise ConfigError(f"prune_type must be 'Filter' or 'Batchnorm', got {prune_type!r}")
         self.graph = get_graph(model, dummy_input, traced_model, graph)
         self.model = model if model is not None else self.graph.model
         self.prune_type = prune_type
         self.include_linear = include_linear
-        self.atoms = _channel_atoms(self.graph)
-        self._probe_input = (probe, dummy_input)
+        self.atoms = checked_channel_atoms(self.graph)
         self.sets: list[list[str]] = self._build()
         self.dependency: dict[str, set[str]] = {}
         for s in self.sets:
@@ -119,7 +120,7 @@ class ChannelDependency:
         ca = self.atoms
         if self.prune_type == "Batchnorm":
             return [n for n, t in ca.follower_types.items() if t.startswith("BatchNorm")]
-        return [n for n, li in ca.layers.items() if _is_module_layer(ca, n)
+        return [n for n, li in ca.layers.items() if is_module_layer(ca, n)
                 and (li.kind in _CONV_KINDS or self.include_linear)]
 
     def _build(self) -> list[list[str]]:
@@ -139,13 +140,12 @@ class ChannelDependency:
     @property
     def unsafe(self) -> dict[str, list[str]]:
         """``{layer: [reason, ...]}`` for the grouped layers whose output channels are unsafe to prune."""
-        probe, x = getattr(self, "_probe_input", (False, None))
-        unsafe = _unsafe_layers(self.graph, self.atoms, x, probe)
+        unsafe = self.atoms.unsafe
         return {n: unsafe[n] for s in self.sets for n in s if n in unsafe}
 
     def export(self, filepath: str | os.PathLike[str]) -> None:
         """Write ``Dependency Set,Convolutional Layers`` then ``Set N,name,...`` rows (atomic write)."""
-        _atomic_csv(filepath, [self.header] + [[f"Set {k}", *s] for k, s in enumerate(self.sets, 1)])
+        atomic_csv(filepath, [self.header] + [[f"Set {k}", *s] for k, s in enumerate(self.sets, 1)])
 
 
 class InputChannelDependency(ChannelDependency):
@@ -263,7 +263,7 @@ class GroupDependency:
 
     def export(self, filepath: str | os.PathLike[str]) -> None:
         """Write ``Conv Layer Name,Group`` then ``name,lcm`` rows (atomic write)."""
-        _atomic_csv(filepath, [self.header] + [[n, v] for n, v in self.dependency.items()])
+        atomic_csv(filepath, [self.header] + [[n, v] for n, v in self.dependency.items()])
 
 
 def _lcm(v: list[int]) -> int:
@@ -271,89 +271,3 @@ def _lcm(v: list[int]) -> int:
     for x in v:
         r = r * x // math.gcd(r, x)
     return r
-
-
-class ReshapeDependency:
-    """Layers whose output channel count is pinned downstream, with the reason for each.
-
-    A layer is reported when one of its output channels (or a channel tied to it) reaches a shape op that
-    writes the channel count into the code — ``view``/``reshape``/``expand`` with an explicit size on a
-    channel-carrying axis (``x.view(-1, 1024)``, ViT's ``reshape(n, hidden_dim, -1)``), a slice or split at
-    fixed sizes along channels — or an op whose channel semantics are unknown (the analysis stops there).
-    ``view(N, -1)``, ``flatten`` (into a Linear, whose input columns follow) and channel-group split/merge
-    reshapes (channel shuffle) are safe.
-
-    A size written in a shape op may also be one the forward read from ``x.shape`` at run time (a trace
-    records both as numbers); with ``probe=True`` (default) each pin is decided physically by
-    :func:`~prunescope.topology.probe.probe_pins` (the channels are removed from a ``meta`` copy, which is
-    traced again), and a pin whose removal runs with every size following is dropped. ``probe=False`` gives
-    the engine's answer alone.
-
-    Attributes: ``dependency_sets`` (layer names, execution order), ``reasons`` (``{layer: [reason, ...]}``),
-    ``dependency`` (``{op description: [layers]}``), ``probe`` (the
-    :class:`~prunescope.topology.probe.PinProbe`, or ``None``).
-
-    >>> import torch
-    >>> from torch import nn
-    >>> class Net(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.conv, self.fc = nn.Conv2d(3, 16, 3), nn.Linear(64, 2)
-    ...     def forward(self, x):
-    ...         return self.fc(self.conv(x).view(-1, 64))
-    >>> ReshapeDependency(Net(), torch.ones(1, 3, 4, 4)).dependency_sets
-    ['conv']
-    """
-
-    header = ["Reshape OP", "Dependent Layers"]
-
-    def __init__(self, model: nn.Module | None = None, dummy_input: Any = None, traced_model: Any = None, *,
-                 graph: ModelGraph | None = None, probe: bool = True) -> None:
-        self.graph = get_graph(model, dummy_input, traced_model, graph)
-        self.model = model if model is not None else self.graph.model
-        ca = self.atoms = _channel_atoms(self.graph)
-        self.probe = _pin_probe(self.graph, dummy_input) if probe and ca.class_notes else None
-        unsafe = self.probe.unsafe if self.probe is not None else ca.unsafe
-        self.reasons: dict[str, list[str]] = {
-            n: list(r) for n, r in unsafe.items() if _is_module_layer(ca, n)
-        }
-        self.dependency: dict[str, list[str]] = {}
-        for n, rs in self.reasons.items():
-            for r in rs:
-                self.dependency.setdefault(r, []).append(n)
-
-    @property
-    def dependency_sets(self) -> list[str]:
-        return list(self.reasons)
-
-    def export(self, filepath: str | os.PathLike[str]) -> None:
-        """Write ``Reshape OP,Dependent Layers`` then one row per op (atomic write)."""
-        _atomic_csv(filepath, [self.header] + [[op, *ls] for op, ls in self.dependency.items()])
-
-
-def not_safe_to_prune(model: nn.Module | None, dummy_input: Any, *, traced_model: Any = None,
-                      with_reasons: bool = False, probe: bool = True) -> list[str] | dict[str, list[str]]:
-    """Layers whose output channels cannot be pruned safely (see :class:`ReshapeDependency`).
-
-    Returns the layer names in execution order, or ``{layer: [reason, ...]}`` with ``with_reasons=True``.
-    ``probe=False``: the channel engine's pins alone, without deciding them physically.
-
-    >>> import torch, torchvision
-    >>> not_safe_to_prune(torchvision.models.vit_b_16(), torch.ones(1, 3, 224, 224))[:2]
-    ['conv_proj', 'encoder.layers.encoder_layer_0.self_attention']
-    """
-    dep = ReshapeDependency(model, dummy_input, traced_model, probe=probe)
-    return dict(dep.reasons) if with_reasons else dep.dependency_sets
-
-
-# ------------------------------------------------------------------ pin probe hook (topology/probe.py)
-def _pin_probe(graph: ModelGraph, dummy_input: Any) -> Any:
-    """The cached :class:`~prunescope.topology.probe.PinProbe` of ``graph`` (pins decided physically on meta)."""
-    return probe_pins(graph, dummy_input)
-
-
-def _unsafe_layers(graph: ModelGraph, ca: ChannelAtoms, dummy_input: Any, probe: bool) -> dict[str, list[str]]:
-    """``{layer: [reason, ...]}``: the engine's ``unsafe``, with the probe's cleared pins dropped if ``probe``."""
-    if not probe or not ca.class_notes:
-        return dict(ca.unsafe)
-    return dict(_pin_probe(graph, dummy_input).unsafe)

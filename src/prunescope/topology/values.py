@@ -1,6 +1,6 @@
 """What a removed channel *is* in the as-pruned model, tensor by tensor: exactly zero, a constant, or unknown.
 
-In the as-pruned masked model (:func:`prunescope.shrink.as_pruned`) a removed channel is zero where its layer
+In the as-pruned masked model (:func:`prunescope.narrow.as_pruned`) a removed channel is zero where its layer
 writes it (filters masked, the layer's output zeroed) and after its normalisation (the norm's output zeroed).
 On the way to its consumers it can stop being zero: ``sigmoid(0) = 0.5``, ``relu(x) + 1``, an unhooked
 eval-mode BatchNorm. The physically narrowed model drops the channel, so every op that *loses* a removed

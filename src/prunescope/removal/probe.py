@@ -11,7 +11,7 @@ op are reported unsafe. This module decides each pin physically, as a removal wo
    (swin's first-stage residual channels are one subgroup); one class of a subgroup is probed; a failure
    keeps the pins of the whole group (no more probes for it: conservative);
 3. the probe removes the representative physically from a ``meta`` copy of the model (the
-   :func:`~prunescope.shrink.plan.plan_removal` of masks zeroing its channels in every member layer, pins
+   :func:`~prunescope.removal.plan.plan_removal` of masks zeroing its channels in every member layer, pins
    not checked, the cuts applied to the copy), traces the copy on ``meta`` inputs and compares:
    the forward must run, follow the same ops, and *every* recorded tensor must have exactly the shape the
    removal predicts — the original shape with the class's channel slices dropped (so every reshape's
@@ -74,7 +74,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..graph import ModelGraph, TensorInfo, make_inputs, meta_copy, model_device, trace
-from .engine import ChannelAtoms, channel_atoms
+from ..topology.engine import ChannelAtoms, channel_atoms
+from .narrow import apply_plan, replace_tensors
+from .plan import plan_removal
 
 __all__ = ["PinProbe", "probe_pins"]
 
@@ -366,9 +368,6 @@ class _Prober:
 
     def probe(self, c: int) -> tuple[bool, str, bool]:
         """``(passed, why, positional)`` for removing class ``c`` alone."""
-        from ..shrink.core import _apply_plan, replace_tensors
-        from ..shrink.plan import plan_removal
-
         self.res.probes += 1
         ca = self.ca
         masks = self._masks(c)
@@ -399,7 +398,7 @@ class _Prober:
                 if hasattr(mod, k):
                     saved_a.append((mod, k, getattr(mod, k)))
         try:
-            _apply_plan(small, plan)
+            apply_plan(small, plan)
             args, kw = self._inputs
             try:
                 with warnings.catch_warnings():

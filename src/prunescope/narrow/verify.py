@@ -1,13 +1,13 @@
-"""The safety net of :func:`~prunescope.shrink.shrink`: the model it returns computes what the as-pruned masked
+"""The safety net of :func:`~prunescope.narrow.shrink`: the model it returns computes what the as-pruned masked
 model computes, or no model is returned.
 
-:func:`verify_shrunk` runs the original model under :func:`~prunescope.shrink.as_pruned` (the same
+:func:`verify_shrunk` runs the original model under :func:`~prunescope.narrow.as_pruned` (the same
 conflict-free masks and the same removal plan) and the shrunk copy on the dummy input — eval mode, no
 autograd, the same random seed for both — and compares every floating-point output tensor
 (``|shrunk - as_pruned| <= tol * (|as_pruned| + scale)``, ``scale`` the largest magnitude of that output,
 ``tol`` = 1e-4 in float32/float64, 16 machine epsilons in lower precisions). On a difference both models are run
 again with forward hooks on every module, and the first module (in the order the modules finish) whose
-output differs on the kept channels is named in the :class:`~prunescope.shrink.ShrinkError`, with the ops it
+output differs on the kept channels is named in the :class:`~prunescope.narrow.ShrinkError`, with the ops it
 ran and the layers whose removed channels reach it.
 
 Meta tensors carry no values: the comparison is skipped there (the shapes are still checked by ``shrink``).
@@ -15,16 +15,17 @@ Meta tensors carry no values: the comparison is skipped there (the shapes are st
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..graph import ModelGraph, make_inputs, preserved_training
-from .plan import RemovalPlan, ShrinkError, axis_positions
+from ..errors import ShrinkError
+from ..graph import ModelGraph
+from ..removal.narrow import run_eval
+from ..removal.plan import RemovalPlan, axis_positions
 
 __all__ = ["verify_shrunk", "run_eval", "tolerance"]
 
@@ -38,22 +39,6 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def _leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-@contextlib.contextmanager
-def _seeded(model: nn.Module) -> Iterator[None]:
-    """The same random numbers for every run (a model that draws in eval mode), the caller's RNG state kept."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        yield
-
-
-def run_eval(model: nn.Module, dummy_input: Any) -> Any:
-    """``model(dummy_input)`` in eval mode without autograd, seeded; every module's training flag restored."""
-    args, kw = make_inputs(model, dummy_input)
-    with torch.no_grad(), preserved_training(model, False), _seeded(model):
-        return model(*args, **kw)
 
 
 def _difference(ref: torch.Tensor, got: torch.Tensor, tol: float) -> float | None:

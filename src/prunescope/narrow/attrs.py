@@ -1,7 +1,7 @@
 """Sizes the forward reads from module attributes (``num_heads``, ``split_size``, ``n_heads`` ...), found physically.
 
 A trace sees sizes, not where they came from: ``q.view(B, L, self.num_heads, self.head_dim)`` and
-``view(B, L, 4, 8)`` record the same op. After :func:`~prunescope.shrink.shrink` narrows the tensors of a
+``view(B, L, 4, 8)`` record the same op. After :func:`~prunescope.narrow.shrink` narrows the tensors of a
 copy, a size read from an attribute is stale. Which attributes matter is decided by running the copy, not by
 names:
 
@@ -15,7 +15,7 @@ names:
    class and attribute name together, each with its per-module new value: the one that moves the first
    mismatching op furthest is kept, until every op matches. An attribute that the forward does not read
    (GPT-2's ``embed_dim``) never helps and is left as it is.
-3. If no candidate makes the shapes match, :class:`~prunescope.shrink.plan.ShrinkError` names the first op
+3. If no candidate makes the shapes match, :class:`~prunescope.removal.plan.ShrinkError` names the first op
    whose shape differs (a size written as a literal, or read from somewhere shrink cannot update).
 
 The result is exact by construction: the narrowed model's every recorded shape equals the plan's.
@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ShrinkError, TraceError
 from ..graph import ModelGraph, meta_copy, trace
-from .plan import _RESHAPE_LIKE, RemovalPlan, ShrinkError, axis_positions
+from ..removal.experts import derived_param_shapes
+from ..removal.plan import RESHAPE_LIKE, RemovalPlan, axis_positions
 
 __all__ = ["expected_shapes", "fit_attributes"]
 
@@ -51,8 +53,6 @@ def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
         if tuple(shape) != tuple(t.shape):
             out[t.id] = tuple(shape)
     # -- fused expert parameters (shrink/experts.py): the views the forward makes of them narrow too
-    from .experts import derived_param_shapes
-
     out.update(derived_param_shapes(plan))
     out.update(_reshaped_vectors(plan))
     return out
@@ -74,7 +74,7 @@ def _reshaped_vectors(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
         return out
     for node in plan.graph.nodes:
         tins = [t for t in node.inputs if t.kind != "const"]
-        if node.name not in _RESHAPE_LIKE or len(tins) != 1 or tins[0].id not in long_axis:
+        if node.name not in RESHAPE_LIKE or len(tins) != 1 or tins[0].id not in long_axis:
             continue
         old, new = long_axis[tins[0].id]
         for o in node.outputs:
@@ -176,8 +176,6 @@ class _Prober:
 
     def progress(self) -> tuple[int, str]:
         """Index of the first op whose shapes differ from the plan (``len`` = all match), and a description."""
-        from ..errors import TraceError
-
         try:
             g: ModelGraph = trace(self.model, self.x)
         except TraceError as e:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import MaskError
+from ..errors import MaskError, ShrinkError
 from ..graph import TensorInfo
 from ..masks.layers import expert_param_shape  # noqa: F401  (public here before it moved down to masks)
 
@@ -69,7 +69,7 @@ def expert_protection(pl: Planner, atom_removed: np.ndarray) -> bool:
 @dataclass
 class ExpertCut:
     """How a fused expert parameter narrows: ``keep[axis]`` is ``(E, size)``, a bool row per expert (axis 1 or 2;
-    every row keeps the same count). Same interface as :class:`~prunescope.shrink.plan.Cut`."""
+    every row keeps the same count). Same interface as :class:`~prunescope.removal.plan.Cut`."""
 
     name: str
     shape: tuple[int, ...]
@@ -95,8 +95,6 @@ class ExpertCut:
         return torch.stack(parts, 0).contiguous()
 
     def merge(self, axis: int, keep: np.ndarray, where: str) -> None:
-        from .plan import ShrinkError
-
         old = self.keep.get(axis)
         if old is not None and not np.array_equal(old, keep):
             raise ShrinkError(f"tensor '{self.name}' would be narrowed differently along axis {axis} by two uses "
@@ -106,8 +104,6 @@ class ExpertCut:
 
 def expert_cuts(plan: RemovalPlan, pl: Planner) -> None:
     """Add the :class:`ExpertCut` of every fused layer that loses units or input columns."""
-    from .plan import ShrinkError
-
     g, ca = plan.graph, plan.atoms
     for name, li in ca.layers.items():
         if li.kind != "experts":

@@ -1,9 +1,9 @@
 """What may be pruned: the one definition that ``unit_masks``, ``head_masks``, the sweep and the report share.
 
 A dependency set (layers whose output channels are tied, :class:`~prunescope.topology.ChannelDependency`) is
-**prunable** when removing its units gives a model that :func:`~prunescope.shrink.shrink` builds as asked:
+**prunable** when removing its units gives a model that :func:`~prunescope.narrow.shrink` builds as asked:
 
-* no member is unsafe to prune (:func:`~prunescope.topology.not_safe_to_prune`), none of its channels reaches a
+* no member is unsafe to prune (:func:`~prunescope.removal.not_safe_to_prune`), none of its channels reaches a
   model output, every member is a convolution or linear layer;
 * its pruning units (the channel engine's classes, :func:`prunescope.masks.units.channel_units`) can be
   removed **per group** of the grouped convolutions its members feed or are (the ``GroupDependency``
@@ -28,12 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ShrinkWarning
 from ..graph import ModelGraph, meta_copy
 from ..masks.layers import bias_of, expand_filters, num_filters
 from ..masks.pruners import is_filter_layer
 from ..masks.units import channel_units
-from ..topology import ChannelDependency, GroupDependency, channel_atoms, not_safe_to_prune
-from .core import ShrinkWarning, shrink
+from ..removal.narrow import check_runs
+from ..removal.unsafe import not_safe_to_prune
+from ..topology import ChannelDependency, GroupDependency, channel_atoms
+from .core import shrink
 
 __all__ = ["Prunable", "prunable_sets", "unit_chunks", "output_layers"]
 
@@ -144,8 +147,6 @@ class _Narrower:
                  masks: dict[str, dict[str, dict[str, Any]]]):
         from torch.utils import _pytree as pytree
 
-        from .core import _check_runs
-
         self.graph, self.masks = graph, masks
         want = [tuple(t.shape) for t in graph.outputs]
         meta = meta_copy(model)
@@ -153,7 +154,7 @@ class _Narrower:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _check_runs(meta, xm, want)
+                check_runs(meta, xm, want)
             self.model, self.x = meta, xm
         except Exception:  # noqa: BLE001 - a forward that reads values: narrow real copies
             self.model, self.x = model, x

@@ -51,6 +51,7 @@ reconstruction targets eval-mode outputs; the returned model is in the training 
 
 >>> import torch
 >>> from torch import nn
+>>> from prunescope import reconstruct
 >>> torch.manual_seed(0) and None
 >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
 >>> m = torch.ones(8, 3, 3, 3); m[:2] = 0
@@ -74,13 +75,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShrinkError, ShrinkWarning
 from ..graph import ModelGraph, make_inputs, preserved_training
 from ..masks.layers import CONV_TYPES, is_transposed_linear
-from .core import ShrinkError, ShrinkWarning, shrink
-from .plan import RemovalPlan
+from ..removal.plan import RemovalPlan
 
-__all__ = ["reconstruct", "refit", "ReconstructResult"]
+__all__ = ["refit", "ReconstructResult"]
 
 _SCOPES = ("affected", "downstream")
 DEFAULT_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX, for layers with many rows per unknown
@@ -611,26 +611,3 @@ def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
     finally:
         for m, mom in moms:
             m.momentum = mom
-
-
-def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, calibration: Iterable[Any], *,
-                ridge: float | None = None, layers: str = "affected", bn: str = "keep", graph: ModelGraph | None = None,
-                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0) -> Any:
-    """The shrunk model with every narrowed layer refit to reproduce the dense model (see the module docs).
-
-    Same as ``shrink(model, masks, dummy_input, calibration=calibration)``. ``calibration``: an iterable of
-    inputs shaped like ``dummy_input`` (a tensor or tuple per batch; no labels; a few hundred samples are
-    enough). ``ridge``: the regulariser relative to the mean diagonal of ``XᵀX`` (towards the narrowed
-    weight); ``None`` (default) chooses it per layer: by 4-fold cross-validation over the calibration
-    samples from ``RIDGE_GRID`` where the layer has fewer than ``CV_ROWS_PER_UNKNOWN`` rows per unknown
-    (a linear layer fitted on a few hundred inputs), else ``DEFAULT_RIDGE``. ``layers``: ``'affected'``
-    (layers that lost channels) or ``'downstream'`` (also every later conv/linear layer). ``bn``: ``'keep'``
-    or ``'recalibrate'`` (re-estimate BatchNorm statistics after the refit). ``return_result=True`` returns
-    ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``cache_mb``: the
-    dense model's targets of all refit layers are kept for all batches when they fit in this many MiB (one
-    dense forward per batch instead of one per pass; ``0``: never). ``model`` is not modified.
-    """
-    small, result = shrink(model, masks, dummy_input, fix_conflicts=fix_conflicts, graph=graph, return_result=True)
-    result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn,
-                                  cache_mb=cache_mb)
-    return (small, result) if return_result else small

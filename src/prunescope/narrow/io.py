@@ -15,7 +15,7 @@ the tensors (a pruned model only narrows: an integer attribute is at most the de
 
 >>> import io, os, tempfile, torch
 >>> from torch import nn
->>> from prunescope.shrink import shrink, save_pruned, load_pruned
+>>> from prunescope.narrow import shrink, save_pruned, load_pruned
 >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
 >>> m = torch.ones(8, 3, 3, 3); m[:4] = 0
 >>> small = shrink(net, {'0': {'weight': m, 'bias': None}}, torch.ones(1, 3, 8, 8))
@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..errors import ShrinkError
 from ..masks.layers import is_transposed_linear
-from .core import attr_names, replace_tensors
-from .plan import ShrinkError
+from ..removal.narrow import attr_names, replace_tensors
 
 __all__ = ["save_pruned", "load_pruned", "FORMAT"]
 
@@ -79,7 +79,7 @@ def _digests(state: dict[str, Any]) -> dict[str, str]:
 def save_pruned(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write the (shrunk) model's shapes, module attributes and weights to ``path`` (atomic, weights_only), with
     a SHA-256 digest per tensor that :func:`load_pruned` checks. A model on the ``meta`` device (shapes only)
-    has no weights to write: :class:`~prunescope.shrink.ShrinkError` naming the first such tensor."""
+    has no weights to write: :class:`~prunescope.narrow.ShrinkError` naming the first such tensor."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise ShrinkError(f"cannot save the pruned model: tensor '{name}' is on the meta device (shapes "
@@ -221,7 +221,7 @@ def load_pruned(dense_model: nn.Module, path: str | os.PathLike[str]) -> nn.Modu
     """Narrow ``dense_model`` (freshly built, same class as the pruned model) to the file's shapes; load weights.
 
     The model is changed in place and returned, in the train/eval mode the pruned model was saved in. A file
-    that does not fit the model raises :class:`~prunescope.shrink.ShrinkError` naming the first tensor or layer
+    that does not fit the model raises :class:`~prunescope.narrow.ShrinkError` naming the first tensor or layer
     that does not fit; a damaged file (a tensor that does not match its digest, attributes that disagree with
     the tensors) is refused naming the tensor or layer, before the model is touched.
     """

@@ -2,7 +2,7 @@
 
 One plan, computed once from the channel engine of one trace (:func:`prunescope.topology.channel_atoms`), is
 read by both the effective counter (:func:`prunescope.flops.effective.effective_report`) and
-:func:`prunescope.shrink.shrink`, so the two can never disagree.
+:func:`prunescope.narrow.shrink`, so the two can never disagree.
 
 Which channels go
 -----------------
@@ -47,8 +47,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..errors import MaskError, PrunescopeError
+from ..errors import MaskError, ShrinkError
 from ..graph import ModelGraph, OpNode, TensorInfo
+from ..topology import channel_atoms
 from ..topology.base import arg as _arg
 from ..topology.moe import EXPERT_OPS
 from ..topology.rules import MATMUL_OPS
@@ -63,20 +64,8 @@ _CONVT = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
 _CONTRACTIONS = MATMUL_OPS | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
 _NORM_AXIS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
 # ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
-_RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
+RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
                           "half double bfloat16 type_as".split())
-
-
-class ShrinkError(PrunescopeError, ValueError):
-    """The masks cannot be turned into a physically smaller model (a pinned layer, a model that no longer runs).
-
-    ``layer`` names the layer concerned, ``op`` the op that pins it or failed, when known.
-    """
-
-    def __init__(self, message: str, layer: str | None = None, op: str | None = None) -> None:
-        super().__init__(message)
-        self.layer = layer
-        self.op = op
 
 
 @dataclass
@@ -146,7 +135,7 @@ class Fold:
 
     ``node``: the layer's op node; ``columns``: bool per input column; ``bias``: FQN of the bias parameter, or
     ``None`` when the layer has none and one is created (the effective count counts it). The values ``c_j``
-    are read from one as-pruned forward when shrinking (:mod:`prunescope.shrink.fold`).
+    are read from one as-pruned forward when shrinking (:mod:`prunescope.removal.fold`).
     """
 
     layer: str
@@ -372,8 +361,6 @@ def removed_channels(graph: ModelGraph, masks: Mapping[str, Any]) -> dict[str, n
 
 class Planner:
     def __init__(self, graph: ModelGraph, masks: Mapping[str, Any]) -> None:
-        from ..topology import channel_atoms
-
         self.g = graph
         self.ca = channel_atoms(graph)
         self.ignored: list[str] = []
@@ -421,7 +408,7 @@ class Planner:
             src = out[tins[0].id]
             for o in node.outputs:
                 axis = None
-                if len(tins) == 1 and node.name in _RESHAPE_LIKE and src[1] is not None:
+                if len(tins) == 1 and node.name in RESHAPE_LIKE and src[1] is not None:
                     big = [i for i, s in enumerate(o.shape) if s > 1]
                     if len(big) == 1 and o.numel() == tins[0].numel():
                         axis = big[0]

@@ -5,7 +5,7 @@ layer as a non-zero *constant* (``sigmoid(0) = 0.5``, ``relu(x) + 1``). Dropping
 constant's contribution ``W[:, j] * c_j``; the removal plan (:mod:`.plan`, value analysis in
 :mod:`prunescope.topology.values`) keeps such channels unless the contribution is the same at every output
 position, i.e. the layer is a Linear or a convolution without zero padding, and then lists a
-:class:`~prunescope.shrink.plan.Fold`. :func:`apply_folds` reads each ``c_j`` from one forward of the masked
+:class:`~prunescope.removal.plan.Fold`. :func:`apply_folds` reads each ``c_j`` from one forward of the masked
 copy with the as-pruned zeros (the value is independent of the input: it is checked to be the same for every
 sample and position) and adds the contribution to the bias (created when the layer has none), before the
 copy is narrowed. It also refuses removals the engine pins for their values (a mean over the channel axis):
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ShrinkError
 from ..graph import model_device, preserved_training
-from .plan import ShrinkError, example_inputs, pin_error, value_pinned_removals
+from .plan import example_inputs, pin_error, value_pinned_removals
 
 __all__ = ["apply_folds"]
 
@@ -53,7 +54,7 @@ def _capture(store: dict[str, torch.Tensor], name: str) -> Any:
 def apply_folds(small: nn.Module, plan: Any, points: Mapping[str, tuple[int, np.ndarray]]) -> None:
     """Fold the plan's constants into biases of ``small`` (the masked copy, not yet narrowed), in place.
 
-    ``points``: the as-pruned zero points (``shrink.core.zero_points(plan)``). Raises :class:`ShrinkError` for a
+    ``points``: the as-pruned zero points (``removal.zeros.zero_points(plan)``). Raises :class:`ShrinkError` for a
     removal the engine pins by value, or when a folded value is not constant (an analysis error: never a silently
     different model).
     """
