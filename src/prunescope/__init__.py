@@ -27,6 +27,7 @@ _EXPORTS = {
     "GroupDependency": "prunescope.topology",
     "ReshapeDependency": "prunescope.topology",
     "not_safe_to_prune": "prunescope.topology",
+    "register_channel_rule": "prunescope.topology",
     "L1FilterPruner": "prunescope.masks",
     "L2FilterPruner": "prunescope.masks",
     "LevelPruner": "prunescope.masks",

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..graph import ModelGraph, check_graph_of, trace
+from ..ops import NORM_AXIS, arg, op_name
 from .fold import apply_folds
 from .plan import RemovalPlan, ShrinkError, check_not_empty, masked_atoms, pin_error, pinned_removals, plan_removal
 from .verify import run_eval, verify_shrunk
@@ -25,6 +26,7 @@ _ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.modules.batchnorm._NormBase, ("num_features",)),
     (nn.GroupNorm, ("num_channels",)),
     (nn.LayerNorm, ("normalized_shape",)),
+    (nn.RMSNorm, ("normalized_shape",)),
     (nn.PReLU, ("num_parameters",)),
     (nn.Embedding, ("embedding_dim",)),
 )
@@ -315,7 +317,7 @@ def _check_runs(small: nn.Module, dummy_input: Any, want: list[tuple[int, ...]])
 
 
 # ---------------------------------------------------------------------------------------------------- as-pruned
-_NORMS = frozenset(("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"))
+_NORMS = frozenset(NORM_AXIS)
 
 
 def _zero_hook(axis: int, keep: torch.Tensor) -> Any:
@@ -337,8 +339,6 @@ def _site(graph: ModelGraph, node: Any, ci: Any) -> tuple[str, int, int] | None:
     axis (LayerNorm/RMSNorm with the channels among the normalised dims, GroupNorm), else None (BatchNorm,
     InstanceNorm and a LayerNorm over other dims treat every channel alone: zeroing the channel is exact).
     ``occurrence``: the call's index among the norm calls run inside its module's call (children included)."""
-    from ..topology.base import arg
-
     if ci is None or len(ci.axes) != 1 or node.call is None or node.name not in ("layer_norm", "group_norm",
                                                                                   "rms_norm"):
         return None
@@ -415,8 +415,6 @@ class _NormEmulation:
     def pre(self, _mod: nn.Module, _args: Any) -> None:
         from torch.overrides import TorchFunctionMode
 
-        from ..graph import _op_name
-
         targets = self.targets
 
         class Mode(TorchFunctionMode):
@@ -424,7 +422,7 @@ class _NormEmulation:
 
             def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
                 kwargs = kwargs or {}
-                name = _op_name(func)
+                name = op_name(func)
                 if name not in _NORMS:
                     return func(*args, **kwargs)
                 j = self.count
