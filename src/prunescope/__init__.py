@@ -27,6 +27,7 @@ _EXPORTS = {
     "GroupDependency": "prunescope.topology",
     "ReshapeDependency": "prunescope.removal",
     "not_safe_to_prune": "prunescope.removal",
+    "register_channel_rule": "prunescope.topology",
     "L1FilterPruner": "prunescope.masks",
     "L2FilterPruner": "prunescope.masks",
     "LevelPruner": "prunescope.masks",

@@ -71,6 +71,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError, TraceError, UnsupportedModelError
+from .ops import CONV_OPS, op_name
 
 __all__ = ["TensorInfo", "OpNode", "ModuleCall", "ModelGraph", "trace", "make_inputs", "model_device",
            "quantized_kind"]
@@ -215,25 +216,6 @@ _SKIP = frozenset(
 )
 
 
-_CONV_OPS = frozenset(("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
-
-
-def op_name(func: Callable[..., Any]) -> str:
-    if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
-        # torch.ops.<ns>.<op>: aten ops keep their plain name (same arguments as the torch function); other
-        # namespaces are qualified, so torch.ops.quantized.conv2d (packed int8 weights) is never mistaken for
-        # the float conv2d by the formulas or the channel analysis.
-        qual = getattr(func, "_qualified_op_name", None) or str(func)
-        ns, _, op = qual.partition("::")
-        op = op.split(".")[0]
-        return op if ns == "aten" else f"{ns}::{op}"
-    name = getattr(func, "__name__", None) or repr(func)
-    if name == "__get__":  # property of Tensor (x.T, x.mT, x.data ...)
-        owner = getattr(func, "__self__", None)
-        name = getattr(owner, "__name__", None) or "getattr"
-    return name
-
-
 class _Recorder(TorchFunctionMode):
     def __init__(self, graph: ModelGraph, infos: WeakIdKeyDictionary, stack: list[ModuleCall]) -> None:
         super().__init__()
@@ -299,7 +281,7 @@ class _Recorder(TorchFunctionMode):
         name = op_name(func)
         if name in _SKIP:
             return func(*args, **kwargs)
-        if name in _CONV_OPS:
+        if name in CONV_OPS:
             self._check_batched(name, args, kwargs)
         try:
             out = func(*args, **kwargs)

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..graph import OpNode, TensorInfo
+from ..ops import CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, NORM_AXIS, RNN_GATES, RNN_OPS, arg
 
 __all__ = ["Formula", "FORMULAS", "register_formula", "formula_for", "MAC_CATEGORIES"]
 
@@ -96,15 +97,7 @@ def formula_for(node: OpNode) -> Formula | None:
     return FORMULAS.get(node.name)
 
 
-# ---- argument helpers ---------------------------------------------------------------------------------
-
-
-def arg(node: OpNode, pos: int, name: str, default: Any = None) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    if pos < len(node.args):
-        return node.args[pos]
-    return default
+# ---- argument helpers (the op-argument helper ``arg`` is the catalogue's, prunescope.ops) ----------------
 
 
 def _prod(xs: Any) -> int:
@@ -124,13 +117,13 @@ def _out(node: OpNode) -> TensorInfo:
 # ---- convolutions and matrix products (default mode) -------------------------------------------------
 
 
-@register_formula("conv1d", "conv2d", "conv3d", category="conv")
+@register_formula(*sorted(CONV_OPS - CONV_TRANSPOSE_OPS), category="conv")
 def _conv(node: OpNode) -> int:
     w = _shape(arg(node, 1, "weight"))
     return _out(node).numel() * _prod(w[1:])
 
 
-@register_formula("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", category="conv")
+@register_formula(*sorted(CONV_TRANSPOSE_OPS), category="conv")
 def _conv_t(node: OpNode) -> int:
     x = _shape(arg(node, 0, "input"))
     w = _shape(arg(node, 1, "weight"))
@@ -144,7 +137,7 @@ def _convolution(node: OpNode) -> int:
     return _conv(node)
 
 
-@register_formula("linear", category="gemm")
+@register_formula(*sorted(LINEAR_OPS), category="gemm")
 def _linear(node: OpNode) -> int:
     x = _shape(arg(node, 0, "input"))
     w = _shape(arg(node, 1, "weight"))
@@ -316,7 +309,7 @@ def _rnn_parts(node: OpNode) -> tuple[int, list[TensorInfo], bool]:
     return tokens, weights, has_bias
 
 
-@register_formula("lstm", "gru", "rnn_tanh", "rnn_relu", category="rnn")
+@register_formula(*sorted(RNN_OPS), category="rnn")
 def _rnn(node: OpNode) -> int:
     tokens, weights, _ = _rnn_parts(node)
     return tokens * sum(w.numel() for w in weights)
@@ -350,7 +343,7 @@ def _rnn_gates(node: OpNode) -> int:
 
 
 def _gates(name: str) -> int:
-    return {"lstm": 4, "gru": 3}.get(name, 1)
+    return RNN_GATES.get(name, 1)
 
 
 def _numel_out(node: OpNode) -> int:
@@ -395,7 +388,7 @@ def _batch_norm(node: OpNode) -> int:
     return _numel_in(node) * (5 if training else 2)
 
 
-@register_formula("layer_norm", "group_norm", "instance_norm", "rms_norm", category="norm")
+@register_formula(*sorted(set(NORM_AXIS) - {"batch_norm"}), category="norm")
 def _norm(node: OpNode) -> int:
     affine = any(t.kind == "param" for t in node.inputs)
     per = 3 if node.name == "rms_norm" else 4
@@ -445,5 +438,5 @@ def _interpolate(node: OpNode) -> int:
     return _numel_out(node) * _TAPS.get(str(mode), 1)
 
 
-for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+for _name in sorted(RNN_OPS):
     FORMULAS[f"{_name}::gates"] = Formula(f"{_name}::gates", "rnn_gates", _rnn_gates)

@@ -174,7 +174,7 @@ def _implied(mod: nn.Module, name: str, shapes: dict[str, list[int]], groups: in
             out["num_features"] = t[0]
     elif isinstance(mod, nn.GroupNorm) and w is not None and len(w) == 1:
         out["num_channels"] = w[0]
-    elif isinstance(mod, nn.LayerNorm) and w is not None:
+    elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
         out["normalized_shape"] = list(w)
     elif isinstance(mod, nn.PReLU) and w is not None and len(w) == 1:
         out["num_parameters"] = w[0]

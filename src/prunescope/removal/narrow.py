@@ -27,6 +27,7 @@ _ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.modules.batchnorm._NormBase, ("num_features",)),
     (nn.GroupNorm, ("num_channels",)),
     (nn.LayerNorm, ("normalized_shape",)),
+    (nn.RMSNorm, ("normalized_shape",)),
     (nn.PReLU, ("num_parameters",)),
     (nn.Embedding, ("embedding_dim",)),
 )

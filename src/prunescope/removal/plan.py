@@ -49,20 +49,18 @@ import torch
 
 from ..errors import MaskError, ShrinkError
 from ..graph import ModelGraph, OpNode, TensorInfo
+from ..ops import CONTRACTION_OPS as _CONTRACTIONS
+from ..ops import CONV_OPS, CONV_TRANSPOSE_OPS, ELEMENTWISE, EXPERT_OPS, MATMUL_OPS
+from ..ops import NORM_AXIS as _NORM_AXIS
+from ..ops import arg as _arg
 from ..topology import channel_atoms
-from ..topology.base import arg as _arg
-from ..topology.moe import EXPERT_OPS
-from ..topology.rules import MATMUL_OPS
 from ..topology.values import CONST, UNKNOWN, ZERO, value_states
 from .experts import expert_cuts, expert_filter_keep, expert_protection
 
 __all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "removed_channels", "example_inputs",
            "value_pinned_removals"]
 
-_CONV = frozenset("conv1d conv2d conv3d".split())
-_CONVT = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
-_CONTRACTIONS = MATMUL_OPS | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
-_NORM_AXIS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
+_CONV = CONV_OPS - CONV_TRANSPOSE_OPS  # convolutions that are not transposed
 # ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
 RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
                           "half double bfloat16 type_as".split())
@@ -262,7 +260,7 @@ def _nonzero_contracted(ca: Any, vs: Any, a: TensorInfo, ax_a: int | None, b: Te
 
 def _read_axis(node: OpNode, x: TensorInfo) -> int:
     """The axis of input ``x`` whose positions are a layer call's input columns."""
-    if node.name in _CONV | _CONVT:
+    if node.name in CONV_OPS:
         w = _arg(node, 1, "weight")
         return 1 if isinstance(w, TensorInfo) and x.ndim == w.ndim else 0
     return x.ndim - 1
@@ -284,7 +282,7 @@ def _weight_args(node: OpNode) -> tuple[Any, Any, int, int]:
     ``addmm(b, x, W)`` with a parameter ``W`` of shape ``(in, out)`` (Hugging Face ``Conv1D``)."""
     if node.name == "addmm":
         return _arg(node, 2, "mat2"), _arg(node, 0, "input"), 1, 0
-    if node.name in _CONVT:
+    if node.name in CONV_TRANSPOSE_OPS:
         return _arg(node, 1, "weight"), _arg(node, 2, "bias"), 1, 0
     if node.name == "embedding":  # embedding(ids, weight (num, dim)): a channel is a column
         return _arg(node, 1, "weight"), None, 1, -1
@@ -292,7 +290,7 @@ def _weight_args(node: OpNode) -> tuple[Any, Any, int, int]:
 
 
 def _narrowable(node: OpNode) -> bool:
-    if node.name in _CONV | _CONVT or node.name in ("linear", "embedding"):
+    if node.name in CONV_OPS or node.name in ("linear", "embedding"):
         return True
     w = _arg(node, 2, "mat2") if node.name == "addmm" else None
     return isinstance(w, TensorInfo) and w.kind == "param" and w.ndim == 2
@@ -401,7 +399,7 @@ class Planner:
                 out[t.id] = (t.name, 0 if sum(s > 1 for s in t.shape) <= 1 and t.ndim == 1 else None)
         for node in self.g.nodes:
             tins = [t for t in node.inputs if t.kind != "const"]
-            if not tins or not all(t.id in out for t in tins) or node.name in _CONV | _CONVT | {"linear"}:
+            if not tins or not all(t.id in out for t in tins) or node.name in CONV_OPS | {"linear"}:
                 continue
             if node.name in _NORM_AXIS or node.name == "embedding":
                 continue
@@ -467,9 +465,7 @@ class Planner:
             return
         if name == "prelu":
             return
-        from ..topology.rules import _ELEMENTWISE  # the engine's own list of elementwise ops
-
-        if name in _ELEMENTWISE and self._elementwise_ok(node, derived):
+        if name in ELEMENTWISE and self._elementwise_ok(node, derived):
             return
         why = f"'{name}' combines them with a tensor derived from parameter '{self.derived[derived[0].id][0]}'"
         for t in chan:
@@ -810,7 +806,7 @@ def _norm_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
     ci = plan.atoms.info(x)
     if ci is None:
         return
-    ln = node.name == "layer_norm"
+    ln = _NORM_AXIS[node.name] < 0  # LayerNorm, RMSNorm: normalized_shape (argument 1) names the trailing axes
     params = [t for t in node.inputs[1:] if t.kind in ("param", "buffer") and t.name]
     new_shape: list[int] | None = None
     if ln:
@@ -845,9 +841,7 @@ def _norm_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
 
 
 def _elementwise_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
-    from ..topology.rules import _ELEMENTWISE
-
-    if node.name not in _ELEMENTWISE:
+    if node.name not in ELEMENTWISE:
         return
     derived = [t for t in node.inputs if t.id in pl.derived]
     if not derived or not node.outputs:

@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..graph import ModelGraph, op_name
+from ..graph import ModelGraph
 from ..masks.layers import filter_matrix, weight_of
+from ..ops import NORM_AXIS, arg, op_name
 from ..topology import channel_atoms
-from ..topology.base import arg
 from .plan import RemovalPlan
 
 __all__ = ["NORM_OPS", "const_keep", "zero_points", "norm_sites", "zero_hook", "NormEmulation", "ZeroPoint",
            "follower_zero_map", "zero_hooks"]
 
-NORM_OPS = frozenset(("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"))
+NORM_OPS = frozenset(NORM_AXIS)
 
 
 def zero_hook(axis: int, keep: torch.Tensor) -> Any:

@@ -30,21 +30,21 @@ from torch import nn
 from .._io import atomic_open
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ModelGraph
+from ..ops import CONV_KINDS, CONV_OPS, LINEAR_OPS
+from . import moe  # noqa: F401 - registers the mixture-of-experts channel rules
 from .base import ChannelInfo, LayerInfo, TopologyWarning
 from .engine import ChannelAtoms, channel_atoms, sets_from_classes
 from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
 from .replay import map_channels
-from .rules import CONV_OPS, LINEAR_OPS
+from .rules import register_channel_rule
 from .tracing import _refuse_quantized, get_graph
 
 __all__ = [
     "ChannelDependency", "InputChannelDependency", "GroupDependency",
     "channel_atoms", "map_channels", "ChannelAtoms", "ChannelInfo", "LayerInfo", "TopologyWarning",
-    "get_graph", "HeadDependency", "AttentionWeightDependency", "AttentionHeads", "checked_channel_atoms",
-    "atomic_csv", "is_module_layer",
+    "get_graph", "HeadDependency", "AttentionWeightDependency", "AttentionHeads", "register_channel_rule",
+    "checked_channel_atoms", "atomic_csv", "is_module_layer",
 ]
-
-_CONV_KINDS = ("conv", "conv_transpose")
 
 
 def checked_channel_atoms(graph: ModelGraph) -> ChannelAtoms:
@@ -121,7 +121,7 @@ class ChannelDependency:
         if self.prune_type == "Batchnorm":
             return [n for n, t in ca.follower_types.items() if t.startswith("BatchNorm")]
         return [n for n, li in ca.layers.items() if is_module_layer(ca, n)
-                and (li.kind in _CONV_KINDS or self.include_linear)]
+                and (li.kind in CONV_KINDS or self.include_linear)]
 
     def _build(self) -> list[list[str]]:
         ca = self.atoms

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from ..graph import OpNode
+from ..ops import arg  # noqa: F401 - the op-argument helper, for the engine's modules
 
 __all__ = ["ChannelInfo", "LayerInfo", "TopologyWarning", "UnknownOp"]
 
@@ -60,15 +59,6 @@ class UnknownOp(Exception):
 
 def norm_axis(a: int, nd: int) -> int:
     return a + nd if a < 0 else a
-
-
-def arg(node: OpNode, pos: int, key: str, default: Any = None) -> Any:
-    """Argument ``key`` of a recorded call, given by keyword or at position ``pos``."""
-    if key in node.kwargs:
-        return node.kwargs[key]
-    if len(node.args) > pos:
-        return node.args[pos]
-    return default
 
 
 def renumber(ci: ChannelInfo, mapping: dict[int, int]) -> ChannelInfo:

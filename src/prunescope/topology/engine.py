@@ -73,8 +73,9 @@ from weakref import WeakKeyDictionary
 import numpy as np
 
 from ..graph import ModelGraph, OpNode, TensorInfo
+from ..ops import LAYER_OPS
 from .base import ChannelInfo, LayerInfo, TopologyWarning, UnknownOp, norm_axis
-from .rules import LAYER_OPS, RULES, layer_op
+from .rules import RULES, layer_op
 from .values import ZERO, value_states
 
 __all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes"]

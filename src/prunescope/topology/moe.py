@@ -64,8 +64,9 @@ builds such masks.
 
 Where this plugs in
 -------------------
-The rules are registered into :data:`.rules.RULES` (``topk``, ``_grouped_mm``/``grouped_mm``, and ``bmm``
-wrapped so that any other ``bmm`` keeps its rule). The mirroring runs as an engine *finisher*
+This module registers its rules itself, with :func:`.rules.register_channel_rule` (``topk``,
+``_grouped_mm``/``grouped_mm``, and ``bmm`` wrapped so that any other ``bmm`` keeps its rule); the
+:mod:`prunescope.topology` package imports it. The mirroring runs as an engine *finisher*
 (``ChannelAtoms.finishers``: after the walk, before the classes are solved) and extends the engine's pin and
 stop lists itself. The NNI-compatible views (``ChannelDependency``, ``not_safe_to_prune``) list modules only,
 so fused layers (parameters, not modules) are not in their sets; read them off ``channel_atoms(graph)``.
@@ -82,15 +83,15 @@ from weakref import WeakKeyDictionary
 import numpy as np
 
 from ..graph import OpNode, TensorInfo
-from .base import ChannelInfo, UnknownOp, arg, norm_axis
+from ..ops import EXPERT_OPS, arg
+from .base import ChannelInfo, UnknownOp, norm_axis
+from .rules import RULES, Rule, register_channel_rule
 
 if TYPE_CHECKING:
     from .engine import ChannelAtoms
-    from .rules import Rule
 
-__all__ = ["topk_rule", "grouped_mm_rule", "expert_bmm", "EXPERT_OPS"]
+__all__ = ["topk_rule", "grouped_mm_rule", "expert_bmm"]
 
-EXPERT_OPS = frozenset({"_grouped_mm", "grouped_mm"})
 # ops that carry a tensor unchanged (element for element) from a parameter to the product's weight operand
 _SAME = frozenset({"to", "contiguous", "clone", "detach", "float", "half", "bfloat16", "type_as"})
 
@@ -327,3 +328,8 @@ def _mirror(ca: ChannelAtoms) -> None:
             if sl is not None or sg is not None:
                 ca._cond_pins.append((lost if sl is None else sl, kept if sk is None else sk,
                                       grid if sg is None else sg, note))
+
+
+register_channel_rule("topk")(topk_rule)
+register_channel_rule(*EXPERT_OPS)(grouped_mm_rule)
+register_channel_rule("bmm")(expert_bmm(RULES["bmm"]))  # gathered expert weights; any other bmm as before

@@ -20,99 +20,42 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..graph import OpNode, TensorInfo
-from .base import ChannelInfo, UnknownOp, arg, first_valid, norm_axis
+from ..ops import (
+    CONV_OPS,
+    CONV_TRANSPOSE_OPS,
+    ELEMENTWISE,
+    FACTORY_LIKE,
+    FAMILIES,
+    LAYER_OPS,
+    MATMUL_OPS,
+    NEUTRAL_ON_ZERO,
+    NORM_AXIS,
+    REDUCTIONS,
+    RNN_GATES,
+    RNN_OPS,
+    SHAPE_OPS,
+    UNARY,
+    add_to_family,
+    arg,
+)
+from .base import ChannelInfo, UnknownOp, first_valid, norm_axis
 from .contract import addmm, einsum, matmul, sdpa
 from .replay import fast_map, map_channels
 
 if TYPE_CHECKING:
     from .engine import ChannelAtoms
 
-__all__ = ["RULES", "LAYER_OPS", "CONV_OPS", "LINEAR_OPS", "RNN_OPS", "Rule", "layer_op"]
+__all__ = ["RULES", "Rule", "layer_op", "register_channel_rule", "elementwise", "passthrough"]
 
 Rule = Callable[["ChannelAtoms", OpNode, "list[ChannelInfo | None]"], None]
 
-CONV_OPS = frozenset("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split())
-LINEAR_OPS = frozenset({"linear"})
-_TRANSPOSED = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-_NORM_OPS = {"batch_norm": 1, "instance_norm": 1, "group_norm": 1, "layer_norm": -1}
-_ELEMENTWISE = frozenset(
-    """add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub subtract subtract_ mul mul_
-    __mul__ __rmul__ __imul__ multiply multiply_ div div_ __truediv__ __rtruediv__ __itruediv__ divide divide_
-    true_divide floor_divide __floordiv__ __rfloordiv__ __mod__ remainder fmod pow __pow__ __rpow__ pow_
-    addcmul addcmul_ addcdiv addcdiv_ where maximum minimum fmax fmin max min lerp lerp_ logical_and
-    logical_or logical_xor logical_and_ logical_or_ logical_xor_ __and__ __or__ __xor__ __iand__ __ior__
-    eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ masked_fill masked_fill_ copysign atan2
-    hypot xlogy clamp clamp_ clip clip_ squared_difference""".split()
-)
-# ops whose output has the first tensor input's layout (shape may change on non-channel axes only)
-_PASS = frozenset(
-    """relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu gelu silu silu_ mish
-    hardswish hardswish_ hardsigmoid hardsigmoid_ sigmoid sigmoid_ tanh tanh_ softplus softsign tanhshrink
-    logsigmoid prelu rrelu glu_ threshold threshold_ abs abs_ neg neg_ __neg__ __pos__ __abs__ exp exp_
-    log log_ log1p log2 sqrt sqrt_ rsqrt rsqrt_ square reciprocal reciprocal_ sign erf sin cos floor ceil
-    round trunc frac nan_to_num clamp_min clamp_max
-    dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
-    max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
-    adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
-    max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices lp_pool1d lp_pool2d
-    interpolate upsample upsample_nearest upsample_bilinear
-    softmax log_softmax softmin normalize local_response_norm
-    contiguous clone detach detach_ to float half double bfloat16 type type_as cpu cuda requires_grad_
-    __deepcopy__ zero_ fill_ new_zeros new_ones new_full new_empty zeros_like ones_like empty_like
-    full_like rand_like randn_like""".split()
-)
-# ops of _PASS with f(0) = 0: a removed channel that is exactly zero stays zero through them (topology/values.py;
-# hardtanh/clamp/threshold are decided from their arguments there). Not here: sigmoid, hardsigmoid, exp, cos,
-# softplus, logsigmoid, log, rsqrt, reciprocal, softmax/log_softmax/softmin (a zero channel becomes a constant)
-ZERO_PRESERVING = frozenset(
-    """relu relu_ relu6 leaky_relu leaky_relu_ elu elu_ selu celu gelu silu silu_ mish hardswish hardswish_
-    tanh tanh_ softsign tanhshrink prelu rrelu abs abs_ neg neg_ __neg__ __pos__ __abs__ sqrt sqrt_ square
-    sign erf sin log1p floor ceil round trunc frac nan_to_num
-    dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
-    max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
-    adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
-    max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices lp_pool1d lp_pool2d
-    interpolate upsample upsample_nearest upsample_bilinear normalize local_response_norm
-    contiguous clone detach detach_ to float half double bfloat16 type type_as cpu cuda requires_grad_
-    __deepcopy__""".split()
-)
-# elementwise ops of _ELEMENTWISE whose result is 0 where every value operand is 0 (division and pow are decided
-# from their operands in topology/values.py), and those whose result is 0 where any factor is 0
-ZERO_PRESERVING_BINARY = frozenset(
-    """add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub subtract subtract_ mul mul_
-    __mul__ __rmul__ __imul__ multiply multiply_ div div_ __truediv__ __itruediv__ divide divide_ true_divide
-    pow __pow__ pow_ maximum minimum fmax fmin max min where masked_fill masked_fill_ hypot atan2 copysign
-    lerp lerp_""".split()
-)
-ZERO_ABSORBING = frozenset("mul mul_ __mul__ __rmul__ __imul__ multiply multiply_".split())
-# reductions/cross-channel ops over a channel axis whose value ignores channels that are exactly zero there
-# (a sum, a p-norm, normalize): removing such channels is neutral; any other reduction over a channel axis
-# (mean, amax, var, logsumexp, softmax, local_response_norm, ...) changes value and pins the channels
-NEUTRAL_ON_ZERO = frozenset({"sum", "nansum", "norm", "normalize"})
-# ops of _PASS that mix the positions of one axis: a channel axis there pins (``dim`` argument position)
+# ops of UNARY that mix the positions of one axis: a channel axis there pins (``dim`` argument position)
 _CROSS_AXIS = {"softmax": 1, "log_softmax": 1, "softmin": 1, "normalize": 2, "local_response_norm": -1}
-_FRESH = frozenset(
-    "new_zeros new_ones new_full new_empty zeros_like ones_like empty_like full_like rand_like randn_like zero_ "
-    "fill_".split()
-)
-_REDUCE = frozenset("mean sum amax amin max min std var norm logsumexp prod argmax argmin nansum nanmean".split())
-_EXEC = frozenset(
-    """view reshape flatten unflatten permute transpose swapaxes swapdims movedim moveaxis t T mT squeeze
-    unsqueeze expand expand_as repeat tile chunk split tensor_split split_with_sizes unsafe_split
-    unsafe_chunk unbind cat concat concatenate stack hstack vstack __getitem__ __setitem__ narrow select
-    index_select roll flip pad constant_pad_nd pixel_shuffle pixel_unshuffle channel_shuffle
-    native_channel_shuffle view_as reshape_as ravel diagonal gather take_along_dim repeat_interleave""".split()
-)
 _RESHAPE = frozenset({"view", "reshape", "unflatten", "expand"})
 _SPLIT = frozenset({"chunk", "split", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk",
                     "unbind"})
-MATMUL_OPS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"})
-_RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-RNN_OPS = frozenset(_RNN_GATES)
-# ops that create a layer (make new channel atoms), also when their input carries no channels
-LAYER_OPS = CONV_OPS | LINEAR_OPS | RNN_OPS | {"multi_head_attention_forward", "embedding"}
-
 
 def explicit_sizes(node: OpNode) -> list[int | None] | None:
     """Per output axis of a view/reshape/expand/unflatten, the size written in the call (``None``: derived)."""
@@ -157,7 +100,7 @@ def layer_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> N
             raise UnknownOp(f"'{name}' without a weight tensor")
         groups = arg(node, 6, "groups", 1)  # conv*d and conv_transpose*d both have it 7th
         groups = int(groups) if isinstance(groups, int) else 1
-        transposed = name in _TRANSPOSED
+        transposed = name in CONV_TRANSPOSE_OPS
         out_ch = w.shape[1] * groups if transposed else w.shape[0]
         ax = 1 if x.ndim == w.ndim else 0
         in_ch = x.shape[ax]
@@ -247,7 +190,7 @@ def recurrent_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) 
     if params_at is None:
         raise UnknownOp(f"'{name}' without its list of weight parameters")
     params = list(node.args[params_at])
-    gates = _RNN_GATES[name]
+    gates = RNN_GATES[name]
     w_ih, w_hh = params[0], params[1]
     hidden = w_ih.shape[0] // gates
     if w_hh.shape[1] != hidden:
@@ -297,7 +240,7 @@ def norm_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> No
     params = [t for t in node.inputs[1:] if t.kind in ("param", "buffer")]
     if params and ins[0] is not None:
         owner = ca.graph.param_owner(params[0]) or ""
-        ax = _NORM_OPS[node.name]
+        ax = NORM_AXIS[node.name]
         ax = x.ndim - 1 if ax < 0 else (1 if x.ndim > 1 else 0)
         rep = ca.reps(ins[0], x.ndim, ax, x.shape[ax])
         ca.followers.setdefault(owner, []).append(rep)
@@ -337,7 +280,7 @@ def _fixed_operands(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None
 
 
 def passthrough(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> None:
-    if node.name in _FRESH:
+    if node.name in FACTORY_LIKE:
         return  # a new tensor of the same shape carries no channels
     x, ci = node.inputs[0], ins[0]
     if ci is None:
@@ -659,37 +602,101 @@ def _cat_op(ca: ChannelAtoms, node: OpNode, ins: list[ChannelInfo | None]) -> No
         shape_op(ca, node, ins)
 
 
-def _build_rules() -> dict[str, Rule]:
-    rules: dict[str, Rule] = {}
+RULES: dict[str, Rule] = {}
+
+
+def register_channel_rule(*names: str, family: str | None = None,
+                          zero_preserving: bool = False) -> Callable[[Rule], Rule]:
+    """Register the channel semantics of the ops ``names`` (recorded op names, :func:`prunescope.ops.op_name`:
+    ``'mylib::act'`` for a ``torch.library`` custom op), as the built-in rules are registered.
+
+    An op without a rule stops the channel analysis: the layers feeding it are reported unsafe
+    (:func:`~prunescope.topology.not_safe_to_prune`) and shrink keeps their channels. Two forms:
+
+    * ``register_channel_rule(name, family="elementwise" | "unary", zero_preserving=...)`` registers at once: the
+      op behaves like the built-in family — ``"elementwise"``: its tensor operands are combined element by
+      element with broadcasting (their channels are tied, like ``add``/``mul``); ``"unary"``: its output has the
+      channels of its first input (an activation). ``zero_preserving=True`` says the op maps zeros to exactly
+      zero (f(0) = 0), so a removed channel stays removed through it and shrink can narrow the layers around
+      it; without it a removed channel becomes an unknown value there and shrink keeps it unless a norm or a
+      layer module after it zeroes it (the value analysis, :mod:`.values`).
+    * ``@register_channel_rule(name)`` on a function ``rule(ca, node, ins)`` (see the module docs) registers
+      a rule of your own; it describes channels only (the value analysis treats the op's outputs as unknown).
+
+    A later registration of a name overrides an earlier one (the built-in rules included).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from prunescope.topology import not_safe_to_prune, register_channel_rule
+    >>> @torch.library.custom_op("psdoc::soft_clip", mutates_args=())
+    ... def soft_clip(x: torch.Tensor) -> torch.Tensor:
+    ...     return torch.tanh(x)
+    >>> @soft_clip.register_fake
+    ... def _(x):
+    ...     return torch.empty_like(x)
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+    ...     def forward(self, x):
+    ...         return self.conv2(soft_clip(self.conv1(x)))
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:  # the op stops the analysis: conv1 feeds it
+    ...     not_safe_to_prune(Net(), torch.ones(1, 3, 16, 16))
+    ['conv1']
+    >>> "stopped at op 'psdoc::soft_clip'" in str(w[0].message)
+    True
+    >>> _ = register_channel_rule("psdoc::soft_clip", family="unary", zero_preserving=True)
+    >>> not_safe_to_prune(Net(), torch.ones(1, 3, 16, 16))
+    []
+    """
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"register_channel_rule needs op names (non-empty strings), got {names!r}")
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigError(f"register_channel_rule: unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+        rule = _FAMILY_RULES[family]
+        for n in names:
+            add_to_family(n, family, zero_preserving=zero_preserving)
+            RULES[n] = rule
+    elif zero_preserving:
+        raise ConfigError("register_channel_rule: zero_preserving applies to a family (family='elementwise' or "
+                          "'unary'); a rule of your own describes channels only")
+
+    def deco(rule: Rule) -> Rule:
+        if family is not None:
+            raise ConfigError(f"register_channel_rule({', '.join(map(repr, names))}, family={family!r}) has "
+                              "registered the family's rule already; use either family= or the decorator")
+        if not callable(rule):
+            raise ConfigError(f"register_channel_rule: the rule must be a function (ca, node, ins), got "
+                              f"{type(rule).__name__}")
+        for n in names:
+            RULES[n] = rule
+        return rule
+
+    return deco
+
+
+def _register_builtin_rules() -> None:
     # lowest precedence first: a later family overrides an op name that is in several
-    rules.update(dict.fromkeys(MATMUL_OPS, matmul))
-    rules.update(dict.fromkeys(_EXEC, shape_op))
-    rules.update(dict.fromkeys(("cat", "concat", "concatenate", "stack"), _cat_op))
-    rules.update(dict.fromkeys(_REDUCE, reduce_op))
-    rules.update(dict.fromkeys(_PASS, passthrough))
-    rules.update(dict.fromkeys(_ELEMENTWISE, elementwise))
-    rules.update(dict.fromkeys(_REDUCE & _ELEMENTWISE, _reduce_or_elementwise))
-    rules.update(dict.fromkeys(_NORM_OPS, norm_op))
-    rules.update(dict.fromkeys(LAYER_OPS, layer_op))
-    rules.update(dict.fromkeys(("addmm", "baddbmm"), addmm))
-    rules["scaled_dot_product_attention"] = sdpa
-    rules["einsum"] = einsum
-    rules["unfold"] = unfold_op
-    rules.update(dict.fromkeys(("_pack_padded_sequence", "_pad_packed_sequence"), packed_sequence_op))
-    rules["fold"] = fold_op
-    return rules
+    register_channel_rule(*MATMUL_OPS)(matmul)
+    register_channel_rule(*SHAPE_OPS)(shape_op)
+    register_channel_rule("cat", "concat", "concatenate", "stack")(_cat_op)
+    register_channel_rule(*REDUCTIONS)(reduce_op)
+    register_channel_rule(*UNARY)(passthrough)
+    register_channel_rule(*ELEMENTWISE)(elementwise)
+    register_channel_rule(*(REDUCTIONS & ELEMENTWISE))(_reduce_or_elementwise)
+    register_channel_rule(*NORM_AXIS)(norm_op)
+    register_channel_rule(*LAYER_OPS)(layer_op)
+    register_channel_rule("addmm", "baddbmm")(addmm)
+    register_channel_rule("scaled_dot_product_attention")(sdpa)
+    register_channel_rule("einsum")(einsum)
+    register_channel_rule("unfold")(unfold_op)
+    register_channel_rule("_pack_padded_sequence", "_pad_packed_sequence")(packed_sequence_op)
+    register_channel_rule("fold")(fold_op)
 
 
-RULES: dict[str, Rule] = _build_rules()
-
-
-# -- mixture of experts (routing and fused expert weights): rules live in topology/moe.py
-def _register_moe() -> None:
-    from .moe import EXPERT_OPS, expert_bmm, grouped_mm_rule, topk_rule
-
-    RULES["topk"] = topk_rule
-    RULES.update(dict.fromkeys(EXPERT_OPS, grouped_mm_rule))
-    RULES["bmm"] = expert_bmm(RULES["bmm"])  # gathered expert weights; any other bmm as before
-
-
-_register_moe()
+_FAMILY_RULES: dict[str, Rule] = {"elementwise": elementwise, "unary": passthrough}
+_register_builtin_rules()
+# the mixture-of-experts rules (topk, _grouped_mm, bmm of gathered expert weights) are registered by
+# topology/moe.py itself, with register_channel_rule (the topology package imports it)

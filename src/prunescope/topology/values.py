@@ -33,20 +33,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..graph import OpNode, TensorInfo
-from .base import arg, norm_axis
-from .rules import (
-    _ELEMENTWISE,
-    _EXEC,
-    _FRESH,
-    _NORM_OPS,
-    _PASS,
-    _REDUCE,
-    MATMUL_OPS,
-    NEUTRAL_ON_ZERO,
-    ZERO_ABSORBING,
-    ZERO_PRESERVING,
-    ZERO_PRESERVING_BINARY,
-)
+from ..ops import CONTRACTION_OPS as _CONTRACT
+from ..ops import ELEMENTWISE as _ELEMENTWISE
+from ..ops import FACTORY_LIKE as _FRESH
+from ..ops import NEUTRAL_ON_ZERO, ZERO_ABSORBING, ZERO_PRESERVING, ZERO_PRESERVING_BINARY, arg
+from ..ops import NORM_AXIS as _NORM_OPS
+from ..ops import REDUCTIONS as _REDUCE
+from ..ops import SHAPE_OPS as _EXEC
+from ..ops import UNARY as _PASS
+from .base import norm_axis
 
 if TYPE_CHECKING:
     from .engine import ChannelAtoms
@@ -55,7 +50,6 @@ __all__ = ["LIVE", "ZERO", "CONST", "UNKNOWN", "ValueStates", "value_states", "h
 
 LIVE, ZERO, CONST, UNKNOWN = 0, 1, 2, 3
 _NONUNIFORM = 4  # an operand code only: input-independent but varying along a non-channel axis
-_CONTRACT = MATMUL_OPS | {"einsum", "scaled_dot_product_attention", "addmm", "baddbmm"}
 _CLAMPS = frozenset(("clamp", "clamp_", "clip", "clip_"))
 _CAT = frozenset(("cat", "concat", "concatenate", "stack", "hstack", "vstack"))
 
