@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from prunescope.shrink import as_pruned
 from torch import nn
 
 from prunescope import count_flops_params, flops_report, load_pruned, save_pruned, shrink
 from prunescope.graph import trace
+from prunescope.narrow import as_pruned
 from prunescope.topology import channel_atoms
 
 DROP = [1, 4, 5]

@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-from prunescope.shrink import as_pruned
 from torch import nn
 
 import prunescope
@@ -25,6 +24,7 @@ from prunescope import (
 from prunescope.errors import ConfigError
 from prunescope.flops import flops_report
 from prunescope.graph import trace
+from prunescope.narrow import as_pruned
 from prunescope.ops import ELEMENTWISE, UNARY, ZERO_PRESERVING, ZERO_PRESERVING_BINARY
 from prunescope.topology import channel_atoms, moe
 from prunescope.topology.rules import RULES, elementwise, passthrough

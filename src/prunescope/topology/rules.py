@@ -611,7 +611,7 @@ def register_channel_rule(*names: str, family: str | None = None,
     ``'mylib::act'`` for a ``torch.library`` custom op), as the built-in rules are registered.
 
     An op without a rule stops the channel analysis: the layers feeding it are reported unsafe
-    (:func:`~prunescope.topology.not_safe_to_prune`) and shrink keeps their channels. Two forms:
+    (:func:`~prunescope.removal.not_safe_to_prune`) and shrink keeps their channels. Two forms:
 
     * ``register_channel_rule(name, family="elementwise" | "unary", zero_preserving=...)`` registers at once: the
       op behaves like the built-in family — ``"elementwise"``: its tensor operands are combined element by
