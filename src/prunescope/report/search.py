@@ -149,22 +149,32 @@ class PlanSearch:
     def predict_plan(self, plan: Plan, additive: float, exclude: Candidate | None = None) -> float:
         """:meth:`predict` of a plan that need not be a counted candidate (``additive``: its additive loss;
         ``exclude``: a measured candidate not to step from, the plan's own)."""
+        return float(self.predict_many([plan], [additive], exclude)[0])
+
+    def predict_many(self, plans: Sequence[Plan], additives: Sequence[float],
+                     exclude: Candidate | None = None) -> np.ndarray:
+        """:meth:`predict_plan` of many plans at once (the same arithmetic, vectorised over the plans: distances
+        and steps are summed left to right over the keys)."""
         done = [q for q in self.measured if q.measured is not None and q is not exclude]
         factor, w = self._fitted()
         if not done:
-            return self.metric_before - self.sign * factor * additive
-        keys = sorted(self.keys)
-        if not set(plan) <= set(keys) or any(not set(q.plan) <= set(keys) for q in done):
-            keys = sorted(set(plan) | {k2 for q in done for k2 in q.plan})
-        # L1 distances summed left to right over the sorted keys (absent keys add an exact 0.0), rounded: equal
-        # distances tie exactly (then measurement order decides)
+            return np.array([self.metric_before - self.sign * factor * a for a in additives], dtype=np.float64)
+        keys = sorted(set(self.keys).union(*(q.plan for q in done), *plans))
         mat = np.array([[q.plan.get(k2, 0.0) for k2 in keys] for q in done], dtype=np.float64)
-        vec = np.array([plan.get(k2, 0.0) for k2 in keys], dtype=np.float64)
-        dist = [round(float(d), 9) for d in np.cumsum(np.abs(mat - vec), axis=1)[:, -1]]
-        q = done[dist.index(min(dist))]
-        assert q.measured is not None
-        step = sum(wk * (a - b) for wk, a, b in zip(w, self.losses(plan), self.losses(q.plan)))
-        return float(q.measured) - self.sign * step
+        lq = np.array([self.losses(q.plan) for q in done], dtype=np.float64)
+        got = np.array([float(q.measured) for q in done], dtype=np.float64)  # type: ignore[arg-type]
+        wv = np.asarray(w, dtype=np.float64)
+        out = np.empty(len(plans), dtype=np.float64)
+        for lo in range(0, len(plans), 256):  # blocks bound the (plans, measured, keys) array
+            part = plans[lo: lo + 256]
+            vec = np.array([[p.get(k2, 0.0) for k2 in keys] for p in part], dtype=np.float64)
+            # L1 distance to each measured plan, rounded: equal distances tie exactly (the earlier one wins)
+            dist = np.round(np.cumsum(np.abs(vec[:, None, :] - mat[None, :, :]), axis=2)[:, :, -1], 9)
+            near = np.argmin(dist, axis=1)
+            lp = np.array([self.losses(p) for p in part], dtype=np.float64).reshape(len(part), len(self.keys))
+            step = np.cumsum(wv * (lp - lq[near]), axis=1)[:, -1] if len(self.keys) else np.zeros(len(part))
+            out[lo: lo + len(part)] = got[near] - self.sign * step
+        return out
 
     def feasible(self, c: Candidate) -> bool:
         return c.macs <= self.target_macs
@@ -244,12 +254,13 @@ class PlanSearch:
     def ranked(self, c: Candidate) -> list[list[tuple[Plan, str]]]:
         """The unmeasured neighbours of ``c`` best predicted first, in runs of equal prediction (a run is
         ordered by MACs once counted, see :meth:`run`); no plan is counted here."""
-        todo = []
+        props = []
         for p, src in self.proposals(c):
             hit = self.candidates.get(self._key(p))
-            if hit is not None and hit.measured is not None:
-                continue
-            todo.append((-self.sign * self.predict_plan(p, self.additive(p)), p, src))
+            if hit is None or hit.measured is None:
+                props.append((p, src))
+        pred = self.predict_many([p for p, _ in props], [self.additive(p) for p, _ in props])
+        todo = [(float(-self.sign * v), p, src) for v, (p, src) in zip(pred, props)]
         todo.sort(key=lambda t: t[0])  # stable: generation order within equal predictions
         runs: list[list[tuple[Plan, str]]] = []
         last = None
