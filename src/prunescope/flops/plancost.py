@@ -41,6 +41,7 @@ from torch import nn
 
 from ..graph import ModelGraph, OpNode
 from ..shrink.plan import Planner, decide_removal, masked_atoms
+from ..topology.values import IncrementalStates
 from .counter import _build, _op_cost
 from .effective import node_scales
 
@@ -56,6 +57,7 @@ class PlanCost:
         self._planner = Planner(graph, {})
         self.ca = self._planner.ca
         self._planner.static_protection()
+        self._planner.states = IncrementalStates(self.ca, self._planner.const_ids)  # walks restart nearby
         self._prot0 = self._planner.prot.copy()
         self._reasons0 = dict(self._planner.reasons)
         counted: list[OpNode] = []

@@ -42,7 +42,7 @@ embedding).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -383,6 +383,7 @@ class Planner:
         self.derived = self._param_derived()
         self.folds: dict[str, Fold] = {}
         self._layer_nodes = {i for li in self.ca.layers.values() for i in li.nodes}
+        self.states: Callable[[np.ndarray], Any] | None = None  # value_states of a removal vector (cache)
         self.values_known = example_inputs(graph, None) is not None and not any(
             p.device.type == "meta" for p in graph.model.parameters())
         self.const_ids = set(self.derived) | {t.id for t in graph.tensors if t.kind == "const"}
@@ -516,7 +517,8 @@ class Planner:
         if not atom_removed.any():
             return False
         ca, g = self.ca, self.g
-        vs = value_states(ca, atom_removed, self.const_ids)
+        vs = self.states(atom_removed) if self.states is not None else value_states(ca, atom_removed,
+                                                                                       self.const_ids)
         changed = False
         for name, li in ca.layers.items():
             if li.depthwise:  # input channel c feeds only output channels of c, which are tied to it: removed too
