@@ -40,7 +40,7 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode
-from ..shrink.plan import Planner, decide_removal, masked_atoms
+from ..shrink.plan import Planner, RemovalPlan, assemble_plan, decide_removal, masked_atoms
 from ..topology.values import IncrementalStates
 from .counter import _build, _op_cost
 from .effective import node_scales
@@ -90,6 +90,16 @@ class PlanCost:
         if not pl.masked.any():
             return decide_removal(self.ca, pl.masked, pl.prot)
         return pl.decide(static=False)
+
+    def removal_plan(self, masked: np.ndarray) -> RemovalPlan:
+        """The :class:`~prunescope.shrink.plan.RemovalPlan` of masks whose masked atoms are ``masked`` (what
+        ``plan_removal(graph, masks, check_pins=False)`` builds, with the mask-independent work reused): pass it
+        as ``as_pruned(..., plan=)`` to measure many plans without planning each from scratch."""
+        pl = self._planner
+        pl.masked = np.asarray(masked, dtype=bool)
+        pl.prot = self._prot0.copy()
+        pl.reasons = dict(self._reasons0)
+        return assemble_plan(pl, pl.decide(static=False), check_pins=False)
 
     def macs(self, masked: np.ndarray) -> int:
         """The effective MACs of masks whose masked atoms are ``masked`` (equal to

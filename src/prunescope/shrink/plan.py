@@ -55,8 +55,8 @@ from ..topology.rules import MATMUL_OPS
 from ..topology.values import CONST, UNKNOWN, ZERO, value_states
 from .experts import expert_cuts, expert_filter_keep, expert_protection
 
-__all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "removed_channels", "example_inputs",
-           "value_pinned_removals"]
+__all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "assemble_plan", "removed_channels",
+           "example_inputs", "value_pinned_removals"]
 
 _CONV = frozenset("conv1d conv2d conv3d".split())
 _CONVT = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
@@ -662,8 +662,14 @@ class Planner:
 def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: bool = True) -> RemovalPlan:
     """The :class:`RemovalPlan` of ``masks`` (NNI layout, ``{layer: {'weight': t, 'bias': t}}``) on ``graph``."""
     pl = Planner(graph, masks)
-    ca = pl.ca
-    atom_removed = pl.decide()
+    return assemble_plan(pl, pl.decide(), check_pins=check_pins)
+
+
+def assemble_plan(pl: Planner, atom_removed: np.ndarray, *, check_pins: bool = True) -> RemovalPlan:
+    """The :class:`RemovalPlan` of a planner's decision ``atom_removed`` (``pl.decide()``: its masks, reasons
+    and folds are the decision's): which layers keep masked channels and why, the cuts and the folds. A planner
+    reused for many masks (:class:`prunescope.flops.plancost.PlanCost`) builds the plan of each this way."""
+    graph, ca = pl.g, pl.ca
     removed = {name: atom_removed[li.atom_start: li.atom_start + li.out_channels].copy()
                for name, li in ca.layers.items()}
     plan = RemovalPlan(graph, ca, removed, atom_removed, ignored=pl.ignored)
