@@ -502,6 +502,7 @@ def step_plan(r: Run) -> None:
         bar.set_postfix_str(f"{c.source[:40]}: {c.measured:.4f}", refresh=False)
 
     search.on_measure = shown
+    search.on_count = lambda n: bar.set_postfix_str(f"{n} plans counted", refresh=n % 10 == 0)
     try:
         _search(r, search, common)
     finally:
