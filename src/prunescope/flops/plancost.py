@@ -22,6 +22,14 @@ rounding as the effective counter, so the two give the same number (tested again
 ``flops_report(..., effective=True)`` on random plans of a resnet18, a residual CNN with shared sets and a
 BERT with head and MLP units).
 
+The removal decision is not additive over sets (a removed channel may reach a layer as a constant that cannot
+be folded, a grouped layer may need equal counts per group), so it is re-run per plan; its costly part, the
+walk of :func:`prunescope.topology.values.value_states`, restarts from the nearest removal vector seen before
+(:class:`prunescope.topology.values.IncrementalStates`): a plan search's plans differ in a set or two, and only
+the ops touching those sets' layers (or reading a state that changed) are visited again (tested equal to full
+walks and counts along neighbour walks). :meth:`PlanCost.removal_plan` gives the whole removal plan of a
+vector the same way, for ``as_pruned(..., plan=)``.
+
 >>> import torch
 >>> from torch import nn
 >>> from prunescope.graph import trace
