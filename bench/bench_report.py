@@ -15,6 +15,27 @@ counts are equal. ``--before`` also runs the whole report on the old path.
 
     python bench/bench_report.py                 # resnet18, resnet50, bert-base; plan_evals 16
     python bench/bench_report.py --models resnet18 --evals 8,16,32 --before
+
+Measured (2026-12-06, a 2-core machine shared with six other jobs, load average 7-9: absolute seconds are
+several times those of an idle machine; before = commit a5198af, after = this code, run back to back, the same
+plans chosen on resnet18 and BERT-base), the report's own time in seconds per step (user evaluations excluded):
+
+    model      plans counted   cost  topology  sweep   plan  verify  folder   own total
+    resnet18   before   236    0.14    0.44     1.26   4.07   2.40    2.16      10.5
+               after     53    0.12    0.38     0.70   1.23   1.91    1.66       6.1
+    resnet50   before  6827    0.29    1.34    25.32 166.24   5.33    4.14     202.7
+               after    375    0.30    1.00     1.37   9.97   5.90    3.23      21.8
+    bert-base  before   640    0.46    1.66    44.99  42.40  11.52    7.96     109.2
+               after     52    0.62    2.09     3.29  14.02  12.04    5.47      37.7
+
+Where the time went before (cProfile): the sweep's as-pruned zero points (``follower_zero_map`` per group, a
+class-member scan per channel position: 18 s resnet50, 150 s BERT under the profiler) -> one walk for all
+groups (``follower_zero_maps``); the plan step counted every neighbour of every move (~1,400 on resnet50, each
+a removal decision whose value-state walk is ~20 ms) -> neighbours ranked by prediction first and counted only
+up to the one measured next, the value-state walk restarted from the nearest vector seen (``IncrementalStates``),
+predictions vectorised. What is left after: the plan step's per-measurement work (applying the masks: validating
+and snapshotting every masked weight, ~0.5 s per plan on BERT-base here), verify's latency timing and two
+``shrink`` calls, and the page (plots).
 """
 
 from __future__ import annotations
@@ -134,7 +155,7 @@ def one(name: str, plan_evals: int, before: bool, sample: int) -> dict[str, Any]
     row = {"model": name, "path": "before" if before else "after", "plan_evals": plan_evals, "sets": len(r.keys),
            "counted_plans": len(plans), "candidates": len(r.search.measured), "wall": wall,
            "evals_s": clock["eval"], "n_evals": clock["n"], "own": wall - clock["eval"], "plan": r.chosen.plan,
-           "steps": steps}
+           "steps": steps, "chosen": (r.chosen.source, r.chosen.macs, r.chosen.measured)}
     # the counting alone, cold caches, the same plans: new path on all, old path on a sample
     fresh = report_steps.Run(model, lambda m: 0.0, x, 0.5, None, None, 1.0, name, "m", False, None)
     report_steps.step_cost(fresh)
@@ -184,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['model']:<10} {r['path']:<6} sets {r['sets']:>3} plan_evals {r['plan_evals']:>3}: "
                       f"{r['counted_plans']} plans counted, {r['candidates']} measured; wall {r['wall']:6.1f} s, "
                       f"{r['n_evals']} evaluations {r['evals_s']:5.1f} s, own {r['own']:6.1f} s; own per step (s) "
-                      f"{r['steps']}", flush=True)
+                      f"{r['steps']}; chosen {r['chosen']}", flush=True)
                 print(f"{'':<10} counting those {r['counted_plans']} plans: before "
                       f"{r['count_old_s_extrapolated']:7.1f} s "
                       f"({r['count_old_per_plan_s'] * 1e3:.0f} ms/plan on {a.sample}, extrapolated), after "

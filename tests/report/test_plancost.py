@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -15,6 +16,7 @@ from torch import nn
 from prunescope.flops import flops_report
 from prunescope.masks import fix_mask_conflict
 from prunescope.masks.pruners import group_masks
+from prunescope.removal.plan import plan_removal
 from prunescope.report.steps import Run, step_cost, step_topology
 
 
@@ -74,6 +76,19 @@ def _reference(r: Run, plan: dict[str, float]) -> tuple[dict, int]:
     return fixed, flops_report(r.model, r.x, graph=r.graph, masks=fixed, effective=True).total_flops
 
 
+def _same_plan(got, want) -> None:
+    """Two removal plans agree on what as_pruned and shrink read: removed channels, cuts, folds, protections."""
+    assert set(got.removed) == set(want.removed)
+    assert all(np.array_equal(got.removed[k], want.removed[k]) for k in want.removed)
+    assert set(got.cuts) == set(want.cuts) and got.protected == want.protected and got.attrs == want.attrs
+    for k, c in want.cuts.items():
+        g = got.cuts[k]
+        assert g.shape == c.shape and set(g.keep) == set(c.keep), k
+        assert all(np.array_equal(g.keep[a], c.keep[a]) for a in c.keep), k
+    assert {k: (f.layer, f.bias, f.columns.tolist()) for k, f in got.folds.items()} == \
+        {k: (f.layer, f.bias, f.columns.tolist()) for k, f in want.folds.items()}
+
+
 @pytest.mark.parametrize("kind", ["resnet18", "shared", "bert"])
 def test_plan_macs_equal_the_effective_count_from_scratch(kind):
     torch.manual_seed(0)
@@ -104,5 +119,47 @@ def test_plan_macs_equal_the_effective_count_from_scratch(kind):
         assert set(masks) == set(fixed)
         for layer, m in fixed.items():
             assert torch.equal(masks[layer]["weight"], m["weight"]), layer
+        _same_plan(r.removal_plan(plan), plan_removal(r.graph, fixed, check_pins=False))
     assert len(seen) >= 3  # the plans differ in cost: the comparison is not between constants
     assert r.macs_of({}) == r.dense.total_flops
+
+
+@pytest.mark.parametrize("kind", ["shared", "bert"])
+def test_incremental_walk_equals_the_full_count_along_a_neighbour_walk(kind):
+    """The plan search counts plans that differ from the previous ones in a set or two; PlanCost restarts the
+    value-state walk of the removal decision from the nearest vector it has seen (IncrementalStates). Along
+    such a walk every count equals the effective count from scratch, and the states equal a full walk (the
+    residual/grouped/depthwise CNN and a tiny BERT; resnet18's random plans above take this path too)."""
+    from prunescope.removal.plan import decide_removal
+    from prunescope.topology.values import value_states
+
+    torch.manual_seed(0)
+    if kind == "shared":
+        model, x = SharedCNN().eval(), torch.ones(1, 3, 8, 8)
+    else:
+        model, x = _bert(), {"input_ids": torch.randint(0, 50, (2, 8))}
+    r = _run(model, x)
+    rng = random.Random(3)
+    levels = [0.25, 0.5, 0.75]
+    plan = {k: rng.choice(levels) for k in r.keys if rng.random() < 0.6}
+    states = r.cost._planner.states
+    seen, moved = set(), 0
+    for step in range(10):
+        p = dict(plan)
+        for k in rng.sample(r.keys, 2 if step % 2 else 1):  # one set changed, or two (a swap)
+            p[k] = rng.choice([0.0, *levels])
+        p = {k: v for k, v in p.items() if v > 0}
+        _, want = _reference(r, p)
+        assert r.macs_of(p) == want, (p, r.macs_of(p), want)
+        seen.add(want)
+        masked = np.zeros(r.cost.n_atoms, dtype=bool)
+        for k, v in p.items():
+            masked |= r.set_atoms(k, v)
+        ar = decide_removal(r.cost.ca, masked, r.cost._prot0)
+        full, got = value_states(r.cost.ca, ar, r.cost._planner.const_ids), states(ar)
+        assert set(full.states) == set(got.states) and full.explain == got.explain
+        assert all(np.array_equal(full.states[t], got.states[t]) for t in full.states)
+        moved += bool(full.states)
+        if step % 3 == 2:
+            plan = p
+    assert len(seen) >= 4 and moved >= 5  # different costs, and walks with removed channels to follow

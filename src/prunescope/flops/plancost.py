@@ -22,6 +22,14 @@ rounding as the effective counter, so the two give the same number (tested again
 ``flops_report(..., effective=True)`` on random plans of a resnet18, a residual CNN with shared sets and a
 BERT with head and MLP units).
 
+The removal decision is not additive over sets (a removed channel may reach a layer as a constant that cannot
+be folded, a grouped layer may need equal counts per group), so it is re-run per plan; its costly part, the
+walk of :func:`prunescope.topology.values.value_states`, restarts from the nearest removal vector seen before
+(:class:`prunescope.topology.values.IncrementalStates`): a plan search's plans differ in a set or two, and only
+the ops touching those sets' layers (or reading a state that changed) are visited again (tested equal to full
+walks and counts along neighbour walks). :meth:`PlanCost.removal_plan` gives the whole removal plan of a
+vector the same way, for ``as_pruned(..., plan=)``.
+
 >>> import torch
 >>> from torch import nn
 >>> from prunescope.graph import trace
@@ -40,7 +48,8 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode
-from ..removal.plan import Planner, decide_removal, masked_atoms
+from ..removal.plan import Planner, RemovalPlan, assemble_plan, decide_removal, masked_atoms
+from ..topology.values import IncrementalStates
 from .counter import _build, _op_cost
 from .effective import node_scales
 
@@ -56,6 +65,7 @@ class PlanCost:
         self._planner = Planner(graph, {})
         self.ca = self._planner.ca
         self._planner.static_protection()
+        self._planner.states = IncrementalStates(self.ca, self._planner.const_ids)  # walks restart nearby
         self._prot0 = self._planner.prot.copy()
         self._reasons0 = dict(self._planner.reasons)
         counted: list[OpNode] = []
@@ -88,6 +98,16 @@ class PlanCost:
         if not pl.masked.any():
             return decide_removal(self.ca, pl.masked, pl.prot)
         return pl.decide(static=False)
+
+    def removal_plan(self, masked: np.ndarray) -> RemovalPlan:
+        """The :class:`~prunescope.removal.plan.RemovalPlan` of masks whose masked atoms are ``masked`` (what
+        ``plan_removal(graph, masks, check_pins=False)`` builds, with the mask-independent work reused): pass it
+        as ``as_pruned(..., plan=)`` to measure many plans without planning each from scratch."""
+        pl = self._planner
+        pl.masked = np.asarray(masked, dtype=bool)
+        pl.prot = self._prot0.copy()
+        pl.reasons = dict(self._reasons0)
+        return assemble_plan(pl, pl.decide(static=False), check_pins=False)
 
     def macs(self, masked: np.ndarray) -> int:
         """The effective MACs of masks whose masked atoms are ``masked`` (equal to

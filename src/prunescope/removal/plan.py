@@ -42,7 +42,7 @@ embedding).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -57,8 +57,8 @@ from ..topology import channel_atoms
 from ..topology.values import CONST, UNKNOWN, ZERO, value_states
 from .experts import expert_cuts, expert_filter_keep, expert_protection
 
-__all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "removed_channels", "example_inputs",
-           "value_pinned_removals"]
+__all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "assemble_plan", "removed_channels",
+           "example_inputs", "value_pinned_removals"]
 
 _CONV = CONV_OPS - CONV_TRANSPOSE_OPS  # convolutions that are not transposed
 # ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
@@ -368,6 +368,7 @@ class Planner:
         self.derived = self._param_derived()
         self.folds: dict[str, Fold] = {}
         self._layer_nodes = {i for li in self.ca.layers.values() for i in li.nodes}
+        self.states: Callable[[np.ndarray], Any] | None = None  # value_states of a removal vector (cache)
         self.values_known = example_inputs(graph, None) is not None and not any(
             p.device.type == "meta" for p in graph.model.parameters())
         self.const_ids = set(self.derived) | {t.id for t in graph.tensors if t.kind == "const"}
@@ -499,7 +500,8 @@ class Planner:
         if not atom_removed.any():
             return False
         ca, g = self.ca, self.g
-        vs = value_states(ca, atom_removed, self.const_ids)
+        vs = self.states(atom_removed) if self.states is not None else value_states(ca, atom_removed,
+                                                                                       self.const_ids)
         changed = False
         for name, li in ca.layers.items():
             if li.depthwise:  # input channel c feeds only output channels of c, which are tied to it: removed too
@@ -643,8 +645,14 @@ class Planner:
 def plan_removal(graph: ModelGraph, masks: Mapping[str, Any], *, check_pins: bool = True) -> RemovalPlan:
     """The :class:`RemovalPlan` of ``masks`` (NNI layout, ``{layer: {'weight': t, 'bias': t}}``) on ``graph``."""
     pl = Planner(graph, masks)
-    ca = pl.ca
-    atom_removed = pl.decide()
+    return assemble_plan(pl, pl.decide(), check_pins=check_pins)
+
+
+def assemble_plan(pl: Planner, atom_removed: np.ndarray, *, check_pins: bool = True) -> RemovalPlan:
+    """The :class:`RemovalPlan` of a planner's decision ``atom_removed`` (``pl.decide()``: its masks, reasons
+    and folds are the decision's): which layers keep masked channels and why, the cuts and the folds. A planner
+    reused for many masks (:class:`prunescope.flops.plancost.PlanCost`) builds the plan of each this way."""
+    graph, ca = pl.g, pl.ca
     removed = {name: atom_removed[li.atom_start: li.atom_start + li.out_channels].copy()
                for name, li in ca.layers.items()}
     plan = RemovalPlan(graph, ca, removed, atom_removed, ignored=pl.ignored)

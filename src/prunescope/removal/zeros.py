@@ -5,7 +5,7 @@ current weights, without a plan)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from ..topology import channel_atoms
 from .plan import RemovalPlan
 
 __all__ = ["NORM_OPS", "const_keep", "zero_points", "norm_sites", "zero_hook", "NormEmulation", "ZeroPoint",
-           "follower_zero_map", "zero_hooks"]
+           "follower_zero_map", "follower_zero_maps", "zero_hooks"]
 
 NORM_OPS = frozenset(NORM_AXIS)
 
@@ -210,34 +210,64 @@ def follower_zero_map(graph: ModelGraph, layers: Iterable[str]) -> tuple[ZeroPoi
     channel of no layer in ``layers``). With a filter of the layer all zero (pruned), :func:`zero_hooks` zeroes
     that channel after the norm, which is what physical removal does (the as-pruned semantics), without a plan;
     a norm that normalises across channels (``site`` not None) is computed over the kept channels instead, as
-    the narrowed norm does.
+    the narrowed norm does. Many groups at once: :func:`follower_zero_maps`.
     """
+    return follower_zero_maps(graph, {"": layers})[""]
+
+
+def follower_zero_maps(graph: ModelGraph, groups: Mapping[str, Iterable[str]]) -> dict[str, tuple[ZeroPoint, ...]]:
+    """:func:`follower_zero_map` of every group (``{key: layers}``) with one walk over the norm calls: per norm
+    output, the channel of each layer at each position is read once (class members grouped once), then each
+    group picks its layer (the first of its layers met, by position then atom order, as the single-group rule)."""
     ca = channel_atoms(graph)
-    wanted = set(layers)
-    out: list[ZeroPoint] = []
-    seen: set[str] = set()
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for a in np.argsort(ca.root, kind="stable").tolist():  # members of each class, in atom order
+        by_class.setdefault(int(ca.root[a]), []).append(ca.atom_name(a))
+    # per norm call (first call of a module per group only): layer -> (first position, rank there, index)
+    norms: list[tuple[Any, Any, dict[str, tuple[int, int, np.ndarray]]]] = []
     for node in graph.nodes:
         if node.name not in NORM_OPS or not node.module:
             continue
         o = node.outputs[0]
         ci = ca.info(o)
-        if ci is None or len(ci.axes) != 1 or node.module in seen:
+        if ci is None or len(ci.axes) != 1:
             continue
         atoms = ci.atoms.reshape(-1)
-        idx = np.full(atoms.shape, -1, np.int64)
-        layer_of: str | None = None
+        table: dict[str, tuple[int, int, np.ndarray]] = {}
         for p, a in enumerate(atoms.tolist()):
             if a < 0:
                 continue
-            for name, ch in ca.class_members(a):
-                if name in wanted and (layer_of is None or name == layer_of):
-                    layer_of, idx[p] = name, ch
-                    break
-        if layer_of is not None:
+            met: set[str] = set()
+            for rank, (name, ch) in enumerate(by_class[int(ca.root[a])]):
+                if name in met:
+                    continue
+                met.add(name)
+                hit = table.get(name)
+                if hit is None:
+                    hit = table[name] = (p, rank, np.full(atoms.shape, -1, np.int64))
+                hit[2][p] = ch
+        norms.append((node, ci, table))
+    sites: dict[int, Any] = {}
+    out: dict[str, tuple[ZeroPoint, ...]] = {}
+    for key, layers in groups.items():
+        wanted = set(layers)
+        points: list[ZeroPoint] = []
+        seen: set[str] = set()
+        for node, ci, table in norms:
+            if node.module in seen:
+                continue
+            found = [(p, rank, name) for name, (p, rank, _) in table.items() if name in wanted]
+            if not found:
+                continue
+            layer_of = min(found)[2]
             seen.add(node.module)
-            site = _site(graph, node, ca.info(node.inputs[0]))
-            out.append((node.module, ci.axes[0] - o.ndim, layer_of, idx, site[:2] if site else None))
-    return tuple(out)
+            if node.index not in sites:
+                sites[node.index] = _site(graph, node, ca.info(node.inputs[0]))
+            site = sites[node.index]
+            points.append((node.module, ci.axes[0] - node.outputs[0].ndim, layer_of, table[layer_of][2].copy(),
+                           site[:2] if site else None))
+        out[key] = tuple(points)
+    return out
 
 
 def _alive_fn(lay: nn.Module, index: torch.Tensor) -> Any:

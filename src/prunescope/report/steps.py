@@ -239,6 +239,20 @@ class Run:
 
         return num_filters(self.modules[key.split("+")[0]])
 
+    def masked_of(self, plan: dict[str, float]) -> Any:
+        """Per engine atom: masked by the plan's masks (the union of its sets' :meth:`set_atoms`)."""
+        import numpy as np
+
+        masked = np.zeros(self.cost.n_atoms, dtype=bool)
+        for k, s in plan.items():
+            if s > 0:
+                masked |= self.set_atoms(k, s)
+        return masked
+
+    def removal_plan(self, plan: dict[str, float]) -> Any:
+        """The removal plan of :meth:`masks_for` (PlanCost's planner: no planning from scratch per plan)."""
+        return self.cost.removal_plan(self.masked_of(plan))
+
     def macs_of(self, plan: dict[str, float]) -> int:
         """The plan's exact effective MACs from its sets' masked atoms (:class:`prunescope.flops.plancost.PlanCost`:
         about a millisecond, no count from scratch)."""
@@ -310,7 +324,8 @@ class Run:
 
         key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
         masks = self.masks_for(plan)
-        with as_pruned(self.model, masks, graph=self.graph, fix_conflicts=False):  # masks_for: conflict-free
+        with as_pruned(self.model, masks, plan=self.removal_plan(plan) if masks else None, graph=self.graph,
+                       fix_conflicts=False):  # masks_for: conflict-free; the plan from PlanCost's planner
             ap = self.evaluate(self.model, f"plan {plan}")
         rec = None
         if self.reconstructing:
@@ -487,6 +502,7 @@ def step_plan(r: Run) -> None:
         bar.set_postfix_str(f"{c.source[:40]}: {c.measured:.4f}", refresh=False)
 
     search.on_measure = shown
+    search.on_count = lambda n: bar.set_postfix_str(f"{n} plans counted", refresh=n % 10 == 0)
     try:
         _search(r, search, common)
     finally:

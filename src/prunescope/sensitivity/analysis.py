@@ -23,7 +23,7 @@ from ..graph import ModelGraph, check_graph_of, trace
 from ..masks.layers import FILTER_TYPES, num_filters
 from ..masks.pruners import transposed_linear_types
 from ..masks.units import channel_units, is_trivial
-from ..removal.zeros import follower_zero_map
+from ..removal.zeros import follower_zero_maps
 from ..topology import ChannelDependency
 from . import report
 from .checkpoint import Checkpoint, state_hash
@@ -425,7 +425,7 @@ class SensitivityAnalysis:
             return ()
         if not self._zero_after:
             graph = self.graph if self.graph is not None else trace(self.model, self.dummy_input)
-            self._zero_after = {k: follower_zero_map(graph, g) for k, g in self.groups.items()}
+            self._zero_after = follower_zero_maps(graph, self.groups)
         return self._zero_after.get(key, ())
 
     def _run_remote(self, keys: list[str], state: SweepState, bundle: tuple[str, bytes], ckpt: Checkpoint | None,

@@ -46,7 +46,8 @@ from .base import norm_axis
 if TYPE_CHECKING:
     from .engine import ChannelAtoms
 
-__all__ = ["LIVE", "ZERO", "CONST", "UNKNOWN", "ValueStates", "value_states", "hooked_outputs"]
+__all__ = ["LIVE", "ZERO", "CONST", "UNKNOWN", "ValueStates", "value_states", "hooked_outputs",
+           "IncrementalStates"]
 
 LIVE, ZERO, CONST, UNKNOWN = 0, 1, 2, 3
 _NONUNIFORM = 4  # an operand code only: input-independent but varying along a non-channel axis
@@ -72,46 +73,65 @@ def _describe(node: OpNode) -> str:
 def hooked_outputs(ca: ChannelAtoms, atom_removed: np.ndarray) -> dict[int, np.ndarray]:
     """Tensor id -> bool grid of positions the as-pruned hooks zero (mirrors ``shrink.core.zero_points``: the
     output of a layer module with removed channels, the output of a norm module holding removed channels)."""
-    g = ca.graph
-    points: dict[str, tuple[int, np.ndarray]] = {}
-    for li in ca.layers.values():
-        rem = atom_removed[li.atom_start: li.atom_start + li.out_channels]
-        if not rem.any():
-            continue
-        for idx in li.nodes:
-            node = g.nodes[idx]
-            ci = ca.info(node.outputs[0]) if node.outputs else None
-            if node.module in g.modules and ci is not None and len(ci.axes) == 1 and node.module not in points:
-                points[node.module] = (ci.axes[0] - node.outputs[0].ndim, ~rem)
-    for node in g.nodes:
-        if node.name not in _NORM_OPS or not node.module:
-            continue
-        o = node.outputs[0]
-        ci = ca.info(o)
-        if ci is None or len(ci.axes) != 1:
-            continue
-        a = ci.atoms
-        keep = np.where(a >= 0, ~atom_removed[np.maximum(a, 0)], True)
-        if not keep.all() and node.module not in points:
-            points[node.module] = (ci.axes[0] - o.ndim, keep)
-    out: dict[int, np.ndarray] = {}
-    for call in g.calls:
-        pt = points.get(call.name)
-        if pt is None or not call.outputs:
-            continue
-        o = call.outputs[0]
-        ci = ca.info(o)
-        axis, keep = pt
-        if ci is None or not o.ndim:
-            continue
-        ax = axis + o.ndim
-        if ax not in ci.axes or o.shape[ax] != keep.size:
-            continue
-        k = ci.axes.index(ax)
-        shape = [1] * ci.atoms.ndim
-        shape[k] = keep.size
-        out[o.id] = np.broadcast_to(~keep.reshape(shape), ci.atoms.shape)
-    return out
+    return HookSites(ca)(atom_removed)
+
+
+class HookSites:
+    """:func:`hooked_outputs` with the removal-independent part (which layer / norm calls can be hooked, where
+    their module's outputs are) found once, for many removal vectors."""
+
+    def __init__(self, ca: ChannelAtoms) -> None:
+        g = ca.graph
+        self.layers: list[tuple[int, int, list[tuple[str, int]]]] = []  # (start, count, [(module, axis)])
+        for li in ca.layers.values():
+            cands = []
+            for idx in li.nodes:
+                node = g.nodes[idx]
+                ci = ca.info(node.outputs[0]) if node.outputs else None
+                if node.module in g.modules and ci is not None and len(ci.axes) == 1:
+                    cands.append((node.module, ci.axes[0] - node.outputs[0].ndim))
+            if cands:
+                self.layers.append((li.atom_start, li.out_channels, cands))
+        self.norms: list[tuple[str, int, np.ndarray]] = []  # (module, axis, atoms)
+        for node in g.nodes:
+            if node.name not in _NORM_OPS or not node.module:
+                continue
+            o = node.outputs[0]
+            ci = ca.info(o)
+            if ci is not None and len(ci.axes) == 1:
+                self.norms.append((node.module, ci.axes[0] - o.ndim, ci.atoms))
+        self.calls: list[tuple[str, TensorInfo, Any]] = []  # (module, output, its channels), in call order
+        for call in g.calls:
+            if call.outputs and call.outputs[0].ndim and ca.info(call.outputs[0]) is not None:
+                self.calls.append((call.name, call.outputs[0], ca.info(call.outputs[0])))
+
+    def __call__(self, atom_removed: np.ndarray) -> dict[int, np.ndarray]:
+        points: dict[str, tuple[int, np.ndarray]] = {}
+        for start, count, cands in self.layers:
+            rem = atom_removed[start: start + count]
+            if not rem.any():
+                continue
+            for module, axis in cands:
+                if module not in points:
+                    points[module] = (axis, ~rem)
+        for module, axis, a in self.norms:
+            keep = np.where(a >= 0, ~atom_removed[np.maximum(a, 0)], True)
+            if not keep.all() and module not in points:
+                points[module] = (axis, keep)
+        out: dict[int, np.ndarray] = {}
+        for module, o, ci in self.calls:
+            pt = points.get(module)
+            if pt is None:
+                continue
+            axis, keep = pt
+            ax = axis + o.ndim
+            if ax not in ci.axes or o.shape[ax] != keep.size:
+                continue
+            k = ci.axes.index(ax)
+            shape = [1] * ci.atoms.ndim
+            shape[k] = keep.size
+            out[o.id] = np.broadcast_to(~keep.reshape(shape), ci.atoms.shape)
+        return out
 
 
 def _unary_keeps_zero(node: OpNode) -> bool:
@@ -142,12 +162,13 @@ def _pool_keeps_const(node: OpNode) -> bool:
 
 
 class _Walk:
-    def __init__(self, ca: ChannelAtoms, atom_removed: np.ndarray, derived: set[int] | None) -> None:
+    def __init__(self, ca: ChannelAtoms, atom_removed: np.ndarray, derived: set[int] | None,
+                 hooks: HookSites | None = None) -> None:
         self.ca = ca
         self.ar = atom_removed
         self.derived = derived if derived is not None else _param_derived(ca)
         self.vs = ValueStates()
-        self.hooked = hooked_outputs(ca, atom_removed)
+        self.hooked = (hooks or HookSites(ca))(atom_removed)
         self.root = ca.root if getattr(ca, "root", None) is not None else ca.classes_now(
             np.arange(len(atom_removed)))
         self.layer_nodes: dict[int, str] = {}
@@ -191,13 +212,41 @@ class _Walk:
     def run(self) -> ValueStates:
         g = self.ca.graph
         for node in g.nodes:
-            outs = [(o, self.removed(o)) for o in node.outputs]
-            outs = [(o, r) for o, r in outs if r is not None]
-            if not outs:
-                continue
-            for o, rem in outs:
-                self.set(o, self.transfer(node, o, rem), rem, node)
+            self.visit(node)
         return self.vs
+
+    def visit(self, node: OpNode) -> None:
+        outs = [(o, self.removed(o)) for o in node.outputs]
+        outs = [(o, r) for o, r in outs if r is not None]
+        for o, rem in outs:
+            self.set(o, self.transfer(node, o, rem), rem, node)
+
+    def run_from(self, base: ValueStates, base_hooked: dict[int, np.ndarray], dirty_layers: set[int],
+                 touches: list[tuple[frozenset[int], tuple[int, ...]]]) -> ValueStates:
+        """The walk of :meth:`run`, re-run only where it can differ from ``base`` (the states of removal vector
+        that differs from this one in the atoms of layers ``dirty_layers`` only): a node is visited again when a
+        tensor it reads or writes holds an atom of those layers, an input's state changed, or an output's hook
+        grid changed; the others keep their base states (see :class:`IncrementalStates`)."""
+        g = self.ca.graph
+        vs = self.vs
+        vs.states = dict(base.states)
+        vs.explain = dict(base.explain)
+        changed: set[int] = set()
+        for tid in set(base_hooked) | set(self.hooked):
+            h0, h1 = base_hooked.get(tid), self.hooked.get(tid)
+            if h0 is None or h1 is None or not np.array_equal(h0, h1):
+                changed.add(tid)
+        for node, (layers, tids) in zip(g.nodes, touches):
+            if layers.isdisjoint(dirty_layers) and not any(t in changed for t in tids):
+                continue
+            before = [(o.id, vs.states.pop(o.id, None), vs.explain.pop(o.id, None)) for o in node.outputs]
+            self.visit(node)
+            for tid, s0, e0 in before:
+                s1 = vs.states.get(tid)
+                if (s0 is None) != (s1 is None) or (s0 is not None and not np.array_equal(s0, s1)) \
+                        or e0 != vs.explain.get(tid):
+                    changed.add(tid)
+        return vs
 
     def transfer(self, node: OpNode, o: TensorInfo, rem: np.ndarray) -> np.ndarray:
         name = node.name
@@ -411,3 +460,53 @@ def value_states(ca: ChannelAtoms, atom_removed: np.ndarray, derived: set[int] |
     ``derived``: ids of tensors computed from parameters and constants alone (default: found here).
     """
     return _Walk(ca, np.asarray(atom_removed, bool), derived).run()
+
+
+class IncrementalStates:
+    """:func:`value_states` of many removal vectors on one engine, each walk restarted from the nearest one done
+    before (up to ``keep`` kept): only the nodes that touch a layer whose atoms differ, or read a state that
+    changed, are visited again. The states are those of a full walk (tested against :func:`value_states`); a
+    plan search whose plans differ in a set or two pays for those sets' part of the graph.
+    """
+
+    def __init__(self, ca: ChannelAtoms, derived: set[int] | None = None, keep: int = 8) -> None:
+        self.ca = ca
+        self.derived = derived if derived is not None else _param_derived(ca)
+        self.keep = keep
+        self._bases: list[tuple[np.ndarray, ValueStates, dict[int, np.ndarray]]] = []
+        self.hooks = HookSites(ca)
+        layer_of = np.asarray(ca.atom_layer)
+        layers_of: dict[int, frozenset[int]] = {}
+        for t in ca.graph.tensors:
+            ci = ca.info(t)
+            if ci is not None:
+                a = ci.atoms.reshape(-1)
+                a = a[a >= 0]
+                if a.size:
+                    layers_of[t.id] = frozenset(np.unique(layer_of[a]).tolist())
+        # per node: the layers whose atoms a tensor it reads or writes holds, and those tensors' ids
+        self.touches: list[tuple[frozenset[int], tuple[int, ...]]] = []
+        for node in ca.graph.nodes:
+            ts = [*node.inputs, *node.outputs, *(v for v in (*node.args, *node.kwargs.values())
+                                                 if isinstance(v, TensorInfo))]
+            self.touches.append((frozenset().union(*(layers_of.get(t.id, frozenset()) for t in ts)),
+                                 tuple({t.id for t in ts})))
+
+    def __call__(self, atom_removed: np.ndarray) -> ValueStates:
+        ar = np.asarray(atom_removed, bool)
+        walk = _Walk(self.ca, ar, self.derived, self.hooks)
+        if self._bases:
+            diffs = [int(np.count_nonzero(b[0] != ar)) for b in self._bases]
+            i = int(np.argmin(diffs))
+            base_ar, base_vs, base_hooked = self._bases.pop(i)
+            if diffs[i] == 0:
+                self._bases.append((base_ar, base_vs, base_hooked))
+                return base_vs
+            dirty = set(np.unique(np.asarray(self.ca.atom_layer)[np.nonzero(base_ar != ar)[0]]).tolist())
+            vs = walk.run_from(base_vs, base_hooked, dirty, self.touches)
+            self._bases.append((base_ar, base_vs, base_hooked))
+        else:
+            vs = walk.run()
+        self._bases.append((ar.copy(), vs, walk.hooked))
+        del self._bases[: max(0, len(self._bases) - self.keep)]
+        return vs
