@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+from torch import nn
 
 from prunescope import count_flops_params
 from prunescope.cli import main
@@ -338,3 +339,47 @@ def test_sensitivity_plot_stays_readable_with_many_sets():
         assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, never over a curve
     finally:
         plt.close(fig)
+
+
+def test_finetune_progress_goes_through_the_report_console(tmp_path):
+    """A fine-tuning function with a ``log`` parameter prints through the console the stages use, in the recover
+    stage; one without it is called with the model alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 2)).eval()
+    x = torch.ones(1, 1, 6, 6)
+    calls: list[str] = []
+
+    def ft(model, log):
+        calls.append(type(model).__name__)
+        for k in (1, 2):
+            log(f"  epoch {k}/2")
+
+    lines: list[str] = []
+    kw = dict(sparsities=[0.5], progress=False, plan_evals=2, calibrate=[torch.randn(4, 1, 6, 6)])
+    run_report(net, lambda m: float(m(x).sum().detach()), x, tmp_path / "a", console=lines.append, finetune=ft, **kw)
+    verify = next(i for i, t in enumerate(lines) if t.startswith("[5/6]"))
+    recover = next(i for i, t in enumerate(lines) if t.startswith("[6/6]"))
+    assert lines[verify + 1:recover] == ["  fine-tuning the shrunk model ...", "  epoch 1/2", "  epoch 2/2",
+                                         "  fine-tuning the uniform baseline ...", "  epoch 1/2", "  epoch 2/2"]
+    assert calls == ["Sequential", "Sequential"]  # the shrunk plan and the uniform baseline, not the dense model
+    plain: list[nn.Module] = []
+    res = run_report(net, lambda m: float(m(x).sum().detach()), x, tmp_path / "b", console=None,
+                     finetune=plain.append, **kw)
+    assert len(plain) == 2 and res.summary["recovery_steps"][-1]["step"] == "fine-tuning"
+
+
+def test_embedded_examples_are_chosen_in_examples_not_in_the_cli():
+    from prunescope.errors import ConfigError
+    from prunescope.examples import EXAMPLES, load_example
+
+    job = load_example("digits", progress=False)
+    assert isinstance(job.model, digits.DigitsNet) and job.evaluate is digits.evaluate
+    assert tuple(job.dummy_input.shape) == digits.INPUT_SIZE and job.model_name == EXAMPLES["digits"].title
+    assert job.calibrate is digits.calibration_batches and job.finetune is digits.finetune
+    no_ft = load_example("digits", finetune=False, progress=False)
+    assert no_ft.calibrate is not None and no_ft.finetune is None
+    bare = load_example(None, recovery=False, progress=False)
+    assert bare.example.name == "digits" and bare.calibrate is None and bare.finetune is None
+    with pytest.raises(ConfigError, match="unknown example 'resnet'.*digits, vit-digits"):
+        load_example("resnet")

@@ -158,7 +158,7 @@ def run_report(
     >>> import tempfile, torch
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
     ...                           torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32, 2)).eval()
-    >>> score = lambda m: float(m(torch.ones(1, 1, 6, 6)).sum())
+    >>> score = lambda m: float(m(torch.ones(1, 1, 6, 6)).sum().detach())
     >>> res = run_report(net, score, torch.ones(1, 1, 6, 6), tempfile.mkdtemp() + "/r", sparsities=[0.5],
     ...                  progress=False, console=None, plan_evals=2)
     >>> res.summary["flops_after"] <= 0.5 * res.summary["flops_before"], res.stages.summary.target_met
