@@ -123,12 +123,12 @@ def proxy_sentence(s: Summary) -> str:
                        "is the final one.")
     order = ("ordered them as the final metric does" if s.proxy_final_same_order else
              "ordered them differently from the final metric" if s.proxy_final_same_order is not None else "")
-    ap = (f"; the as-pruned metric was off by {s.proxy_as_pruned_final_mae:.4f}"
+    ap = (f" (the as-pruned {s.metric}: off by {s.proxy_as_pruned_final_mae:.4f})"
           if s.proxy_as_pruned_final_mae is not None and s.proxy_metric != "as-pruned" else "")
     return text + (f"; over the {s.proxy_final_candidates} candidate(s) recovered with fine-tuning (the shipped "
                    f"plan and the uniform baseline), the {s.proxy_metric} {s.metric} the plan was chosen by was off "
-                   f"the final (fine-tuned) {s.metric} by {s.proxy_final_mae:.4f} on average{ap}"
-                   + (f", and {order}" if order else "") + ".")
+                   f"the final (fine-tuned) {s.metric} by {s.proxy_final_mae:.4f} on average"
+                   + (f" and {order}" if order else "") + ap + ".")
 
 
 def latency_note(s: Summary) -> str:
