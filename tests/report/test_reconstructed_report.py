@@ -4,6 +4,7 @@ baseline gets the same recovery, and every number is re-measured here independen
 
 import json
 
+import pytest
 import torch
 
 from prunescope.cli import main
@@ -83,6 +84,16 @@ def test_recovery_order_reconstruct_then_finetune_for_plan_and_uniform(tmp_path)
     assert s["uniform_metric_final"] == s["uniform_recovery_steps"][-1]["metric"]
     chosen = next(c for c in s["plan_candidates"] if c["plan"] == s["plan"])
     assert chosen["finetuned"] == s["metric_final"]
+    # the proxy fit: the reconstructed metric the plan was chosen by against the fine-tuned one, over the
+    # candidates fine-tuned (the shipped plan and the uniform one; one candidate when they are the same plan)
+    tuned = [c for c in s["plan_candidates"] if c["finetuned"] is not None]
+    assert s["proxy_metric"] == "reconstructed" and s["proxy_final_candidates"] == len(tuned) >= 1
+    assert s["proxy_final_mae"] == pytest.approx(sum(abs(c["reconstructed"] - c["finetuned"]) for c in tuned)
+                                                 / len(tuned), abs=1e-6)
+    assert s["proxy_as_pruned_final_mae"] == pytest.approx(sum(abs(c["as_pruned"] - c["finetuned"]) for c in tuned)
+                                                           / len(tuned), abs=1e-6)
+    page = (tmp_path / "report.html").read_text()
+    assert f"was off the final (fine-tuned) {s['metric']} by {s['proxy_final_mae']:.4f}" in page
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model comes back
 
 

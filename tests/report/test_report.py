@@ -1,15 +1,16 @@
 """The main job end to end on the embedded default (fast settings), checked against independent recomputation."""
 
+import dataclasses
 import html
 import json
 import os
 import re
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from prunescope import count_flops_params
 from prunescope.cli import main
@@ -18,6 +19,8 @@ from prunescope.masks import load_masks
 from prunescope.narrow import as_pruned, load_pruned
 from prunescope.report import run_report
 from prunescope.report.page import decision_sentence, latency_note
+from prunescope.report.records import CandidateRecord, RecoveryStep, Summary
+from prunescope.report.stages import proxy_fit
 
 FILES = ["report.html", "sensitivity.csv", "sensitivity.png", "macs_per_layer.png", "flops.csv", "dependencies.csv",
          "plan.json", "masks.pth", "pruned.pt", "summary.json"]
@@ -224,26 +227,29 @@ def test_page_states_the_decision_first_and_highlights_the_shipped_candidate(rep
     assert "MACs (shipped, shrunk)" in page
 
 
-def _run(**kw):
-    """A finished run as the page reads it (hand-made numbers)."""
-    ship = SimpleNamespace(plan={"a+b": 0.5, "c": 0.25}, flops=400, params=40, metric=0.81, latency_ms=0.96,
-                           recovery=[], final=0.81)
-    base = SimpleNamespace(plan={"a+b": 0.375, "c": 0.375}, flops=410, params=41, metric=0.77, latency_ms=0.97,
-                           recovery=[], final=0.77)
-    chosen = SimpleNamespace(order=6, source="neighbour: c lighter, a+b heavier")
-    r = SimpleNamespace(shipped=ship, baseline=base, chosen=chosen, dense=SimpleNamespace(total_flops=1000),
-                        recovery=[], metric_name="accuracy", flops_target=0.5, target_macs=500, note="",
-                        keys=["a+b", "c", "d"], metric_before=0.9, sign=1.0, latency_dense_ms=1.0,
-                        graph=SimpleNamespace(nodes=[None] * 10))
-    for k, v in kw.items():
-        setattr(r, k, v)
-    return r
+def _summary(**kw) -> Summary:
+    """A finished run's summary as the page reads it (hand-made numbers): the plan 0.81 shrunk at 400 MACs, the
+    uniform plan 0.77 at 410, no recovery; ``kw`` replaces fields."""
+    base = Summary(
+        run_id="r", model="m", metric="accuracy", flops_unit="MACs", flops_target=0.5, flops_before=1000,
+        flops_after=400, params_before=100, params_after=40, metric_before=0.9, metric_after_predicted=0.8,
+        metric_after_measured=0.81, metric_after_reconstructed=None, plan_metric="as-pruned",
+        metric_after_calibrated=None, metric_after_finetuned=None, metric_final=0.81, recovery_steps=(),
+        latency_before_ms=1.0, latency_after_ms=0.96, latency_device="cpu", measured_on="", prediction_method="",
+        plan_source="neighbour: c lighter, a+b heavier", plan_candidates=(), target_met=True, note="",
+        plan={"a+b": 0.5, "c": 0.25}, uniform_plan={"a+b": 0.375, "c": 0.375}, uniform_flops_after=410,
+        uniform_params_after=41, uniform_latency_ms=0.97, uniform_metric_measured=0.77,
+        uniform_metric_reconstructed=None, uniform_metric_final=0.77, uniform_recovery_steps=(),
+        sensitivity_semantics="as pruned", excluded_sets={}, set_units={"a+b": 8, "c": 8, "d": 8}, sparsity_unit="",
+        seconds=1.0, plan_order=6, prunable_sets=3, graph_ops=10)
+    return dataclasses.replace(base, **kw)
 
 
 def test_decision_sentence_names_the_model_behind_every_number():
-    steps = [("BatchNorm re-estimation (3 batches)", 0.86, 0.1), ("fine-tuning", 0.88, 2.0)]
-    run = _run(recovery=steps)
-    run.shipped.recovery, run.shipped.final = steps, 0.88
+    steps = (RecoveryStep("batchnorm", "BatchNorm re-estimation (3 batches)", 0.86, 0.1),
+             RecoveryStep("finetune", "fine-tuning", 0.88, 2.0))
+    label = "shrunk, then BatchNorm re-estimation (3 batches) and fine-tuning"
+    run = _summary(recovery_steps=steps, metric_final=0.88, recovery_label=label)
     text = decision_sentence(run)
     assert text == (  # the shipped plan measured 0.81 shrunk, 0.88 after recovery; uniform 0.77 shrunk, not recovered
         "Ship candidate #7 (neighbour: c lighter, a+b heavier; 2 of 3 prunable sets pruned at sparsities "
@@ -253,30 +259,63 @@ def test_decision_sentence_names_the_model_behind_every_number():
         "against 0.8100 for this plan, both shrunk, before recovery (0.0400 better) (the uniform model is not "
         "recovered, so the two are not compared after recovery).")
     # the uniform baseline recovered the same way (reconstruction in the report): compared after recovery
-    run.baseline.recovery, run.baseline.final = [("fine-tuning", 0.9, 2.0)], 0.9
-    both = decision_sentence(run)
+    both = decision_sentence(dataclasses.replace(run, uniform_recovery_steps=(RecoveryStep("finetune", "fine-tuning",
+                                                                                           0.9, 2.0),),
+                                                 uniform_metric_final=0.9))
     assert both.endswith("measures 0.9000 against 0.8800 for this plan, both after the same recovery (shrunk, then "
                          "BatchNorm re-estimation (3 batches) and fine-tuning) (0.0200 worse).")
-    lower = decision_sentence(_run(sign=-1.0, baseline=None))  # a loss; no uniform plan fits the budget
+    lower = decision_sentence(_summary(higher_is_better=False, uniform_plan=None))  # a loss; no uniform plan
     assert lower.endswith("no uniform plan meets the budget, so there is no uniform baseline.")
-    missed = decision_sentence(_run(target_macs=300, note="cannot reach the FLOPs target"))
+    missed = decision_sentence(_summary(target_met=False, note="cannot reach the FLOPs target"))
     assert missed.startswith("The FLOPs target (50% of the dense MACs) is not met (cannot reach the FLOPs target)")
 
 
 def test_latency_that_does_not_move_is_explained_from_the_measurements():
     # 1.0 ms dense at 1000 MACs, 0.96 ms at 400: k = 0.04/600 ms per MAC, so 0.067 ms (7%) of the dense forward
     # scales with MACs and 0.933 ms is fixed: 93.3 µs for each of the 10 ops
-    text = latency_note(_run())
+    text = latency_note(_summary())
     assert text.startswith("CPU latency (median of interleaved runs on the example input): dense model 1.000 ms, "
                            "shipped model 0.960 ms (96% of dense) for 40% of the MACs. Latency does not follow the "
                            "MACs here (it does not move: within 5%)")
     assert ("puts 0.067 ms (7%) of the dense forward in work that scales with the MACs and 0.933 ms in a fixed cost "
             "of running its 10 recorded tensor ops (93.3 µs per op)") in text
-    slower = latency_note(_run(shipped=SimpleNamespace(flops=400, latency_ms=1.02)))
+    slower = latency_note(_summary(latency_after_ms=1.02))
     assert "finds no part that scales with the MACs: all 1.000 ms are in a fixed cost" in slower
-    fast = latency_note(_run(shipped=SimpleNamespace(flops=400, latency_ms=0.5)))
+    fast = latency_note(_summary(latency_after_ms=0.5))
     assert fast.endswith("Latency falls with the MACs (latency ratio / MACs ratio = 1.25).")
-    assert latency_note(_run(latency_dense_ms=float("nan"))) == ""
+    assert latency_note(_summary(latency_before_ms=float("nan"))) == ""
+
+
+def test_proxy_fit_against_hand_computed_statistics():
+    # predicted vs measured over 4 plans: |errors| 0.02, 0.01, 0.03, 0.00 -> mean 0.015; the ranks of predicted
+    # (1, 2, 3, 4) against measured (1, 3, 2, 4) -> Spearman 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    rows = [CandidateRecord({}, "u", 1, 0.70, 0.72, 0.50, 0.72, 0.80), CandidateRecord({}, "k", 1, 0.80, 0.81, 0.55,
+                                                                                       0.81, None),
+            CandidateRecord({}, "n1", 1, 0.83, 0.80, 0.40, 0.80, 0.86), CandidateRecord({}, "n2", 1, 0.90, 0.90, 0.60,
+                                                                                        0.90, None)]
+    f = proxy_fit(rows, 1.0)
+    assert f["proxy_candidates"] == 4 and f["proxy_prediction_mae"] == pytest.approx(0.015)
+    assert f["proxy_prediction_spearman"] == pytest.approx(0.8)
+    # two fine-tuned: measured 0.72 / 0.80 against final 0.80 / 0.86 -> |0.08|, |0.06| -> 0.07; as pruned 0.50 /
+    # 0.40 -> 0.30, 0.46 -> 0.38; measured and final order the two alike, as pruned does not (but is not the proxy)
+    assert f["proxy_final_candidates"] == 2 and f["proxy_final_mae"] == pytest.approx(0.07)
+    assert f["proxy_as_pruned_final_mae"] == pytest.approx(0.38) and f["proxy_final_same_order"] is True
+    assert proxy_fit(rows[:2], -1.0)["proxy_prediction_spearman"] is None  # fewer than 3 plans: not defined
+    swapped = [dataclasses.replace(rows[0], finetuned=0.9), rows[2]]
+    assert proxy_fit(swapped, 1.0)["proxy_final_same_order"] is False
+
+
+def test_page_and_summary_say_how_well_the_proxy_predicted(report):
+    _, _, res, out = report
+    s = res.summary
+    rows = [c for c in s["plan_candidates"] if c["predicted"] is not None]
+    assert s["proxy_candidates"] == len(rows) >= 2
+    assert s["proxy_prediction_mae"] == pytest.approx(
+        sum(abs(c["predicted"] - c["measured"]) for c in rows) / len(rows), abs=1e-6)
+    assert s["proxy_metric"] == s["plan_metric"] and s["proxy_final_candidates"] == 0  # no fine-tuning here
+    page = html.unescape((out / "report.html").read_text())
+    assert (f"over the {s['proxy_candidates']} candidate plans measured, the search's prediction was off the "
+            f"measured {s['plan_metric']} accuracy by {s['proxy_prediction_mae']:.4f} on average") in page
 
 
 def test_sensitivity_plot_stays_readable_with_many_sets():
@@ -300,3 +339,47 @@ def test_sensitivity_plot_stays_readable_with_many_sets():
         assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, never over a curve
     finally:
         plt.close(fig)
+
+
+def test_finetune_progress_goes_through_the_report_console(tmp_path):
+    """A fine-tuning function with a ``log`` parameter prints through the console the stages use, in the recover
+    stage; one without it is called with the model alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 2)).eval()
+    x = torch.ones(1, 1, 6, 6)
+    calls: list[str] = []
+
+    def ft(model, log):
+        calls.append(type(model).__name__)
+        for k in (1, 2):
+            log(f"  epoch {k}/2")
+
+    lines: list[str] = []
+    kw = dict(sparsities=[0.5], progress=False, plan_evals=2, calibrate=[torch.randn(4, 1, 6, 6)])
+    run_report(net, lambda m: float(m(x).sum().detach()), x, tmp_path / "a", console=lines.append, finetune=ft, **kw)
+    verify = next(i for i, t in enumerate(lines) if t.startswith("[5/6]"))
+    recover = next(i for i, t in enumerate(lines) if t.startswith("[6/6]"))
+    assert lines[verify + 1:recover] == ["  fine-tuning the shrunk model ...", "  epoch 1/2", "  epoch 2/2",
+                                         "  fine-tuning the uniform baseline ...", "  epoch 1/2", "  epoch 2/2"]
+    assert calls == ["Sequential", "Sequential"]  # the shrunk plan and the uniform baseline, not the dense model
+    plain: list[nn.Module] = []
+    res = run_report(net, lambda m: float(m(x).sum().detach()), x, tmp_path / "b", console=None,
+                     finetune=plain.append, **kw)
+    assert len(plain) == 2 and res.summary["recovery_steps"][-1]["step"] == "fine-tuning"
+
+
+def test_embedded_examples_are_chosen_in_examples_not_in_the_cli():
+    from prunescope.errors import ConfigError
+    from prunescope.examples import EXAMPLES, load_example
+
+    job = load_example("digits", progress=False)
+    assert isinstance(job.model, digits.DigitsNet) and job.evaluate is digits.evaluate
+    assert tuple(job.dummy_input.shape) == digits.INPUT_SIZE and job.model_name == EXAMPLES["digits"].title
+    assert job.calibrate is digits.calibration_batches and job.finetune is digits.finetune
+    no_ft = load_example("digits", finetune=False, progress=False)
+    assert no_ft.calibrate is not None and no_ft.finetune is None
+    bare = load_example(None, recovery=False, progress=False)
+    assert bare.example.name == "digits" and bare.calibrate is None and bare.finetune is None
+    with pytest.raises(ConfigError, match="unknown example 'resnet'.*digits, vit-digits"):
+        load_example("resnet")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
+import os
+import sys
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .._io import check_writable
 
 
 class CLIError(Exception):
@@ -28,9 +35,6 @@ def _module_path() -> list[str]:
     """Put the current folder first on ``sys.path``, as ``python -m`` does (a console script starts with its own
     ``bin`` folder there instead), so that ``mymodel:build`` finds ``./mymodel.py``. It stays there for the rest
     of the process: the user's module may import its neighbours later, and worker processes inherit the path."""
-    import os
-    import sys
-
     cwd = os.getcwd()
     if not any(os.path.abspath(p or ".") == cwd for p in sys.path[:1]):
         sys.path.insert(0, cwd)
@@ -94,8 +98,6 @@ def check_device(text: str | None) -> str | None:
 
 def check_out(path: str, what: str = "--out") -> None:
     """Fail before any work when an output file cannot be written (a directory, a missing folder ...)."""
-    from .._io import check_writable
-
     check_writable(path, what)
 
 
@@ -124,14 +126,9 @@ def load_model(spec: str, device: str | None = None) -> nn.Module:
         ) from None
     names = set(torchvision.models.list_models())
     if spec not in names:
-        import difflib
-
         close = difflib.get_close_matches(spec, sorted(names), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CLIError(f"unknown model {spec!r}: not a torchvision model name nor package.module:callable{hint}")
-    import contextlib
-    import warnings
-
     ctx: Any = torch.device(device) if device else contextlib.nullcontext()
     with ctx, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torchvision's init-weights notices

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import torch
 
+from ..examples import EXAMPLES, load_example
 from .common import CLIError, load_model, load_object, parse_size
-
-#: ``--example`` choices: module under prunescope.examples, description, report title
-EXAMPLES = {
-    "digits": ("digits", "residual CNN on scikit-learn's digits", "digits CNN (embedded default)"),
-    "vit-digits": ("vit_digits", "tiny Vision Transformer (heads and MLP units) on scikit-learn's digits",
-                   "digits ViT (embedded example)"),
-}
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="torchvision model name or package.module:callable (default: an embedded example)")
     p.add_argument("--example", choices=sorted(EXAMPLES), default=None,
                    help="embedded example to analyse without MODEL: " + "; ".join(
-                       f"{k}: {v[1]}" for k, v in sorted(EXAMPLES.items())) + " (default: digits)")
+                       f"{k}: {v.description}" for k, v in sorted(EXAMPLES.items())) + " (default: digits)")
     p.add_argument("--input-size", default=None, help="example input size, e.g. 1,3,224,224 (needed with MODEL)")
     p.add_argument("--val", default=None, help="package.module:evaluate, called as evaluate(model) -> metric")
     p.add_argument("--out", required=True, help="output folder")
@@ -59,68 +54,73 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_run)
 
 
+def _sparsities(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CLIError(f"malformed --sparsities {text!r}") from None
+
+
+def _user_job(a: argparse.Namespace) -> dict[str, Any]:
+    """MODEL, --val and --input-size: the report's arguments for the user's own model."""
+    if a.example:
+        raise CLIError("--example is for the embedded examples; it does not go with MODEL")
+    if not a.val or not a.input_size:
+        raise CLIError("MODEL needs --input-size and --val package.module:evaluate")
+    model = load_model(a.model)
+    val = load_object(a.val, "validation function")
+    if not callable(val):
+        raise CLIError(f"--val {a.val!r} is not callable")
+    return {"model": model, "val_func": val, "dummy_input": torch.ones(parse_size(a.input_size)),
+            "model_name": a.model, "metric_name": a.val.rpartition(":")[2], "calibrate": None, "finetune": None}
+
+
 def _run(a: argparse.Namespace) -> int:
-    from ..report import run_report
+    from ..report import run_report  # here, not at the top: every other command would pay for importing it
 
     if a.model is None:
         if a.val or a.input_size:
             raise CLIError("--val and --input-size go with MODEL; without MODEL the embedded default is used")
-        import importlib
-
-        mod_name, what, title = EXAMPLES[a.example or "digits"]
-        ex = importlib.import_module(f"prunescope.examples.{mod_name}")
-        print(f"prunescope report: embedded example {a.example or 'digits'} -- {what} "
-              f"(weights cached in {ex.cache_dir()})")
-        model = ex.load_trained()
-        val = ex.evaluate
-        x = torch.ones(ex.INPUT_SIZE)
-        name, metric = title, "accuracy"
-        calibrate = None if a.no_recovery else ex.calibration_batches  # unlabeled inputs: reconstruction
-        finetune = None if a.no_recovery or a.no_finetune else ex.finetune
+        ex = EXAMPLES[a.example or "digits"]
+        print(f"prunescope report: embedded example {ex.name} -- {ex.description} "
+              f"(weights cached in {ex.module.cache_dir()})")
+        got = load_example(ex.name, recovery=not a.no_recovery, finetune=not a.no_finetune)
+        job = {"model": got.model, "val_func": got.evaluate, "dummy_input": got.dummy_input,
+               "model_name": got.model_name, "metric_name": got.metric_name, "calibrate": got.calibrate,
+               "finetune": got.finetune}
     else:
-        if a.example:
-            raise CLIError("--example is for the embedded examples; it does not go with MODEL")
-        if not a.val or not a.input_size:
-            raise CLIError("MODEL needs --input-size and --val package.module:evaluate")
-        model = load_model(a.model)
-        val = load_object(a.val, "validation function")
-        if not callable(val):
-            raise CLIError(f"--val {a.val!r} is not callable")
-        x = torch.ones(parse_size(a.input_size))
-        name, metric = a.model, a.val.rpartition(":")[2]
-        calibrate = finetune = None
+        job = _user_job(a)
     if a.calibrate:
-        calibrate = load_object(a.calibrate, "calibration batches")
+        job["calibrate"] = load_object(a.calibrate, "calibration batches")
     if a.finetune:
-        finetune = load_object(a.finetune, "fine-tuning function")
-        if not callable(finetune):
+        job["finetune"] = load_object(a.finetune, "fine-tuning function")
+        if not callable(job["finetune"]):
             raise CLIError(f"--finetune {a.finetune!r} is not callable")
     if a.no_recovery:
-        calibrate = finetune = None
+        job["calibrate"] = job["finetune"] = None
     if a.no_finetune:
-        finetune = None
-    sparsities = None
-    if a.sparsities:
-        try:
-            sparsities = [float(s) for s in a.sparsities.split(",") if s.strip()]
-        except ValueError:
-            raise CLIError(f"malformed --sparsities {a.sparsities!r}") from None
-    res = run_report(model, val, x, a.out, flops_target=a.flops_target, sparsities=sparsities, workers=a.workers,
-                     higher_is_better=not a.lower_is_better, model_name=name, metric_name=metric,
-                     progress=not a.no_progress and sys.stderr.isatty(), plan_evals=a.plan_evals,
-                     calibrate=calibrate, finetune=finetune)
-    s = res.summary
+        job["finetune"] = None
+    metric = job["metric_name"]
+    res = run_report(job.pop("model"), job.pop("val_func"), job.pop("dummy_input"), a.out,
+                     flops_target=a.flops_target, sparsities=_sparsities(a.sparsities), workers=a.workers,
+                     higher_is_better=not a.lower_is_better, progress=not a.no_progress and sys.stderr.isatty(),
+                     plan_evals=a.plan_evals, **job)
+    assert res.stages is not None
+    s = res.stages.summary
+    uniform = s.uniform_metric_measured if s.uniform_metric_measured is not None else float("nan")
     print()
-    print(f"  MACs    {s['flops_before']:>12,} -> {s['flops_after']:>12,}  "
-          f"({s['flops_after'] / max(1, s['flops_before']):.1%}, target {s['flops_target']:.0%})")
-    print(f"  params  {s['params_before']:>12,} -> {s['params_after']:>12,}")
-    print(f"  {metric:<7} {s['metric_before']:>12.4f} -> {s['metric_after_measured']:>12.4f}  "
-          f"(shrunk, as pruned; predicted ({s['plan_metric']}) {s['metric_after_predicted']:.4f}; uniform baseline "
-          f"{s['uniform_metric_measured'] if s['uniform_metric_measured'] is not None else float('nan'):.4f})")
-    if s["recovery_steps"]:
-        print(f"  final   {s['metric_final']:>12.4f}  after " + ", ".join(st["step"] for st in s["recovery_steps"]))
-    print(f"  latency {s['latency_before_ms']:>10.3f}ms -> {s['latency_after_ms']:>10.3f}ms  (CPU, median)")
-    if s["note"]:
-        print(f"  note: {s['note']}")
+    print(f"  MACs    {s.flops_before:>12,} -> {s.flops_after:>12,}  "
+          f"({s.flops_after / max(1, s.flops_before):.1%}, target {s.flops_target:.0%})")
+    print(f"  params  {s.params_before:>12,} -> {s.params_after:>12,}")
+    print(f"  {metric:<7} {s.metric_before:>12.4f} -> {s.metric_after_measured:>12.4f}  "
+          f"(shrunk, as pruned; predicted ({s.plan_metric}) {s.metric_after_predicted:.4f}; uniform baseline "
+          f"{uniform:.4f})")
+    if s.recovery_steps:
+        print(f"  final   {s.metric_final:>12.4f}  after " + ", ".join(st.label for st in s.recovery_steps))
+    print(f"  latency {s.latency_before_ms:>10.3f}ms -> {s.latency_after_ms:>10.3f}ms  (CPU, median)")
+    if s.note:
+        print(f"  note: {s.note}")
     print(f"  report: {res.files['report']}")
-    return 0 if s["target_met"] else 3
+    return 0 if s.target_met else 3

@@ -185,12 +185,14 @@ def calibration_batches(batch_size: int = 128) -> list[torch.Tensor]:
     return [xt[i : i + batch_size] for i in range(0, len(xt), batch_size)]
 
 
-def finetune(model: nn.Module, epochs: int = 5, lr: float = 2e-3, seed: int = _SEED) -> nn.Module:
+def finetune(model: nn.Module, epochs: int = 5, lr: float = 2e-3, seed: int = _SEED,
+             log: Callable[[str], None] | None = None) -> nn.Module:
     """Fine-tune ``model`` in place on the training split (Adam, cross-entropy; a few seconds on a CPU).
 
-    The model comes back in the train/eval mode it had.
+    The model comes back in the train/eval mode it had. ``log`` gets a line per epoch (the report passes its
+    console).
     """
     was = model.training
-    _fit(model, epochs, lr, seed)
+    _fit(model, epochs, lr, seed, log)
     model.train(was)
     return model

@@ -145,10 +145,11 @@ def load_trained(use_cache: bool = True, progress: bool = True) -> DigitsViT:
                         progress)
 
 
-def finetune(model: nn.Module, epochs: int = 10, lr: float = 2e-3, seed: int = _SEED) -> nn.Module:
+def finetune(model: nn.Module, epochs: int = 10, lr: float = 2e-3, seed: int = _SEED,
+             log: Callable[[str], None] | None = None) -> nn.Module:
     """Fine-tune ``model`` in place on the training split (a few seconds on a CPU); the train/eval mode it had
-    comes back."""
+    comes back. ``log`` gets a line per epoch (the report passes its console)."""
     was = model.training
-    _fit(model, epochs, lr, seed)
+    _fit(model, epochs, lr, seed, log)
     model.train(was)
     return model

@@ -1,6 +1,11 @@
 """``prunescope report``: a full analysis of one model, ending in a verified pruning plan.
 
-Steps (each prints one short line; the details go to the output folder):
+Stages (each prints one short line; the details go to the output folder). :func:`run_report` reads top to bottom
+as ``dense -> topology -> sweep -> choice -> verify -> recover -> summary -> folder``: each stage
+(:mod:`prunescope.report.stages`) takes the typed records of the stages before it and returns its own
+(:mod:`prunescope.report.records`); the shared services (lending the model, the console, calibration inputs)
+live in one :class:`~prunescope.report.context.Context`, the per-set mask and MACs caches in one
+:class:`~prunescope.report.plans.PlanMasks`.
 
 1. **Cost** — FLOPs (MACs) and parameters per layer (:func:`prunescope.flops.flops_report`).
 2. **Topology** — channel-dependency sets (Linear layers included), group constraints, unsafe layers.
@@ -50,76 +55,70 @@ comes back exactly as it was (weights, buffers, training flags), also when ``val
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..graph import ModelGraph
 from ..narrow.prunable import output_layers  # noqa: F401 - re-exported: the report's name for it
-from ..narrow.prunable import prunable_sets as _prunable_sets
+from .context import Context, borrowed, snapshot
 from .output import ReportFolder
+from .page import FILES, write_folder
+from .plans import PlanMasks
+from .records import Stages, Summary
+from .stages import choose, dense_cost, recover, report_prunable, summarize, sweep, topology, verify
 
-__all__ = ["ReportResult", "run_report", "prunable_sets"]
+__all__ = ["ReportResult", "run_report", "prunable_sets", "borrowed", "snapshot", "Summary", "Stages"]
 
 
 @dataclass
 class ReportResult:
+    """What :func:`run_report` returns: ``summary`` (the dict of ``summary.json``), the written ``files`` by kind,
+    the shipped ``plan`` (set name -> sparsity), and every stage's typed record (``stages``)."""
+
     summary: dict[str, Any]
     files: dict[str, str]
-    plan: dict[str, float] = field(default_factory=dict)  # set key -> sparsity
+    plan: dict[str, float] = field(default_factory=dict)  # set name -> sparsity
+    stages: Stages | None = None
 
 
-def report_layer_types() -> tuple[type[nn.Module], ...]:
-    """The layer types the report prunes: convolutions, Linear, and Hugging Face ``Conv1D`` (GPT-2's
-    transposed linear) when ``transformers`` is loaded."""
-    from ..masks.pruners import transposed_linear_types
-
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *transposed_linear_types())
-
-
-def _report_layer(m: nn.Module | None) -> bool:
-    return m is not None and isinstance(m, report_layer_types())
-
-
-def prunable_sets(model: nn.Module, graph: Any, x: Any) -> tuple[list[tuple[str, ...]], dict[str, str],
-                                                                   dict[str, int]]:
+def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any) -> tuple[list[tuple[str, ...]], dict[str, str],
+                                                                          dict[str, int]]:
     """Dependency sets (conv + linear) that may be pruned, and why the others may not: the one definition of
-    :func:`prunescope.narrow.prunable.prunable_sets` (which ``unit_masks`` uses too), members limited to
-    :func:`report_layer_types`.
+    :func:`prunescope.narrow.prunable.prunable_sets` (which ``unit_masks`` and the report's topology stage use
+    too), members limited to
+    :func:`~prunescope.report.stages.report_layer_types` (:func:`~prunescope.report.stages.report_prunable`).
 
     Returns ``(sets, excluded, group_constraint)``: ``excluded`` maps a set key to the reason,
     ``group_constraint`` maps a layer to its GroupDependency constraint (lcm of groups).
+
+    >>> import torch
+    >>> from prunescope.graph import trace
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    >>> x = torch.ones(1, 1, 6, 6)
+    >>> prunable_sets(net, trace(net, x), x)[:2]
+    ([('0',)], {'2': 'its channels reach the model output'})
     """
-    p = _prunable_sets(model, graph, x, layer_ok=_report_layer)
+    p = report_prunable(model, graph, x)
     return p.sets, p.excluded, p.groups
 
 
-def snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(tensor, copy)`` for every parameter and buffer of ``model``: what :func:`borrowed` restores."""
-    return [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
-
-
-@contextlib.contextmanager
-def borrowed(model: nn.Module, state: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-             ) -> Iterator[nn.Module]:
-    """Lend ``model`` to user code: parameters, buffers and training flags come back exactly afterwards.
-
-    ``state``: a :func:`snapshot` taken earlier and still exact (a caller lending the model many times takes it
-    once); only the tensors that differ from it are written back."""
-    state = snapshot(model) if state is None else state
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for t, saved in state:
-                if t.shape == saved.shape and not torch.equal(t, saved):
-                    t.copy_(saved)
-        for m, f in flags:
-            m.training = f
+def _check(flops_target: Any, plan_evals: Any, finetune: Any, calibrate: Any, calibration_samples: Any) -> None:
+    if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) or not 0 < flops_target <= 1:
+        raise ConfigError(f"--flops-target must be in (0, 1], got {flops_target}")
+    if isinstance(plan_evals, bool) or not isinstance(plan_evals, int) or plan_evals < 2:
+        raise ConfigError(f"plan_evals must be an integer >= 2 (uniform and knapsack plans), got {plan_evals!r}")
+    if finetune is not None and not callable(finetune):
+        raise ConfigError(f"finetune must be a function fn(model), got {type(finetune).__name__}")
+    if calibrate is not None and not callable(calibrate) and (
+            isinstance(calibrate, (str, bytes)) or not hasattr(calibrate, "__iter__")):
+        raise ConfigError(f"calibrate must be batches (an iterable of model inputs) or a function returning them, "
+                          f"got {type(calibrate).__name__}")
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise ConfigError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
 
 
 def run_report(
@@ -138,7 +137,7 @@ def run_report(
     console: Callable[[str], None] | None = print,
     plan_evals: int = 16,
     calibrate: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
-    finetune: Callable[[nn.Module], Any] | None = None,
+    finetune: Callable[..., Any] | None = None,
     reconstruct: bool = True,
     calibration_samples: int = 512,
 ) -> ReportResult:
@@ -150,36 +149,37 @@ def run_report(
     narrowed layers refit by least squares to reproduce the dense model on the first ``calibration_samples``
     inputs (:func:`prunescope.narrow.reconstruct`); ``summary['plan_metric']`` says ``'reconstructed'``. With
     ``reconstruct=False`` they serve BatchNorm re-estimation of the shrunk model only (``'as-pruned'``).
-    ``finetune``: ``fn(model)`` that trains the shipped model in place, after the reconstruction. Recovery
-    order: reconstruct -> (BatchNorm re-estimation, without reconstruction) -> fine-tune; the uniform baseline
-    gets the same recovery. All of it runs on copies.
-    Arguments and the output folder (it must be creatable) are checked before the first step.
-    """
-    from ..errors import ConfigError
-    from .page import FILES, write_folder
-    from .steps import STEPS, Run
+    ``finetune``: ``fn(model)`` that trains the shipped model in place, after the reconstruction; a function
+    with a ``log`` parameter is called ``fn(model, log=console)`` and may print its progress (a line per epoch)
+    through the report's console. Recovery order: reconstruct -> (BatchNorm re-estimation, without
+    reconstruction) -> fine-tune; the uniform baseline gets the same recovery. All of it runs on copies.
+    Arguments and the output folder (it must be creatable) are checked before the first stage.
 
-    if isinstance(flops_target, bool) or not isinstance(flops_target, (int, float)) or not 0 < flops_target <= 1:
-        raise ConfigError(f"--flops-target must be in (0, 1], got {flops_target}")
-    if isinstance(plan_evals, bool) or not isinstance(plan_evals, int) or plan_evals < 2:
-        raise ConfigError(f"plan_evals must be an integer >= 2 (uniform and knapsack plans), got {plan_evals!r}")
-    if finetune is not None and not callable(finetune):
-        raise ConfigError(f"finetune must be a function fn(model), got {type(finetune).__name__}")
-    if calibrate is not None and not callable(calibrate) and (
-            isinstance(calibrate, (str, bytes)) or not hasattr(calibrate, "__iter__")):
-        raise ConfigError(f"calibrate must be batches (an iterable of model inputs) or a function returning them, "
-                          f"got {type(calibrate).__name__}")
-    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
-        raise ConfigError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
+    >>> import tempfile, torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+    ...                           torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32, 2)).eval()
+    >>> score = lambda m: float(m(torch.ones(1, 1, 6, 6)).sum().detach())
+    >>> res = run_report(net, score, torch.ones(1, 1, 6, 6), tempfile.mkdtemp() + "/r", sparsities=[0.5],
+    ...                  progress=False, console=None, plan_evals=2)
+    >>> res.summary["flops_after"] <= 0.5 * res.summary["flops_before"], res.stages.summary.target_met
+    (True, True)
+    """
+    _check(flops_target, plan_evals, finetune, calibrate, calibration_samples)
     folder = ReportFolder(out_dir, tuple(FILES.values()))
     folder.check()  # before any work: a bad --out is reported at once
-    r = Run(model, val_func, dummy_input, float(flops_target), sparsities, workers,
-            1.0 if higher_is_better else -1.0, model_name, metric_name, progress, console, plan_evals=plan_evals,
-            calibrate=calibrate, finetune=finetune, reconstruct=bool(reconstruct),
-            calibration_samples=calibration_samples)
-    for step in STEPS:
-        step(r)
+    ctx = Context(model, val_func, dummy_input, flops_target=float(flops_target),
+                  sign=1.0 if higher_is_better else -1.0, model_name=model_name, metric_name=metric_name,
+                  console=console, progress=progress, calibrate=calibrate, finetune=finetune,
+                  reconstruct=bool(reconstruct), calibration_samples=calibration_samples)
+    dense = dense_cost(ctx)
+    topo = topology(ctx, dense)
+    swept = sweep(ctx, dense, topo, sparsities, workers)
+    plans = PlanMasks(model, dummy_input, dense, topo)
+    choice = choose(ctx, dense, topo, swept, plans, plan_evals)
+    verified = verify(ctx, dense, plans, choice)
+    recovered = recover(ctx, verified)
+    summary = summarize(ctx, dense, topo, swept, choice, verified, recovered, folder.run_id)
+    stages = Stages(dense, topo, swept, choice, verified, recovered, summary)
     with folder as tmp:
-        files = write_folder(r, folder, tmp)
-    assert r.chosen is not None
-    return ReportResult(r.summary, files, dict(r.chosen.plan))
+        files = write_folder(stages, folder, tmp)
+    return ReportResult(summary.to_json(), files, dict(choice.chosen.plan), stages)

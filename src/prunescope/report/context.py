@@ -1,0 +1,141 @@
+"""The shared services of the report's stages: the user's model lent out and given back exactly, the metric as
+a float, the console, and the calibration inputs read once (:class:`Context`). No stage result lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..sensitivity.engine import coerce_metric
+
+__all__ = ["Context", "snapshot", "borrowed", "batch_len"]
+
+
+def snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, copy)`` for every parameter and buffer of ``model``: what :func:`borrowed` restores.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> len(snapshot(net))
+    2
+    """
+    return [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+
+
+@contextlib.contextmanager
+def borrowed(model: nn.Module, state: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+             ) -> Iterator[nn.Module]:
+    """Lend ``model`` to user code: parameters, buffers and training flags come back exactly afterwards.
+
+    ``state``: a :func:`snapshot` taken earlier and still exact (a caller lending the model many times takes it
+    once); only the tensors that differ from it are written back.
+
+    >>> net = torch.nn.Linear(2, 2).eval()
+    >>> before = net.weight.detach().clone()
+    >>> with borrowed(net) as m:
+    ...     _ = m.train(), m.weight.data.zero_()
+    >>> torch.equal(net.weight, before), net.training
+    (True, False)
+    """
+    state = snapshot(model) if state is None else state
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, saved in state:
+                if t.shape == saved.shape and not torch.equal(t, saved):
+                    t.copy_(saved)
+        for m, f in flags:
+            m.training = f
+
+
+def batch_len(b: Any) -> int:
+    """How many inputs a batch holds (its first tensor's first dimension; 1 for a scalar or no tensor)."""
+    t = b if hasattr(b, "shape") else next((v for v in (b.values() if isinstance(b, dict) else b)
+                                            if hasattr(v, "shape")), None)
+    return int(t.shape[0]) if t is not None and len(t.shape) else 1
+
+
+@dataclass
+class Context:
+    """What every stage may use: the user's model and evaluation, the example input, what the user asked for
+    (target, names, recovery functions), the console and progress switches, and the calibration inputs (read
+    once). ``sign``: +1 when a higher metric is better."""
+
+    model: nn.Module
+    val_func: Callable[[nn.Module], Any]
+    x: Any
+    flops_target: float = 0.5
+    sign: float = 1.0
+    model_name: str = "model"
+    metric_name: str = "metric"
+    console: Callable[[str], None] | None = print
+    progress: bool = True
+    calibrate: Callable[[], Iterable[Any]] | Iterable[Any] | None = None
+    finetune: Callable[..., Any] | None = None
+    reconstruct: bool = True
+    calibration_samples: int = 512
+    t0: float = field(default_factory=time.perf_counter)
+    _state: list[Any] | None = None
+    _calibration: list[Any] | None = None
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console(text)
+
+    def evaluate(self, model: nn.Module, what: str) -> float:
+        """``val_func(model)`` as a finite float; the user's model is borrowed and given back exactly."""
+        if model is self.model:
+            if self._state is None:
+                self._state = snapshot(model)  # once: each lending compares against it, copies back what changed
+            with borrowed(model, self._state):
+                value = self.val_func(model)
+        else:
+            value = self.val_func(model)
+        return coerce_metric(value, "", None, where=what)
+
+    @property
+    def device(self) -> str:
+        p = next(self.model.parameters(), None)
+        return p.device.type if p is not None else "cpu"
+
+    @property
+    def reconstructing(self) -> bool:
+        """Plans are measured and shipped reconstructed (calibration inputs given and ``reconstruct``)."""
+        return self.reconstruct and self.calibrate is not None
+
+    @property
+    def plan_metric(self) -> str:
+        return "reconstructed" if self.reconstructing else "as-pruned"
+
+    def calibration(self) -> list[Any]:
+        """The calibration batches, read once (``calibrate`` may be a function returning them)."""
+        if self._calibration is None:
+            got = self.calibrate() if callable(self.calibrate) else self.calibrate
+            try:
+                self._calibration = list(got) if got is not None else []
+            except TypeError:
+                raise ConfigError(f"calibrate must be an iterable of input batches (or a function returning one), "
+                                  f"got {type(got).__name__}") from None
+        return self._calibration
+
+    def fit_batches(self) -> list[Any]:
+        """The first calibration batches, up to ``calibration_samples`` inputs: what every reconstruction fits on
+        (the same inputs for every candidate plan and the shipped model)."""
+        out, n = [], 0
+        for b in self.calibration():
+            if n >= self.calibration_samples:
+                break
+            out.append(b)
+            n += batch_len(b)
+        return out
+
+    def fit_inputs(self) -> int:
+        """How many inputs the reconstruction fits on (0 when not reconstructing)."""
+        return sum(batch_len(b) for b in self.fit_batches()) if self.reconstructing else 0
