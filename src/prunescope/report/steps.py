@@ -56,6 +56,21 @@ class Run:
         return self.dense.graph
 
     @property
+    def cost(self) -> Any:
+        """The :class:`~prunescope.flops.plancost.PlanCost` of :attr:`plans`."""
+        assert self.plans is not None
+        return self.plans.cost
+
+    def set_atoms(self, key: str, sparsity: float) -> Any:
+        assert self.plans is not None
+        return self.plans.set_atoms(key, sparsity)
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        assert self.topology is not None
+        return dict(self.topology.excluded)
+
+    @property
     def keys(self) -> list[str]:
         assert self.topology is not None
         return self.topology.names
