@@ -28,13 +28,26 @@ How (and why)
   ridge is chosen from ``RIDGE_GRID`` by 4-fold cross-validation over whole calibration samples (one
   eigendecomposition per fold), or ``0.1`` for layers wider than ``CV_MAX_DIM``.
 * **Streaming.** ``XᵀX`` and ``XᵀY`` are accumulated per batch in float64; a convolution's patches (an unfold,
-  any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Each pass
-  runs the shrunk model only up to its last layer (a forward is cut short there), so every calibration batch
-  is seen once per pass. The dense model's targets of all refit layers are kept for all batches when they fit
-  in ``cache_mb`` (one dense forward per batch); otherwise each pass reruns the dense model up to its layers.
-  Layers whose inputs do not depend on each other (q/k/v, gate/up, a residual block's last conv and its
-  downsample) share a pass. Cost: the shrunk model's prefix up to each pass, so ``O(depth²)`` forwards of the
-  shrunk model per batch (measured in ``bench/bench_reconstruct.py``).
+  any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Layers whose
+  inputs do not depend on each other (q/k/v, gate/up, a residual block's last conv and its downsample) share a
+  pass; a forward is cut short after a pass's last layer.
+* **Linear in depth: block by block.** Rerunning the shrunk model from its input for every pass costs
+  ``O(depth²)`` forwards per batch. Instead the refit finds a *chain of blocks* (same-class modules such as
+  transformer layers or residual blocks, each called once, each on the previous block's output and otherwise
+  the same inputs — attention mask, position embeddings — and not writing into its inputs; checked on one
+  probe forward of both models) and keeps, for every calibration batch, the input of the current block of
+  the shrunk and of the dense model (the chain tensor on the CPU). A pass inside block ``k`` runs only block
+  ``k`` on those inputs; once all of block ``k``'s layers are refit, the cached inputs are replaced by the
+  block's outputs. Each layer still sees the shrunk model's input after every earlier layer was refit: the
+  result is the same as rerunning the whole model (tested equal), at ``O(depth)`` block forwards per batch.
+  Layers outside the chain (a stem, a classifier) are refit by whole-model runs as before; models without a
+  chain (or with ``block_cache_mb=0``) use whole-model runs throughout. The chain cache costs
+  ``2 × calibration samples × one block input`` (e.g. 128 sequences × 128 tokens × hidden 1024 × 4 bytes =
+  64 MiB per model); above ``block_cache_mb`` (default 4 GiB) the chain is not used (a note in the result).
+  The model's forward gets ``use_cache=False`` where it takes one (no key/value cache is needed).
+* **Dense targets.** The dense model's targets of the layers of one block (or of all layers outside the
+  chain) are kept for all batches when they fit in ``cache_mb`` (one dense run per batch); otherwise each
+  pass reruns the dense block (or model) up to its layers.
 * **BatchNorm.** An eval-mode BatchNorm after a conv is a per-channel affine map; least squares with one Gram
   matrix solves every output channel separately, so matching the conv output before the BatchNorm is the
   same solution as matching after it. A conv without a bias whose only reader is such a BatchNorm gets its
@@ -62,10 +75,11 @@ reconstruction targets eval-mode outputs; the returned model is in the training 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -111,10 +125,13 @@ class ReconstructResult:
     cached: bool = False
     ridge: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+    block_cache_mb: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return (f"ReconstructResult({len(self.layers)} layers in {self.passes} passes over {self.batches} batches, "
-                f"{self.seconds:.2f} s, skipped={len(self.skipped)})")
+                f"{len(self.blocks)} blocks, {self.seconds:.2f} s, skipped={len(self.skipped)})")
 
 
 def _kind(mod: nn.Module) -> str | None:
@@ -364,7 +381,7 @@ def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any]
             handles.append(modules[n].register_forward_pre_hook(pre(n)))
         for b in batches:
             per_batch.append({})
-            args, kw = make_inputs(model, b)
+            args, kw = _run_args(model, b)
             model(*args, **kw)
     finally:
         for h in handles:
@@ -435,32 +452,51 @@ def _folding_bn(graph: ModelGraph | None, name: str, modules: Mapping[str, nn.Mo
     return None
 
 
-def _dense_targets(model: nn.Module, fits: Mapping[str, _Fit], names: Sequence[str], counts: Mapping[str, int],
-                   batches: Sequence[Any], cache_mb: float) -> list[dict[str, list[torch.Tensor]]] | None:
-    """The dense model's targets of every refit layer for every batch, from one dense forward per batch, when
-    they fit in ``cache_mb`` (estimated from the first batch); ``None`` otherwise (each pass then reruns the
-    dense model up to its layers). Saves most of the time on deep CNNs, whose passes rerun long prefixes."""
+def _lead(model: nn.Module, b: Any) -> int:
+    """Samples in a batch (the first input's leading dimension)."""
+    t = _first_tensor(list(b.values())) if isinstance(b, dict) else _first_tensor(make_inputs(model, b)[0])
+    return int(t.shape[0]) if t is not None and t.ndim else 1
+
+
+def _dense_targets(modules: Mapping[str, nn.Module], fits: Mapping[str, _Fit], names: Sequence[str],
+                   counts: Mapping[str, int], runs: Sequence[Callable[[], Any]], leads: Sequence[int],
+                   cache_mb: float) -> list[dict[str, list[torch.Tensor]]] | None:
+    """The dense model's targets of the layers ``names`` for every batch, one dense run (``runs[i]``: the whole
+    model or one block on batch ``i``) per batch, when they fit in ``cache_mb`` (estimated from the first
+    batch); ``None`` otherwise (each pass then reruns the dense model or block up to its layers)."""
     if cache_mb <= 0 or not names:
         return None
-    def lead(b: Any) -> int:  # samples in a batch (the first input's leading dimension)
-        t = _first_tensor(make_inputs(model, b)[0]) if not isinstance(b, dict) else _first_tensor(list(b.values()))
-        return int(t.shape[0]) if t is not None and t.ndim else 1
-
     out: list[dict[str, list[torch.Tensor]]] = []
-    for i, b in enumerate(batches):
-        ys = _capture(model, names, counts, b, output=True)
+    for i, run in enumerate(runs):
+        ys = _capture(modules, names, counts, run, output=True)
         out.append({n: [fits[n].target(y.float()) for y in ys[n]] for n in names})
         if i == 0:
             size = sum(t.numel() * t.element_size() for ts in out[0].values() for t in ts)
-            if size / max(lead(b), 1) * sum(lead(bb) for bb in batches) > cache_mb * 2**20:
+            if size / max(leads[0], 1) * sum(leads) > cache_mb * 2**20:
                 return None
     return out
 
 
-def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int], batch: Any, output: bool
-             ) -> dict[str, list[torch.Tensor]]:
-    """Run ``model`` on ``batch`` up to the last call of ``layers``; their inputs (or outputs), per call."""
-    modules = dict(model.named_modules())
+def _model_run(model: nn.Module, batch: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        args, kw = _run_args(model, batch)
+        return model(*args, **kw)
+    return run
+
+
+def _block_run(block: nn.Module, inp: tuple[tuple[Any, ...], dict[str, Any]]) -> Callable[[], Any]:
+    """Run one chain block on its cached input (the chain tensor is kept on the CPU, moved to the block)."""
+    def run() -> Any:
+        args, kw = inp
+        dev = next((p.device for p in block.parameters()), args[0].device)
+        return block(args[0].to(dev), *args[1:], **kw)
+    return run
+
+
+def _capture(modules: Mapping[str, nn.Module], layers: Sequence[str], counts: Mapping[str, int],
+             run: Callable[[], Any], output: bool) -> dict[str, list[torch.Tensor]]:
+    """``run()`` (the model on a batch, or one block on its cached input) up to the last call of ``layers``;
+    their inputs (or outputs), per call."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     remaining = [sum(counts[n] for n in layers)]
     handles = []
@@ -480,9 +516,8 @@ def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int],
         for n in layers:
             m = modules[n]
             handles.append(m.register_forward_hook(hook(n)) if output else m.register_forward_pre_hook(hook(n)))
-        args, kw = make_inputs(model, batch)
         try:
-            model(*args, **kw)
+            run()
         except _Stop:
             pass
     finally:
@@ -495,11 +530,214 @@ def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int],
     return got
 
 
+# ------------------------------------------------------------------------------------------------ block chain
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _run_args(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``make_inputs`` plus ``use_cache=False`` where the model's forward takes it: the reconstruction never
+    needs a key/value cache, and a cache object handed to every block could not be replayed block by block."""
+    args, kw = make_inputs(model, batch)
+    if "use_cache" not in kw:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "use_cache" in params:
+            kw = {**kw, "use_cache": False}
+    return args, kw
+
+
+def _plain(v: Any) -> bool:
+    """Only tensors, numbers, strings, ``None`` and containers of those (what a block can be replayed with)."""
+    if isinstance(v, (torch.Tensor, *_PLAIN)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_plain(a) for a in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(a) for k, a in v.items())
+    return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same objects (tensors by identity, containers element-wise, plain values by equality)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _versions(v: Any) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        return [v._version]
+    if isinstance(v, (tuple, list)):
+        return [x for a in v for x in _versions(a)]
+    if isinstance(v, dict):
+        return [x for a in v.values() for x in _versions(a)]
+    return []
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_nbytes(a) for a in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(a) for a in v.values())
+    return 0
+
+
+@dataclass
+class _Call:
+    """One call of a module during the probe forward."""
+
+    enter: int
+    exit: int = -1
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    out: torch.Tensor | None = None
+    replayable: bool = True
+
+
+def _probe(model: nn.Module, layers: Sequence[str], batch: Any) -> tuple[dict[str, list[_Call]], dict[str, list[int]]]:
+    """One forward on ``batch`` recording every call of every container module (its inputs, first output tensor,
+    and whether it modified its inputs in place) and the sequence numbers of the calls of ``layers``."""
+    calls: dict[str, list[_Call]] = {}
+    layer_calls: dict[str, list[int]] = {n: [] for n in layers}
+    seq = [0]
+    handles = []
+    wanted = set(layers)
+
+    def pre(name: str) -> Any:
+        def fn(_m: nn.Module, args: Any, kwargs: Any) -> None:
+            seq[0] += 1
+            if name in wanted:
+                layer_calls[name].append(seq[0])
+                return
+            c = _Call(seq[0], args=tuple(args), kwargs=dict(kwargs))
+            c.replayable = _plain(c.args) and _plain(c.kwargs)
+            c._versions = _versions((c.args, c.kwargs))  # type: ignore[attr-defined]
+            calls.setdefault(name, []).append(c)
+        return fn
+
+    def post(name: str) -> Any:
+        def fn(_m: nn.Module, _args: Any, _kwargs: Any, out: Any) -> None:
+            seq[0] += 1
+            c = calls[name][-1]
+            c.exit, c.out = seq[0], _first_tensor(out)
+            if _versions((c.args, c.kwargs)) != c._versions:  # type: ignore[attr-defined]
+                c.replayable = False  # it writes into its inputs: a cached input would not survive a replay
+        return fn
+
+    try:
+        for name, m in model.named_modules():
+            if not name or (name not in wanted and not any(True for _ in m.children())):
+                continue
+            handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+            if name not in wanted:
+                handles.append(m.register_forward_hook(post(name), with_kwargs=True))
+        args, kw = _run_args(model, batch)
+        model(*args, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, layer_calls
+
+
+def _links(calls: Mapping[str, list[_Call]], a: str, b: str) -> bool:
+    """Block ``b`` runs after ``a`` on ``a``'s output (its first positional input) and the same other inputs."""
+    ca, cb = calls[a][0], calls[b][0]
+    return (cb.enter > ca.exit and bool(cb.args) and ca.out is not None and cb.args[0] is ca.out
+            and _same(ca.args[1:], cb.args[1:]) and _same(ca.kwargs, cb.kwargs))
+
+
+def _find_chain(model: nn.Module, dense: nn.Module, layers: Sequence[str], batch: Any
+                ) -> tuple[list[str], dict[str, int], int]:
+    """The longest chain of same-class blocks (transformer layers, residual blocks) that the refit can run one
+    at a time: each called once, on the previous block's output and otherwise the same inputs, not writing
+    into its inputs, holding every call of the layers assigned to it. Checked on the shrunk and on the dense
+    model. Returns ``(blocks, {layer: block index}, bytes of one block input per sample)``."""
+    calls, lcalls = _probe(model, layers, batch)
+    ok = {n: cs[0] for n, cs in calls.items() if len(cs) == 1 and cs[0].replayable and cs[0].exit > 0
+          and cs[0].args and isinstance(cs[0].args[0], torch.Tensor) and cs[0].out is not None}
+    mods = dict(model.named_modules())
+    by_class: dict[type, list[str]] = {}
+    for n in sorted(ok, key=lambda n: ok[n].enter):
+        by_class.setdefault(type(mods[n]), []).append(n)
+
+    def members(block: str) -> list[str]:
+        c = ok[block]
+        return [ly for ly, s in lcalls.items() if s and all(c.enter < t < c.exit for t in s)]
+
+    best: tuple[int, int, list[str]] = (0, 0, [])
+    for names in by_class.values():
+        run: list[str] = []
+        for n in [*names, None]:
+            if n is not None and run and _links(calls, run[-1], n):
+                run.append(n)
+                continue
+            if len(run) >= 2:
+                covered = sum(len(members(b)) for b in run)
+                if (covered, len(run)) > best[:2]:
+                    best = (covered, len(run), list(run))
+            run = [n] if n is not None else []
+    chain = best[2]
+    if not chain or not best[0]:
+        return [], {}, 0
+    dcalls, dl = _probe(dense, layers, batch)
+    for a, b in zip(chain, chain[1:]):
+        if not (len(dcalls.get(a, [])) == 1 == len(dcalls.get(b, [])) and dcalls[b][0].replayable
+                and dcalls[a][0].replayable and _links(dcalls, a, b)):
+            return [], {}, 0
+    where = {ly: i for i, b in enumerate(chain) for ly in members(b)}
+    for ly, i in where.items():  # the dense model must call the layer inside the same block
+        c = dcalls[chain[i]][0]
+        if not all(c.enter < t < c.exit for t in dl[ly]):
+            return [], {}, 0
+    first = ok[chain[0]]
+    lead = int(first.args[0].shape[0]) if first.args[0].ndim else 1
+    size = _nbytes((first.args, first.kwargs)) // max(lead, 1)
+    return chain, where, size
+
+
+def _block_inputs(model: nn.Module, block: str, batches: Sequence[Any]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The inputs of ``block`` on every batch (a forward cut short at the block), the chain tensor on the CPU."""
+    mod = dict(model.named_modules())[block]
+    got: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fn(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        got.append(((args[0].detach().to("cpu"), *args[1:]), dict(kwargs)))
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                _model_run(model, b)()
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(got) != len(batches):
+        raise ShrinkError(f"reconstruct: block '{block}' did not run on every calibration batch", block)
+    return got
+
+
+def _advance(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Replace every cached input of a block by the block's output: the next block's input (in place)."""
+    for i, inp in enumerate(inputs):
+        y = _first_tensor(_block_run(block, inp)())
+        inputs[i] = ((y.detach().to("cpu"), *inp[0][1:]), inp[1])  # type: ignore[union-attr]
+
+
 # ------------------------------------------------------------------------------------------------------ public
 @torch.no_grad()
 def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: Iterable[Any], *,
-          ridge: float | None = None, layers: str = "affected", bn: str = "keep", cache_mb: float = 1024.0
-          ) -> ReconstructResult:
+          ridge: float | None = None, layers: str = "affected", bn: str = "keep", cache_mb: float = 1024.0,
+          block_cache_mb: float = 4096.0) -> ReconstructResult:
     """Refit ``small`` (the shrunk copy of ``model`` made with ``plan``) in place; see the module docs.
 
     ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels. Returns
@@ -511,6 +749,9 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
         raise ConfigError(f"reconstruct: bn must be one of {_BN_MODES}, got {bn!r}")
     if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
         raise ConfigError(f"reconstruct: ridge must be None (automatic) or a finite number >= 0, got {ridge!r}")
+    for what, v in (("cache_mb", cache_mb), ("block_cache_mb", block_cache_mb)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"reconstruct: {what} must be a finite number of MiB >= 0, got {v!r}")
     if isinstance(calibration, (torch.Tensor, dict)):
         raise ConfigError("reconstruct: calibration must be an iterable of batches (e.g. a list of tensors), "
                           "not one batch; wrap it in a list")
@@ -558,18 +799,66 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                            auto_ridge=ridge is None)
             fits[n].bn = small_mods[bn_name] if bn_name else None
         names = list(fits)
-        passes = _passes([n for n in order if n in fits], _depends(graph, names), names)
-        cache = _dense_targets(model, fits, [n for n in order if n in fits], counts, batches, cache_mb)
+        fit_order = [n for n in order if n in fits]
+        leads = [_lead(small, b) for b in batches]
+        chain: list[str] = []
+        where: dict[str, int] = {}
+        if block_cache_mb > 0:
+            chain, where, per_sample = _find_chain(small, model, fit_order, batches[0])
+            est = 2 * per_sample * sum(leads) / 2**20  # dense and shrunk block inputs, all batches
+            if chain and est > block_cache_mb:
+                res.notes.append(f"block chain of {len(chain)} '{type(small_mods[chain[0]]).__name__}' blocks not "
+                                 f"used: its inputs need ~{est:.0f} MiB > block_cache_mb={block_cache_mb:g}")
+                chain, where = [], {}
+            res.block_cache_mb = est if chain else 0.0
+        res.blocks = list(chain)
+        passes = []  # a pass stays inside one block (or outside the chain): split where the segment changes
+        for group in _passes(fit_order, _depends(graph, names), names):
+            for n in group:
+                if passes and passes[-1] and where.get(passes[-1][-1], -1) == where.get(n, -1) and n != group[0]:
+                    passes[-1].append(n)
+                else:
+                    passes.append([n])
+        rest = [n for n in fit_order if n not in where]
+        cache = _dense_targets(dense_mods, fits, rest, counts, [_model_run(model, b) for b in batches], leads,
+                               cache_mb)
         res.cached = cache is not None
-        for group in passes:
+        last_chain = max((i for i, g in enumerate(passes) if g[0] in where), default=-1)
+        pos = -1  # the block whose inputs s_in / d_in hold
+        s_in: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        d_in: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        btargets: list[dict[str, list[torch.Tensor]]] | None = None
+        for gi, group in enumerate(passes):
+            k = where.get(group[0])
+            if k is not None:
+                if pos < 0:
+                    s_in, d_in, pos = _block_inputs(small, chain[0], batches), _block_inputs(model, chain[0],
+                                                                                             batches), 0
+                    btargets = None
+                while pos < k:
+                    _advance(small_mods[chain[pos]], s_in)
+                    _advance(dense_mods[chain[pos]], d_in)
+                    pos, btargets = pos + 1, None
+                if btargets is None:
+                    inside = [n for n in fit_order if where.get(n) == k]
+                    btargets = _dense_targets(dense_mods, fits, inside, counts,
+                                              [_block_run(dense_mods[chain[k]], d) for d in d_in], leads, cache_mb)
+                targets = btargets
+            else:
+                targets = cache
             for bi, b in enumerate(batches):
-                ys = cache[bi] if cache is not None else _capture(model, group, counts, b, output=True)
-                xs = _capture(small, group, counts, b, output=False)
+                if k is None:
+                    dense_run, small_run = _model_run(model, b), _model_run(small, b)
+                else:
+                    dense_run, small_run = _block_run(dense_mods[chain[k]], d_in[bi]), _block_run(
+                        small_mods[chain[k]], s_in[bi])
+                ys = targets[bi] if targets is not None else _capture(dense_mods, group, counts, dense_run, True)
+                xs = _capture(small_mods, group, counts, small_run, output=False)
                 for n in group:
                     for x, y in zip(xs[n], ys[n]):
-                        fits[n].add(x, y, is_target=cache is not None)
-                    if cache is not None:
-                        cache[bi][n] = []  # this layer is done: free its targets
+                        fits[n].add(x, y, is_target=targets is not None)
+                    if targets is not None:
+                        targets[bi][n] = []  # this layer is done: free its targets
             for n in group:
                 f = fits[n]
                 res.error_before[n] = f.error(f.current())
@@ -580,6 +869,8 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                 res.layers.append(n)
                 fits[n] = None  # type: ignore[assignment]  # free the Gram matrices
             res.passes += 1
+            if gi == last_chain:
+                s_in, d_in, btargets = [], [], None  # the chain is done: free its caches
     if bn == "recalibrate":
         _recalibrate(small, batches)
     res.seconds = time.perf_counter() - t0
@@ -606,7 +897,7 @@ def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
             m.momentum = None
         with preserved_training(model, True):
             for b in batches:
-                args, kw = make_inputs(model, b)
+                args, kw = _run_args(model, b)
                 model(*args, **kw)
     finally:
         for m, mom in moms:
@@ -615,7 +906,8 @@ def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
 
 def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, calibration: Iterable[Any], *,
                 ridge: float | None = None, layers: str = "affected", bn: str = "keep", graph: ModelGraph | None = None,
-                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0) -> Any:
+                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0,
+                block_cache_mb: float = 4096.0) -> Any:
     """The shrunk model with every narrowed layer refit to reproduce the dense model (see the module docs).
 
     Same as ``shrink(model, masks, dummy_input, calibration=calibration)``. ``calibration``: an iterable of
@@ -627,10 +919,12 @@ def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, ca
     (layers that lost channels) or ``'downstream'`` (also every later conv/linear layer). ``bn``: ``'keep'``
     or ``'recalibrate'`` (re-estimate BatchNorm statistics after the refit). ``return_result=True`` returns
     ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``cache_mb``: the
-    dense model's targets of all refit layers are kept for all batches when they fit in this many MiB (one
-    dense forward per batch instead of one per pass; ``0``: never). ``model`` is not modified.
+    dense model's targets of one block's layers (or of the layers outside the block chain) are kept for all
+    batches when they fit in this many MiB (one dense run per batch instead of one per pass; ``0``: never).
+    ``block_cache_mb``: the most the block chain's cached inputs may take (dense and shrunk, all batches;
+    ``0``: no chain, whole-model runs for every pass, ``O(depth²)``). ``model`` is not modified.
     """
     small, result = shrink(model, masks, dummy_input, fix_conflicts=fix_conflicts, graph=graph, return_result=True)
     result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn,
-                                  cache_mb=cache_mb)
+                                  cache_mb=cache_mb, block_cache_mb=block_cache_mb)
     return (small, result) if return_result else small
