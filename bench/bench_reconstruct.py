@@ -38,14 +38,20 @@ LLAMA = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "llama-s": (512, 4, 8, 2, 1408, 8000),
     "llama-m": (1024, 8, 16, 4, 2816, 16000),
     "llama-l": (2048, 8, 16, 4, 5632, 32000),
+    "llama-0.5b": (1024, 24, 16, 4, 5120, 32000),  # 506 M parameters (440 M in the 24 blocks)
 }
+for _d in (2, 4, 8):  # the 0.5B model's blocks at smaller depths: the old (whole-model) path's growth with depth
+    LLAMA[f"llama-0.5b-d{_d}"] = (1024, _d, 16, 4, 5120, 32000)
+CALIB = {"llama-0.5b": (32, 128, 8)}  # (sequences, tokens, sequences per batch); default (8, 512, 2)
+for _d in (2, 4, 8):
+    CALIB[f"llama-0.5b-d{_d}"] = (16, 128, 8)
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _case_resnet50() -> dict:
+def _case_resnet50(block_cache_mb: float) -> dict:
     import torch
     import torchvision
 
@@ -60,15 +66,16 @@ def _case_resnet50() -> dict:
     params = sum(p.numel() for p in model.parameters())
     before = _rss_mb()
     t = time.perf_counter()
-    small, res = reconstruct(model, masks, x, calib, return_result=True)
+    small, res = reconstruct(model, masks, x, calib, return_result=True, block_cache_mb=block_cache_mb)
     total = time.perf_counter() - t
     r = res.reconstruction
-    return {"case": "resnet50", "params_M": params / 1e6, "calib": "4 x 2 images 224x224",
+    return {"case": "resnet50", "blocks": len(r.blocks), "block_cache_MB": r.block_cache_mb,
+            "params_M": params / 1e6, "calib": "4 x 2 images 224x224",
             "layers_refit": len(r.layers), "passes": r.passes, "seconds_total": total, "seconds_refit": r.seconds,
             "rss_before_MB": before, "rss_peak_MB": _rss_mb()}
 
 
-def _case_llama(name: str) -> dict:
+def _case_llama(name: str, block_cache_mb: float) -> dict:
     import torch
 
     import transformers
@@ -87,16 +94,18 @@ def _case_llama(name: str) -> dict:
     masks = head_masks(model, x, 0.5, graph=g)
     masks.update(unit_masks(model, x, 0.5, graph=g,
                             layers=[n for n, _ in model.named_modules() if n.endswith("mlp.up_proj")]))
-    calib = [{"input_ids": torch.randint(0, vocab, (2, 512))} for _ in range(4)]
+    n_seq, n_tok, per = CALIB.get(name, (8, 512, 2))
+    calib = [{"input_ids": torch.randint(0, vocab, (per, n_tok))} for _ in range(n_seq // per)]
     params = sum(p.numel() for p in model.parameters())
     before = _rss_mb()
     t = time.perf_counter()
-    small, res = reconstruct(model, masks, x, calib, graph=g, return_result=True)
+    small, res = reconstruct(model, masks, x, calib, graph=g, return_result=True, block_cache_mb=block_cache_mb)
     total = time.perf_counter() - t
     r = res.reconstruction
     return {"case": name, "params_M": params / 1e6, "config": dict(zip(
         ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), LLAMA[name])),
-        "calib": "4 batches x 2 sequences x 512 tokens", "layers_refit": len(r.layers), "passes": r.passes,
+        "calib": f"{n_seq // per} batches x {per} sequences x {n_tok} tokens", "blocks": len(r.blocks),
+        "block_cache_MB": r.block_cache_mb, "layers_refit": len(r.layers), "passes": r.passes,
         "seconds_total": total, "seconds_refit": r.seconds, "rss_before_MB": before, "rss_peak_MB": _rss_mb()}
 
 
@@ -166,16 +175,21 @@ def _worker(case: str) -> None:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    old = case.endswith(":old")  # the whole-model path (every pass reruns the model from its input)
+    case = case.removesuffix(":old")
+    mb = 0.0 if old else 4096.0
     if case == "resnet50":
-        out = _case_resnet50()
+        out = _case_resnet50(mb)
     elif case.startswith("llama"):
-        out = _case_llama(case)
+        out = _case_llama(case, mb)
     elif case == "digits":
         out = _case_digits()
     elif case == "vit-digits":
         out = _case_vit()
     else:
         raise SystemExit(f"unknown case {case!r}")
+    if old:
+        out["case"] += ":old"
     print(json.dumps(out))
 
 
@@ -217,9 +231,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{row['sparsity']:>8.3f} {row['score']:>10} {row['as_pruned']:>10.3f} "
                       f"{row['reconstructed']:>10.3f}")
         else:
-            print(f"{case}: {r['params_M']:.1f} M params, {r['layers_refit']} layers in {r['passes']} passes, "
-                  f"reconstruct {r['seconds_total']:.1f} s (refit {r['seconds_refit']:.1f} s), peak RSS "
-                  f"{r['rss_peak_MB']:.0f} MB (+{r['rss_peak_MB'] - r['rss_before_MB']:.0f} MB)")
+            print(f"{case}: {r['params_M']:.1f} M params, {r['calib']}, {r['layers_refit']} layers in {r['passes']} "
+                  f"passes, {r['blocks']} blocks (cache ~{r['block_cache_MB']:.0f} MB), reconstruct "
+                  f"{r['seconds_total']:.1f} s (refit {r['seconds_refit']:.1f} s), peak RSS "
+                  f"{r['rss_peak_MB']:.0f} MB (+{r['rss_peak_MB'] - r['rss_before_MB']:.0f} MB)", flush=True)
     if a.json:
         sys.path.insert(0, os.path.join(HERE, "..", "src"))
         from prunescope._io import atomic_open

@@ -92,12 +92,12 @@ def test_cnn_blocks_equal_whole_model_and_linear_cost() -> None:
         _assert_same(fast, slow)
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
         costs[depth] = (calls_fast, calls_slow)
-    # Per batch of 3, the chain path runs each block: 3 (call order) + 2 (probe: shrunk, dense) + 5 x 3 (its two
-    # passes on the shrunk block, its targets on the dense block, advancing both) + 6 (whole-model runs for
-    # the head outside the chain: shrunk input, dense target) = 26 times, whatever the depth. The whole-model
-    # path reruns every earlier block for every later pass: quadratic in depth.
-    # the last block is not advanced (nothing after it in the chain): 6 fewer.
-    assert costs[2][0] == 26 * 2 - 6 and costs[4][0] == 26 * 4 - 6, costs
+    # With 3 batches the chain path runs each block 3 (call order) + 2 (probe: shrunk, dense) + 3 x 2 (its two
+    # passes on the shrunk block) + 3 (one dense run: targets and next input) + 3 (advancing the shrunk input)
+    # + 6 (whole-model runs for the head outside the chain: shrunk input, dense target) = 23 times, whatever the
+    # depth; the last block is not advanced (3 fewer). The whole-model path reruns every earlier block for every
+    # later pass: quadratic in depth.
+    assert costs[2][0] == 23 * 2 - 3 and costs[4][0] == 23 * 4 - 3, costs
     assert costs[4][1] - costs[2][1] > costs[4][0] - costs[2][0], costs
 
 

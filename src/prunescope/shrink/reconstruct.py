@@ -726,6 +726,41 @@ def _block_inputs(model: nn.Module, block: str, batches: Sequence[Any]) -> list[
     return got
 
 
+def _dense_block(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                 modules: Mapping[str, nn.Module], fits: Mapping[str, _Fit], names: Sequence[str],
+                 counts: Mapping[str, int], leads: Sequence[int], cache_mb: float
+                 ) -> tuple[list[dict[str, list[torch.Tensor]]] | None, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """One full run of a dense block per batch: the targets of its layers ``names`` (``None`` where they would
+    not fit in ``cache_mb``, estimated from the first batch) and the block's outputs as the next block's inputs."""
+    targets: list[dict[str, list[torch.Tensor]]] | None = [] if cache_mb > 0 else None
+    nxt = []
+    for i, inp in enumerate(inputs):
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = []
+        if targets is not None:
+            for n in names:
+                def fn(_m: nn.Module, _a: Any, out: Any, n: str = n, got: dict = got) -> None:
+                    got[n].append(fits[n].target(_first_tensor(out).detach().float()))  # type: ignore[union-attr]
+                handles.append(modules[n].register_forward_hook(fn))
+        try:
+            y = _first_tensor(_block_run(block, inp)())
+        finally:
+            for h in handles:
+                h.remove()
+        nxt.append(((y.detach().to("cpu"), *inp[0][1:]), inp[1]))  # type: ignore[union-attr]
+        if targets is not None:
+            for n in names:
+                if len(got[n]) != counts[n]:
+                    raise ShrinkError(f"reconstruct: '{n}' ran {len(got[n])} times in its block, {counts[n]} times "
+                                      "per forward", n)
+            targets.append(got)
+            if i == 0:
+                size = sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
+                if size / max(leads[0], 1) * sum(leads) > cache_mb * 2**20:
+                    targets = None
+    return targets, nxt
+
+
 def _advance(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
     """Replace every cached input of a block by the block's output: the next block's input (in place)."""
     for i, inp in enumerate(inputs):
@@ -828,30 +863,37 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
         s_in: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         d_in: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         btargets: list[dict[str, list[torch.Tensor]]] | None = None
+        d_next: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
         for gi, group in enumerate(passes):
             k = where.get(group[0])
             if k is not None:
                 if pos < 0:
                     s_in, d_in, pos = _block_inputs(small, chain[0], batches), _block_inputs(model, chain[0],
                                                                                              batches), 0
-                    btargets = None
+                    d_next = None
                 while pos < k:
                     _advance(small_mods[chain[pos]], s_in)
-                    _advance(dense_mods[chain[pos]], d_in)
-                    pos, btargets = pos + 1, None
-                if btargets is None:
+                    if d_next is None:
+                        _advance(dense_mods[chain[pos]], d_in)
+                    else:
+                        d_in = d_next
+                    pos, btargets, d_next = pos + 1, None, None
+                if d_next is None:  # one dense run of the block: its layers' targets and the next block's input
                     inside = [n for n in fit_order if where.get(n) == k]
-                    btargets = _dense_targets(dense_mods, fits, inside, counts,
-                                              [_block_run(dense_mods[chain[k]], d) for d in d_in], leads, cache_mb)
+                    btargets, d_next = _dense_block(dense_mods[chain[k]], d_in, dense_mods, fits, inside, counts,
+                                                    leads, cache_mb)
+                    if btargets is not None:
+                        d_in = []  # the targets are kept: the dense block's inputs are no longer needed
                 targets = btargets
             else:
                 targets = cache
             for bi, b in enumerate(batches):
                 if k is None:
-                    dense_run, small_run = _model_run(model, b), _model_run(small, b)
+                    small_run = _model_run(small, b)
+                    dense_run = _model_run(model, b)
                 else:
-                    dense_run, small_run = _block_run(dense_mods[chain[k]], d_in[bi]), _block_run(
-                        small_mods[chain[k]], s_in[bi])
+                    small_run = _block_run(small_mods[chain[k]], s_in[bi])
+                    dense_run = _block_run(dense_mods[chain[k]], d_in[bi]) if targets is None else small_run
                 ys = targets[bi] if targets is not None else _capture(dense_mods, group, counts, dense_run, True)
                 xs = _capture(small_mods, group, counts, small_run, output=False)
                 for n in group:
@@ -870,7 +912,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                 fits[n] = None  # type: ignore[assignment]  # free the Gram matrices
             res.passes += 1
             if gi == last_chain:
-                s_in, d_in, btargets = [], [], None  # the chain is done: free its caches
+                s_in, d_in, btargets, d_next = [], [], None, None  # the chain is done: free its caches
     if bn == "recalibrate":
         _recalibrate(small, batches)
     res.seconds = time.perf_counter() - t0
