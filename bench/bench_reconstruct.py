@@ -25,6 +25,7 @@ Each case runs in its own process (one torch thread); peak memory is the process
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -42,7 +43,7 @@ LLAMA = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
 }
 for _d in (2, 4, 8):  # the 0.5B model's blocks at smaller depths: the old (whole-model) path's growth with depth
     LLAMA[f"llama-0.5b-d{_d}"] = (1024, _d, 16, 4, 5120, 32000)
-CALIB = {"llama-0.5b": (32, 128, 8)}  # (sequences, tokens, sequences per batch); default (8, 512, 2)
+CALIB = {"llama-0.5b": (40, 128, 8)}  # (sequences, tokens, sequences per batch); default (8, 512, 2)
 for _d in (2, 4, 8):
     CALIB[f"llama-0.5b-d{_d}"] = (16, 128, 8)
 
@@ -102,11 +103,76 @@ def _case_llama(name: str, block_cache_mb: float) -> dict:
     small, res = reconstruct(model, masks, x, calib, graph=g, return_result=True, block_cache_mb=block_cache_mb)
     total = time.perf_counter() - t
     r = res.reconstruction
-    return {"case": name, "params_M": params / 1e6, "config": dict(zip(
+    blk = _time_block(small, small.model.layers[0], calib[0])
+    return {"case": name, "shrunk_block_s": blk, "params_M": params / 1e6, "config": dict(zip(
         ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"), LLAMA[name])),
         "calib": f"{n_seq // per} batches x {per} sequences x {n_tok} tokens", "blocks": len(r.blocks),
         "block_cache_MB": r.block_cache_mb, "layers_refit": len(r.layers), "passes": r.passes,
         "seconds_total": total, "seconds_refit": r.seconds, "rss_before_MB": before, "rss_peak_MB": _rss_mb()}
+
+
+def _time_block(model, block, batch: dict) -> float:
+    """Seconds of one forward of ``block`` on its input from ``batch`` (median of 3): the unit of the
+    whole-model path's extra cost."""
+    import torch
+
+    got = []
+    h = block.register_forward_pre_hook(lambda m, a, k: got.append((a, k)), with_kwargs=True)
+    with torch.no_grad():
+        try:
+            model(**batch, use_cache=False)
+        finally:
+            h.remove()
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            block(*got[0][0], **got[0][1])
+            ts.append(time.perf_counter() - t)
+    return sorted(ts)[1]
+
+
+def _case_count() -> dict:
+    """Block forwards started per calibration batch, block path vs whole-model path, on a narrow LLaMA with the
+    0.5B model's depth (24) and the same pruning (counts do not depend on the width)."""
+    import torch
+
+    import transformers
+    from prunescope.graph import trace
+    from prunescope.masks.units import head_masks, unit_masks
+    from prunescope.shrink import refit, shrink
+
+    calls = [0]
+    cls = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    fwd = cls.forward
+
+    def counted(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return fwd(self, *a, **k)
+
+    cls.forward = counted
+    rows = []
+    for depth in (6, 12, 24):
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=depth,
+                                       num_attention_heads=16, num_key_value_heads=4, intermediate_size=320,
+                                       max_position_embeddings=64)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        x = {"input_ids": torch.randint(0, 256, (1, 16))}
+        g = trace(model, x)
+        masks = head_masks(model, x, 0.5, graph=g)
+        masks.update(unit_masks(model, x, 0.5, graph=g,
+                                layers=[n for n, _ in model.named_modules() if n.endswith("mlp.up_proj")]))
+        calib = [{"input_ids": torch.randint(0, 256, (4, 16))} for _ in range(2)]
+        small, res = shrink(model, masks, x, graph=g, return_result=True)
+        row = {"layers": depth}
+        for key, mb in (("blocks", 4096.0), ("whole_model", 0.0)):
+            s = copy.deepcopy(small)
+            calls[0] = 0
+            refit(model, s, res.plan, calib, block_cache_mb=mb)
+            row[key] = calls[0] / len(calib)
+        rows.append(row)
+    cls.forward = fwd
+    return {"case": "count", "rows": rows}
 
 
 def _case_digits() -> dict:
@@ -182,6 +248,8 @@ def _worker(case: str) -> None:
         out = _case_resnet50(mb)
     elif case.startswith("llama"):
         out = _case_llama(case, mb)
+    elif case == "count":
+        out = _case_count()
     elif case == "digits":
         out = _case_digits()
     elif case == "vit-digits":
@@ -218,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         r = json.loads(lines[-1])
         results.append(r)
-        if case == "digits":
+        if case == "count":
+            print("block forwards started per calibration batch (narrow LLaMA, 0.5B model's pruning)")
+            for row in r["rows"]:
+                print(f"  {row['layers']:>3} layers: blocks {row['blocks']:.0f}, whole-model {row['whole_model']:.0f}")
+        elif case == "digits":
             print(f"digits (dense {r['dense']:.3f}); mean of 3 draws of 128 unlabeled inputs")
             print(f"{'removed':>8} {'score':>10} {'as-pruned':>10} {'BN re-est.':>10} {'reconstr.':>10} {'s':>6}")
             for row in r["rows"]:
@@ -234,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{case}: {r['params_M']:.1f} M params, {r['calib']}, {r['layers_refit']} layers in {r['passes']} "
                   f"passes, {r['blocks']} blocks (cache ~{r['block_cache_MB']:.0f} MB), reconstruct "
                   f"{r['seconds_total']:.1f} s (refit {r['seconds_refit']:.1f} s), peak RSS "
-                  f"{r['rss_peak_MB']:.0f} MB (+{r['rss_peak_MB'] - r['rss_before_MB']:.0f} MB)", flush=True)
+                  f"{r['rss_peak_MB']:.0f} MB (+{r['rss_peak_MB'] - r['rss_before_MB']:.0f} MB)"
+                  + (f"; one shrunk block forward {r['shrunk_block_s']:.2f} s" if "shrunk_block_s" in r else ""),
+                  flush=True)
     if a.json:
         sys.path.insert(0, os.path.join(HERE, "..", "src"))
         from prunescope._io import atomic_open

@@ -57,7 +57,17 @@ How (and why)
   worse than keeping them: the refit already targets the dense statistics), ``bn="keep"`` (default) does not.
 * **Scope.** ``layers="affected"`` (default) refits the layers that lost channels; ``"downstream"`` also every
   later conv/linear layer (their inputs changed too). Layers called more than once per forward are fitted
-  on all their calls. Fused expert tensors (parameters, not modules) are not refit.
+  on all their calls.
+* **Fused experts** (one 3-D parameter for all experts, transformers 5 MoE): after the conv/linear layers, every
+  expert's down projection whose input lost units is refit on its own, from the tokens the shrunk router sends
+  to it. Its input (the shrunk expert's hidden units) is read off the experts module's own forward, called on
+  those tokens routed to that expert alone with weight 1 and the down projection temporarily replaced by
+  selectors (``⌈units / hidden⌉`` calls); its target is the dense expert's output on the dense model's hidden
+  state of the same tokens. Unweighted by the routing weights; gate/up projections (behind the activation)
+  are not refit. Cost: one whole-model run per MoE layer and batch (the MoE layers are refit in execution
+  order but after all other layers, so the layers after an MoE layer were fitted to its unrefit output).
+  Skipped with the reason where the module is not called as ``(hidden_states, top_k_index, top_k_weights)``
+  or has biases.
 
 The user's model is not modified (temporary hooks, eval mode, all restored, also on exceptions). The
 reconstruction targets eval-mode outputs; the returned model is in the training mode the model had.
@@ -92,6 +102,7 @@ from ..errors import ConfigError
 from ..graph import ModelGraph, make_inputs, preserved_training
 from ..masks.layers import CONV_TYPES, is_transposed_linear
 from .core import ShrinkError, ShrinkWarning, shrink
+from .experts import ExpertCut
 from .plan import RemovalPlan
 
 __all__ = ["reconstruct", "refit", "ReconstructResult"]
@@ -768,6 +779,139 @@ def _advance(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any
         inputs[i] = ((y.detach().to("cpu"), *inp[0][1:]), inp[1])  # type: ignore[union-attr]
 
 
+# ------------------------------------------------------------------------------------------------- fused experts
+_ROUTED = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _module_inputs(model: nn.Module, module: str, batch: Any) -> inspect.BoundArguments | None:
+    """The arguments ``module`` was called with on ``batch`` (a forward cut short there), bound to its signature."""
+    mod = dict(model.named_modules())[module]
+    got: list[inspect.BoundArguments] = []
+
+    def fn(m: nn.Module, args: Any, kwargs: Any) -> None:
+        got.append(inspect.signature(m.forward).bind(*args, **kwargs))
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        _model_run(model, batch)()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0] if got else None
+
+
+def _expert_call(mod: nn.Module, bound: inspect.BoundArguments, rows: torch.Tensor, expert: int) -> torch.Tensor:
+    """``mod`` on the token rows ``rows`` of the bound call, every row routed to ``expert`` alone with weight 1:
+    that expert's output on those tokens."""
+    x = bound.arguments["hidden_states"][rows]
+    idx = bound.arguments["top_k_index"]
+    args = {**bound.arguments, "hidden_states": x,
+            "top_k_index": torch.full((x.shape[0], 1), expert, dtype=idx.dtype, device=idx.device),
+            "top_k_weights": torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)}
+    return mod(**args)
+
+
+def _fused_down(plan: RemovalPlan, small: nn.Module, model: nn.Module, res: ReconstructResult
+                ) -> list[tuple[str, str, int, np.ndarray]]:
+    """The fused expert parameters to refit: ``(parameter, module, weight_out_dim, kept outputs)`` of every fused
+    output projection (a down projection: its outputs are the module's, its input columns lost units)."""
+    out = []
+    layers = getattr(plan.atoms, "layers", {})
+    for name, cut in plan.cuts.items():
+        li = layers.get(name)
+        if not isinstance(cut, ExpertCut) or li is None or getattr(li, "kind", None) != "experts":
+            continue
+        od = li.weight_out_dim
+        if 3 - od not in cut.keep:
+            continue  # its inputs are all kept (a gate/up projection that lost rows): not refit
+        mod_name, _, pname = name.rpartition(".")
+        try:
+            mod = small.get_submodule(mod_name)
+            dmod = model.get_submodule(mod_name)
+        except AttributeError:
+            continue
+        dense_w = dict(dmod.named_parameters(recurse=False)).get(pname)
+        others = [p for n, p in mod.named_parameters() if n != pname]
+        params = inspect.signature(mod.forward).parameters
+        why = None
+        if dense_w is None or not all(a in params for a in _ROUTED):
+            why = "the experts module is not called as (hidden_states, top_k_index, top_k_weights)"
+        elif any(p.dim() != 3 for p in others):
+            why = "the experts module has parameters besides its fused 3-D weights (biases)"
+        elif "down" not in pname and dense_w.shape[od] == dense_w.shape[3 - od]:
+            why = "cannot tell the output projection from the input one (square and not named 'down')"
+        if why:
+            res.skipped[name] = why
+            continue
+        keep_out = cut.keep.get(od)
+        keep = np.ones(dense_w.shape[od], bool) if keep_out is None else keep_out[0]
+        out.append((name, mod_name, od, keep))
+    return out
+
+
+def _refit_experts(model: nn.Module, small: nn.Module, plan: RemovalPlan, batches: Sequence[Any],
+                   ridge: float | None, res: ReconstructResult) -> None:
+    """Refit every expert's down projection of every fused expert layer, one expert at a time, from the tokens
+    the shrunk model routes to it: its input is what the shrunk expert computes before the down projection on
+    those tokens (read off the module's own forward with the down projection replaced by selectors, a slice of
+    the hidden units per call), its target what the dense expert outputs on the dense model's hidden state of
+    the same tokens. Same ridge least squares as a ``Linear`` without bias, unweighted by the routing weights."""
+    for name, mod_name, od, keep in _fused_down(plan, small, model, res):
+        mod, dmod = small.get_submodule(mod_name), model.get_submodule(mod_name)
+        p = dict(mod.named_parameters(recurse=False))[name.rpartition(".")[2]]
+        n_exp = p.shape[0]
+        h_out, width = p.shape[od], p.shape[3 - od]
+        lins = [nn.Linear(width, h_out, bias=False) for _ in range(n_exp)]
+        with torch.no_grad():
+            for e, lin in enumerate(lins):
+                lin.weight.copy_(p[e] if od == 1 else p[e].T)
+        fits = [_Fit(f"{name}[{e}]", lins[e], torch.from_numpy(keep), intercept=False, batches=len(batches),
+                     auto_ridge=ridge is None) for e in range(n_exp)]
+        saved = p.detach().clone()
+        try:
+            for b in batches:
+                sb, db = _module_inputs(small, mod_name, b), _module_inputs(model, mod_name, b)
+                if sb is None or db is None:
+                    raise ShrinkError(f"reconstruct: the experts module '{mod_name}' did not run", mod_name)
+                routed = sb.arguments["top_k_index"]
+                for e in range(n_exp):
+                    rows = (routed == e).any(-1).nonzero().flatten()
+                    if rows.numel() == 0:
+                        continue
+                    parts = []
+                    for j0 in range(0, width, h_out):  # the hidden units j0.. through selector down projections
+                        sel = torch.zeros_like(p[e])
+                        j = torch.arange(j0, min(j0 + h_out, width), device=p.device)
+                        if od == 1:
+                            sel[j - j0, j] = 1.0
+                        else:
+                            sel[j, j - j0] = 1.0
+                        p.data[e] = sel
+                        parts.append(_expert_call(mod, sb, rows, e)[:, : len(j)])
+                        p.data[e] = saved[e]
+                    fits[e].add(torch.cat(parts, 1), _expert_call(dmod, db, rows, e))
+        finally:
+            p.data.copy_(saved)
+        quad = [0.0, 0.0, 0.0]
+        for e, f in enumerate(fits):
+            if not f.folds:
+                continue  # no token was routed to this expert: left as it is
+            yy = float(f.yy.sum())
+            quad[0] += f.error(f.current()) * yy
+            wm = f.solve(ridge)
+            quad[1] += f.error(wm) * yy
+            quad[2] += yy
+            f.write(wm, None)
+            with torch.no_grad():
+                p.data[e] = (lins[e].weight if od == 1 else lins[e].weight.T).to(p.dtype)
+        if quad[2] > 0:
+            res.error_before[name], res.error_after[name] = quad[0] / quad[2], quad[1] / quad[2]
+        res.layers.append(name)
+        res.passes += 1
+
+
 # ------------------------------------------------------------------------------------------------------ public
 @torch.no_grad()
 def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: Iterable[Any], *,
@@ -811,6 +955,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                     dense_mods[n], "groups", 1):
                 affected.append(n)
         if not affected:
+            _refit_experts(model, small, plan, batches, ridge, res)
             res.seconds = time.perf_counter() - t0
             _warn_skipped(res)
             return res
@@ -913,6 +1058,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
             res.passes += 1
             if gi == last_chain:
                 s_in, d_in, btargets, d_next = [], [], None, None  # the chain is done: free its caches
+        _refit_experts(model, small, plan, batches, ridge, res)
     if bn == "recalibrate":
         _recalibrate(small, batches)
     res.seconds = time.perf_counter() - t0
