@@ -840,8 +840,14 @@ def _fused_down(plan: RemovalPlan, small: nn.Module, model: nn.Module, res: Reco
             why = "the experts module is not called as (hidden_states, top_k_index, top_k_weights)"
         elif any(p.dim() != 3 for p in others):
             why = "the experts module has parameters besides its fused 3-D weights (biases)"
-        elif "down" not in pname and dense_w.shape[od] == dense_w.shape[3 - od]:
-            why = "cannot tell the output projection from the input one (square and not named 'down')"
+        else:  # the output projection writes the module's width: what the other fused weights read
+            dense_others = [w for n, w in dmod.named_parameters() if n != pname and w.dim() == 3]
+            width = {w.shape[3 - layers[f"{mod_name}.{n}"].weight_out_dim] for n, w in dmod.named_parameters()
+                     if n != pname and w.dim() == 3 and f"{mod_name}.{n}" in layers}
+            if not dense_others or width != {dense_w.shape[od]}:
+                continue  # an input projection (gate/up) whose input lost channels: behind the activation
+            if "down" not in pname and dense_w.shape[od] == dense_w.shape[3 - od]:
+                why = "cannot tell the output projection from the input one (square and not named 'down')"
         if why:
             res.skipped[name] = why
             continue
