@@ -925,8 +925,10 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
           block_cache_mb: float = 4096.0) -> ReconstructResult:
     """Refit ``small`` (the shrunk copy of ``model`` made with ``plan``) in place; see the module docs.
 
-    ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels. Returns
-    a :class:`ReconstructResult`. ``model`` is only run (eval mode, temporary hooks), never modified.
+    ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels.
+    ``cache_mb`` and ``block_cache_mb``: as in :func:`reconstruct` (``block_cache_mb=0``: the whole-model path).
+    Returns a :class:`ReconstructResult` (``blocks``: the block chain used, ``block_cache_mb``: its inputs'
+    estimated size). ``model`` is only run (eval mode, temporary hooks), never modified.
     """
     if layers not in _SCOPES:
         raise ConfigError(f"reconstruct: layers must be one of {_SCOPES}, got {layers!r}")
