@@ -1,22 +1,39 @@
 """Benchmark: post-training reconstruction (issue 17) — time and peak memory vs model size, and accuracy at
 fixed masks on the digits CNN (L1 vs activation unit scores, with and without reconstruction).
 
-``python bench/bench_reconstruct.py [--cases digits,vit-digits,resnet50,llama-s,llama-m] [--json out.json]``
+``python bench/bench_reconstruct.py [--cases digits,vit-digits,resnet50,llama-s,llama-m,llama-0.5b,count]
+[--json out.json]``; a case name with ``:old`` (``resnet50:old``) runs the whole-model path (``block_cache_mb=0``:
+every pass reruns the shrunk model from its input) instead of the block chain.
 
 * ``resnet50``: torchvision, random weights, 1x3x224x224, half of every prunable dependency set removed
   (``unit_masks``, L1), calibration 4 batches of 2 images (random inputs: time and memory only).
 * ``llama-*``: ``LlamaForCausalLM`` from a config (GQA, 4 query heads per kv head), half of the heads (whole kv
   groups) and half of the MLP units removed, calibration 8 sequences x 512 tokens in 4 batches (4,096 rows: at
-  least 4 per unknown up to 1,024 inputs, so no layer needs the ridge cross-validation).
+  least 4 per unknown up to 1,024 inputs, so no layer needs the ridge cross-validation). ``llama-0.5b``: hidden
+  1,024, 24 layers, 16 heads / 4 kv heads, MLP 5,120, vocab 32,000 (506 M parameters), 16 sequences x 128
+  tokens in 2 batches with a fixed ridge (1e-3: no cross-validation), so that one run fits the shared machine;
+  ``llama-0.5b-d2/4/8``: its blocks at depth 2/4/8.
+* ``count``: block forwards started per calibration batch, block chain vs whole-model path, on a narrow LLaMA
+  (hidden 64) at depth 6/12/24 with the same pruning (the counts do not depend on the width).
 * ``digits``: the embedded CNN trained here; 50 / 62.5 / 75 % of every prunable set removed; calibration =
   128 unlabeled training inputs (three seeded draws, mean); held-out accuracy as-pruned, after BatchNorm
   re-estimation, after reconstruction, for L1 and activation (Wanda-sp/FLAP) scores.
 * ``vit-digits``: the embedded ViT (cached weights); 25 / 50 % of the heads and MLP units, 256 inputs.
 
-Measured on a 2-core machine shared with other jobs (load ~11, so times are inflated several-fold), one
-torch thread: resnet50 (25.6 M params, 54 layers, 50 passes) 80 s, +0.7 GB; llama-s (19.5 M) 25 s, +0.4 GB;
-llama-m (123 M params: hidden 1,024, 8 layers, 16 heads / 4 kv heads, MLP 2,816) 343 s, +1.7 GB (dense
-targets cached). A 0.5B model was not run here: the cost is dominated by the shrunk model's prefix per pass.
+Measured on a 2-core machine shared with 6 other jobs (load 7-8: this process got 15-40 % of a core, so wall
+times are inflated several-fold and vary run to run), one torch thread, back to back:
+
+* block forwards per batch (``count``): 6 layers 47 (chain) vs 96 (whole model); 12 layers 95 vs 336; 24 layers
+  191 vs 1,248 — ``8·L − 1`` vs ``2·L² + 4·L``.
+* resnet50 (25.6 M params, 54 layers, 50 passes, a chain of 16 bottlenecks, cache ~6 MB): 116 s, +0.52 GB
+  (chain) vs 150 s, +0.73 GB (whole model). Both are dominated by the Gram matrices of 3x3 patches; the dense
+  targets already fit the 1 GB cache, so the whole-model path's dense side was linear before too.
+* llama-0.5b-d2 / d4 / d8 (16 x 128 tokens, cross-validated ridge): chain 203 / 132 / 321 s, whole model
+  86 / 139 s (d8 not finished): at this size and calibration the ridge cross-validation's eigendecompositions
+  (4 folds x 5 layers of 1,024 inputs per block) dominate both paths, and the machine's load swung between runs.
+* llama-0.5b: see the report of this change (the run was in progress when this was written).
+
+Earlier (before the block chain, load ~11): llama-s 25 s, +0.4 GB; llama-m (123 M) 343 s, +1.7 GB.
 
 Each case runs in its own process (one torch thread); peak memory is the process's maximum resident set size
 (``ru_maxrss``) measured before the reconstruction and at its end, so the difference is what it added.
