@@ -31,7 +31,12 @@ times are inflated several-fold and vary run to run), one torch thread, back to 
 * llama-0.5b-d2 / d4 / d8 (16 x 128 tokens, cross-validated ridge): chain 203 / 132 / 321 s, whole model
   86 / 139 s (d8 not finished): at this size and calibration the ridge cross-validation's eigendecompositions
   (4 folds x 5 layers of 1,024 inputs per block) dominate both paths, and the machine's load swung between runs.
-* llama-0.5b: see the report of this change (the run was in progress when this was written).
+* llama-0.5b (506 M params; 168 layers in 96 passes, a chain of 24 decoder layers, cache ~16 MB; 2 batches of
+  8 x 128 tokens): 549 s (refit 534 s), peak RSS 7.8 GB (+3.1 GB over the dense model, its trace and the
+  shrunk copy); one shrunk block forward on a batch took 0.45 s. The whole-model path was not run at this
+  size; extrapolated from the counts above: ~1,060 more shrunk block forwards per batch (24 layers: 1,248 vs
+  191) ≈ +950 s, and as many dense ones (its dense targets, ~1.6 GB, exceed the 1 GB target cache) ≈ +1,700 s
+  at about twice the cost each, so roughly 3,000 s before vs 549 s now on the same machine.
 
 Earlier (before the block chain, load ~11): llama-s 25 s, +0.4 GB; llama-m (123 M) 343 s, +1.7 GB.
 
