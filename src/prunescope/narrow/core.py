@@ -257,7 +257,8 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
 
 def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, calibration: Iterable[Any], *,
                 ridge: float | None = None, layers: str = "affected", bn: str = "keep", graph: ModelGraph | None = None,
-                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0) -> Any:
+                fix_conflicts: bool = True, return_result: bool = False, cache_mb: float = 1024.0,
+                block_cache_mb: float = 4096.0) -> Any:
     """The shrunk model with every narrowed layer refit to reproduce the dense model (see the module docs).
 
     Same as ``shrink(model, masks, dummy_input, calibration=calibration)``. ``calibration``: an iterable of
@@ -269,10 +270,12 @@ def reconstruct(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any, ca
     (layers that lost channels) or ``'downstream'`` (also every later conv/linear layer). ``bn``: ``'keep'``
     or ``'recalibrate'`` (re-estimate BatchNorm statistics after the refit). ``return_result=True`` returns
     ``(model, ShrinkResult)`` with ``result.reconstruction`` a :class:`ReconstructResult`. ``cache_mb``: the
-    dense model's targets of all refit layers are kept for all batches when they fit in this many MiB (one
-    dense forward per batch instead of one per pass; ``0``: never). ``model`` is not modified.
+    dense model's targets of one block's layers (or of the layers outside the block chain) are kept for all
+    batches when they fit in this many MiB (one dense run per batch instead of one per pass; ``0``: never).
+    ``block_cache_mb``: the most the block chain's cached inputs may take (dense and shrunk, all batches;
+    ``0``: no chain, whole-model runs for every pass, ``O(depth²)``). ``model`` is not modified.
     """
     small, result = shrink(model, masks, dummy_input, fix_conflicts=fix_conflicts, graph=graph, return_result=True)
     result.reconstruction = refit(model, small, result.plan, calibration, ridge=ridge, layers=layers, bn=bn,
-                                  cache_mb=cache_mb)
+                                  cache_mb=cache_mb, block_cache_mb=block_cache_mb)
     return (small, result) if return_result else small

@@ -28,13 +28,26 @@ How (and why)
   ridge is chosen from ``RIDGE_GRID`` by 4-fold cross-validation over whole calibration samples (one
   eigendecomposition per fold), or ``0.1`` for layers wider than ``CV_MAX_DIM``.
 * **Streaming.** ``XᵀX`` and ``XᵀY`` are accumulated per batch in float64; a convolution's patches (an unfold,
-  any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Each pass
-  runs the shrunk model only up to its last layer (a forward is cut short there), so every calibration batch
-  is seen once per pass. The dense model's targets of all refit layers are kept for all batches when they fit
-  in ``cache_mb`` (one dense forward per batch); otherwise each pass reruns the dense model up to its layers.
-  Layers whose inputs do not depend on each other (q/k/v, gate/up, a residual block's last conv and its
-  downsample) share a pass. Cost: the shrunk model's prefix up to each pass, so ``O(depth²)`` forwards of the
-  shrunk model per batch (measured in ``bench/bench_reconstruct.py``).
+  any dimensionality, stride, dilation, padding mode) exist for one batch of one layer at a time. Layers whose
+  inputs do not depend on each other (q/k/v, gate/up, a residual block's last conv and its downsample) share a
+  pass; a forward is cut short after a pass's last layer.
+* **Linear in depth: block by block.** Rerunning the shrunk model from its input for every pass costs
+  ``O(depth²)`` forwards per batch. Instead the refit finds a *chain of blocks* (same-class modules such as
+  transformer layers or residual blocks, each called once, each on the previous block's output and otherwise
+  the same inputs — attention mask, position embeddings — and not writing into its inputs; checked on one
+  probe forward of both models) and keeps, for every calibration batch, the input of the current block of
+  the shrunk and of the dense model (the chain tensor on the CPU). A pass inside block ``k`` runs only block
+  ``k`` on those inputs; once all of block ``k``'s layers are refit, the cached inputs are replaced by the
+  block's outputs. Each layer still sees the shrunk model's input after every earlier layer was refit: the
+  result is the same as rerunning the whole model (tested equal), at ``O(depth)`` block forwards per batch.
+  Layers outside the chain (a stem, a classifier) are refit by whole-model runs as before; models without a
+  chain (or with ``block_cache_mb=0``) use whole-model runs throughout. The chain cache costs
+  ``2 × calibration samples × one block input`` (e.g. 128 sequences × 128 tokens × hidden 1024 × 4 bytes =
+  64 MiB per model); above ``block_cache_mb`` (default 4 GiB) the chain is not used (a note in the result).
+  The model's forward gets ``use_cache=False`` where it takes one (no key/value cache is needed).
+* **Dense targets.** The dense model's targets of the layers of one block (or of all layers outside the
+  chain) are kept for all batches when they fit in ``cache_mb`` (one dense run per batch); otherwise each
+  pass reruns the dense block (or model) up to its layers.
 * **BatchNorm.** An eval-mode BatchNorm after a conv is a per-channel affine map; least squares with one Gram
   matrix solves every output channel separately, so matching the conv output before the BatchNorm is the
   same solution as matching after it. A conv without a bias whose only reader is such a BatchNorm gets its
@@ -44,7 +57,17 @@ How (and why)
   worse than keeping them: the refit already targets the dense statistics), ``bn="keep"`` (default) does not.
 * **Scope.** ``layers="affected"`` (default) refits the layers that lost channels; ``"downstream"`` also every
   later conv/linear layer (their inputs changed too). Layers called more than once per forward are fitted
-  on all their calls. Fused expert tensors (parameters, not modules) are not refit.
+  on all their calls.
+* **Fused experts** (one 3-D parameter for all experts, transformers 5 MoE): after the conv/linear layers, every
+  expert's down projection whose input lost units is refit on its own, from the tokens the shrunk router sends
+  to it. Its input (the shrunk expert's hidden units) is read off the experts module's own forward, called on
+  those tokens routed to that expert alone with weight 1 and the down projection temporarily replaced by
+  selectors (``⌈units / hidden⌉`` calls); its target is the dense expert's output on the dense model's hidden
+  state of the same tokens. Unweighted by the routing weights; gate/up projections (behind the activation)
+  are not refit. Cost: one whole-model run per MoE layer and batch (the MoE layers are refit in execution
+  order but after all other layers, so the layers after an MoE layer were fitted to its unrefit output).
+  Skipped with the reason where the module is not called as ``(hidden_states, top_k_index, top_k_weights)``
+  or has biases.
 
 The user's model is not modified (temporary hooks, eval mode, all restored, also on exceptions). The
 reconstruction targets eval-mode outputs; the returned model is in the training mode the model had.
@@ -63,10 +86,11 @@ reconstruction targets eval-mode outputs; the returned model is in the training 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -78,6 +102,7 @@ from torch import nn
 from ..errors import ConfigError, ShrinkError, ShrinkWarning
 from ..graph import ModelGraph, make_inputs, preserved_training
 from ..masks.layers import CONV_TYPES, is_transposed_linear
+from ..removal.experts import ExpertCut
 from ..removal.plan import RemovalPlan
 
 __all__ = ["refit", "ReconstructResult"]
@@ -111,10 +136,13 @@ class ReconstructResult:
     cached: bool = False
     ridge: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+    block_cache_mb: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return (f"ReconstructResult({len(self.layers)} layers in {self.passes} passes over {self.batches} batches, "
-                f"{self.seconds:.2f} s, skipped={len(self.skipped)})")
+                f"{len(self.blocks)} blocks, {self.seconds:.2f} s, skipped={len(self.skipped)})")
 
 
 def _kind(mod: nn.Module) -> str | None:
@@ -364,7 +392,7 @@ def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any]
             handles.append(modules[n].register_forward_pre_hook(pre(n)))
         for b in batches:
             per_batch.append({})
-            args, kw = make_inputs(model, b)
+            args, kw = _run_args(model, b)
             model(*args, **kw)
     finally:
         for h in handles:
@@ -435,32 +463,51 @@ def _folding_bn(graph: ModelGraph | None, name: str, modules: Mapping[str, nn.Mo
     return None
 
 
-def _dense_targets(model: nn.Module, fits: Mapping[str, _Fit], names: Sequence[str], counts: Mapping[str, int],
-                   batches: Sequence[Any], cache_mb: float) -> list[dict[str, list[torch.Tensor]]] | None:
-    """The dense model's targets of every refit layer for every batch, from one dense forward per batch, when
-    they fit in ``cache_mb`` (estimated from the first batch); ``None`` otherwise (each pass then reruns the
-    dense model up to its layers). Saves most of the time on deep CNNs, whose passes rerun long prefixes."""
+def _lead(model: nn.Module, b: Any) -> int:
+    """Samples in a batch (the first input's leading dimension)."""
+    t = _first_tensor(list(b.values())) if isinstance(b, dict) else _first_tensor(make_inputs(model, b)[0])
+    return int(t.shape[0]) if t is not None and t.ndim else 1
+
+
+def _dense_targets(modules: Mapping[str, nn.Module], fits: Mapping[str, _Fit], names: Sequence[str],
+                   counts: Mapping[str, int], runs: Sequence[Callable[[], Any]], leads: Sequence[int],
+                   cache_mb: float) -> list[dict[str, list[torch.Tensor]]] | None:
+    """The dense model's targets of the layers ``names`` for every batch, one dense run (``runs[i]``: the whole
+    model or one block on batch ``i``) per batch, when they fit in ``cache_mb`` (estimated from the first
+    batch); ``None`` otherwise (each pass then reruns the dense model or block up to its layers)."""
     if cache_mb <= 0 or not names:
         return None
-    def lead(b: Any) -> int:  # samples in a batch (the first input's leading dimension)
-        t = _first_tensor(make_inputs(model, b)[0]) if not isinstance(b, dict) else _first_tensor(list(b.values()))
-        return int(t.shape[0]) if t is not None and t.ndim else 1
-
     out: list[dict[str, list[torch.Tensor]]] = []
-    for i, b in enumerate(batches):
-        ys = _capture(model, names, counts, b, output=True)
+    for i, run in enumerate(runs):
+        ys = _capture(modules, names, counts, run, output=True)
         out.append({n: [fits[n].target(y.float()) for y in ys[n]] for n in names})
         if i == 0:
             size = sum(t.numel() * t.element_size() for ts in out[0].values() for t in ts)
-            if size / max(lead(b), 1) * sum(lead(bb) for bb in batches) > cache_mb * 2**20:
+            if size / max(leads[0], 1) * sum(leads) > cache_mb * 2**20:
                 return None
     return out
 
 
-def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int], batch: Any, output: bool
-             ) -> dict[str, list[torch.Tensor]]:
-    """Run ``model`` on ``batch`` up to the last call of ``layers``; their inputs (or outputs), per call."""
-    modules = dict(model.named_modules())
+def _model_run(model: nn.Module, batch: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        args, kw = _run_args(model, batch)
+        return model(*args, **kw)
+    return run
+
+
+def _block_run(block: nn.Module, inp: tuple[tuple[Any, ...], dict[str, Any]]) -> Callable[[], Any]:
+    """Run one chain block on its cached input (the chain tensor is kept on the CPU, moved to the block)."""
+    def run() -> Any:
+        args, kw = inp
+        dev = next((p.device for p in block.parameters()), args[0].device)
+        return block(args[0].to(dev), *args[1:], **kw)
+    return run
+
+
+def _capture(modules: Mapping[str, nn.Module], layers: Sequence[str], counts: Mapping[str, int],
+             run: Callable[[], Any], output: bool) -> dict[str, list[torch.Tensor]]:
+    """``run()`` (the model on a batch, or one block on its cached input) up to the last call of ``layers``;
+    their inputs (or outputs), per call."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     remaining = [sum(counts[n] for n in layers)]
     handles = []
@@ -480,9 +527,8 @@ def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int],
         for n in layers:
             m = modules[n]
             handles.append(m.register_forward_hook(hook(n)) if output else m.register_forward_pre_hook(hook(n)))
-        args, kw = make_inputs(model, batch)
         try:
-            model(*args, **kw)
+            run()
         except _Stop:
             pass
     finally:
@@ -495,15 +541,394 @@ def _capture(model: nn.Module, layers: Sequence[str], counts: Mapping[str, int],
     return got
 
 
+# ------------------------------------------------------------------------------------------------ block chain
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _run_args(model: nn.Module, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``make_inputs`` plus ``use_cache=False`` where the model's forward takes it: the reconstruction never
+    needs a key/value cache, and a cache object handed to every block could not be replayed block by block."""
+    args, kw = make_inputs(model, batch)
+    if "use_cache" not in kw:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "use_cache" in params:
+            kw = {**kw, "use_cache": False}
+    return args, kw
+
+
+def _plain(v: Any) -> bool:
+    """Only tensors, numbers, strings, ``None`` and containers of those (what a block can be replayed with)."""
+    if isinstance(v, (torch.Tensor, *_PLAIN)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_plain(a) for a in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(a) for k, a in v.items())
+    return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same objects (tensors by identity, containers element-wise, plain values by equality)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _versions(v: Any) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        return [v._version]
+    if isinstance(v, (tuple, list)):
+        return [x for a in v for x in _versions(a)]
+    if isinstance(v, dict):
+        return [x for a in v.values() for x in _versions(a)]
+    return []
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_nbytes(a) for a in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(a) for a in v.values())
+    return 0
+
+
+@dataclass
+class _Call:
+    """One call of a module during the probe forward."""
+
+    enter: int
+    exit: int = -1
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    out: torch.Tensor | None = None
+    replayable: bool = True
+
+
+def _probe(model: nn.Module, layers: Sequence[str], batch: Any) -> tuple[dict[str, list[_Call]], dict[str, list[int]]]:
+    """One forward on ``batch`` recording every call of every container module (its inputs, first output tensor,
+    and whether it modified its inputs in place) and the sequence numbers of the calls of ``layers``."""
+    calls: dict[str, list[_Call]] = {}
+    layer_calls: dict[str, list[int]] = {n: [] for n in layers}
+    seq = [0]
+    handles = []
+    wanted = set(layers)
+
+    def pre(name: str) -> Any:
+        def fn(_m: nn.Module, args: Any, kwargs: Any) -> None:
+            seq[0] += 1
+            if name in wanted:
+                layer_calls[name].append(seq[0])
+                return
+            c = _Call(seq[0], args=tuple(args), kwargs=dict(kwargs))
+            c.replayable = _plain(c.args) and _plain(c.kwargs)
+            c._versions = _versions((c.args, c.kwargs))  # type: ignore[attr-defined]
+            calls.setdefault(name, []).append(c)
+        return fn
+
+    def post(name: str) -> Any:
+        def fn(_m: nn.Module, _args: Any, _kwargs: Any, out: Any) -> None:
+            seq[0] += 1
+            c = calls[name][-1]
+            c.exit, c.out = seq[0], _first_tensor(out)
+            if _versions((c.args, c.kwargs)) != c._versions:  # type: ignore[attr-defined]
+                c.replayable = False  # it writes into its inputs: a cached input would not survive a replay
+        return fn
+
+    try:
+        for name, m in model.named_modules():
+            if not name or (name not in wanted and not any(True for _ in m.children())):
+                continue
+            handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+            if name not in wanted:
+                handles.append(m.register_forward_hook(post(name), with_kwargs=True))
+        args, kw = _run_args(model, batch)
+        model(*args, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, layer_calls
+
+
+def _links(calls: Mapping[str, list[_Call]], a: str, b: str) -> bool:
+    """Block ``b`` runs after ``a`` on ``a``'s output (its first positional input) and the same other inputs."""
+    ca, cb = calls[a][0], calls[b][0]
+    return (cb.enter > ca.exit and bool(cb.args) and ca.out is not None and cb.args[0] is ca.out
+            and _same(ca.args[1:], cb.args[1:]) and _same(ca.kwargs, cb.kwargs))
+
+
+def _find_chain(model: nn.Module, dense: nn.Module, layers: Sequence[str], batch: Any
+                ) -> tuple[list[str], dict[str, int], int]:
+    """The longest chain of same-class blocks (transformer layers, residual blocks) that the refit can run one
+    at a time: each called once, on the previous block's output and otherwise the same inputs, not writing
+    into its inputs, holding every call of the layers assigned to it. Checked on the shrunk and on the dense
+    model. Returns ``(blocks, {layer: block index}, bytes of one block input per sample)``."""
+    calls, lcalls = _probe(model, layers, batch)
+    ok = {n: cs[0] for n, cs in calls.items() if len(cs) == 1 and cs[0].replayable and cs[0].exit > 0
+          and cs[0].args and isinstance(cs[0].args[0], torch.Tensor) and cs[0].out is not None}
+    mods = dict(model.named_modules())
+    by_class: dict[type, list[str]] = {}
+    for n in sorted(ok, key=lambda n: ok[n].enter):
+        by_class.setdefault(type(mods[n]), []).append(n)
+
+    def members(block: str) -> list[str]:
+        c = ok[block]
+        return [ly for ly, s in lcalls.items() if s and all(c.enter < t < c.exit for t in s)]
+
+    best: tuple[int, int, list[str]] = (0, 0, [])
+    for names in by_class.values():
+        run: list[str] = []
+        for n in [*names, None]:
+            if n is not None and run and _links(calls, run[-1], n):
+                run.append(n)
+                continue
+            if len(run) >= 2:
+                covered = sum(len(members(b)) for b in run)
+                if (covered, len(run)) > best[:2]:
+                    best = (covered, len(run), list(run))
+            run = [n] if n is not None else []
+    chain = best[2]
+    if not chain or not best[0]:
+        return [], {}, 0
+    dcalls, dl = _probe(dense, layers, batch)
+    for a, b in zip(chain, chain[1:]):
+        if not (len(dcalls.get(a, [])) == 1 == len(dcalls.get(b, [])) and dcalls[b][0].replayable
+                and dcalls[a][0].replayable and _links(dcalls, a, b)):
+            return [], {}, 0
+    where = {ly: i for i, b in enumerate(chain) for ly in members(b)}
+    for ly, i in where.items():  # the dense model must call the layer inside the same block
+        c = dcalls[chain[i]][0]
+        if not all(c.enter < t < c.exit for t in dl[ly]):
+            return [], {}, 0
+    first = ok[chain[0]]
+    lead = int(first.args[0].shape[0]) if first.args[0].ndim else 1
+    size = _nbytes((first.args, first.kwargs)) // max(lead, 1)
+    return chain, where, size
+
+
+def _block_inputs(model: nn.Module, block: str, batches: Sequence[Any]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The inputs of ``block`` on every batch (a forward cut short at the block), the chain tensor on the CPU."""
+    mod = dict(model.named_modules())[block]
+    got: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fn(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        got.append(((args[0].detach().to("cpu"), *args[1:]), dict(kwargs)))
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                _model_run(model, b)()
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(got) != len(batches):
+        raise ShrinkError(f"reconstruct: block '{block}' did not run on every calibration batch", block)
+    return got
+
+
+def _dense_block(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                 modules: Mapping[str, nn.Module], fits: Mapping[str, _Fit], names: Sequence[str],
+                 counts: Mapping[str, int], leads: Sequence[int], cache_mb: float
+                 ) -> tuple[list[dict[str, list[torch.Tensor]]] | None, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """One full run of a dense block per batch: the targets of its layers ``names`` (``None`` where they would
+    not fit in ``cache_mb``, estimated from the first batch) and the block's outputs as the next block's inputs."""
+    targets: list[dict[str, list[torch.Tensor]]] | None = [] if cache_mb > 0 else None
+    nxt = []
+    for i, inp in enumerate(inputs):
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = []
+        if targets is not None:
+            for n in names:
+                def fn(_m: nn.Module, _a: Any, out: Any, n: str = n, got: dict = got) -> None:
+                    got[n].append(fits[n].target(_first_tensor(out).detach().float()))  # type: ignore[union-attr]
+                handles.append(modules[n].register_forward_hook(fn))
+        try:
+            y = _first_tensor(_block_run(block, inp)())
+        finally:
+            for h in handles:
+                h.remove()
+        nxt.append(((y.detach().to("cpu"), *inp[0][1:]), inp[1]))  # type: ignore[union-attr]
+        if targets is not None:
+            for n in names:
+                if len(got[n]) != counts[n]:
+                    raise ShrinkError(f"reconstruct: '{n}' ran {len(got[n])} times in its block, {counts[n]} times "
+                                      "per forward", n)
+            targets.append(got)
+            if i == 0:
+                size = sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
+                if size / max(leads[0], 1) * sum(leads) > cache_mb * 2**20:
+                    targets = None
+    return targets, nxt
+
+
+def _advance(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Replace every cached input of a block by the block's output: the next block's input (in place)."""
+    for i, inp in enumerate(inputs):
+        y = _first_tensor(_block_run(block, inp)())
+        inputs[i] = ((y.detach().to("cpu"), *inp[0][1:]), inp[1])  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------------------------------- fused experts
+_ROUTED = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _module_inputs(model: nn.Module, module: str, batch: Any) -> inspect.BoundArguments | None:
+    """The arguments ``module`` was called with on ``batch`` (a forward cut short there), bound to its signature."""
+    mod = dict(model.named_modules())[module]
+    got: list[inspect.BoundArguments] = []
+
+    def fn(m: nn.Module, args: Any, kwargs: Any) -> None:
+        got.append(inspect.signature(m.forward).bind(*args, **kwargs))
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        _model_run(model, batch)()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0] if got else None
+
+
+def _expert_call(mod: nn.Module, bound: inspect.BoundArguments, rows: torch.Tensor, expert: int) -> torch.Tensor:
+    """``mod`` on the token rows ``rows`` of the bound call, every row routed to ``expert`` alone with weight 1:
+    that expert's output on those tokens."""
+    x = bound.arguments["hidden_states"][rows]
+    idx = bound.arguments["top_k_index"]
+    args = {**bound.arguments, "hidden_states": x,
+            "top_k_index": torch.full((x.shape[0], 1), expert, dtype=idx.dtype, device=idx.device),
+            "top_k_weights": torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)}
+    return mod(**args)
+
+
+def _fused_down(plan: RemovalPlan, small: nn.Module, model: nn.Module, res: ReconstructResult
+                ) -> list[tuple[str, str, int, np.ndarray]]:
+    """The fused expert parameters to refit: ``(parameter, module, weight_out_dim, kept outputs)`` of every fused
+    output projection (a down projection: its outputs are the module's, its input columns lost units)."""
+    out = []
+    layers = getattr(plan.atoms, "layers", {})
+    for name, cut in plan.cuts.items():
+        li = layers.get(name)
+        if not isinstance(cut, ExpertCut) or li is None or getattr(li, "kind", None) != "experts":
+            continue
+        od = li.weight_out_dim
+        if 3 - od not in cut.keep:
+            continue  # its inputs are all kept (a gate/up projection that lost rows): not refit
+        mod_name, _, pname = name.rpartition(".")
+        try:
+            mod = small.get_submodule(mod_name)
+            dmod = model.get_submodule(mod_name)
+        except AttributeError:
+            continue
+        dense_w = dict(dmod.named_parameters(recurse=False)).get(pname)
+        others = [p for n, p in mod.named_parameters() if n != pname]
+        params = inspect.signature(mod.forward).parameters
+        why = None
+        if dense_w is None or not all(a in params for a in _ROUTED):
+            why = "the experts module is not called as (hidden_states, top_k_index, top_k_weights)"
+        elif any(p.dim() != 3 for p in others):
+            why = "the experts module has parameters besides its fused 3-D weights (biases)"
+        else:  # the output projection writes the module's width: what the other fused weights read
+            dense_others = [w for n, w in dmod.named_parameters() if n != pname and w.dim() == 3]
+            width = {w.shape[3 - layers[f"{mod_name}.{n}"].weight_out_dim] for n, w in dmod.named_parameters()
+                     if n != pname and w.dim() == 3 and f"{mod_name}.{n}" in layers}
+            if not dense_others or width != {dense_w.shape[od]}:
+                continue  # an input projection (gate/up) whose input lost channels: behind the activation
+            if "down" not in pname and dense_w.shape[od] == dense_w.shape[3 - od]:
+                why = "cannot tell the output projection from the input one (square and not named 'down')"
+        if why:
+            res.skipped[name] = why
+            continue
+        keep_out = cut.keep.get(od)
+        keep = np.ones(dense_w.shape[od], bool) if keep_out is None else keep_out[0]
+        out.append((name, mod_name, od, keep))
+    return out
+
+
+def _refit_experts(model: nn.Module, small: nn.Module, plan: RemovalPlan, batches: Sequence[Any],
+                   ridge: float | None, res: ReconstructResult) -> None:
+    """Refit every expert's down projection of every fused expert layer, one expert at a time, from the tokens
+    the shrunk model routes to it: its input is what the shrunk expert computes before the down projection on
+    those tokens (read off the module's own forward with the down projection replaced by selectors, a slice of
+    the hidden units per call), its target what the dense expert outputs on the dense model's hidden state of
+    the same tokens. Same ridge least squares as a ``Linear`` without bias, unweighted by the routing weights."""
+    for name, mod_name, od, keep in _fused_down(plan, small, model, res):
+        mod, dmod = small.get_submodule(mod_name), model.get_submodule(mod_name)
+        p = dict(mod.named_parameters(recurse=False))[name.rpartition(".")[2]]
+        n_exp = p.shape[0]
+        h_out, width = p.shape[od], p.shape[3 - od]
+        lins = [nn.Linear(width, h_out, bias=False) for _ in range(n_exp)]
+        with torch.no_grad():
+            for e, lin in enumerate(lins):
+                lin.weight.copy_(p[e] if od == 1 else p[e].T)
+        fits = [_Fit(f"{name}[{e}]", lins[e], torch.from_numpy(keep), intercept=False, batches=len(batches),
+                     auto_ridge=ridge is None) for e in range(n_exp)]
+        saved = p.detach().clone()
+        try:
+            for b in batches:
+                sb, db = _module_inputs(small, mod_name, b), _module_inputs(model, mod_name, b)
+                if sb is None or db is None:
+                    raise ShrinkError(f"reconstruct: the experts module '{mod_name}' did not run", mod_name)
+                routed = sb.arguments["top_k_index"]
+                for e in range(n_exp):
+                    rows = (routed == e).any(-1).nonzero().flatten()
+                    if rows.numel() == 0:
+                        continue
+                    parts = []
+                    for j0 in range(0, width, h_out):  # the hidden units j0.. through selector down projections
+                        sel = torch.zeros_like(p[e])
+                        j = torch.arange(j0, min(j0 + h_out, width), device=p.device)
+                        if od == 1:
+                            sel[j - j0, j] = 1.0
+                        else:
+                            sel[j, j - j0] = 1.0
+                        p.data[e] = sel
+                        parts.append(_expert_call(mod, sb, rows, e)[:, : len(j)])
+                        p.data[e] = saved[e]
+                    fits[e].add(torch.cat(parts, 1), _expert_call(dmod, db, rows, e))
+        finally:
+            p.data.copy_(saved)
+        quad = [0.0, 0.0, 0.0]
+        for e, f in enumerate(fits):
+            if not f.folds:
+                continue  # no token was routed to this expert: left as it is
+            yy = float(f.yy.sum())
+            quad[0] += f.error(f.current()) * yy
+            wm = f.solve(ridge)
+            quad[1] += f.error(wm) * yy
+            quad[2] += yy
+            f.write(wm, None)
+            with torch.no_grad():
+                p.data[e] = (lins[e].weight if od == 1 else lins[e].weight.T).to(p.dtype)
+        if quad[2] > 0:
+            res.error_before[name], res.error_after[name] = quad[0] / quad[2], quad[1] / quad[2]
+        res.layers.append(name)
+        res.passes += 1
+
+
 # ------------------------------------------------------------------------------------------------------ public
 @torch.no_grad()
 def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: Iterable[Any], *,
-          ridge: float | None = None, layers: str = "affected", bn: str = "keep", cache_mb: float = 1024.0
-          ) -> ReconstructResult:
+          ridge: float | None = None, layers: str = "affected", bn: str = "keep", cache_mb: float = 1024.0,
+          block_cache_mb: float = 4096.0) -> ReconstructResult:
     """Refit ``small`` (the shrunk copy of ``model`` made with ``plan``) in place; see the module docs.
 
-    ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels. Returns
-    a :class:`ReconstructResult`. ``model`` is only run (eval mode, temporary hooks), never modified.
+    ``calibration``: inputs shaped like the example input (tensor, tuple or dict per batch), no labels.
+    ``cache_mb`` and ``block_cache_mb``: as in :func:`reconstruct` (``block_cache_mb=0``: the whole-model path).
+    Returns a :class:`ReconstructResult` (``blocks``: the block chain used, ``block_cache_mb``: its inputs'
+    estimated size). ``model`` is only run (eval mode, temporary hooks), never modified.
     """
     if layers not in _SCOPES:
         raise ConfigError(f"reconstruct: layers must be one of {_SCOPES}, got {layers!r}")
@@ -511,6 +936,9 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
         raise ConfigError(f"reconstruct: bn must be one of {_BN_MODES}, got {bn!r}")
     if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
         raise ConfigError(f"reconstruct: ridge must be None (automatic) or a finite number >= 0, got {ridge!r}")
+    for what, v in (("cache_mb", cache_mb), ("block_cache_mb", block_cache_mb)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"reconstruct: {what} must be a finite number of MiB >= 0, got {v!r}")
     if isinstance(calibration, (torch.Tensor, dict)):
         raise ConfigError("reconstruct: calibration must be an iterable of batches (e.g. a list of tensors), "
                           "not one batch; wrap it in a list")
@@ -535,6 +963,7 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                     dense_mods[n], "groups", 1):
                 affected.append(n)
         if not affected:
+            _refit_experts(model, small, plan, batches, ridge, res)
             res.seconds = time.perf_counter() - t0
             _warn_skipped(res)
             return res
@@ -558,18 +987,73 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                            auto_ridge=ridge is None)
             fits[n].bn = small_mods[bn_name] if bn_name else None
         names = list(fits)
-        passes = _passes([n for n in order if n in fits], _depends(graph, names), names)
-        cache = _dense_targets(model, fits, [n for n in order if n in fits], counts, batches, cache_mb)
+        fit_order = [n for n in order if n in fits]
+        leads = [_lead(small, b) for b in batches]
+        chain: list[str] = []
+        where: dict[str, int] = {}
+        if block_cache_mb > 0:
+            chain, where, per_sample = _find_chain(small, model, fit_order, batches[0])
+            est = 2 * per_sample * sum(leads) / 2**20  # dense and shrunk block inputs, all batches
+            if chain and est > block_cache_mb:
+                res.notes.append(f"block chain of {len(chain)} '{type(small_mods[chain[0]]).__name__}' blocks not "
+                                 f"used: its inputs need ~{est:.0f} MiB > block_cache_mb={block_cache_mb:g}")
+                chain, where = [], {}
+            res.block_cache_mb = est if chain else 0.0
+        res.blocks = list(chain)
+        passes = []  # a pass stays inside one block (or outside the chain): split where the segment changes
+        for group in _passes(fit_order, _depends(graph, names), names):
+            for n in group:
+                if passes and passes[-1] and where.get(passes[-1][-1], -1) == where.get(n, -1) and n != group[0]:
+                    passes[-1].append(n)
+                else:
+                    passes.append([n])
+        rest = [n for n in fit_order if n not in where]
+        cache = _dense_targets(dense_mods, fits, rest, counts, [_model_run(model, b) for b in batches], leads,
+                               cache_mb)
         res.cached = cache is not None
-        for group in passes:
+        last_chain = max((i for i, g in enumerate(passes) if g[0] in where), default=-1)
+        pos = -1  # the block whose inputs s_in / d_in hold
+        s_in: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        d_in: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        btargets: list[dict[str, list[torch.Tensor]]] | None = None
+        d_next: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+        for gi, group in enumerate(passes):
+            k = where.get(group[0])
+            if k is not None:
+                if pos < 0:
+                    s_in, d_in, pos = _block_inputs(small, chain[0], batches), _block_inputs(model, chain[0],
+                                                                                             batches), 0
+                    d_next = None
+                while pos < k:
+                    _advance(small_mods[chain[pos]], s_in)
+                    if d_next is None:
+                        _advance(dense_mods[chain[pos]], d_in)
+                    else:
+                        d_in = d_next
+                    pos, btargets, d_next = pos + 1, None, None
+                if d_next is None:  # one dense run of the block: its layers' targets and the next block's input
+                    inside = [n for n in fit_order if where.get(n) == k]
+                    btargets, d_next = _dense_block(dense_mods[chain[k]], d_in, dense_mods, fits, inside, counts,
+                                                    leads, cache_mb)
+                    if btargets is not None:
+                        d_in = []  # the targets are kept: the dense block's inputs are no longer needed
+                targets = btargets
+            else:
+                targets = cache
             for bi, b in enumerate(batches):
-                ys = cache[bi] if cache is not None else _capture(model, group, counts, b, output=True)
-                xs = _capture(small, group, counts, b, output=False)
+                if k is None:
+                    small_run = _model_run(small, b)
+                    dense_run = _model_run(model, b)
+                else:
+                    small_run = _block_run(small_mods[chain[k]], s_in[bi])
+                    dense_run = _block_run(dense_mods[chain[k]], d_in[bi]) if targets is None else small_run
+                ys = targets[bi] if targets is not None else _capture(dense_mods, group, counts, dense_run, True)
+                xs = _capture(small_mods, group, counts, small_run, output=False)
                 for n in group:
                     for x, y in zip(xs[n], ys[n]):
-                        fits[n].add(x, y, is_target=cache is not None)
-                    if cache is not None:
-                        cache[bi][n] = []  # this layer is done: free its targets
+                        fits[n].add(x, y, is_target=targets is not None)
+                    if targets is not None:
+                        targets[bi][n] = []  # this layer is done: free its targets
             for n in group:
                 f = fits[n]
                 res.error_before[n] = f.error(f.current())
@@ -580,6 +1064,9 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
                 res.layers.append(n)
                 fits[n] = None  # type: ignore[assignment]  # free the Gram matrices
             res.passes += 1
+            if gi == last_chain:
+                s_in, d_in, btargets, d_next = [], [], None, None  # the chain is done: free its caches
+        _refit_experts(model, small, plan, batches, ridge, res)
     if bn == "recalibrate":
         _recalibrate(small, batches)
     res.seconds = time.perf_counter() - t0
@@ -606,7 +1093,7 @@ def _recalibrate(model: nn.Module, batches: Sequence[Any]) -> None:
             m.momentum = None
         with preserved_training(model, True):
             for b in batches:
-                args, kw = make_inputs(model, b)
+                args, kw = _run_args(model, b)
                 model(*args, **kw)
     finally:
         for m, mom in moms:
