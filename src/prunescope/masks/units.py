@@ -176,9 +176,12 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
         if calibration is None:
             raise ConfigError("unit pruning with prune_type='activation' needs calibration= (input batches)")
         norms = input_channel_norms(model, calibration)
+    elif prune_type == "reconstruction":
+        if calibration is None:
+            raise ConfigError("unit pruning with prune_type='reconstruction' needs calibration= (input batches)")
     elif prune_type not in PRUNE_TYPES or prune_type == "level":
-        raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm', 'activation'), got "
-                          f"{prune_type!r}")
+        raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm', 'activation', "
+                          f"'reconstruction'), got {prune_type!r}")
     from ..graph import trace
     from ..shrink.prunable import prunable_sets  # the removal layer owns "prunable"; it imports this module
 
@@ -194,18 +197,26 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
             if strict and any(m in wanted for m in key.split("+")):
                 raise ConfigError(f"dependency set {key} may not be pruned: {why}")
     modules = dict(model.named_modules())
+    chosen = [s for s in p.sets if wanted is None or any(m in wanted for m in s)]
+    grams = None
+    if prune_type == "reconstruction":
+        readers = [name for s in chosen if p.chunks.get("+".join(s)) is None
+                   for name, _, _ in _consumer_columns(p.atoms, model, s, p.units["+".join(s)])]
+        grams = input_grams(model, calibration, readers)  # type: ignore[arg-type]
     out: dict[str, dict[str, Any]] = {}
-    for s in p.sets:
+    for s in chosen:
         key = "+".join(s)
-        if wanted is not None and not any(m in wanted for m in s):
-            continue
         units = p.units[key]
         chunk = p.chunks.get(key)
         if norms is not None and chunk is None:
             out.update(zip(s, _activation_masks(p.atoms, model, [modules[m] for m in s], s, units, norms, sparsity)))
             continue
+        if grams is not None and chunk is None:
+            out.update(zip(s, _reconstruction_masks(p.atoms, model, [modules[m] for m in s], s, units, grams,
+                                                    sparsity)))
+            continue
         extra = unit_scores_from_consumers(p.atoms, model, s, units, prune_type) if consumers else None
-        kind = "l1" if prune_type == "activation" else prune_type
+        kind = "l1" if prune_type in ("activation", "reconstruction") else prune_type
         masks = group_masks([modules[m] for m in s], sparsity, kind, units=[u.tolist() for u in units],
                             extra_scores=extra, chunks=None if chunk is None else chunk.tolist())
         out.update(zip(s, masks))
@@ -310,5 +321,183 @@ def _activation_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members:
     if not bool(seen.all()):
         return group_masks(mods, sparsity, "l1", units=[u.tolist() for u in units])
     keep_unit = select_lowest(scores, int(scores.numel() * float(sparsity)), "l1")
+    return _masks_from_keep(mods, [keep_unit[torch.from_numpy(u)].to(weight_of(m).device)  # type: ignore[union-attr]
+                                   for m, u in zip(mods, units)])
+
+
+# ------------------------------------------------------------------ reconstruction-aware scores (issue 17.2)
+#: relative damping of the consumers' input Gram matrices, ``λ = damp · mean(diag XᵀX)``: small where a layer has
+#: at least ``_ROWS_PER_COLUMN`` calibration rows per input column, larger where it is under-determined (the same
+#: two regimes as the least-squares refit of :func:`prunescope.shrink.reconstruct`, which follows the selection)
+RECONSTRUCTION_DAMP = (1e-3, 0.1)
+_ROWS_PER_COLUMN = 4
+#: units removed per greedy step: at most this fraction of the units still to remove (at least one), so that a
+#: set of U units needs O(log U / fraction) steps, not U
+_GREEDY_FRACTION = 0.125
+
+
+def _patch_columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``X`` with ``layer(x) = X Wᵀ (+ bias)``: the input of a Linear / HF ``Conv1D`` (last dim), the
+    unfolded patches of a Conv1d/Conv2d (columns in the weight's ``(in, *kernel)`` order); ``None`` for other
+    layers (transposed and 3-D convolutions are not scored this way)."""
+    if isinstance(mod, nn.Linear) or (is_transposed_linear(mod) and not isinstance(mod, nn.Embedding)):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        if isinstance(mod.padding, str) or mod.groups != 1:
+            return None
+        if isinstance(mod, nn.Conv1d):
+            x = x.unsqueeze(-2)
+            ks, dil, pad, st = (1, *mod.kernel_size), (1, *mod.dilation), (0, *mod.padding), (1, *mod.stride)
+        else:
+            ks, dil, pad, st = mod.kernel_size, mod.dilation, mod.padding, mod.stride
+        cols = torch.nn.functional.unfold(x, ks, dilation=dil, padding=pad, stride=st)  # (N, C·k, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return None
+
+
+def _consumer_matrix(mod: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, columns)`` matching :func:`_patch_columns` (float64)."""
+    w = weight_of(mod).detach().to(torch.float64)  # type: ignore[union-attr]
+    if is_transposed_linear(mod):
+        return w.t().contiguous()
+    return w.reshape(w.shape[0], -1)
+
+
+@torch.no_grad()
+def input_grams(model: nn.Module, calibration: Iterable[Any], layers: Iterable[str]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """``{layer: (XᵀX, Σ X, rows)}`` in float64 over the ``calibration`` batches, ``X`` the layer's input rows as
+    :func:`_patch_columns` lays them out (Linear / HF ``Conv1D`` inputs, Conv1d/2d patches; other layers are left
+    out). Streamed batch by batch; the model runs in eval mode and nothing is left on it."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise ConfigError("calibration must be an iterable of batches (e.g. a list of tensors), not one batch")
+    modules = dict(model.named_modules())
+    acc: dict[str, list[Any]] = {}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def fn(mod: nn.Module, args: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            rows = None if x is None or not x.is_floating_point() else _patch_columns(mod, x.detach())
+            if rows is None:
+                return
+            rows = rows.to(torch.float64).cpu()
+            if name not in acc:
+                acc[name] = [rows.T @ rows, rows.sum(0), rows.shape[0]]
+            else:
+                a = acc[name]
+                a[0] += rows.T @ rows
+                a[1] += rows.sum(0)
+                a[2] += rows.shape[0]
+        return fn
+
+    n = 0
+    try:
+        for name in dict.fromkeys(layers):
+            if name in modules:
+                handles.append(modules[name].register_forward_pre_hook(hook(name)))
+        with preserved_training(model, False):
+            for b in calibration:
+                args, kw = make_inputs(model, b)
+                model(*args, **kw)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ConfigError("calibration is empty; give at least one batch of inputs")
+    return {k: (v[0], v[1], int(v[2])) for k, v in acc.items()}
+
+
+class _Consumer:
+    """One consumer layer in the greedy selection: its weight ``W (out, d)``, the inverse ``H`` of its damped,
+    centred input Gram matrix, the unit of every column and its output energy (the cost's scale)."""
+
+    def __init__(self, mod: nn.Module, gram: tuple[torch.Tensor, torch.Tensor, int], col_unit: np.ndarray) -> None:
+        xtx, xsum, rows = gram
+        self.w = _consumer_matrix(mod)
+        d = self.w.shape[1]
+        # the refit's intercept absorbs a removed column's mean: the centred Gram is what removing costs
+        cov = xtx - torch.outer(xsum, xsum) / max(rows, 1)
+        damp = RECONSTRUCTION_DAMP[0 if rows >= _ROWS_PER_COLUMN * d else 1]
+        lam = damp * float(cov.diagonal().mean().clamp(min=1e-12))
+        self.scale = float(torch.einsum("od,de,oe->", self.w, cov, self.w).clamp(min=1e-30))
+        self.h = torch.linalg.inv(cov + lam * torch.eye(d, dtype=torch.float64))
+        self.col_unit = torch.from_numpy(col_unit)
+        self.alive = self.col_unit >= 0
+
+    def costs(self, n_units: int) -> torch.Tensor:
+        """Per unit, the least output error (relative to the output energy) of removing its remaining columns
+        with the others refit: ``tr(W_b (H_bb)⁻¹ W_bᵀ)`` (Optimal Brain Surgeon, block form)."""
+        out = torch.zeros(n_units, dtype=torch.float64)
+        cols = torch.nonzero(self.alive).flatten()
+        if not len(cols):
+            return out
+        unit = self.col_unit[cols]
+        order = torch.argsort(unit, stable=True)
+        cols, unit = cols[order], unit[order]
+        ids, counts = torch.unique_consecutive(unit, return_counts=True)
+        for m in torch.unique(counts).tolist():  # units with the same column count are solved in one batch
+            sel = torch.nonzero(counts == m).flatten()
+            starts = torch.cumsum(counts, 0) - counts
+            idx = cols[(starts[sel].unsqueeze(1) + torch.arange(m)).flatten()].view(-1, m)  # (k, m)
+            hb = self.h[idx.unsqueeze(2), idx.unsqueeze(1)]  # (k, m, m)
+            wb = self.w[:, idx].permute(1, 2, 0)  # (k, m, out)
+            sol = torch.linalg.solve(hb, wb)
+            out[ids[sel]] = (wb * sol).sum((1, 2)) / self.scale
+        return out
+
+    def remove(self, units: torch.Tensor) -> None:
+        """Remove the columns of ``units`` and refit the rest (the OBS update of ``W`` and of ``H``)."""
+        b = torch.nonzero(self.alive & torch.isin(self.col_unit, units)).flatten()
+        if not len(b):
+            return
+        hbb = self.h[b][:, b]
+        hb = self.h[b]  # (|b|, d)
+        self.w = self.w - self.w[:, b] @ torch.linalg.solve(hbb, hb)
+        self.h = self.h - hb.T @ torch.linalg.solve(hbb, hb)
+        self.w[:, b] = 0.0
+        self.alive[b] = False
+
+
+def reconstruction_keep(consumers: Sequence[_Consumer], n_units: int, n_prune: int) -> torch.Tensor:
+    """Greedy backward selection: repeatedly remove the units whose removal, with the remaining consumer columns
+    refit by least squares, adds the least output error summed over the consumers (each relative to its output
+    energy); a step removes at most :data:`_GREEDY_FRACTION` of the units still to go. Bool keep per unit."""
+    keep = torch.ones(n_units, dtype=torch.bool)
+    while n_prune > 0:
+        cost = sum(c.costs(n_units) for c in consumers)
+        assert isinstance(cost, torch.Tensor)
+        cost[~keep] = float("inf")
+        step = max(1, int(n_prune * _GREEDY_FRACTION))
+        drop = torch.argsort(cost, stable=True)[:step]
+        keep[drop] = False
+        for c in consumers:
+            c.remove(drop)
+        n_prune -= step
+    return keep
+
+
+def _reconstruction_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members: Sequence[str],
+                          units: Sequence[np.ndarray], grams: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
+                          sparsity: float) -> list[dict[str, Any]]:
+    """Masks of one dependency set by :func:`reconstruction_keep` over the consumers that read it; a set with a
+    unit no scored consumer reads falls back to L1."""
+    n_units = _n_units(units)
+    modules = dict(model.named_modules())
+    consumers, seen = [], torch.zeros(n_units, dtype=torch.bool)
+    for name, _mat, col_unit in _consumer_columns(ca, model, members, units):
+        if name not in grams:
+            continue
+        per_col = grams[name][0].shape[0] // len(col_unit)
+        if per_col * len(col_unit) != grams[name][0].shape[0]:
+            continue
+        cu = np.repeat(col_unit, per_col)  # a channel's columns are contiguous (``(in, *kernel)`` order)
+        consumers.append(_Consumer(modules[name], grams[name], cu))
+        seen[torch.from_numpy(col_unit[col_unit >= 0])] = True
+    if not consumers or not bool(seen.all()):
+        return group_masks(mods, sparsity, "l1", units=[u.tolist() for u in units])
+    n_prune = int(n_units * float(sparsity)) if n_units >= 2 else 0
+    keep_unit = reconstruction_keep(consumers, n_units, n_prune)
     return _masks_from_keep(mods, [keep_unit[torch.from_numpy(u)].to(weight_of(m).device)  # type: ignore[union-attr]
                                    for m, u in zip(mods, units)])
