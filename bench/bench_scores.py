@@ -27,8 +27,8 @@ held-out accuracy mean/min (dense 0.990); val = the training digits outside the 
     75 %     activation      0.160/0.108  0.942/0.912    0.960/0.950    0.965/0.952  0.08
     75 %     reconstruction  0.168/0.096  0.933/0.920    0.956/0.950    0.970/0.964  0.46
 
-Issue 17's 0.975 / 0.96 / 0.92 on every draw: reconstruction-aware units + the shifted calibration (first row
-of each block: what ``tests/shrink/test_reconstruct.py::test_digits_quality_bar_every_draw`` asserts). The limit
+Issue 17's 0.975 / 0.96 / 0.92 on every draw: reconstruction-aware units + the shifted calibration (the
+reconstruction rows: what ``tests/shrink/test_reconstruct.py::test_digits_quality_bar_every_draw`` asserts). The limit
 of the plain case is the refit's variance from 128 inputs, not the choice of units: with the same units and the
 refit from 1,024 inputs, 50 % reaches 0.985 (both data-aware scores). resnet18 scoring: l1 0.8 s, activation
 1.8 s, reconstruction 292 s wall / 118 s CPU, peak RSS 2.45 GB (vs 1.0 GB): O(d³) per consumer of d input
