@@ -429,16 +429,17 @@ class RefitConsumer:
         cov = xtx - torch.outer(xsum, xsum) / max(rows, 1)
         damp = RECONSTRUCTION_DAMP[0 if rows >= _ROWS_PER_COLUMN * d else 1]
         lam = damp * float(cov.diagonal().mean().clamp(min=1e-12))
-        self.scale = float(torch.einsum("od,de,oe->", self.w, cov, self.w).clamp(min=1e-30))
-        self.h = torch.linalg.inv(cov + lam * torch.eye(d, dtype=torch.float64))
-        self.col_unit = torch.from_numpy(col_unit)
-        self.alive = self.col_unit >= 0
+        self.scale = max(float(((self.w @ cov) * self.w).sum()), 1e-30)
+        a = cov + lam * torch.eye(d, dtype=torch.float64)
+        chol, info = torch.linalg.cholesky_ex(a)
+        self.h = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
+        self.col_unit = torch.from_numpy(col_unit)  # the columns still there (removed ones are dropped)
 
     def costs(self, n_units: int) -> torch.Tensor:
         """Per unit, the least output error (relative to the output energy) of removing its remaining columns
         with the others refit: ``tr(W_b (H_bb)⁻¹ W_bᵀ)`` (Optimal Brain Surgeon, block form)."""
         out = torch.zeros(n_units, dtype=torch.float64)
-        cols = torch.nonzero(self.alive).flatten()
+        cols = torch.nonzero(self.col_unit >= 0).flatten()
         if not len(cols):
             return out
         unit = self.col_unit[cols]
@@ -456,16 +457,19 @@ class RefitConsumer:
         return out
 
     def remove(self, units: torch.Tensor) -> None:
-        """Remove the columns of ``units`` and refit the rest (the OBS update of ``W`` and of ``H``)."""
-        b = torch.nonzero(self.alive & torch.isin(self.col_unit, units)).flatten()
+        """Remove the columns of ``units`` and refit the rest (the OBS update of ``W`` and of ``H``, which then
+        drop those columns: later steps work on smaller matrices)."""
+        gone = (self.col_unit >= 0) & torch.isin(self.col_unit, units)
+        b = torch.nonzero(gone).flatten()
         if not len(b):
             return
-        hbb = self.h[b][:, b]
-        hb = self.h[b]  # (|b|, d)
-        self.w = self.w - self.w[:, b] @ torch.linalg.solve(hbb, hb)
-        self.h = self.h - hb.T @ torch.linalg.solve(hbb, hb)
-        self.w[:, b] = 0.0
-        self.alive[b] = False
+        k = torch.nonzero(~gone).flatten()
+        hb = self.h.index_select(0, b)
+        hbk = hb.index_select(1, k)
+        r = torch.linalg.solve(hb.index_select(1, b), hbk)  # (|b|, d')
+        self.w = self.w.index_select(1, k) - self.w.index_select(1, b) @ r
+        self.h = self.h.index_select(0, k).index_select(1, k).addmm_(hbk.T, r, alpha=-1.0)
+        self.col_unit = self.col_unit[k]
 
 
 def reconstruction_keep(consumers: Sequence[RefitConsumer], n_units: int, n_prune: int) -> torch.Tensor:
@@ -480,9 +484,9 @@ def reconstruction_keep(consumers: Sequence[RefitConsumer], n_units: int, n_prun
         step = max(1, int(n_prune * _GREEDY_FRACTION))
         drop = torch.argsort(cost, stable=True)[:step]
         keep[drop] = False
-        for c in consumers:
-            c.remove(drop)
         n_prune -= step
+        for c in consumers if n_prune > 0 else ():
+            c.remove(drop)
     return keep
 
 
