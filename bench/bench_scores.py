@@ -31,8 +31,8 @@ Issue 17's 0.975 / 0.96 / 0.92 on every draw: reconstruction-aware units + the s
 reconstruction rows: what ``tests/shrink/test_reconstruct.py::test_digits_quality_bar_every_draw`` asserts). The limit
 of the plain case is the refit's variance from 128 inputs, not the choice of units: with the same units and the
 refit from 1,024 inputs, 50 % reaches 0.985 (both data-aware scores). resnet18 scoring: l1 0.8 s, activation
-1.8 s, reconstruction 292 s wall / 118 s CPU, peak RSS 2.45 GB (vs 1.0 GB): O(d³) per consumer of d input
-columns (4,608 for layer4's 3x3 convs), every consumer's Gram held at once.
+1.8 s, reconstruction 130 s wall / ~50 s CPU, peak RSS 2.3 GB (vs 1.0 GB): O(d³) per consumer of d input columns
+(4,608 for layer4's 3x3 convs; the Cholesky inverse and the greedy downdates), every consumer's Gram held at once.
 """
 
 from __future__ import annotations
