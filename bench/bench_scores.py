@@ -10,6 +10,7 @@ same plans, as pruned and after reconstruction, mean and min over several draws 
   ``reconstruct`` from those inputs plus their four one-pixel shifts (no new data, no labels). ``val`` is the
   accuracy of the reconstructed model on the training digits outside the draw: the criterion for choosing a
   method without looking at the held-out split.
+* ``vit-digits``: the embedded ViT (cached weights); 25 / 50 % of the heads and MLP units; 256 inputs, 3 draws.
 * ``resnet18``: torchvision, random weights, 1x3x224x224, half of every prunable set; the seconds and peak memory
   each score needs (calibration 2 batches of 4 random images): what the reconstruction-aware score costs.
 
@@ -26,6 +27,15 @@ held-out accuracy mean/min (dense 0.990); val = the training digits outside the 
     75 %     l1              0.180/0.180  0.920/0.912    0.952/0.944    0.944/0.937  0.09
     75 %     activation      0.160/0.108  0.942/0.912    0.960/0.950    0.965/0.952  0.08
     75 %     reconstruction  0.168/0.096  0.933/0.920    0.956/0.950    0.970/0.964  0.46
+
+vit-digits (dense 0.978), as pruned / reconstructed, mean/min of 3 draws:
+
+    25 %     l1              0.830/0.830  0.931/0.928
+    25 %     activation      0.903/0.894  0.954/0.946
+    25 %     reconstruction  0.923/0.920  0.961/0.960
+    50 %     l1              0.714/0.714  0.840/0.828
+    50 %     activation      0.780/0.778  0.906/0.906
+    50 %     reconstruction  0.794/0.788  0.909/0.904
 
 Issue 17's 0.975 / 0.96 / 0.92 on every draw: reconstruction-aware units + the shifted calibration (the
 reconstruction rows: what ``tests/shrink/test_reconstruct.py::test_digits_quality_bar_every_draw`` asserts). The limit
@@ -102,6 +112,35 @@ def _digits(draws: int, sparsities: tuple[float, ...]) -> dict:
     return {"case": "digits", "dense": digits.evaluate(model), "draws": draws, "rows": rows}
 
 
+def _vit(draws: int) -> dict:
+    from prunescope.examples import digits, vit_digits
+    from prunescope.graph import trace
+    from prunescope.masks.units import head_masks
+
+    model = vit_digits.load_trained()
+    xt = digits.load_data()[0]
+    calibs = [xt[torch.randperm(len(xt), generator=torch.Generator().manual_seed(s))[:256]]
+              for s in range(1, draws + 1)]
+    x = torch.ones(digits.INPUT_SIZE)
+    g = trace(model, x)
+    fc1 = [n for n, _ in model.named_modules() if n.endswith("mlp.fc1")]
+    rows = []
+    print(f"vit-digits (dense {digits.evaluate(model):.3f}): heads and MLP units, 256 unlabeled inputs")
+    for sp in (0.25, 0.5):
+        for score in SCORES:
+            acc: dict[str, list[float]] = {"as_pruned": [], "reconstructed": []}
+            for calib in calibs:
+                masks = head_masks(model, x, sp, graph=g, prune_type=score, calibration=[calib])
+                masks.update(unit_masks(model, x, sp, layers=fc1, graph=g, prune_type=score, calibration=[calib]))
+                acc["as_pruned"].append(digits.evaluate(shrink(model, masks, x, graph=g)))
+                acc["reconstructed"].append(digits.evaluate(reconstruct(model, masks, x, [calib], graph=g)))
+            rows.append({"sparsity": sp, "score": score,
+                         **{k: {"mean": float(np.mean(v)), "min": float(min(v)), "each": v} for k, v in acc.items()}})
+            print(f"{sp:>7.3f} {score:>15} " + " ".join(f"{rows[-1][k]['mean']:.3f}/{rows[-1][k]['min']:.3f}"
+                                                      for k in acc), flush=True)
+    return {"case": "vit-digits", "rows": rows}
+
+
 def _resnet18() -> dict:
     import torchvision
 
@@ -138,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'removed':>7} {'score':>15} {'as-pruned':>11} {'reconstr.':>11} {'+shifts':>11} {'val(+sh.)':>11} "
           f"{'score s':>6}")
     results = [_digits(a.draws, (0.5,) if QUICK else (0.5, 0.625, 0.75))]
+    if not QUICK:
+        results.append(_vit(min(a.draws, 3)))
     if not (a.no_resnet18 or QUICK):
         results.append(_resnet18())
     if a.json:
