@@ -108,3 +108,22 @@ def test_heads_of_a_vit() -> None:
     for name, m in rec.items():
         keep = m["weight"][:, 0].view(-1, 16).bool()
         assert (keep.all(1) | ~keep.any(1)).all() and int(m["bias"].sum()) == int(l1[name]["bias"].sum()), name
+
+
+def test_gram_budget_splits_the_passes_not_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a budget smaller than one reader's Gram matrix every set is scored in its own pass over the
+    calibration batches (a generator, read once) and the masks are the same."""
+    from prunescope.masks import units
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    calib = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    calls = []
+    real = units.input_grams
+    monkeypatch.setattr(units, "input_grams", lambda *a: calls.append(a[2]) or real(*a))
+    one = unit_masks(net, torch.ones(1, 3, 12, 12), 0.5, prune_type="reconstruction", calibration=iter(calib))
+    monkeypatch.setattr(units, "GRAM_BUDGET_MB", 1e-6)
+    split = unit_masks(net, torch.ones(1, 3, 12, 12), 0.5, prune_type="reconstruction", calibration=iter(calib))
+    assert calls == [["2", "4"], ["2"], ["4"]]
+    assert sorted(one) == sorted(split) == ["0", "2"]
+    assert all(torch.equal(one[k]["weight"], split[k]["weight"]) for k in one)

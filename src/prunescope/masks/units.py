@@ -204,11 +204,10 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
                 raise ConfigError(f"dependency set {key} may not be pruned: {why}")
     modules = dict(model.named_modules())
     chosen = [s for s in p.sets if wanted is None or any(m in wanted for m in s)]
-    grams = None
+    by_refit: dict[str, list[dict[str, Any]]] = {}
     if prune_type == "reconstruction":
-        readers = [name for s in chosen if p.chunks.get("+".join(s)) is None
-                   for name, _, _ in _consumer_columns(p.atoms, model, s, p.units["+".join(s)])]
-        grams = input_grams(model, calibration, readers)  # type: ignore[arg-type]
+        by_refit = _reconstruction_set_masks(p, model, [s for s in chosen if p.chunks.get("+".join(s)) is None],
+                                             calibration, sparsity)  # type: ignore[arg-type]
     out: dict[str, dict[str, Any]] = {}
     for s in chosen:
         key = "+".join(s)
@@ -217,9 +216,8 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
         if norms is not None and chunk is None:
             out.update(zip(s, _activation_masks(p.atoms, model, [modules[m] for m in s], s, units, norms, sparsity)))
             continue
-        if grams is not None and chunk is None:
-            out.update(zip(s, _reconstruction_masks(p.atoms, model, [modules[m] for m in s], s, units, grams,
-                                                    sparsity)))
+        if key in by_refit:
+            out.update(zip(s, by_refit[key]))
             continue
         extra = unit_scores_from_consumers(p.atoms, model, s, units, prune_type) if consumers else None
         kind = "l1" if prune_type in ("activation", "reconstruction") else prune_type
@@ -338,6 +336,9 @@ def _activation_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members:
 #: two regimes as the least-squares refit of :func:`prunescope.shrink.reconstruct`, which follows the selection)
 RECONSTRUCTION_DAMP = (1e-3, 0.1)
 _ROWS_PER_COLUMN = 4
+#: MB of float64 input Gram matrices held at once: the sets whose readers need more are scored in several
+#: passes over the calibration batches (the selection holds about twice that again while it runs)
+GRAM_BUDGET_MB = 2048.0
 #: units removed per greedy step: at most this fraction of the units still to remove (at least one), so that a
 #: set of U units needs O(log U / fraction) steps, not U
 _GREEDY_FRACTION = 0.125
@@ -514,3 +515,45 @@ def _reconstruction_masks(ca: Any, model: nn.Module, mods: list[nn.Module], memb
     keep_unit = reconstruction_keep(consumers, n_units, n_prune)
     return _masks_from_keep(mods, [keep_unit[torch.from_numpy(u)].to(weight_of(m).device)  # type: ignore[union-attr]
                                    for m, u in zip(mods, units)])
+
+
+def _n_columns(mod: nn.Module) -> int:
+    """Input columns of :func:`_consumer_matrix` (without building it)."""
+    w = weight_of(mod)
+    assert w is not None
+    rows = w.shape[1] if is_transposed_linear(mod) else w.shape[0]
+    return w.numel() // max(rows, 1)
+
+
+def _reconstruction_set_masks(p: Any, model: nn.Module, sets: Sequence[Sequence[str]], calibration: Iterable[Any],
+                              sparsity: float) -> dict[str, list[dict[str, Any]]]:
+    """``{set key: member masks}`` by :func:`reconstruction_keep`, the sets taken in groups whose readers' Gram
+    matrices fit :data:`GRAM_BUDGET_MB` (one pass over the calibration batches per group)."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise ConfigError("calibration must be an iterable of batches (e.g. a list of tensors), not one batch")
+    batches = list(calibration)
+    if not batches:
+        raise ConfigError("calibration is empty; give at least one batch of inputs")
+    modules = dict(model.named_modules())
+    out: dict[str, list[dict[str, Any]]] = {}
+    groups: list[tuple[list[Sequence[str]], dict[str, float]]] = [([], {})]
+    for s in sets:
+        names = [n for n, _, _ in _consumer_columns(p.atoms, model, s, p.units["+".join(s)])]
+        group, readers = groups[-1]
+        new = {n: _n_columns(modules[n]) ** 2 * 8 / 2 ** 20 for n in names if n not in readers}
+        if group and sum(readers.values()) + sum(new.values()) > GRAM_BUDGET_MB:
+            groups.append(([], {}))
+            group, readers = groups[-1]
+            new = {n: _n_columns(modules[n]) ** 2 * 8 / 2 ** 20 for n in names}
+        group.append(s)
+        readers.update(new)
+    for group, readers in groups:
+        if not group:
+            continue
+        grams = input_grams(model, batches, list(readers))
+        for s in group:
+            key = "+".join(s)
+            out[key] = _reconstruction_masks(p.atoms, model, [modules[m] for m in s], s, p.units[key], grams,
+                                             sparsity)
+        del grams
+    return out
