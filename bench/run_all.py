@@ -20,7 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-BENCHES = ("flops", "topology", "sensitivity", "sensitivity_scale", "shrink", "heads", "verify")
+BENCHES = ("flops", "topology", "sensitivity", "sensitivity_scale", "shrink", "heads", "verify", "scores",
+           "vs_torch_pruning")
 
 #: arguments of the benchmarks that take a command line, in quick mode (the others read PRUNESCOPE_BENCH_QUICK)
 QUICK_ARGS = {"shrink": ["--models", "resnet18", "--no-latency", "--timeout", "300"],

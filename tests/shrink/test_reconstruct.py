@@ -193,12 +193,13 @@ def _draws(n: int = 128, seeds: tuple[int, ...] = (1, 2, 3)) -> list[torch.Tenso
 
 
 @pytest.mark.parametrize("sparsity,bar", [(0.5, 0.97), (0.625, 0.96), (0.75, 0.92)])
-def test_digits_quality_bar(sparsity: float, bar: float) -> None:
+def test_digits_quality_bar(sparsity: float, bar: float, one_thread: None) -> None:
     """Every prunable set of the digits CNN loses ``sparsity`` of its units (activation scores); reconstruction
     from 128 unlabeled training inputs: mean held-out accuracy over three random draws of those inputs >= the
-    bar, far above BatchNorm re-estimation on the same masks and inputs. Measured: 0.978/0.972/0.970 at 50 %
-    (issue 17 asks 0.975: missed by 0.002 on the mean, so the floor here is 0.97), 62.5 % and 75 % pass the
-    issue's 0.96 and 0.92; BatchNorm re-estimation alone 0.63-0.71 at 50 %."""
+    bar, far above BatchNorm re-estimation on the same masks and inputs. Measured (session 16, one thread):
+    0.977 / 0.966 / 0.941; at 50 % single draws 0.970-0.980 over 5 draws, and float noise alone (two threads)
+    moves a draw by 0.004, so the floor here is 0.97: issue 17's 0.975 on every draw is the next test's.
+    BatchNorm re-estimation alone 0.63-0.71 at 50 %."""
     from prunescope.report.recovery import recalibrate_bn
 
     model = _digits_model()
@@ -214,6 +215,27 @@ def test_digits_quality_bar(sparsity: float, bar: float) -> None:
         bn.append(digits.evaluate(plain))
     assert np.mean(rec) >= bar, (rec, bn)
     assert min(rec) > max(bn) + 0.1, (rec, bn)
+
+
+def _shifted(calib: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs and their four one-pixel (cyclic) shifts: more rows for the refit, no new data, no labels."""
+    return [calib] + [torch.roll(calib, s, d) for d in (2, 3) for s in (1, -1)]
+
+
+@pytest.mark.parametrize("sparsity,bar", [(0.5, 0.975), (0.625, 0.96), (0.75, 0.92)])  # issue 17's bar
+def test_digits_quality_bar_every_draw(sparsity: float, bar: float, one_thread: None) -> None:
+    """The bar on EVERY draw, not only the mean: units chosen by their refit error (``prune_type=
+    'reconstruction'``) on the 128 inputs, the refit on those inputs and their one-pixel shifts (what limits the
+    plain case is the refit's variance from 128 inputs: from 1,024 inputs it reaches 0.985). Chosen on training
+    digits outside the draw (0.997 there, vs 0.991 without the shifts and 0.986 with activation scores), not on
+    the held-out split. Measured over 5 draws: 0.982 / 0.974 / 0.956 mean, 0.978 / 0.968 / 0.950 min."""
+    model = _digits_model()
+    x = torch.ones(digits.INPUT_SIZE)
+    rec = []
+    for calib in _draws():
+        masks = unit_masks(model, x, sparsity, prune_type="reconstruction", calibration=[calib])
+        rec.append(digits.evaluate(reconstruct(model, masks, x, _shifted(calib))))
+    assert min(rec) >= bar, rec
 
 
 def test_activation_scores_by_hand() -> None:
