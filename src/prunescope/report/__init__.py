@@ -15,7 +15,7 @@ live in one :class:`~prunescope.report.context.Context`, the per-set mask and MA
    member for a CNN, a whole head (q/k/v rows) or kv group for an attention, an MLP hidden unit; a sparsity is
    the fraction of a set's units removed.
 4. **Plan** — the per-set sparsities that keep at most ``flops_target`` of the dense effective MACs with the
-   smallest predicted metric loss (an exact multiple-choice knapsack, :mod:`prunescope.plan`). The savings of
+   smallest predicted metric loss (an exact multiple-choice knapsack, :mod:`prunescope.knapsack`). The savings of
    each option are the *effective* MACs (input channels of the consumers included). Sets that contain an
    unsafe layer, whose channels reach the model's output (the classifier), or whose masked channels
    :func:`prunescope.shrink` would have to keep (a ViT's residual stream, concatenated with its class token)

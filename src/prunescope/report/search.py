@@ -7,7 +7,7 @@ best *measured* one:
 
 1. the **uniform** plan — the largest common sparsity of every prunable set that meets the target (also the
    baseline the page shows);
-2. the **knapsack** plan — per-set sparsities minimising the sum of single-set losses (:mod:`prunescope.plan`);
+2. the **knapsack** plan — per-set sparsities minimising the sum of single-set losses (:mod:`prunescope.knapsack`);
 3. **neighbours** of the best plan measured so far: one set one sparsity step lighter and another one step
    heavier, or one set one step heavier, kept only if they meet the target; the most promising (by the
    prediction below) are measured first; the search moves whenever a neighbour measures better.

@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from ..flops import flops_report
 from ..graph import ModelGraph, trace
+from ..knapsack import Option, solve
 from ..masks.pruners import transposed_linear_types
 from ..masks.units import is_trivial
 from ..narrow import as_pruned, reconstruct, shrink
 from ..narrow.latency import measure_latency
 from ..narrow.prunable import Prunable
 from ..narrow.prunable import prunable_sets as _prunable_sets
-from ..plan import Option, solve
 from ..sensitivity import SensitivityAnalysis
 from ..topology import ChannelDependency, GroupDependency
 from .context import Context, borrowed

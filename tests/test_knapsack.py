@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from prunescope.plan import Option, max_saving, solve
+from prunescope.knapsack import Option, max_saving, solve
 
 
 def brute(options, required):

@@ -7,7 +7,7 @@ the sensitivity sweep; the sum of savings must reach the required amount and the
 :func:`solve` is exact. It merges the groups one after another and keeps only the Pareto-optimal
 ``(saving, loss)`` states (more saving, less loss), so no brute force over all combinations is needed.
 
->>> from prunescope.plan import Option, solve
+>>> from prunescope.knapsack import Option, solve
 >>> opts = {"a": [Option(0.5, 40, 0.01), Option(0.9, 70, 0.30)], "b": [Option(0.5, 50, 0.02)]}
 >>> sorted((g, o.sparsity) for g, o in solve(opts, 80).items())
 [('a', 0.5), ('b', 0.5)]
