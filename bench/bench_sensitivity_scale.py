@@ -64,7 +64,7 @@ def per_layer_jobs(executor, **kw) -> tuple[float, dict]:
     import torch
 
     from prunescope.sensitivity import SensitivityAnalysis
-    from prunescope.sensitivity.engine import Job
+    from prunescope.sensitivity.jobs import Job
     from prunescope.sensitivity.parallel import make_bundle
 
     torch.set_num_threads(1)

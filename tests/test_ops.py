@@ -86,7 +86,7 @@ def test_add_to_family_moves_an_op_between_families():
 
 def test_op_knowledge_is_written_once():
     """No module but ops.py spells a convolution op name or defines the op-argument/op-name helpers (they were
-    written in graph.py, topology/rules.py, shrink/plan.py and flops/formulas.py before the catalogue)."""
+    written in graph.py, topology/rules.py, removal/plan.py and flops/formulas.py before the catalogue)."""
     convs = set(ops.CONV_OPS)  # a quoted name; a docstring mentioning 'conv2d' in prose is fine
     found = []
     for path in sorted(ROOT.rglob("*.py")):

@@ -186,7 +186,7 @@ def test_folder_is_replaced_as_a_whole_and_foreign_folders_refused(tmp_path):
 
 @pytest.mark.parametrize("bad", ["0.9", True, float("nan"), torch.ones(2)])
 def test_val_func_returning_a_non_number_is_refused_naming_the_evaluation(tmp_path, bad):
-    from prunescope.sensitivity.engine import MetricError
+    from prunescope.sensitivity.jobs import MetricError
 
     with pytest.raises(MetricError, match="for the dense model"):
         run_report(digits.load_trained(), lambda m: bad, torch.ones(digits.INPUT_SIZE), tmp_path / "r",
@@ -323,7 +323,7 @@ def test_sensitivity_plot_stays_readable_with_many_sets():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prunescope.sensitivity.report import sensitivity_figure
+    from prunescope.sensitivity.results import sensitivity_figure
 
     sens = {f"set {i}: layer{i}.conv +2": {0.25: 0.9 - i / 100, 0.5: 0.8 - i / 50} for i in range(24)}
     fig = sensitivity_figure(sens, baseline=0.95)

@@ -17,7 +17,7 @@ from torch import nn
 from prunescope.cli import main
 from prunescope.masks import save_masks
 from prunescope.narrow import ShrinkError, ShrinkWarning, as_pruned, load_pruned, save_pruned, shrink
-from prunescope.narrow.io import tensor_digest
+from prunescope.narrow.files import tensor_digest
 from prunescope.report.search import PlanSearch
 from prunescope.report.steps import _knapsack
 

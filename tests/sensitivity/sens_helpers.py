@@ -91,7 +91,7 @@ def layer_job(job, digest: str, data: bytes) -> list[float]:
     """The previous design, for the benchmark: one job sweeps a whole layer (``engine.run_job``)."""
     import pickle
 
-    from prunescope.sensitivity.engine import run_job
+    from prunescope.sensitivity.jobs import run_job
 
     if digest not in _LAYER_JOB_CACHE:
         _LAYER_JOB_CACHE.clear()

@@ -1,4 +1,4 @@
-"""The pin probe (topology/probe.py): a size read from ``x.shape`` at run time is not a literal.
+"""The pin probe (removal/probe.py): a size read from ``x.shape`` at run time is not a literal.
 
 Every answer the probe changes is checked physically here: a cleared pin is removed from a real CPU copy
 (weights narrowed by the removal plan) and the narrowed model must compute exactly what the masked model

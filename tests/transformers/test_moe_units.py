@@ -273,7 +273,7 @@ def test_template_meeting_the_residual_ties_every_expert() -> None:
 
 
 def test_expert_masks_prune_the_lowest_units_of_every_expert_and_shrink() -> None:
-    from prunescope.masks.experts import expert_masks
+    from prunescope.masks.expert_masks import expert_masks
     from prunescope.masks.units import unit_masks
 
     model = build("qwen2_moe", "sdpa")
@@ -328,7 +328,7 @@ def test_apply_masks_and_as_pruned_take_fused_masks() -> None:
 
 
 def test_a_conv1d_weight_name_is_not_taken_for_a_fused_parameter() -> None:
-    from prunescope.masks.io import validate_masks
+    from prunescope.masks.files import validate_masks
 
     net = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3))
     with pytest.raises(MaskError, match="no such layer"):

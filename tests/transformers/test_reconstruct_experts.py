@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from prunescope.graph import trace  # noqa: E402
-from prunescope.masks.experts import expert_masks  # noqa: E402
+from prunescope.masks.expert_masks import expert_masks  # noqa: E402
 from prunescope.narrow import reconstruct, shrink  # noqa: E402
 
 E, W, H = 4, 16, 32

@@ -18,7 +18,7 @@ from torch import nn
 from .._io import atomic_write
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ModelGraph, ModuleCall, OpNode, TensorInfo, check_graph_of, quantized_kind, trace
-from ..masks.io import validate_masks
+from ..masks.files import validate_masks
 from ..masks.layers import has_filters, num_filters
 from .formulas import FORMULAS, MAC_CATEGORIES, Formula
 

@@ -45,7 +45,7 @@ import numpy as np
 from torch import nn
 
 from ..graph import ModelGraph, OpNode, check_graph_of, trace
-from ..masks.io import validate_masks
+from ..masks.files import validate_masks
 from ..removal.plan import plan_removal, removed_channels
 from .counter import FlopsReport, _build
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .apply import apply_masks
 from .conflict import ConflictChange, FixedMasks, fix_mask_conflict, fix_masks_with
-from .io import load_masks, save_masks, validate_masks
+from .files import load_masks, save_masks, validate_masks
 from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, group_masks, layer_mask
 from .units import head_masks, unit_masks
 

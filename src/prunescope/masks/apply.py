@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .io import validate_masks
+from .files import validate_masks
 from .layers import bias_of, weight_of
 
 __all__ = ["apply_masks"]
@@ -57,7 +57,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Any]]) -> Ite
     targets: list[tuple[torch.Tensor, torch.Tensor]] = []
     steps: list[tuple[nn.Module, str, torch.Tensor]] = []  # (ParametrizationList, tensor name, mask)
     for name, m in checked.items():
-        if name not in modules:  # a fused expert parameter (shrink/experts.py): the mask has its shape
+        if name not in modules:  # a fused expert parameter (removal/expert_cuts.py): the mask has its shape
             owner, _, attr = name.rpartition(".")
             tensor = getattr(model.get_submodule(owner) if owner else model, attr)
             if id(tensor) not in seen:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import layers as _layers
-from .io import save_masks
+from .files import save_masks
 from .layers import FILTER_TYPES, bias_of, expand_filters, filter_matrix, num_filters, weight_of
 
 __all__ = [

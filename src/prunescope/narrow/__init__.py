@@ -17,7 +17,7 @@ The removal plan these read (which channels go, the cuts, the as-pruned zeros) i
 from ..errors import ShrinkError, ShrinkWarning
 from ..removal.plan import Cut, RemovalPlan, plan_removal, removed_channels
 from .core import ShrinkResult, as_pruned, reconstruct, shrink
-from .io import load_pruned, save_pruned
+from .files import load_pruned, save_pruned
 from .reconstruct import ReconstructResult, refit
 
 __all__ = ["shrink", "as_pruned", "save_pruned", "load_pruned", "plan_removal", "removed_channels", "RemovalPlan",

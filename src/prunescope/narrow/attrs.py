@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ShrinkError, TraceError
 from ..graph import ModelGraph, meta_copy, trace
-from ..removal.experts import derived_param_shapes
+from ..removal.expert_cuts import derived_param_shapes
 from ..removal.plan import RESHAPE_LIKE, RemovalPlan, axis_positions
 
 __all__ = ["expected_shapes", "fit_attributes"]
@@ -52,7 +52,7 @@ def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
                 shape[a] -= int(axis_positions(ci, a, plan.atom_removed)[1].sum())
         if tuple(shape) != tuple(t.shape):
             out[t.id] = tuple(shape)
-    # -- fused expert parameters (shrink/experts.py): the views the forward makes of them narrow too
+    # -- fused expert parameters (removal/expert_cuts.py): the views the forward makes of them narrow too
     out.update(derived_param_shapes(plan))
     out.update(_reshaped_vectors(plan))
     return out

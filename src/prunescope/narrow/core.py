@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError, MaskError, ShrinkError, ShrinkWarning
 from ..graph import ModelGraph, check_graph_of, trace
 from ..masks import apply_masks, fix_mask_conflict
-from ..masks.io import check_structure, validate_masks
+from ..masks.files import check_structure, validate_masks
 from ..removal.narrow import apply_plan, attr_names, check_runs, mask_in_place
 from ..removal.plan import RemovalPlan, check_not_empty, masked_atoms, pin_error, pinned_removals, plan_removal
 from ..removal.probe import positional_inputs

@@ -102,7 +102,7 @@ from torch import nn
 from ..errors import ConfigError, ShrinkError, ShrinkWarning
 from ..graph import ModelGraph, make_inputs, preserved_training
 from ..masks.layers import CONV_TYPES, is_transposed_linear
-from ..removal.experts import ExpertCut
+from ..removal.expert_cuts import ExpertCut
 from ..removal.plan import RemovalPlan
 
 __all__ = ["refit", "ReconstructResult"]

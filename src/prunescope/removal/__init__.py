@@ -5,7 +5,7 @@ so that they cannot disagree (DESIGN.md, "One removal plan"):
 
 * :mod:`~prunescope.removal.plan` — the removal plan of a set of masks (the channel engine's classes that go,
   the ones kept and why, the cut of every tensor, the attributes to set, the constants to fold);
-* :mod:`~prunescope.removal.experts` — cuts of fused expert parameters;
+* :mod:`~prunescope.removal.expert_cuts` — cuts of fused expert parameters;
 * :mod:`~prunescope.removal.zeros` — the as-pruned zeros (a removed channel reads zero downstream, also after
   its normalisation) and norms over the kept channels;
 * :mod:`~prunescope.removal.fold` — constants of removed channels folded into the consumers' biases;

@@ -60,7 +60,7 @@ def replace_tensors(root: nn.Module, new_by_id: Mapping[int, torch.Tensor]) -> N
 
 
 def apply_plan(small: nn.Module, plan: RemovalPlan) -> None:
-    apply_folds(small, plan, zero_points(plan))  # constants of removed channels into biases (shrink/fold.py)
+    apply_folds(small, plan, zero_points(plan))  # constants of removed channels into biases (removal/fold.py)
     new_by_id: dict[int, torch.Tensor] = {}
     for fqn, cut in plan.cuts.items():
         mod, attr = resolve(small, fqn)
@@ -90,7 +90,7 @@ def mask_in_place(small: nn.Module, masks: Mapping[str, Any]) -> None:
     modules = dict(small.named_modules())
     with torch.no_grad():
         for name, m in masks.items():
-            if name not in modules:  # a fused expert parameter (shrink/experts.py): masked as one tensor
+            if name not in modules:  # a fused expert parameter (removal/expert_cuts.py): masked as one tensor
                 owner, attr = resolve(small, name)
                 getattr(owner, attr).mul_(m["weight"].to(device=getattr(owner, attr).device))
                 continue

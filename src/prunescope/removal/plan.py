@@ -55,7 +55,7 @@ from ..ops import NORM_AXIS as _NORM_AXIS
 from ..ops import arg as _arg
 from ..topology import channel_atoms
 from ..topology.values import CONST, UNKNOWN, ZERO, value_states
-from .experts import expert_cuts, expert_filter_keep, expert_protection
+from .expert_cuts import expert_cuts, expert_filter_keep, expert_protection
 
 __all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "assemble_plan", "removed_channels",
            "example_inputs", "value_pinned_removals"]
@@ -321,7 +321,7 @@ def masked_atoms(ca: Any, masks: Mapping[str, Any], ignored: list[str]) -> np.nd
             continue
         if w.device.type == "meta":
             raise MaskError(f"mask of layer {layer!r} is on the meta device: it has no values to read")
-        if li.kind == "experts":  # a fused expert parameter (shrink/experts.py)
+        if li.kind == "experts":  # a fused expert parameter (removal/expert_cuts.py)
             keep = expert_filter_keep(w, li)
         else:
             keep = _filter_keep(w, li.kind, li.groups, getattr(li, "weight_out_dim", 0) or 0)
@@ -420,7 +420,7 @@ class Planner:
         for t in g.outputs:
             self.protect(self.info_atoms(t), "its channels reach a model output")
         for name, li in ca.layers.items():
-            if li.kind == "experts":  # narrowed through its stored 3-D parameter (shrink/experts.py)
+            if li.kind == "experts":  # narrowed through its stored 3-D parameter (removal/expert_cuts.py)
                 continue
             if li.kind not in ("conv", "conv_transpose", "linear", "embedding") or not all(
                     _narrowable(g.nodes[i]) for i in li.nodes):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..sensitivity.engine import coerce_metric
+from ..sensitivity.jobs import coerce_metric
 
 __all__ = ["Context", "snapshot", "borrowed", "batch_len"]
 

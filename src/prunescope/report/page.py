@@ -13,7 +13,7 @@ import time
 from ..flops.counter import atomic_write_text
 from ..masks import save_masks
 from ..narrow import save_pruned
-from ..sensitivity.report import plot as plot_sensitivity
+from ..sensitivity.results import plot as plot_sensitivity
 from .html import render_html, table_html
 from .output import ReportFolder
 from .records import Stages, Summary, Topology

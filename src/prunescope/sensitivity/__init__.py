@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .analysis import SensitivityAnalysis
 from .checkpoint import CheckpointError
-from .engine import MetricError, ModelStateError
-from .report import load_sensitivity
+from .jobs import MetricError, ModelStateError
+from .results import load_sensitivity
 
 __all__ = ["CheckpointError", "MetricError", "ModelStateError", "SensitivityAnalysis", "load_sensitivity"]

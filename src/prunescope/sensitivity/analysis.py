@@ -25,9 +25,9 @@ from ..masks.pruners import transposed_linear_types
 from ..masks.units import channel_units, is_trivial
 from ..removal.zeros import follower_zero_maps
 from ..topology import ChannelDependency
-from . import report
+from . import results
 from .checkpoint import Checkpoint, state_hash
-from .engine import EARLY_STOP_MODES, Eval, Job, _StateGuard, coerce_metric, run_job
+from .jobs import EARLY_STOP_MODES, Eval, Job, _StateGuard, coerce_metric, run_job
 from .parallel import Backend, make_bundle, process_pool
 from .schedule import BASELINE, SweepState
 
@@ -519,20 +519,20 @@ class SensitivityAnalysis:
     # -- output -----------------------------------------------------------------------------------------
     def export(self, filepath: str | os.PathLike[str]) -> None:
         """Write NNI's CSV (same bytes as NNI 2.10.1's ``export``), atomically (temp file + rename)."""
-        report.write_atomic(filepath, report.csv_bytes(self.sparsities, self.sensitivities))
+        results.write_atomic(filepath, results.csv_bytes(self.sparsities, self.sensitivities))
 
     def load(self, filepath: str | os.PathLike[str]) -> dict[str, dict[float, float]]:
         """Read a CSV written by ``export`` (ours or NNI's) into ``self.sensitivities`` and return it."""
-        self.sensitivities = report.load_sensitivity(filepath)
+        self.sensitivities = results.load_sensitivity(filepath)
         return self.sensitivities
 
     def plot(self, path: str | os.PathLike[str], title: str = "Pruning sensitivity") -> None:
         """PNG with one metric-vs-sparsity curve per layer and the baseline (needs matplotlib)."""
-        report.plot(self.sensitivities, path, baseline=self.ori_metric, title=title)
+        results.plot(self.sensitivities, path, baseline=self.ori_metric, title=title)
 
     def to_dataframe(self) -> Any:
         """Results as a long ``pandas.DataFrame`` (``layer, sparsity, metric, delta``); needs pandas."""
-        return report.to_dataframe(self.sensitivities, baseline=self.ori_metric)
+        return results.to_dataframe(self.sensitivities, baseline=self.ori_metric)
 
 
 class _Progress:

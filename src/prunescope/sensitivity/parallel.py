@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .engine import Eval, run_eval
+from .jobs import Eval, run_eval
 
 _LOCAL = threading.local()  # per-thread cache: {f"{digest}@{device}": (model, val_func, args, kwargs)}
 _WORKER: dict[str, Any] = {}
@@ -86,7 +86,7 @@ def _load(digest: str, data: bytes | None, device: str | None) -> tuple[Any, ...
 
 def remote_eval(ev: Eval, digest: str, data: bytes | None = None) -> float:
     """The evaluation function on a worker: load (or reuse) this thread's copy of the bundle, run
-    :func:`prunescope.sensitivity.engine.run_eval`. Errors travel back to the parent as exceptions."""
+    :func:`prunescope.sensitivity.jobs.run_eval`. Errors travel back to the parent as exceptions."""
     device = ev.device if ev.device is not None else _WORKER.get("device")
     model, val_func, args, kwargs = _load(digest, data, device)
     return run_eval(model, val_func, args, kwargs, ev)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .engine import need_to_stop
+from .jobs import need_to_stop
 
 BASELINE = ""  # the key of the baseline evaluation (index -1)
 

@@ -59,7 +59,7 @@ of Qwen2-MoE is an ordinary gated MLP of ``nn.Linear`` layers (units: gate row, 
 Masks of a fused layer have the parameter's shape and are keyed by the parameter's name
 (``{'layers.0.mlp.experts.gate_up_proj': {'weight': mask}}``); a unit is removed when its rows are all zero.
 Shrinking keeps the tensor rectangular: every expert must lose the same number of units (the plan protects
-the layer otherwise, see :mod:`prunescope.removal.experts`); :func:`prunescope.masks.experts.expert_masks`
+the layer otherwise, see :mod:`prunescope.removal.expert_cuts`); :func:`prunescope.masks.expert_masks.expert_masks`
 builds such masks.
 
 Where this plugs in

@@ -1,7 +1,7 @@
 """Masks for fused expert parameters: remove the same number of units from every expert.
 
 A fused expert layer (:mod:`prunescope.topology.moe`) holds all experts in one 3-D parameter; its masks are keyed
-by the parameter's name and have its shape (:mod:`prunescope.removal.experts`). :func:`expert_masks` scores the
+by the parameter's name and have its shape (:mod:`prunescope.removal.expert_cuts`). :func:`expert_masks` scores the
 units of every expert (an expert unit is one class of the channel engine: for a SwiGLU expert, row ``j`` and
 row ``I + j`` of ``gate_up_proj[e]``; ``down_proj[e]``'s column ``j`` reads it) by the norms of their rows and
 removes the ``int(units * sparsity)`` lowest of **each** expert, so every expert keeps the same width and
@@ -10,7 +10,7 @@ removes the ``int(units * sparsity)`` lowest of **each** expert, so every expert
 Example
 -------
 >>> import torch, transformers
->>> from prunescope.masks.experts import expert_masks
+>>> from prunescope.masks.expert_masks import expert_masks
 >>> cfg = transformers.MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
 ...                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
 >>> torch.manual_seed(0) and None

@@ -51,7 +51,7 @@ VERSION = 1
 def _attrs_of(mod: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in vars(mod).items() if not k.startswith("_") and type(v) is int}
     out.update({k: list(v) for k, v in vars(mod).items() if not k.startswith("_") and type(v) is tuple and v
-                and all(type(e) is int for e in v)})  # a shape kept as an attribute (shrink/attrs.py)
+                and all(type(e) is int for e in v)})  # a shape kept as an attribute (narrow/attrs.py)
     for n in sorted(attr_names(mod)):
         v = getattr(mod, n, None)
         if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
@@ -232,7 +232,7 @@ def load_pruned(dense_model: nn.Module, path: str | os.PathLike[str]) -> nn.Modu
         raise ShrinkError(f"the file holds a pruned {want}, the model given is a {type(dense_model).__qualname__}")
     _check_tensors(data, p)
     shapes: dict[str, list[int]] = data["shapes"]
-    for name, shape in shapes.items():  # a bias shrink created to hold folded constants (shrink/fold.py)
+    for name, shape in shapes.items():  # a bias shrink created to hold folded constants (removal/fold.py)
         owner, _, attr = name.rpartition(".")
         mod = dict(dense_model.named_modules()).get(owner)
         if attr == "bias" and mod is not None and "bias" in mod._parameters and mod._parameters["bias"] is None \
