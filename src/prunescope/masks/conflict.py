@@ -327,7 +327,7 @@ def _fix(masks: Mapping[str, Any], model: nn.Module, channel_sets: Iterable[Iter
     if not checked:
         raise MaskError("fix_mask_conflict: the masks are empty")
     modules = dict(model.named_modules())
-    # a fused expert parameter (removal/expert_cuts.py) is not a module: its units lie inside its one tensor, so it is in
+    # a fused expert parameter (removal/expert_cuts.py) is not a module: its units lie in its one tensor, so it is in
     # no dependency set and its mask passes through unchanged (the removal plan applies its equal-count rule)
     _check_output_channel_masks({n: e for n, e in checked.items() if n in modules}, modules)
     if inplace:
