@@ -19,7 +19,7 @@ from prunescope.masks import save_masks
 from prunescope.narrow import ShrinkError, ShrinkWarning, as_pruned, load_pruned, save_pruned, shrink
 from prunescope.narrow.files import tensor_digest
 from prunescope.report.search import PlanSearch
-from prunescope.report.steps import _knapsack
+from prunescope.report.stages import infeasible_reason, knapsack_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,8 +34,7 @@ def _models_on_path(monkeypatch):
 
 def _fake_run(base: int, target: int, exact_saving, grid: dict[str, list[float]]):
     """A plan problem with known, non-additive savings: ``exact_saving(plan)`` is what a plan really saves."""
-    r = types.SimpleNamespace(dense=types.SimpleNamespace(total_flops=base), keys=list(grid), target_macs=target,
-                              flops_target=target / base, excluded={}, note="", uniform=None)
+    r = types.SimpleNamespace(base=base, keys=list(grid), target=target)
     r.macs_of = lambda plan: base - exact_saving({k: v for k, v in plan.items() if v > 0})
     search = PlanSearch(r.keys, grid, lambda k, s: s, r.macs_of, lambda p: 0.0, 1.0, 1.0, target)
     return r, search
@@ -53,9 +52,9 @@ def test_knapsack_resolve_jumps_past_a_plan_that_misses_the_exact_count():
         return s - 101 if len(plan) == 2 else s  # 499 for .5/.5, 649 for .75/.5
 
     r, search = _fake_run(1000, 500, exact, {"a": [0.5, 0.75], "b": [0.5]})
-    c = _knapsack(r, search)
+    c = knapsack_plan(search, r, r.keys, r.base, r.target, fallback=True)
     assert c is not None and c.plan == {"a": 0.75, "b": 0.5}
-    assert c.macs == 1000 - 649 <= 500 and r.note == ""
+    assert c.macs == 1000 - 649 <= 500 and search.feasible(c)
 
 
 def test_unreachable_target_note_gives_the_heaviest_plans_exact_count():
@@ -64,10 +63,11 @@ def test_unreachable_target_note_gives_the_heaviest_plans_exact_count():
     single = {("a", 0.5): 350, ("b", 0.5): 350}
     r, search = _fake_run(1000, 100, lambda p: sum(single[(k, v)] for k, v in p.items()) - 300 * (len(p) == 2),
                           {"a": [0.5], "b": [0.5]})
-    c = _knapsack(r, search)
-    assert c.plan == {"a": 0.5, "b": 0.5} and c.macs == 600
-    assert "keeps 600 of 1,000 MACs (60.0%, saves 400)" in r.note, r.note
-    assert "700" not in r.note
+    c = knapsack_plan(search, r, r.keys, r.base, r.target, fallback=True)
+    assert c.plan == {"a": 0.5, "b": 0.5} and c.macs == 600 and not search.feasible(c)
+    note = infeasible_reason(0.1, c, r.base, 0)
+    assert "keeps 600 of 1,000 MACs (60.0%, saves 400)" in note, note
+    assert "700" not in note
 
 
 def test_report_sparsities_quarter_steps_completes(tmp_path, capsys):

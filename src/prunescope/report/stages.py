@@ -183,7 +183,7 @@ def _common(topo: Topology) -> Callable[[float], dict[str, float]]:
     return common
 
 
-def _knapsack(search: PlanSearch, plans: PlanMasks, names: list[str], dense_macs: int, target: int,
+def knapsack_plan(search: PlanSearch, plans: Any, names: list[str], dense_macs: int, target: int,
               fallback: bool) -> Candidate | None:
     """The additive optimum: exact knapsack over single-set savings and losses, re-solved with a tighter budget
     until the exact count of the conflict-free masks meets the target. When no re-solve meets the exact count:
@@ -224,9 +224,14 @@ def _heaviest(search: PlanSearch, options: dict[str, list[Option]], source: str)
 
 
 def _infeasible(ctx: Context, c: Candidate, dense_macs: int, topo: Topology) -> str:
-    return (f"cannot reach the FLOPs target {ctx.flops_target:.0%}: pruning every prunable set at its "
+    return infeasible_reason(ctx.flops_target, c, dense_macs, len(topo.excluded))
+
+
+def infeasible_reason(flops_target: float, c: Candidate, dense_macs: int, n_excluded: int) -> str:
+    """Why the target cannot be met, with the heaviest plan ``c``'s exact count."""
+    return (f"cannot reach the FLOPs target {flops_target:.0%}: pruning every prunable set at its "
             f"highest measured sparsity keeps {c.macs:,} of {dense_macs:,} MACs ({c.macs / max(1, dense_macs):.1%}, "
-            f"saves {dense_macs - c.macs:,}); {len(topo.excluded)} sets are left alone "
+            f"saves {dense_macs - c.macs:,}); {n_excluded} sets are left alone "
             "(unsafe or model outputs). Lower the target or add higher sparsities.")
 
 
@@ -269,7 +274,7 @@ def choose(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, plans:
             chosen = search.run_measure(search.candidate({}, "unpruned (nothing prunable)"))
         else:
             uniform = search.uniform(_common(topo))
-            knapsack = _knapsack(search, plans, names, dense.macs, target, fallback=uniform is None)
+            knapsack = knapsack_plan(search, plans, names, dense.macs, target, fallback=uniform is None)
             if knapsack is not None and not search.feasible(knapsack):  # the target cannot be met
                 infeasible = _infeasible(ctx, knapsack, dense.macs, topo)
                 chosen = search.run_measure(knapsack)
