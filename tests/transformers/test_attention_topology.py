@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 from prune_helpers import classes_of, mask, partition, prune  # noqa: E402
 
 from prunescope.graph import trace  # noqa: E402
-from prunescope.topology import ChannelDependency, TopologyWarning, channel_atoms, not_safe_to_prune  # noqa: E402
+from prunescope.removal import not_safe_to_prune  # noqa: E402
+from prunescope.topology import ChannelDependency, TopologyWarning, channel_atoms  # noqa: E402
 
 HEADS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # 4 heads of head_dim 4
 SAME_INDEX = [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]

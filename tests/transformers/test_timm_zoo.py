@@ -23,10 +23,11 @@ timm = pytest.importorskip("timm")
 
 from prunescope.commands.common import build_on_meta  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
+from prunescope.removal import not_safe_to_prune  # noqa: E402
 from prunescope.removal.narrow import apply_plan  # noqa: E402
 from prunescope.removal.plan import plan_removal  # noqa: E402
 from prunescope.removal.probe import probe_pins  # noqa: E402
-from prunescope.topology import channel_atoms, not_safe_to_prune  # noqa: E402
+from prunescope.topology import channel_atoms  # noqa: E402
 
 CHANGES = ["swin_s3_tiny_224", "tiny_vit_5m_224", "mobilevitv2_050", "sam2_hiera_tiny"]
 STAYS = {"test_vit": "reshape", "mixnet_s": "split", "resnet18": None}

@@ -38,7 +38,8 @@ from test_attention_topology import tiny  # noqa: E402
 from test_head_dependency import EXPECTED, heads  # noqa: E402
 from test_units_beyond_heads import t5  # noqa: E402
 
-from prunescope.topology import ChannelDependency, HeadDependency, TopologyWarning, not_safe_to_prune  # noqa: E402
+from prunescope.removal import not_safe_to_prune  # noqa: E402
+from prunescope.topology import ChannelDependency, HeadDependency, TopologyWarning  # noqa: E402
 
 FIELDS = ("module", "q", "k", "v", "o", "heads", "head_dim", "kv_heads", "v_head_dim", "q_channels", "k_channels",
           "v_channels", "o_columns", "kv_group", "units", "tied", "weights")
