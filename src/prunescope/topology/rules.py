@@ -627,7 +627,7 @@ def register_channel_rule(*names: str, family: str | None = None,
 
     >>> import torch
     >>> from torch import nn
-    >>> from prunescope.topology import not_safe_to_prune, register_channel_rule
+    >>> from prunescope import not_safe_to_prune, register_channel_rule
     >>> @torch.library.custom_op("psdoc::soft_clip", mutates_args=())
     ... def soft_clip(x: torch.Tensor) -> torch.Tensor:
     ...     return torch.tanh(x)
