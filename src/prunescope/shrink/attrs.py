@@ -14,7 +14,9 @@ names:
    ``num_heads`` = 12 where a 12-head axis becomes 9). Candidates are tried greedily, all modules of one
    class and attribute name together, each with its per-module new value: the one that moves the first
    mismatching op furthest is kept, until every op matches. An attribute that the forward does not read
-   (GPT-2's ``embed_dim``) never helps and is left as it is.
+   (GPT-2's ``embed_dim``) never helps and is left as it is. A size the forward derives from an attribute
+   by dividing by another integer attribute of the module (``self.in_channels // self.num_paths``) makes the
+   attribute a candidate too.
 3. If no candidate makes the shapes match, :class:`~prunescope.shrink.plan.ShrinkError` names the first op
    whose shape differs (a size written as a literal, or read from somewhere shrink cannot update).
 
@@ -145,10 +147,13 @@ def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known:
         if not sizes:
             continue
         args = written.get(name, set())
+        ints = [v for k, v in vars(mod).items() if not k.startswith("_") and type(v) is int and v > 1]
         for k, v in vars(mod).items():
             if k.startswith("_") or k in known.get(name, ()):
                 continue
-            if type(v) is int and v in args:
+            if type(v) is int and (v in args or any(v % u == 0 and v // u in args for u in ints if u != v)):
+                # read as it is, or divided by another integer attribute of the module (SK-ResNet's split size
+                # ``self.in_channels // self.num_paths``)
                 news = sorted(n for n in sizes.get(v, ()) if n != v)
                 for i, n in enumerate(news):
                     groups.setdefault((type(mod), k, i), {})[name] = n
