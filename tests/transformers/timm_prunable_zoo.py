@@ -34,7 +34,7 @@ ZOO: dict[str, list[tuple[str, dict[str, Any], tuple[int, ...]]]] = {
     "grouped": [("regnetx_002", {}, (3, 64, 64)), ("regnety_002", {}, (3, 64, 64)),
                 ("regnetz_005", {}, (3, 64, 64)), ("resnext26ts", {}, (3, 64, 64)),
                 ("resnest14d", {}, (3, 64, 64)), ("seresnext26ts", {}, (3, 64, 64)),
-                ("skresnet18", {}, (3, 64, 64))],
+                ("skresnet18", {}, (3, 64, 64)), ("skresnext50_32x4d", {}, (3, 64, 64))],
     "other-cnn": [("dla46_c", {}, (3, 64, 64)), ("dpn48b", {}, (3, 64, 64)), ("densenet121", {}, (3, 64, 64)),
                   ("hrnet_w18_small", {}, (3, 64, 64)), ("selecsls42", {}, (3, 64, 64)),
                   ("gernet_s", {}, (3, 64, 64)), ("test_byobnet", {}, (3, 64, 64)),

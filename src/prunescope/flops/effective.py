@@ -60,6 +60,8 @@ def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] 
     * a conv / linear call: pairs of kept (input, output) channels over dense pairs, per group (the MACs of
       ``W[out_kept][:, in_kept]``);
     * a fused expert layer: pairs per expert (the removal plan keeps equal counts per expert);
+    * ``scaled_dot_product_attention``: the Q·Kᵀ part by the query's kept channel positions, the A·V part by
+      the output's (a value narrowed under multi-query attention narrows A·V only);
     * any other op: the fraction of its output (else input) channel positions still alive.
 
     The effective counter and :class:`prunescope.flops.plancost.PlanCost` both multiply by these factors, so the
@@ -103,10 +105,20 @@ def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] 
             dense_pairs = (cin // gr) * cout
             layer_scale[node_idx] = (pairs / dense_pairs if dense_pairs else 1.0, None)
 
+    def alive_frac(t: Any) -> float:
+        ci = ca.info(t)
+        return float(alive_in(ci.atoms).mean()) if ci is not None and ci.atoms.size else 1.0
+
     def op_scale(node: OpNode) -> tuple[float, int | None]:
         hit = layer_scale.get(node.index)
         if hit is not None:
             return hit
+        if node.name == "scaled_dot_product_attention" and len(node.inputs) >= 3 and node.outputs:
+            # queries · keys · (E_qk + E_v): the Q·Kᵀ part scales with the query's kept channels (a removed head
+            # removes its query dims), the A·V part with the output's (the value's kept dims, per kept head)
+            eq, ev = node.inputs[0].shape[-1], node.outputs[0].shape[-1]
+            if eq + ev:
+                return (eq * alive_frac(node.inputs[0]) + ev * alive_frac(node.outputs[0])) / (eq + ev), None
         # other ops (full mode): the fraction of their output channel positions still alive
         if node.outputs:
             ci = ca.info(node.outputs[0])

@@ -13,9 +13,13 @@ names:
    that changes inside that module's own ops (e.g. ``split_size`` = 768 where a 768-wide axis becomes 576,
    ``num_heads`` = 12 where a 12-head axis becomes 9). Candidates are tried greedily, all modules of one
    class and attribute name together, each with its per-module new value: the one that moves the first
-   mismatching op furthest is kept, until every op matches. An attribute that the forward does not read
-   (GPT-2's ``embed_dim``) never helps and is left as it is.
-3. If no candidate makes the shapes match, :class:`~prunescope.removal.plan.ShrinkError` names the first op
+   mismatching op furthest is kept, until every op matches. Only the candidates of modules that have run by
+   the first mismatching op (or that contain it, or run inside its module) are tried: a module that runs
+   later cannot have written its size. An attribute that the forward does not read
+   (GPT-2's ``embed_dim``) never helps and is left as it is. A size the forward derives from an attribute
+   by dividing by another integer attribute of the module (``self.in_channels // self.num_paths``) makes the
+   attribute a candidate too.
+3. If no candidate makes the shapes match, :class:`~prunescope.errors.ShrinkError` names the first op
    whose shape differs (a size written as a literal, or read from somewhere shrink cannot update).
 
 The result is exact by construction: the narrowed model's every recorded shape equals the plan's.
@@ -145,10 +149,13 @@ def _candidates(model: nn.Module, scopes: dict[str, dict[int, set[int]]], known:
         if not sizes:
             continue
         args = written.get(name, set())
+        ints = [v for k, v in vars(mod).items() if not k.startswith("_") and type(v) is int and v > 1]
         for k, v in vars(mod).items():
             if k.startswith("_") or k in known.get(name, ()):
                 continue
-            if type(v) is int and v in args:
+            if type(v) is int and (v in args or any(v % u == 0 and v // u in args for u in ints if u != v)):
+                # read as it is, or divided by another integer attribute of the module (SK-ResNet's split size
+                # ``self.in_channels // self.num_paths``)
                 news = sorted(n for n in sizes.get(v, ()) if n != v)
                 for i, n in enumerate(news):
                     groups.setdefault((type(mod), k, i), {})[name] = n
@@ -199,6 +206,15 @@ class _Prober:
         return old
 
 
+def _first_ops(graph: ModelGraph) -> dict[str, int]:
+    """``{module: index of the first op it (or a child) runs}``."""
+    out: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for anc in _ancestors(node.module or ""):
+            out.setdefault(anc, i)
+    return out
+
+
 def _meta_copy(model: nn.Module, dummy_input: Any) -> tuple[nn.Module, Any]:
     from torch.utils import _pytree as pytree
 
@@ -224,18 +240,26 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
         return {}
     prober = _Prober(small, dummy_input, plan, exp)
     best, why = prober.progress()
-    if best < len(prober.want):  # a forward that reads values cannot run on meta: probe the copy itself
+    on_meta = any(t.is_meta for t in list(small.parameters()) + list(small.buffers()))
+    if best < len(prober.want) and not on_meta:  # a forward that reads values cannot run on meta: the copy itself
         real = _Prober(small, dummy_input, plan, exp, meta=False)  # attributes are set and restored per try
         rb, rw = real.progress()
         if rb > best:
             prober, best, why = real, rb, rw
     done = len(prober.want)
     chosen: dict[tuple[type, str, int], dict[str, Any]] = {}
+    first = _first_ops(plan.graph)
     for _ in range(_MAX_ROUNDS):
         if best >= done:
             break
         pick = None
+        # only modules that run by the first op that differs (or inside / around its module) can have set its
+        # size: one whole-model try per candidate, and MaxViT has hundreds of candidates in later blocks
+        scope = plan.graph.nodes[best].module if best < len(plan.graph.nodes) else ""
         for key, values in groups.items():
+            if not any(first.get(n, done) <= best or n.startswith(scope + ".") or scope.startswith(n)
+                       for n in values):
+                continue
             if key in chosen or any(k[:2] == key[:2] for k in chosen):
                 continue
             old = prober.set(values, key[1])

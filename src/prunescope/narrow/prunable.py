@@ -20,6 +20,7 @@ Everything else is excluded with the reason, in words.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -192,8 +193,40 @@ class _Narrower:
             for k in hit:
                 out.update(self.refused([k], members))
             return out
+        found = self._suspects(err, keys, members)
+        if found:  # the sets where the narrowed forward broke; the others are tried again together
+            return {**found, **self.refused([k for k in keys if k not in found], members)}
         half = len(keys) // 2
         return {**self.refused(keys[:half], members), **self.refused(keys[half:], members)}
+
+    def _suspects(self, err: str, keys: list[str], members: dict[str, list[str]]) -> dict[str, str]:
+        """The refusals among the sets with a member inside the module a refusal names (the innermost module
+        around it that holds one) and among the same sets of the other blocks, each confirmed on its own: about
+        one shrink per refused set instead of a halving search (MaxViT: 22 refused attentions among 70 sets).
+        ``{}`` when none is refused alone."""
+        hit = re.search(r"in module '([^']+)'", err)
+        if hit is None:
+            return {}
+        parts = hit.group(1).split(".")
+        for depth in range(len(parts), 0, -1):
+            scope = ".".join(parts[:depth])
+            near = [k for k in keys if any(m == scope or m.startswith(scope + ".") for m in members[k])]
+            if near:
+                break
+        else:
+            return {}
+        if len(near) == len(keys):
+            return {}
+        out: dict[str, str] = {}
+        for k in near:
+            out.update(self.refused([k], members))
+        # the same layer in the model's other blocks (names equal up to their indices) is likely refused for the
+        # same reason: each tried on its own now rather than found one failing union at a time
+        kinds = {re.sub(r"\d+", "#", k) for k in out}
+        for k in keys:
+            if k not in out and k not in near and re.sub(r"\d+", "#", k) in kinds:
+                out.update(self.refused([k], members))
+        return out
 
 
 def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,

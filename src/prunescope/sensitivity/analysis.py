@@ -23,6 +23,7 @@ from ..graph import ModelGraph, check_graph_of, trace
 from ..masks.layers import FILTER_TYPES, num_filters
 from ..masks.pruners import transposed_linear_types
 from ..masks.units import channel_units, is_trivial
+from ..narrow.prunable import prunable_sets
 from ..removal.zeros import follower_zero_maps
 from ..topology import ChannelDependency
 from . import results
@@ -73,6 +74,11 @@ class SensitivityAnalysis:
       several channels into one unit (an attention head: its q/k/v rows; a kv group under GQA; channels of one
       layer tied by a reshape), whole units are pruned and the sparsity is a fraction of the units
       (:mod:`prunescope.masks.units`); a set whose units are single channels keeps NNI's group rule exactly.
+      Only the sets that :func:`~prunescope.narrow.shrink` can narrow are swept (filter pruning; the one
+      definition of :func:`prunescope.narrow.prunable.prunable_sets`): the others (a set reaching the model
+      output, an unsafe layer, ...) are left out, with the reason in ``self.excluded``. On grouped
+      convolutions as many units go from every group, so ``fix_mask_conflict`` leaves every mask of the sweep
+      as it is and the model measured is the one ``shrink`` builds.
     * ``as_pruned=True`` (needs ``dummy_input``): measure the model as it will be once the pruned channels are
       physically removed: a pruned channel is also zero after its normalisation (the constant an eval-mode
       BatchNorm adds to a zeroed channel is gone), which is what :func:`prunescope.shrink` builds. The default
@@ -166,6 +172,8 @@ class SensitivityAnalysis:
         self.target_layer: dict[str, nn.Module] = {}
         self.groups: dict[str, tuple[str, ...]] = {}
         self.units: dict[str, tuple[tuple[int, ...], ...]] = {}  # group key -> per member, unit id per channel
+        self.chunks: dict[str, tuple[int, ...]] = {}  # group key -> chunk of every unit (grouped convolutions)
+        self.excluded: dict[str, str] = {}  # group key -> why the sweep leaves it out (group mode)
         self._pruned: dict[str, bool] = {}
         self._parametrized: dict[str, str] = {}  # target layer -> class, e.g. ParametrizedConv2d (weight_norm)
         self.model_parse()
@@ -236,6 +244,8 @@ class SensitivityAnalysis:
             raise ConfigError("group_dependencies=True needs dummy_input (an example input to trace the model) "
                               "or graph= (its trace)")
         include_linear = any(issubclass(t, nn.Linear) for t in (self.layer_types or ()))
+        if self.graph is None:  # one trace for the sets, what may be pruned and the as-pruned zeros
+            self.graph = trace(self.model, self.dummy_input)
         dep = ChannelDependency(self.model, self.dummy_input, include_linear=include_linear, graph=self.graph)
         order = {n: k for k, n in enumerate(self.target_layer)}
         seen: set[str] = set()
@@ -247,10 +257,20 @@ class SensitivityAnalysis:
                 seen.update(members)
         groups += [(n,) for n in self.target_layer if n not in seen]
         groups.sort(key=lambda g: order[g[0]])
-        self.units = {}
+        self.units, self.chunks, self.excluded = {}, {}, {}
+        offered = None
+        if self.prune_type != "level":  # filter pruning removes channels: only the sets shrink can narrow
+            offered = self._prunable(groups)
         for g in groups:
             if self.prune_type == "level":
                 continue
+            key = "+".join(g)
+            if offered is not None and key in offered:
+                units, chunk = offered[key]
+                if chunk is not None:  # grouped convolutions: as many units from every group (no conflict fix)
+                    self.units[key] = tuple(tuple(int(i) for i in u) for u in units)
+                    self.chunks[key] = tuple(int(c) for c in chunk)
+                    continue
             units = channel_units(dep.atoms, g)
             if units is not None and not is_trivial(units):
                 # the set's channels form units spanning several channels (heads, kv groups, tied channels of
@@ -259,7 +279,40 @@ class SensitivityAnalysis:
             elif len({num_filters(self.target_layer[n]) for n in g}) > 1:
                 raise ConfigError(f"dependency set {', '.join(g)} has layers with different output channel "
                                   "counts; cannot prune it as one group")
-        self.groups = {"+".join(g): g for g in groups}
+        self.groups = {"+".join(g): g for g in groups if "+".join(g) not in self.excluded}
+
+    def _prunable(self, groups: list[tuple[str, ...]]) -> dict[str, tuple[list[np.ndarray], np.ndarray | None]]:
+        """The one definition of prunable (:func:`prunescope.narrow.prunable.prunable_sets`, members limited to
+        the target layer types) for the groups of the sweep: ``{group key: (units per member, chunk of every unit
+        or None)}`` for the groups offered; the others go to ``self.excluded`` with the reason."""
+        graph = self.graph
+        targets = set(self.target_layer)
+        target_ids = {id(m) for m in self.target_layer.values()}
+        p = prunable_sets(self.model, graph, self.dummy_input, layer_ok=lambda m: id(m) in target_ids)
+        key_of: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+        for members in p.sets:
+            for m in members:
+                key_of[m] = ("+".join(members), members)
+        for key in p.excluded:
+            for m in key.split("+"):
+                key_of.setdefault(m, (key, None))
+        out: dict[str, tuple[list[np.ndarray], np.ndarray | None]] = {}
+        for g in groups:
+            gkey = "+".join(g)
+            hit = key_of.get(g[0])
+            if hit is None:  # not a layer of the trace (never called): nothing shrink would narrow either
+                continue
+            pkey, members = hit
+            if members is None:
+                self.excluded[gkey] = p.excluded[pkey]
+            elif set(members) != set(g) or not set(members) <= targets:
+                self.excluded[gkey] = (f"its dependency set {pkey} has members outside the target layer types; "
+                                       "pruning part of it needs a conflict fix")
+            else:
+                units = p.units[pkey]
+                pos = {m: k for k, m in enumerate(members)}
+                out[gkey] = ([units[pos[m]] for m in g], p.chunks.get(pkey))
+        return out
 
     @property
     def layers_count(self) -> int:
@@ -295,6 +348,10 @@ class SensitivityAnalysis:
             raise ConfigError(f"unknown specified_layers: {', '.join(why)}; target layers: "
                               f"{', '.join(self.target_layer)}")
         chosen = set(wanted)
+        for key, why in self.excluded.items():
+            if key in chosen or any(m in chosen for m in key.split("+")):
+                raise ConfigError(f"dependency set {key} is not swept: {why} (group_dependencies=True sweeps the "
+                                  "sets that shrink can narrow)")
         return [k for k in keys if k in chosen or any(m in chosen for m in self.groups[k])]
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -307,6 +364,7 @@ class SensitivityAnalysis:
             "already_pruned": {k: float(v) for k, v in self.already_pruned.items() if v},
             **({"semantics": "as pruned"} if self.as_pruned else {}),
             **({"units": _digest(self.units)} if self.units else {}),
+            **({"chunks": _digest(self.chunks)} if self.chunks else {}),
         }
 
     def _real(self, key: str, s: float) -> float:
@@ -399,7 +457,8 @@ class SensitivityAnalysis:
                       real_sparsities=tuple(self._real(key, s) for s in self.sparsities),
                       prune_type=self.prune_type, ori_metric=self.ori_metric, early_stop_mode=self.early_stop_mode,
                       early_stop_value=self.early_stop_value, prune=all(self._pruned[m] for m in members),
-                      done=dict(known), restore_buffers=self.restore_buffers, units=self.units.get(key))
+                      done=dict(known), restore_buffers=self.restore_buffers, units=self.units.get(key),
+                      chunks=self.chunks.get(key))
             first = next((i for i in range(len(self.sparsities)) if i not in known), 0)
             self.sensitivities[key] = {s: known[i] for i, s in enumerate(self.sparsities[:first])}
             bar.show(1, 1, f"{key} @ {self.sparsities[first]}")
@@ -417,15 +476,16 @@ class SensitivityAnalysis:
         return Eval(key, members, i, self.sparsities[i], tuple(self._real(key, s) for s in self.sparsities[: i + 1]),
                     self.prune_type, prune=all(self._pruned[m] for m in members),
                     restore_buffers=self.restore_buffers, device=device, threads=threads,
-                    zero_after=self._zeros(key), units=self.units.get(key))
+                    zero_after=self._zeros(key), units=self.units.get(key), chunks=self.chunks.get(key))
 
     def _zeros(self, key: str) -> tuple:
         """As-pruned semantics (``as_pruned=True``): where the key's pruned channels are normalised."""
         if not self.as_pruned:
             return ()
-        if not self._zero_after:
-            graph = self.graph if self.graph is not None else trace(self.model, self.dummy_input)
-            self._zero_after = follower_zero_maps(graph, self.groups)
+        if not self._zero_after:  # every swept key at once: one walk over the norm calls
+            if self.graph is None:
+                self.graph = trace(self.model, self.dummy_input)
+            self._zero_after = follower_zero_maps(self.graph, self.groups)
         return self._zero_after.get(key, ())
 
     def _run_remote(self, keys: list[str], state: SweepState, bundle: tuple[str, bytes], ckpt: Checkpoint | None,

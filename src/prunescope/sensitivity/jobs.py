@@ -71,6 +71,7 @@ class Job:
     restore_buffers: bool = True
     zero_after: tuple = ()  # as-pruned semantics: prunescope.removal.zeros.follower_zero_map points
     units: tuple | None = None  # unit pruning: per member, the unit id of each output channel
+    chunks: tuple | None = None  # grouped convolutions: the chunk of every unit (units go equally per chunk)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Eval:
     threads: int | None = None
     zero_after: tuple = ()  # as-pruned semantics: prunescope.removal.zeros.follower_zero_map points
     units: tuple | None = None  # unit pruning: per member, the unit id of each output channel
+    chunks: tuple | None = None  # grouped convolutions: the chunk of every unit (units go equally per chunk)
 
 
 @dataclass
@@ -197,15 +199,17 @@ def _zero_hooks(model: nn.Module, points: tuple) -> list[Any]:
 
 
 def prune_step(modules: Sequence[nn.Module], real_sparsity: float, prune_type: str,
-               units: Sequence[Sequence[int]] | None = None) -> None:
+               units: Sequence[Sequence[int]] | None = None, chunks: Sequence[int] | None = None) -> None:
     """Apply one step of the nested masks: compute masks at ``real_sparsity`` from the layers' current
     (already pruned) weights and multiply them in place, as NNI's ``weight.data.mul_(mask)``.
 
     ``units``: prune whole units (per member, the unit id of each output channel; see
-    :mod:`prunescope.masks.units`), ``real_sparsity`` being a fraction of the units.
+    :mod:`prunescope.masks.units`), ``real_sparsity`` being a fraction of the units; ``chunks``: the chunk of
+    every unit on grouped convolutions (as many units go from every chunk, see
+    :func:`prunescope.masks.pruners.group_masks`).
     This is the one place where the sweep prunes; every execution mode goes through it.
     """
-    masks = group_masks(modules, real_sparsity, prune_type, units=units)
+    masks = group_masks(modules, real_sparsity, prune_type, units=units, chunks=chunks)
     with torch.no_grad():
         for m, mask in zip(modules, masks):
             m.weight.mul_(mask["weight"])
@@ -236,7 +240,7 @@ def run_job(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[A
     try:
         for i, (s, real) in enumerate(zip(job.sparsities, job.real_sparsities)):
             if job.prune:
-                prune_step(modules, real, job.prune_type, job.units)
+                prune_step(modules, real, job.prune_type, job.units, job.chunks)
             if i in job.done:
                 value = job.done[i]
             else:
@@ -277,7 +281,7 @@ def run_eval(model: nn.Module, val_func: Callable[..., Any], val_args: Sequence[
     try:
         if ev.prune:
             for real in ev.chain:
-                prune_step(modules, real, ev.prune_type, ev.units)
+                prune_step(modules, real, ev.prune_type, ev.units, ev.chunks)
         value = coerce_metric(val_func(*val_args, **val_kwargs), ev.key, ev.sparsity)
         guard.check(where)
     finally:
