@@ -79,7 +79,7 @@ def _case_resnet50(block_cache_mb: float) -> dict:
     import torch
     import torchvision
 
-    from prunescope.masks.units import unit_masks
+    from prunescope import unit_masks
     from prunescope.narrow import reconstruct
 
     torch.manual_seed(0)
@@ -103,8 +103,8 @@ def _case_llama(name: str, block_cache_mb: float) -> dict:
     import torch
 
     import transformers
+    from prunescope import head_masks, unit_masks
     from prunescope.graph import trace
-    from prunescope.masks.units import head_masks, unit_masks
     from prunescope.narrow import reconstruct
 
     hidden, layers, heads, kv, inter, vocab = LLAMA[name]
@@ -161,8 +161,8 @@ def _case_count() -> dict:
     import torch
 
     import transformers
+    from prunescope import head_masks, unit_masks
     from prunescope.graph import trace
-    from prunescope.masks.units import head_masks, unit_masks
     from prunescope.narrow import refit, shrink
 
     calls = [0]
@@ -203,8 +203,8 @@ def _case_digits() -> dict:
     import numpy as np
     import torch
 
+    from prunescope import unit_masks
     from prunescope.examples import digits
-    from prunescope.masks.units import unit_masks
     from prunescope.narrow import reconstruct, shrink
     from prunescope.report.recovery import recalibrate_bn
 
@@ -236,9 +236,9 @@ def _case_vit() -> dict:
     import numpy as np
     import torch
 
+    from prunescope import head_masks, unit_masks
     from prunescope.examples import digits, vit_digits
     from prunescope.graph import trace
-    from prunescope.masks.units import head_masks, unit_masks
     from prunescope.narrow import reconstruct, shrink
 
     model = vit_digits.load_trained()

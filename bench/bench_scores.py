@@ -61,8 +61,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 import numpy as np
 import torch
 
+from prunescope import unit_masks
 from prunescope._io import atomic_open
-from prunescope.masks.units import unit_masks
 from prunescope.narrow import reconstruct, shrink
 
 QUICK = os.environ.get("PRUNESCOPE_BENCH_QUICK") == "1"
@@ -113,9 +113,9 @@ def _digits(draws: int, sparsities: tuple[float, ...]) -> dict:
 
 
 def _vit(draws: int) -> dict:
+    from prunescope import head_masks
     from prunescope.examples import digits, vit_digits
     from prunescope.graph import trace
-    from prunescope.masks.units import head_masks
 
     model = vit_digits.load_trained()
     xt = digits.load_data()[0]

@@ -6,7 +6,7 @@
 * torchvision ``resnet50`` at 1x3x224x224 with L1 masks at 30% on a few dependency sets (first conv of a block
   in each stage, the residual-free ones, so no conflict fixing is timed);
 * a tiny LLaMA (``transformers.LlamaConfig``: hidden 64, 8 heads, 2 kv heads, 2 layers, SDPA) with the unit
-  masks of :func:`prunescope.masks.units.unit_masks` at 30% (heads/kv groups and gated-MLP units).
+  masks of :func:`prunescope.unit_masks` at 30% (heads/kv groups and gated-MLP units).
 
 Each call is timed end to end (trace, plan, narrowing, the checks), the two settings interleaved, one torch
 thread; the median of ``--repeats`` runs is printed with the ratio.
@@ -36,7 +36,7 @@ def resnet50():
 
 
 def tiny_llama():
-    from prunescope.masks.units import unit_masks
+    from prunescope import unit_masks
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)

@@ -66,9 +66,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunescope import count_flops_params
+from prunescope import count_flops_params, unit_masks
 from prunescope._io import atomic_open
-from prunescope.masks.units import unit_masks
 from prunescope.narrow import reconstruct, shrink
 
 QUICK = os.environ.get("PRUNESCOPE_BENCH_QUICK") == "1"

@@ -1,17 +1,13 @@
-"""Which way prunescope's imports point (issue #18): a ratchet, not yet the goal.
+"""Which way prunescope's imports point (issue #18): every import goes to a lower layer.
 
 The modules are parsed with :mod:`ast` (imports inside functions included, ``if TYPE_CHECKING:`` blocks
-excluded: they never run) and three things are measured:
+excluded: they never run) and four things are checked:
 
-* the import graph between subpackages (``prunescope.<first name>``) and its cycles;
+* every import between subpackages (``prunescope.<first name>``) points to a lower layer of :data:`LAYERS`
+  (the README's "Architecture" diagram), so there is no cycle either;
 * function-local imports of prunescope modules outside the CLI (``cli.py``, ``commands/``), which hide
-  the real import graph from a reader of the module's import block;
-* private names (``_x``) imported from another subpackage.
-
-Issue #18 will lower all three to zero (no cycle, at most 10 function-local imports, no private name across
-subpackages). Until then the numbers measured when this test was written are a ceiling: a change that adds a
-cycle, a function-local import or a private cross-package import fails here. When you remove some, lower the
-ceiling to the new count in the same commit.
+  the real import graph from a reader of the module's import block, stay under a small ceiling;
+* no private name (``_x``) is imported from another subpackage.
 """
 
 from __future__ import annotations
@@ -24,15 +20,16 @@ import prunescope
 
 ROOT = Path(prunescope.__file__).parent
 
-# Ceilings measured in session 15 (issue #18 lowers them to zero; lower them when you remove some, never raise
-# them). Before session 15: 93 function-local import statements, 5 private names across subpackages (4 distinct:
-# _op_name, _MATMUL, _ELEMENTWISE twice, _apply_plan), the same three cycles. Session 15: 67; session 16 (the
-# report as typed stages, none left in report/): 34.
-MAX_LOCAL_IMPORTS = 34
-MAX_PRIVATE_IMPORTS = 1
-#: pairs of subpackages that reach each other (one strongly connected component: masks -> topology -> shrink
-#: (the pin probe) -> masks); flops -> shrink points upward too (the removal plan lives in shrink) but is no cycle
-ALLOWED_CYCLES = {("masks", "shrink"), ("masks", "topology"), ("shrink", "topology")}
+#: the layers, lowest first; a subpackage imports only from layers below its own (one layer may hold several
+#: subpackages that do not import each other)
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors",), ("_io",), ("ops",), ("graph",), ("topology",), ("masks",), ("removal",), ("flops", "narrow"),
+    ("sensitivity", "knapsack"), ("report", "examples"), ("commands",), ("cli",),
+)
+#: Function-local prunescope imports outside the CLI: 93 before session 15, 67 after it, 1 since session 16
+#: (flops/counter.py reaches flops/effective.py, which builds on the counter). Never raise it.
+MAX_LOCAL_IMPORTS = 1
+MAX_PRIVATE_IMPORTS = 0
 
 
 def _module_name(path: Path) -> str:
@@ -137,12 +134,20 @@ def _layer_graph(edges) -> str:
     return "\n".join(f"  {a or '(root)'} -> {', '.join(sorted(out[a]))}" for a in sorted(out))
 
 
-def test_import_direction_does_not_get_worse():
+def _rank(sub: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if sub in layer:
+            return i
+    raise AssertionError(f"subpackage {sub!r} is in no layer of LAYERS: add it (and to the README's diagram)")
+
+
+def test_imports_point_down():
     edges, local, private = measure()
-    cyc = cycles(edges)
     graph = _layer_graph(edges)
-    assert cyc <= ALLOWED_CYCLES, (
-        f"new subpackage import cycle(s) {sorted(cyc - ALLOWED_CYCLES)}; layer graph:\n{graph}")
+    upward = [f"{a} -> {b}: {where[0]}" for (a, b), where in sorted(edges.items()) if _rank(b) >= _rank(a)]
+    assert not upward, ("imports that do not point to a lower layer (move the thing imported down, or the "
+                        "importer up):\n  " + "\n  ".join(upward) + f"\nlayer graph:\n{graph}")
+    assert not cycles(edges)
     assert len(local) <= MAX_LOCAL_IMPORTS, (
         f"{len(local)} function-local prunescope imports outside the CLI (ceiling {MAX_LOCAL_IMPORTS}); move them "
         "to the import block (lazy imports are for optional third-party packages):\n  " + "\n  ".join(local)
@@ -152,12 +157,18 @@ def test_import_direction_does_not_get_worse():
         + "\n  ".join(private) + f"\nlayer graph:\n{graph}")
 
 
+def test_every_subpackage_has_a_layer():
+    names = {p.stem if p.suffix == ".py" else p.name for p in ROOT.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    assert names == {n for layer in LAYERS for n in layer}
+
+
 def test_the_measure_sees_what_it_claims_to():
     """The parser finds local imports, relative imports and cycles (guards the ratchet against a measure that
     always returns zero)."""
     edges, local, private = measure()
     assert edges, "no import between subpackages found: the parser is broken"
-    assert ("report", "flops") in edges or ("report", "shrink") in edges
+    assert ("report", "flops") in edges and ("narrow", "removal") in edges
     assert cycles({("a", "b"): [], ("b", "c"): [], ("c", "a"): [], ("c", "d"): []}) == {
         ("a", "b"), ("a", "c"), ("b", "c")}
     tree = ast.parse("from . import x\nif TYPE_CHECKING:\n    import prunescope.y\ndef f():\n    import prunescope.z\n")

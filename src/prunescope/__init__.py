@@ -39,6 +39,8 @@ _EXPORTS = {
     "save_pruned": "prunescope.narrow",
     "load_pruned": "prunescope.narrow",
     "reconstruct": "prunescope.narrow",
+    "unit_masks": "prunescope.narrow",
+    "head_masks": "prunescope.narrow",
     "ShrinkError": "prunescope.errors",
     "save_masks": "prunescope.masks",
     "load_masks": "prunescope.masks",

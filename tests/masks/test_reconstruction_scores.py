@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from prunescope import unit_masks
 from prunescope.errors import ConfigError
-from prunescope.masks.units import unit_masks
 
 
 def _residual(x: np.ndarray, y: np.ndarray, keep: list[int]) -> float:
@@ -96,8 +96,8 @@ def test_needs_calibration_and_leaves_the_model_as_it_was() -> None:
 
 def test_heads_of_a_vit() -> None:
     """Whole heads go (the output projection's columns of a head are one unit), as many as with L1."""
+    from prunescope import head_masks
     from prunescope.examples.vit_digits import DigitsViT
-    from prunescope.masks.units import head_masks
 
     torch.manual_seed(0)
     model = DigitsViT().eval()

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from prunescope import unit_masks
 from prunescope.errors import ConfigError
 from prunescope.examples.digits import DigitsNet
 from prunescope.graph import trace
-from prunescope.masks import fix_mask_conflict, group_masks, unit_masks
+from prunescope.masks import fix_mask_conflict, group_masks
 from prunescope.masks.units import channel_units, is_trivial
 from prunescope.narrow import shrink
 from prunescope.topology import channel_atoms

@@ -18,14 +18,13 @@ import robust_models as rm
 import torch
 from torch import nn
 
-from prunescope import count_flops_params
+from prunescope import count_flops_params, head_masks, unit_masks
 from prunescope._io import atomic_write
 from prunescope.cli import main
 from prunescope.errors import ConfigError, MaskError, OutputError, PrunescopeError, TraceError, UnsupportedModelError
 from prunescope.flops import flops_report
 from prunescope.graph import trace
 from prunescope.masks import apply_masks, load_masks, save_masks, validate_masks
-from prunescope.masks.units import head_masks, unit_masks
 from prunescope.narrow import ShrinkError, as_pruned, save_pruned, shrink
 from prunescope.removal import not_safe_to_prune
 from prunescope.report import run_report

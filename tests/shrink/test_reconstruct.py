@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 import prunescope
+from prunescope import unit_masks
 from prunescope.errors import ConfigError
-from prunescope.masks.units import input_channel_norms, unit_masks
+from prunescope.masks.units import input_channel_norms
 from prunescope.narrow import ShrinkWarning, reconstruct, shrink
 
 R = sys.modules["prunescope.narrow.reconstruct"]
@@ -263,8 +264,8 @@ def _sequences(n: int, g: torch.Generator, vocab: int = 32, length: int = 12) ->
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])  # BERT: plain Linear layers, as LLaMA
 def test_transformer_heads_and_mlp_units(kind: str) -> None:
     transformers = pytest.importorskip("transformers")
+    from prunescope import head_masks
     from prunescope.graph import trace
-    from prunescope.masks.units import head_masks
 
     torch.manual_seed(0)
     common = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunescope.masks.units import unit_masks
+from prunescope import unit_masks
 from prunescope.narrow import ShrinkWarning, refit, shrink
 
 
@@ -113,8 +113,8 @@ def test_no_chain_when_blocks_write_into_their_input_or_cache_too_small() -> Non
 
 def test_tiny_llama_blocks_equal_whole_model() -> None:
     transformers = pytest.importorskip("transformers")
+    from prunescope import head_masks
     from prunescope.graph import trace
-    from prunescope.masks.units import head_masks
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,

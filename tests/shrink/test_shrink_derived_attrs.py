@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunescope import unit_masks
 from prunescope.graph import trace
-from prunescope.masks import unit_masks
 from prunescope.narrow import as_pruned, shrink
 from prunescope.narrow.prunable import prunable_sets
 

@@ -297,7 +297,7 @@ def test_timm_swin_as_pruned_equals_shrink():
     """A tiny Swin (timm, random weights): unit masks at 30% remove channels its LayerNorms normalise over; the
     masked model used to zero after the full-width norm (rel. diff 0.16 on this config), now it renormalises."""
     timm = pytest.importorskip("timm")
-    from prunescope.masks.units import unit_masks
+    from prunescope import unit_masks
 
     torch.manual_seed(0)
     net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=64,

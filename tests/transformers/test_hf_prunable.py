@@ -13,9 +13,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from prunescope import count_flops_params  # noqa: E402
+from prunescope import (  # noqa: E402
+    count_flops_params,  # noqa: E402
+    head_masks,
+    unit_masks,
+)
 from prunescope.graph import trace  # noqa: E402
-from prunescope.masks import head_masks, unit_masks  # noqa: E402
 from prunescope.masks.layers import is_transposed_linear  # noqa: E402
 from prunescope.narrow import ShrinkWarning, as_pruned, shrink  # noqa: E402
 

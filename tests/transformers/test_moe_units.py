@@ -273,8 +273,8 @@ def test_template_meeting_the_residual_ties_every_expert() -> None:
 
 
 def test_expert_masks_prune_the_lowest_units_of_every_expert_and_shrink() -> None:
+    from prunescope import unit_masks
     from prunescope.masks.expert_masks import expert_masks
-    from prunescope.masks.units import unit_masks
 
     model = build("qwen2_moe", "sdpa")
     x = inputs()

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunescope import head_masks, unit_masks
 from prunescope.examples.vit_digits import DigitsViT
 from prunescope.graph import trace
-from prunescope.masks import fix_mask_conflict, head_masks, unit_masks
+from prunescope.masks import fix_mask_conflict
 from prunescope.sensitivity import SensitivityAnalysis
 
 X = torch.ones(1, 1, 8, 8)

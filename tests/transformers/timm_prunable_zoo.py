@@ -119,9 +119,9 @@ def normalised_over_removed(plan: Any) -> list[str]:
 def check(name: str, sparsity: float = 0.3) -> dict[str, Any]:
     """Run the issue's pipeline on one model; returns a row with what happened (never raises for a model's
     outcome: ``row['error']`` says what failed)."""
+    from prunescope import unit_masks
     from prunescope.flops import count_flops_params
     from prunescope.graph import trace
-    from prunescope.masks import unit_masks
     from prunescope.narrow import ShrinkWarning, as_pruned, shrink
 
     row: dict[str, Any] = {"name": name, "family": FAMILY.get(name, "?")}

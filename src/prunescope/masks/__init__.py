@@ -10,7 +10,6 @@ from .apply import apply_masks
 from .conflict import ConflictChange, FixedMasks, fix_mask_conflict, fix_masks_with
 from .files import load_masks, save_masks, validate_masks
 from .pruners import FPGMPruner, L1FilterPruner, L2FilterPruner, LevelPruner, Pruner, group_masks, layer_mask
-from .units import head_masks, unit_masks
 
 __all__ = [
     "ConflictChange",
@@ -24,10 +23,8 @@ __all__ = [
     "fix_mask_conflict",
     "fix_masks_with",
     "group_masks",
-    "head_masks",
     "layer_mask",
     "load_masks",
     "save_masks",
-    "unit_masks",
     "validate_masks",
 ]

@@ -24,6 +24,7 @@ Example
 -------
 >>> import torch
 >>> from torch import nn
+>>> from prunescope import unit_masks
 >>> import torch.nn.functional as F
 >>> class Block(nn.Module):
 ...     def __init__(self):
@@ -60,11 +61,11 @@ from torch import nn
 from ..errors import ConfigError
 from ..graph import make_inputs, preserved_training
 from .layers import CONV_TYPES, in_channel_matrix, is_transposed_linear, weight_of
-from .pruners import PRUNE_TYPES, _masks_from_keep, group_masks, is_filter_layer, select_lowest
+from .pruners import _masks_from_keep, group_masks, is_filter_layer, select_lowest
 
-__all__ = ["channel_units", "unit_masks", "head_masks", "unit_scores_from_consumers", "input_channel_norms",
-           "unit_scores_from_activations", "input_grams", "reconstruction_keep", "RefitConsumer",
-           "RECONSTRUCTION_DAMP"]
+__all__ = ["channel_units", "check_sparsity", "activation_masks", "reconstruction_set_masks",
+           "unit_scores_from_consumers", "input_channel_norms", "unit_scores_from_activations", "input_grams",
+           "reconstruction_keep", "RefitConsumer", "RECONSTRUCTION_DAMP"]
 
 
 def channel_units(ca: Any, members: Sequence[str]) -> list[np.ndarray] | None:
@@ -130,7 +131,7 @@ def unit_scores_from_consumers(ca: Any, model: nn.Module, members: Sequence[str]
     return total
 
 
-def _check_sparsity(sparsity: Any, where: str) -> float:
+def check_sparsity(sparsity: Any, where: str) -> float:
     """``sparsity`` as a float in ``[0, 1)``; a :class:`ConfigError` naming the value otherwise (1 would remove
     every unit of every set, NaN and values outside the range select no meaningful count)."""
     if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
@@ -140,122 +141,6 @@ def _check_sparsity(sparsity: Any, where: str) -> float:
         raise ConfigError(f"{where}: sparsity must be a number with 0 <= sparsity < 1 (the fraction of each set's "
                           f"units removed), got {value!r}")
     return value
-
-
-@torch.no_grad()
-def unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, layers: Iterable[str] | None = None,
-               prune_type: str = "l1", consumers: bool = False, graph: Any = None,
-               calibration: Iterable[Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Masks that prune ``int(n_units * sparsity)`` whole units of every dependency set (see the module docs);
-    ``0 <= sparsity < 1`` (anything else, NaN included, is a :class:`~prunescope.errors.ConfigError`).
-
-    ``layers``: prune the sets that contain one of these layers (default: every set that may be pruned, the one
-    definition of :func:`prunescope.narrow.prunable.prunable_sets`: no unsafe layer, no channel reaching the
-    model output, units removable group by group of the grouped convolutions, and a set that
-    :func:`~prunescope.narrow.shrink` narrows as asked). A named layer whose set may not be pruned is an error
-    naming the reason. On a grouped convolution the same number of units goes from every group. Returns NNI's
-    mask layout ``{layer: {'weight', 'bias'}}`` for every member of the pruned sets; the masks remove whole
-    engine classes, equally per group, so :func:`prunescope.masks.fix_mask_conflict` leaves them as they are
-    and ``shrink`` removes every masked channel. ``prune_type``: ``'l1'`` (default), ``'l2'`` or ``'fpgm'``;
-    ``consumers=True`` adds the consumer columns' norms to the unit scores. ``prune_type='activation'`` (needs
-    ``calibration``, an iterable of unlabeled input batches) scores a unit by what its removal costs on those
-    inputs: the activation-weighted norm of Wanda-sp/FLAP, ``Σ |W[:, c]| · ‖X_c‖₂`` over the consumer columns
-    ``c`` that read the unit (see :func:`unit_scores_from_activations`; sets of grouped convolutions, whose units
-    are chosen group by group, keep L1 scores). ``prune_type='reconstruction'`` (needs ``calibration``) chooses
-    the units the least-squares refit of :func:`prunescope.narrow.reconstruct` recovers best: greedily, the units
-    whose removal, with the consumers' remaining input columns refit, adds the least output error on those
-    inputs (ThiNet's criterion with the refit, see :func:`reconstruction_keep`; under a second on the digits CNN,
-    about a minute of CPU on a resnet18 at 224x224: O(d³) per consumer of d input columns, every consumer's
-    d x d Gram held at once, 2.3 GB there). The model is not modified.
-    """
-    return _unit_masks(model, dummy_input, sparsity, layers, prune_type, consumers, graph, calibration,
-                       strict=True, where="unit_masks")
-
-
-def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Iterable[str] | None,
-                prune_type: str, consumers: bool, graph: Any, calibration: Iterable[Any] | None, strict: bool,
-                where: str) -> dict[str, dict[str, Any]]:
-    """:func:`unit_masks`; ``strict=False`` skips the named layers' sets that may not be pruned."""
-    sparsity = _check_sparsity(sparsity, where)
-    norms = None
-    if prune_type == "activation":
-        if calibration is None:
-            raise ConfigError("unit pruning with prune_type='activation' needs calibration= (input batches)")
-        norms = input_channel_norms(model, calibration)
-    elif prune_type == "reconstruction":
-        if calibration is None:
-            raise ConfigError("unit pruning with prune_type='reconstruction' needs calibration= (input batches)")
-    elif prune_type not in PRUNE_TYPES or prune_type == "level":
-        raise ConfigError(f"unit pruning needs a filter prune type ('l1', 'l2', 'fpgm', 'activation', "
-                          f"'reconstruction'), got {prune_type!r}")
-    from ..graph import trace
-    from ..narrow.prunable import prunable_sets  # the removal layer owns "prunable"; it imports this module
-
-    g = graph if graph is not None else trace(model, dummy_input)
-    p = prunable_sets(model, g, dummy_input)
-    wanted = None if layers is None else list(layers)
-    if wanted is not None:
-        known = {m for s in p.sets for m in s} | {m for k in p.excluded for m in k.split("+")}
-        missing = [n for n in wanted if n not in known]
-        if missing:
-            raise ConfigError(f"layers {missing} are not conv/linear layers of any dependency set")
-        for key, why in p.excluded.items():
-            if strict and any(m in wanted for m in key.split("+")):
-                raise ConfigError(f"dependency set {key} may not be pruned: {why}")
-    modules = dict(model.named_modules())
-    chosen = [s for s in p.sets if wanted is None or any(m in wanted for m in s)]
-    by_refit: dict[str, list[dict[str, Any]]] = {}
-    if prune_type == "reconstruction":
-        by_refit = _reconstruction_set_masks(p, model, [s for s in chosen if p.chunks.get("+".join(s)) is None],
-                                             calibration, sparsity)  # type: ignore[arg-type]
-    out: dict[str, dict[str, Any]] = {}
-    for s in chosen:
-        key = "+".join(s)
-        units = p.units[key]
-        chunk = p.chunks.get(key)
-        if norms is not None and chunk is None:
-            out.update(zip(s, _activation_masks(p.atoms, model, [modules[m] for m in s], s, units, norms, sparsity)))
-            continue
-        if key in by_refit:
-            out.update(zip(s, by_refit[key]))
-            continue
-        extra = unit_scores_from_consumers(p.atoms, model, s, units, prune_type) if consumers else None
-        kind = "l1" if prune_type in ("activation", "reconstruction") else prune_type
-        masks = group_masks([modules[m] for m in s], sparsity, kind, units=[u.tolist() for u in units],
-                            extra_scores=extra, chunks=None if chunk is None else chunk.tolist())
-        out.update(zip(s, masks))
-    return out
-
-
-def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_type: str = "l1",
-               consumers: bool = True, graph: Any = None, calibration: Iterable[Any] | None = None
-               ) -> dict[str, dict[str, Any]]:
-    """Masks that prune ``int(units * sparsity)`` whole heads (whole kv groups under GQA; ``0 <= sparsity < 1``)
-    of every attention :class:`~prunescope.topology.HeadDependency` finds, scored by the norm of their q/k/v rows
-    and (default) output-projection columns (``prune_type='activation'`` with ``calibration``: by the
-    activation-weighted norm of the output-projection columns; ``'reconstruction'``: by the refit error of
-    the output projection, see :func:`unit_masks`). Attentions whose heads
-    :func:`~prunescope.narrow.shrink` cannot remove (see :func:`unit_masks`) are left out. MLP units:
-    :func:`unit_masks` with ``layers=[the MLP's first layer]``.
-
-    >>> import torch
-    >>> from prunescope.masks.units import head_masks
-    >>> from prunescope.examples.vit_digits import DigitsViT
-    >>> torch.manual_seed(0) and None
-    >>> masks = head_masks(DigitsViT(), torch.ones(1, 1, 8, 8), 0.5)
-    >>> sorted(masks)[:3], int(masks["blocks.0.attn.q"]["bias"].sum())   # 2 of 4 heads of 16 channels stay
-    (['blocks.0.attn.k', 'blocks.0.attn.q', 'blocks.0.attn.v'], 32)
-    """
-    from ..graph import trace
-    from ..topology.heads import HeadDependency
-
-    sparsity = _check_sparsity(sparsity, "head_masks")
-    g = graph if graph is not None else trace(model, dummy_input)
-    layers = [n for a in HeadDependency(model, dummy_input, traced_model=g).attentions for n in (a.q, a.k, a.v)]
-    if not layers:
-        return {}
-    return _unit_masks(model, dummy_input, sparsity, layers, prune_type, consumers, g, calibration, strict=False,
-                       where="head_masks")
 
 
 # ------------------------------------------------------------------------------- data-aware scores (issue 17.2)
@@ -318,7 +203,7 @@ def unit_scores_from_activations(ca: Any, model: nn.Module, members: Sequence[st
     return total, seen
 
 
-def _activation_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members: Sequence[str],
+def activation_masks(ca: Any, model: nn.Module, mods: list[nn.Module], members: Sequence[str],
                       units: Sequence[np.ndarray], norms: dict[str, torch.Tensor], sparsity: float
                       ) -> list[dict[str, Any]]:
     """Masks of one dependency set by activation scores; a set with a unit no consumer reads falls back to L1."""
@@ -525,7 +410,7 @@ def _n_columns(mod: nn.Module) -> int:
     return w.numel() // max(rows, 1)
 
 
-def _reconstruction_set_masks(p: Any, model: nn.Module, sets: Sequence[Sequence[str]], calibration: Iterable[Any],
+def reconstruction_set_masks(p: Any, model: nn.Module, sets: Sequence[Sequence[str]], calibration: Iterable[Any],
                               sparsity: float) -> dict[str, list[dict[str, Any]]]:
     """``{set key: member masks}`` by :func:`reconstruction_keep`, the sets taken in groups whose readers' Gram
     matrices fit :data:`GRAM_BUDGET_MB` (one pass over the calibration batches per group)."""

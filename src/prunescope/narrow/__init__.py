@@ -19,6 +19,8 @@ from ..removal.plan import Cut, RemovalPlan, plan_removal, removed_channels
 from .core import ShrinkResult, as_pruned, reconstruct, shrink
 from .files import load_pruned, save_pruned
 from .reconstruct import ReconstructResult, refit
+from .units import head_masks, unit_masks
 
 __all__ = ["shrink", "as_pruned", "save_pruned", "load_pruned", "plan_removal", "removed_channels", "RemovalPlan",
-           "Cut", "ShrinkError", "ShrinkWarning", "ShrinkResult", "reconstruct", "refit", "ReconstructResult"]
+           "Cut", "ShrinkError", "ShrinkWarning", "ShrinkResult", "reconstruct", "refit", "ReconstructResult",
+           "unit_masks", "head_masks"]
