@@ -151,7 +151,6 @@ def input_channel_norms(model: nn.Module, calibration: Iterable[Any]) -> dict[st
     if isinstance(calibration, (torch.Tensor, dict)):
         raise ConfigError("calibration must be an iterable of batches (e.g. a list of tensors), not one batch")
     sums: dict[str, torch.Tensor] = {}
-    handles = []
 
     def hook(name: str, channel_dim: int) -> Any:
         def fn(_m: nn.Module, args: Any) -> None:
@@ -163,13 +162,24 @@ def input_channel_norms(model: nn.Module, calibration: Iterable[Any]) -> dict[st
             sums[name] = sums[name] + sq if name in sums else sq
         return fn
 
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, CONV_TYPES):
+            hooks.append((mod, hook(name, 1)))
+        elif isinstance(mod, nn.Linear) or (is_transposed_linear(mod) and not isinstance(mod, nn.Embedding)):
+            hooks.append((mod, hook(name, -1)))
+    _run_calibration(model, calibration, hooks)
+    return {k: v.sqrt() for k, v in sums.items()}
+
+
+def _run_calibration(model: nn.Module, calibration: Iterable[Any], hooks: list[tuple[nn.Module, Any]]) -> None:
+    """Run every calibration batch through ``model`` (eval mode, the flags restored) with the forward pre-hooks
+    ``hooks`` registered for the duration (removed also on exceptions); an empty ``calibration`` is an error."""
+    handles = []
     n = 0
     try:
-        for name, mod in model.named_modules():
-            if isinstance(mod, CONV_TYPES):
-                handles.append(mod.register_forward_pre_hook(hook(name, 1)))
-            elif isinstance(mod, nn.Linear) or (is_transposed_linear(mod) and not isinstance(mod, nn.Embedding)):
-                handles.append(mod.register_forward_pre_hook(hook(name, -1)))
+        for mod, fn in hooks:
+            handles.append(mod.register_forward_pre_hook(fn))
         with preserved_training(model, False):
             for b in calibration:
                 args, kw = make_inputs(model, b)
@@ -180,7 +190,6 @@ def input_channel_norms(model: nn.Module, calibration: Iterable[Any]) -> dict[st
             h.remove()
     if n == 0:
         raise ConfigError("calibration is empty; give at least one batch of inputs")
-    return {k: v.sqrt() for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -266,7 +275,6 @@ def input_grams(model: nn.Module, calibration: Iterable[Any], layers: Iterable[s
         raise ConfigError("calibration must be an iterable of batches (e.g. a list of tensors), not one batch")
     modules = dict(model.named_modules())
     acc: dict[str, list[Any]] = {}
-    handles = []
 
     def hook(name: str) -> Any:
         def fn(mod: nn.Module, args: Any) -> None:
@@ -284,21 +292,7 @@ def input_grams(model: nn.Module, calibration: Iterable[Any], layers: Iterable[s
                 a[2] += rows.shape[0]
         return fn
 
-    n = 0
-    try:
-        for name in dict.fromkeys(layers):
-            if name in modules:
-                handles.append(modules[name].register_forward_pre_hook(hook(name)))
-        with preserved_training(model, False):
-            for b in calibration:
-                args, kw = make_inputs(model, b)
-                model(*args, **kw)
-                n += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n == 0:
-        raise ConfigError("calibration is empty; give at least one batch of inputs")
+    _run_calibration(model, calibration, [(modules[n], hook(n)) for n in dict.fromkeys(layers) if n in modules])
     return {k: (v[0], v[1], int(v[2])) for k, v in acc.items()}
 
 
