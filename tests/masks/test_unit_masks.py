@@ -108,10 +108,13 @@ def test_units_spanning_channels_of_one_layer_go_whole() -> None:
 
 def test_units_shrink_cannot_narrow_are_not_offered() -> None:
     """The same shuffle with its sizes written as numbers: shrink cannot narrow ``a``, so no unit is offered
-    (and naming the layer says why)."""
+    (and naming the layer says why; an empty answer comes with a warning that says why, at the caller's line)."""
     net = Shuffle(literal=True).eval()
     x = torch.ones(1, 3, 4, 4)
-    assert unit_masks(net, x, 0.5) == {}
+    with pytest.warns(UserWarning, match=r"unit_masks: no dependency set may be pruned.*a: shrink cannot remove") \
+            as rec:
+        assert unit_masks(net, x, 0.5) == {}
+    assert [w.filename for w in rec if "no dependency set" in str(w.message)] == [__file__]
     with pytest.raises(ConfigError, match="dependency set a may not be pruned: shrink cannot remove"):
         unit_masks(net, x, 0.5, layers=["a"])
 

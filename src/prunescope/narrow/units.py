@@ -8,6 +8,7 @@ points sit above it, in the layer of ``shrink``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -89,6 +90,8 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
                 raise ConfigError(f"dependency set {key} may not be pruned: {why}")
     modules = dict(model.named_modules())
     chosen = [s for s in p.sets if wanted is None or any(m in wanted for m in s)]
+    if not chosen:
+        _say_why_none(p.excluded, wanted, where)
     by_refit: dict[str, list[dict[str, Any]]] = {}
     if prune_type == "reconstruction":
         by_refit = reconstruction_set_masks(p, model, [s for s in chosen if p.chunks.get("+".join(s)) is None],
@@ -110,6 +113,18 @@ def _unit_masks(model: nn.Module, dummy_input: Any, sparsity: float, layers: Ite
                             extra_scores=extra, chunks=None if chunk is None else chunk.tolist())
         out.update(zip(s, masks))
     return out
+
+
+def _say_why_none(excluded: dict[str, str], wanted: list[str] | None, where: str) -> None:
+    """No set to prune: say so with the reasons (an empty dict alone reads as "nothing to prune here")."""
+    left = {k: why for k, why in excluded.items() if wanted is None or any(m in wanted for m in k.split("+"))}
+    if not left:
+        return
+    shown = "; ".join(f"{k}: {why}" for k, why in list(left.items())[:3])
+    more = f"; and {len(left) - 3} more" if len(left) > 3 else ""
+    level = 5 if where == "unit_masks" else 4  # the user's line (unit_masks has no_grad's wrapper in between)
+    warnings.warn(f"{where}: no dependency set may be pruned, so no masks are returned ({len(left)} left alone: "
+                  f"{shown}{more})", stacklevel=level)
 
 
 def head_masks(model: nn.Module, dummy_input: Any, sparsity: float, *, prune_type: str = "l1",
