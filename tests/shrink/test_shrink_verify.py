@@ -234,8 +234,8 @@ def test_as_pruned_renormalises_over_kept_channels_like_shrink(case):
 
 
 def test_rmsnorm_over_removed_channels_is_the_narrowed_rmsnorm():
-    """shrink keeps channels an ``rms_norm`` reads (the engine has no rule for it yet); as_pruned's emulation is
-    checked against a hand-narrowed model: Linear(6, 5) -> RMSNorm(5) -> Linear(5, 3)."""
+    """shrink removes the channels an ``rms_norm`` reads (the op catalogue's norm table), and both the shrunk
+    model and as_pruned's emulation equal a hand-narrowed model: Linear(6, 5) -> RMSNorm(5) -> Linear(5, 3)."""
     torch.manual_seed(0)
     net = TokenMLP(nn.RMSNorm(8, eps=1e-6)).eval()
     randomize_norms(net)
@@ -252,20 +252,15 @@ def test_rmsnorm_over_removed_channels_is_the_narrowed_rmsnorm():
         want = hand(x)
     from prunescope.graph import trace
     from prunescope.removal.plan import plan_removal
-    from prunescope.topology import channel_atoms
 
     g = trace(net, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the engine's unknown-op warning for rms_norm
-        channel_atoms(g)
     masks = {"fc1": {"weight": torch.ones(8, 6).index_fill(0, torch.tensor(drop), 0), "bias": None}}
     plan = plan_removal(g, masks, check_pins=False)
-    if plan.removed["fc1"].any():  # once the engine narrows rms_norm: shrink and as_pruned must agree
-        with torch.no_grad():
-            assert torch.allclose(shrink(net, masks, x)(x), want, rtol=1e-4, atol=1e-6)
-    # the emulation itself, with a plan that removes the channels (as the narrowed model would)
-    plan.atom_removed[plan.atoms.layer_atoms("fc1")[drop]] = True
-    plan.removed["fc1"][drop] = True
+    assert plan.removed["fc1"].tolist() == [i in drop for i in range(8)]  # the engine follows rms_norm
+    with torch.no_grad():
+        small = shrink(net, masks, x)
+        assert small.norm.normalized_shape == (5,)
+        assert torch.allclose(small(x), want, rtol=1e-4, atol=1e-6)
     with as_pruned(net, masks, plan=plan), torch.no_grad():
         got = net(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
