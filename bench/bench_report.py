@@ -6,8 +6,8 @@ left is prunescope's own work. Models: torchvision resnet18 / resnet50 on 1x3x64
 classifier (12 layers, 12 heads, hidden 768, MLP 3072; sequence 16), random weights, sparsities 0.25/0.5/0.75.
 The stages are called as :func:`prunescope.report.run_report` calls them (:mod:`prunescope.report.stages`).
 
-``--baseline REV`` runs the same measurement on another commit's ``src/`` (``git archive``, a subprocess),
-alternating with this tree's per model, and prints after/before ratios per stage; it also checks that both
+``--baseline REV`` runs the same measurement on another commit's ``src/`` (``git archive``) and on this tree's,
+each in a fresh subprocess, alternating per model, and prints this/baseline ratios per stage; it also checks that both
 chose the same plan with the same counts and metrics (``summary.json`` minus timings and run id).
 The plan step's counting is checked too: every plan the search counted, counted again by
 :class:`prunescope.report.plans.PlanMasks` (cold caches) and, on a sample, from scratch (the masks of the whole
@@ -158,20 +158,22 @@ def count_from_scratch(pm: PlanMasks, plan: dict[str, float]) -> int:
     return int(flops_report(pm.model, pm.x, graph=pm.dense.graph, masks=masks, effective=True).total_flops)
 
 
-def baseline_row(rev: str, name: str, plan_evals: int, sample: int) -> dict[str, Any]:
-    """:func:`one` on commit ``rev``'s ``src/`` (extracted once per process), in a subprocess."""
-    global _BASE
-    if _BASE is None:
-        _BASE = tempfile.mkdtemp(prefix="bench_report_base_")
-        archive = subprocess.run(["git", "-C", HERE, "archive", rev, "src"], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", _BASE], input=archive, check=True)
-    env = dict(os.environ, PRUNESCOPE_SRC=os.path.join(_BASE, "src"))
+def row_in_subprocess(src: str, name: str, plan_evals: int, sample: int) -> dict[str, Any]:
+    """:func:`one` on the package under ``src`` in a fresh interpreter (both sides of a comparison start cold:
+    no import or allocator warmed up by the other)."""
+    env = dict(os.environ, PRUNESCOPE_SRC=src)
     out = subprocess.run([sys.executable, __file__, "--models", name, "--evals", str(plan_evals), "--sample",
                           str(sample), "--json"], env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-_BASE: str | None = None
+def extract(rev: str) -> str:
+    """Commit ``rev``'s ``src/`` in a temporary folder (``git archive``)."""
+    base = tempfile.mkdtemp(prefix="bench_report_base_")
+    archive = subprocess.run(["git", "-C", os.path.join(HERE, ".."), "archive", rev, "src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
+    return os.path.join(base, "src")
 
 
 def show(r: dict[str, Any], label: str) -> None:
@@ -193,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print each row as one JSON line (the --baseline worker)")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    base_src = extract(a.baseline) if a.baseline else None
     for name in a.models.split(","):
         for ev in [int(v) for v in a.evals.split(",")]:
-            base = baseline_row(a.baseline, name, ev, a.sample) if a.baseline else None
-            r = one(name, ev, a.sample, f"{a.profile}.{name}" if a.profile else None)
+            base = row_in_subprocess(base_src, name, ev, a.sample) if base_src else None
+            r = row_in_subprocess(os.path.join(HERE, "..", "src"), name, ev, a.sample) if base_src else \
+                one(name, ev, a.sample, f"{a.profile}.{name}" if a.profile else None)
             if a.json:
                 print(json.dumps(r), flush=True)
                 continue
