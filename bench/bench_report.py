@@ -24,8 +24,10 @@ see the README ("The report's own time") for the table of the latest run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     base_src = extract(a.baseline) if a.baseline else None
+    if base_src is not None:
+        atexit.register(shutil.rmtree, os.path.dirname(base_src), True)
     for name in a.models.split(","):
         for ev in [int(v) for v in a.evals.split(",")]:
             base = row_in_subprocess(base_src, name, ev, a.sample) if base_src else None
