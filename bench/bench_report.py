@@ -1,58 +1,56 @@
-"""The report's own time (everything but the user's evaluations) vs the number of sets and candidate plans.
+"""The report's own time (everything but the user's evaluations), per stage, on resnet18/resnet50/BERT-base shapes.
 
-``prunescope report`` = trace + counts, topology, sensitivity sweep, plan search, verification, folder. With a
-trivial evaluation (one forward on a small input, compared with the dense output) nearly all of the time left
-is prunescope's own work. Models: torchvision resnet18 / resnet50 on 1x3x64x64 and a BERT-base-shaped
+``prunescope report`` = trace + counts, topology, sensitivity sweep, plan search, verification, recovery, folder.
+With a trivial evaluation (one forward on a small input, compared with the dense output) nearly all of the time
+left is prunescope's own work. Models: torchvision resnet18 / resnet50 on 1x3x64x64 and a BERT-base-shaped
 classifier (12 layers, 12 heads, hidden 768, MLP 3072; sequence 16), random weights, sparsities 0.25/0.5/0.75.
+The stages are called as :func:`prunescope.report.run_report` calls them (:mod:`prunescope.report.stages`).
 
-"before" is the old code path of the plan step, run in the same process: every candidate plan's masks made
-conflict-free by ``fix_mask_conflict`` of the whole plan and counted from scratch by
-``flops_report(..., effective=True)``; "after" is the shipped path (per-set masks and masked atoms computed once,
-:class:`prunescope.flops.plancost.PlanCost`). Every run reports the whole report's own time per step, then
-counts the plans its search counted once more by both paths, cold caches: all of them by the new path, a
-sample by the old one (extrapolated: the old path takes minutes to hours on resnet50/BERT), and checks the
-counts are equal. ``--before`` also runs the whole report on the old path.
+``--baseline REV`` runs the same measurement on another commit's ``src/`` (``git archive``) and on this tree's,
+each in a fresh subprocess, alternating per model, and prints this/baseline ratios per stage; it also checks that both
+chose the same plan with the same counts and metrics (``summary.json`` minus timings and run id).
+The plan step's counting is checked too: every plan the search counted, counted again by
+:class:`prunescope.report.plans.PlanMasks` (cold caches) and, on a sample, from scratch (the masks of the whole
+plan made conflict-free by ``fix_mask_conflict``, ``flops_report(..., effective=True)``); the counts must be equal.
 
-    python bench/bench_report.py                 # resnet18, resnet50, bert-base; plan_evals 16
-    python bench/bench_report.py --models resnet18 --evals 8,16,32 --before
+    python bench/bench_report.py                          # resnet18, resnet50, bert-base; plan_evals 16
+    python bench/bench_report.py --models bert-base --baseline 970ae91
 
-Measured (2026-12-06, a 2-core machine shared with six other jobs, load average 7-9: absolute seconds are
-several times those of an idle machine; before = commit a5198af, after = this code, run back to back, the same
-plans chosen on resnet18 and BERT-base), the report's own time in seconds per step (user evaluations excluded):
-
-    model      plans counted   cost  topology  sweep   plan  verify  folder   own total
-    resnet18   before   236    0.14    0.44     1.26   4.07   2.40    2.16      10.5
-               after     53    0.12    0.38     0.70   1.23   1.91    1.66       6.1
-    resnet50   before  6827    0.29    1.34    25.32 166.24   5.33    4.14     202.7
-               after    375    0.30    1.00     1.37   9.97   5.90    3.23      21.8
-    bert-base  before   640    0.46    1.66    44.99  42.40  11.52    7.96     109.2
-               after     52    0.62    2.09     3.29  14.02  12.04    5.47      37.7
-
-Where the time went before (cProfile): the sweep's as-pruned zero points (``follower_zero_map`` per group, a
-class-member scan per channel position: 18 s resnet50, 150 s BERT under the profiler) -> one walk for all
-groups (``follower_zero_maps``); the plan step counted every neighbour of every move (~1,400 on resnet50, each
-a removal decision whose value-state walk is ~20 ms) -> neighbours ranked by prediction first and counted only
-up to the one measured next, the value-state walk restarted from the nearest vector seen (``IncrementalStates``),
-predictions vectorised. What is left after: the plan step's per-measurement work (applying the masks: validating
-and snapshotting every masked weight, ~0.5 s per plan on BERT-base here), verify's latency timing and two
-``shrink`` calls, and the page (plots).
+Measured (2026-12-06, a 2-core machine shared with other jobs: absolute seconds vary with the load, the ratios
+are of runs back to back), the report's own time in seconds per stage (user evaluations excluded):
+see the README ("The report's own time") for the table of the latest run.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import atexit
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.environ.get("PRUNESCOPE_SRC") or os.path.join(HERE, "..", "src"))
 
-from prunescope.report import steps as report_steps  # noqa: E402
+from prunescope.flops import flops_report  # noqa: E402
+from prunescope.masks import fix_mask_conflict  # noqa: E402
+from prunescope.masks.pruners import group_masks  # noqa: E402
+from prunescope.report import stages as S  # noqa: E402
+from prunescope.report.context import Context  # noqa: E402
+from prunescope.report.output import ReportFolder  # noqa: E402
+from prunescope.report.page import FILES, write_folder  # noqa: E402
+from prunescope.report.plans import PlanMasks  # noqa: E402
+from prunescope.report.records import Stages  # noqa: E402
+
+#: summary.json fields that differ between two runs of the same report (timings, the folder's run id)
+VOLATILE = {"run_id", "seconds", "latency_before_ms", "latency_after_ms", "uniform_latency_ms"}
 
 
 def build(name: str) -> tuple[torch.nn.Module, Any, Any]:
@@ -67,46 +65,6 @@ def build(name: str) -> tuple[torch.nn.Module, Any, Any]:
                                   intermediate_size=3072, max_position_embeddings=64, num_labels=2)
     model = transformers.BertForSequenceClassification(cfg).eval()
     return model, {"input_ids": torch.randint(0, 1000, (1, 16))}, "logits"
-
-
-def old_masks_for(self: Any, plan: dict[str, float]) -> dict[str, Any]:
-    """The plan step before: raw group masks of every set, one ``fix_mask_conflict`` of the whole plan."""
-    from prunescope.masks import fix_mask_conflict
-    from prunescope.masks.pruners import group_masks
-
-    key = tuple(sorted((k, v) for k, v in plan.items() if v > 0))
-    hit = self._masks_cache.get(key)
-    if hit is not None:
-        return hit
-    merged: dict[str, Any] = {}
-    for k, s in key:
-        members = k.split("+")
-        merged.update(zip(members, group_masks([self.modules[m] for m in members], float(s), "l1",
-                                               units=self.units.get(k))))
-    out = dict(fix_mask_conflict(merged, self.model, self.x, traced=self.graph)) if merged else {}
-    self._masks_cache[key] = out
-    return out
-
-
-def old_macs_of(self: Any, plan: dict[str, float]) -> int:
-    """The plan step before: a count from scratch per plan."""
-    from prunescope.flops import flops_report
-
-    masks = self.masks_for(plan)
-    if not masks:
-        return int(self.dense.total_flops)
-    return int(flops_report(self.model, self.x, graph=self.graph, masks=masks, effective=True).total_flops)
-
-
-@contextlib.contextmanager
-def old_path() -> Iterator[None]:
-    run = report_steps.Run
-    saved = run.masks_for, run.macs_of
-    run.masks_for, run.macs_of = old_masks_for, old_macs_of  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        run.masks_for, run.macs_of = saved  # type: ignore[method-assign]
 
 
 def trivial_val(model: torch.nn.Module, x: Any, field: str | None, clock: dict[str, float]) -> Any:
@@ -126,91 +84,140 @@ def trivial_val(model: torch.nn.Module, x: Any, field: str | None, clock: dict[s
     return val
 
 
-def one(name: str, plan_evals: int, before: bool, sample: int) -> dict[str, Any]:
-    """The whole report (its steps and the folder), own time per step; then the plan step's counting on the
-    same plans by both paths (the old one on a sample, extrapolated to all of them)."""
-    from prunescope.report.output import ReportFolder
-    from prunescope.report.page import FILES, write_folder
-
+def one(name: str, plan_evals: int, sample: int, profile: str | None = None) -> dict[str, Any]:
+    """The whole report (its stages and the folder), own time per stage; then the plan step's counting of the
+    same plans checked against counts from scratch (a sample)."""
     model, x, field = build(name)
+    before = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     clock = {"eval": 0.0, "n": 0}
     val = trivial_val(model, x, field, clock)
     steps: dict[str, float] = {}
+    ctx = Context(model, val, x, flops_target=0.5, sign=1.0, model_name=name, metric_name="agreement",
+                  console=None, progress=False)
+
+    def timed(label: str, fn: Any, *args: Any) -> Any:
+        t, e = time.perf_counter(), clock["eval"]
+        out = fn(*args)
+        steps[label] = round(steps.get(label, 0.0) + time.perf_counter() - t - (clock["eval"] - e), 2)
+        return out
+
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d, (old_path() if before else contextlib.nullcontext()):
+    dense = timed("cost", S.dense_cost, ctx)
+    topo = timed("topology", S.topology, ctx, dense)
+    swept = timed("sweep", S.sweep, ctx, dense, topo, [0.25, 0.5, 0.75], None)
+    plans = timed("plan", PlanMasks, model, x, dense, topo)
+    choice = timed("plan", S.choose, ctx, dense, topo, swept, plans, plan_evals)
+    verified = timed("verify", S.verify, ctx, dense, plans, choice)
+    recovered = timed("recover", S.recover, ctx, verified)
+    summary = S.summarize(ctx, dense, topo, swept, choice, verified, recovered, "bench")
+    with tempfile.TemporaryDirectory() as d:
         folder = ReportFolder(os.path.join(d, "r"), tuple(FILES.values()))
-        r = report_steps.Run(model, val, x, 0.5, [0.25, 0.5, 0.75], None, 1.0, name, "agreement", False, None,
-                             plan_evals=plan_evals)
-        for step in report_steps.STEPS:
-            t, e = time.perf_counter(), clock["eval"]
-            step(r)
-            steps[step.__name__.replace("step_", "")] = round(time.perf_counter() - t - (clock["eval"] - e), 2)
         t = time.perf_counter()
         with folder as tmp:
-            write_folder(r, folder, tmp)
+            write_folder(Stages(dense, topo, swept, choice, verified, recovered, summary), folder, tmp)
         steps["folder"] = round(time.perf_counter() - t, 2)
     wall = time.perf_counter() - t0
-    assert r.search is not None
-    plans = [dict(c.plan) for c in r.search.candidates.values() if c.plan]
-    row = {"model": name, "path": "before" if before else "after", "plan_evals": plan_evals, "sets": len(r.keys),
-           "counted_plans": len(plans), "candidates": len(r.search.measured), "wall": wall,
-           "evals_s": clock["eval"], "n_evals": clock["n"], "own": wall - clock["eval"], "plan": r.chosen.plan,
-           "steps": steps, "chosen": (r.chosen.source, r.chosen.macs, r.chosen.measured)}
-    # the counting alone, cold caches, the same plans: new path on all, old path on a sample
-    fresh = report_steps.Run(model, lambda m: 0.0, x, 0.5, None, None, 1.0, name, "m", False, None)
-    report_steps.step_cost(fresh)
-    report_steps.step_topology(fresh)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)
+    after = model.state_dict(keep_vars=True)
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), "the report left the model modified"
+    plans_counted = [dict(c.plan) for c in choice.search.candidates.values() if c.plan]
+    row: dict[str, Any] = {
+        "model": name, "plan_evals": plan_evals, "sets": len(topo.sets), "counted_plans": len(plans_counted),
+        "candidates": len(choice.search.measured), "wall": wall, "evals_s": clock["eval"], "n_evals": clock["n"],
+        "own": wall - clock["eval"], "steps": steps,
+        "summary": {k: v for k, v in summary.to_json().items() if k not in VOLATILE}}
+    # the counting alone, cold caches, the same plans; a sample counted from scratch
+    fresh = PlanMasks(model, x, dense, topo)
     t = time.perf_counter()
-    new = [fresh.macs_of(p) for p in plans]
+    new = [fresh.macs_of(p) for p in plans_counted]
     row["count_new_s"] = time.perf_counter() - t
-    picked = plans[:: max(1, len(plans) // sample)][:sample]
+    picked = list(range(0, len(plans_counted), max(1, len(plans_counted) // sample)))[:sample]
     t = time.perf_counter()
-    old = [old_macs_of_fresh(fresh, p) for p in picked]
-    per = (time.perf_counter() - t) / max(1, len(picked))
-    row["count_old_per_plan_s"] = per
-    row["count_old_s_extrapolated"] = per * len(plans)
-    row["count_equal"] = all(fresh.macs_of(p) == o for p, o in zip(picked, old))
-    assert new  # every plan counted by the new path
+    old = [count_from_scratch(fresh, plans_counted[i]) for i in picked]
+    row["count_old_per_plan_s"] = (time.perf_counter() - t) / max(1, len(picked))
+    row["count_equal"] = all(new[i] == o for i, o in zip(picked, old))
     return row
 
 
-def old_macs_of_fresh(r: Any, plan: dict[str, float]) -> int:
-    """The old count of one plan, no cache: raw group masks, the whole-plan conflict fix, a count from scratch."""
-    from prunescope.flops import flops_report
-    from prunescope.masks import fix_mask_conflict
-    from prunescope.masks.pruners import group_masks
-
+def count_from_scratch(pm: PlanMasks, plan: dict[str, float]) -> int:
+    """One plan's count without the per-set caches: raw group masks, the whole-plan conflict fix, a count from
+    scratch."""
+    modules = dict(pm.model.named_modules())
     merged: dict[str, Any] = {}
     for k, s in plan.items():
-        members = k.split("+")
-        merged.update(zip(members, group_masks([r.modules[m] for m in members], float(s), "l1",
-                                               units=r.units.get(k))))
-    masks = dict(fix_mask_conflict(merged, r.model, r.x, traced=r.graph))
-    return int(flops_report(r.model, r.x, graph=r.graph, masks=masks, effective=True).total_flops)
+        st = pm.topology.get(k)
+        merged.update(zip(st.members, group_masks([modules[m] for m in st.members], float(s), "l1",
+                                                  units=st.unit_lists())))
+    masks = dict(fix_mask_conflict(merged, pm.model, pm.x, traced=pm.dense.graph))
+    return int(flops_report(pm.model, pm.x, graph=pm.dense.graph, masks=masks, effective=True).total_flops)
+
+
+def row_in_subprocess(src: str, name: str, plan_evals: int, sample: int) -> dict[str, Any]:
+    """:func:`one` on the package under ``src`` in a fresh interpreter (both sides of a comparison start cold:
+    no import or allocator warmed up by the other)."""
+    env = dict(os.environ, PRUNESCOPE_SRC=src)
+    out = subprocess.run([sys.executable, __file__, "--models", name, "--evals", str(plan_evals), "--sample",
+                          str(sample), "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def extract(rev: str) -> str:
+    """Commit ``rev``'s ``src/`` in a temporary folder (``git archive``)."""
+    base = tempfile.mkdtemp(prefix="bench_report_base_")
+    archive = subprocess.run(["git", "-C", os.path.join(HERE, ".."), "archive", rev, "src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
+    return os.path.join(base, "src")
+
+
+def show(r: dict[str, Any], label: str) -> None:
+    print(f"{r['model']:<10} {label:<8} sets {r['sets']:>3} plan_evals {r['plan_evals']:>3}: {r['counted_plans']} "
+          f"plans counted, {r['candidates']} measured; wall {r['wall']:6.1f} s, {r['n_evals']} evaluations "
+          f"{r['evals_s']:5.1f} s, own {r['own']:6.1f} s; own per stage (s) {r['steps']}", flush=True)
+    per = r["count_new_s"] / max(1, r["counted_plans"]) * 1e3
+    print(f"{'':<19} counting: {r['count_new_s']:5.2f} s for all ({per:.1f} ms/plan, cold caches), from scratch "
+          f"{r['count_old_per_plan_s'] * 1e3:.0f} ms/plan; equal counts: {r['count_equal']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet18,resnet50,bert-base")
     p.add_argument("--evals", default="16", help="plan_evals values (candidate plans measured)")
-    p.add_argument("--before", action="store_true",
-                   help="also run the whole report on the old code path (minutes to hours on resnet50/BERT)")
-    p.add_argument("--sample", type=int, default=8, help="plans counted by the old path (extrapolated)")
+    p.add_argument("--baseline", metavar="REV", help="also measure commit REV's src/ (git archive), model by model")
+    p.add_argument("--sample", type=int, default=4, help="plans counted from scratch to check the counts")
+    p.add_argument("--profile", metavar="FILE", help="cProfile the report's stages into FILE.<model>")
+    p.add_argument("--json", action="store_true", help="print each row as one JSON line (the --baseline worker)")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    base_src = extract(a.baseline) if a.baseline else None
+    if base_src is not None:
+        atexit.register(shutil.rmtree, os.path.dirname(base_src), True)
     for name in a.models.split(","):
         for ev in [int(v) for v in a.evals.split(",")]:
-            for before in ([True, False] if a.before else [False]):
-                r = one(name, ev, before, a.sample)
-                print(f"{r['model']:<10} {r['path']:<6} sets {r['sets']:>3} plan_evals {r['plan_evals']:>3}: "
-                      f"{r['counted_plans']} plans counted, {r['candidates']} measured; wall {r['wall']:6.1f} s, "
-                      f"{r['n_evals']} evaluations {r['evals_s']:5.1f} s, own {r['own']:6.1f} s; own per step (s) "
-                      f"{r['steps']}; chosen {r['chosen']}", flush=True)
-                print(f"{'':<10} counting those {r['counted_plans']} plans: before "
-                      f"{r['count_old_s_extrapolated']:7.1f} s "
-                      f"({r['count_old_per_plan_s'] * 1e3:.0f} ms/plan on {a.sample}, extrapolated), after "
-                      f"{r['count_new_s']:5.2f} s ({r['count_new_s'] / max(1, r['counted_plans']) * 1e3:.1f} "
-                      f"ms/plan, cold caches); equal counts: {r['count_equal']}", flush=True)
+            base = row_in_subprocess(base_src, name, ev, a.sample) if base_src else None
+            r = row_in_subprocess(os.path.join(HERE, "..", "src"), name, ev, a.sample) if base_src else \
+                one(name, ev, a.sample, f"{a.profile}.{name}" if a.profile else None)
+            if a.json:
+                print(json.dumps(r), flush=True)
+                continue
+            if base is not None:
+                show(base, a.baseline[:8])
+            show(r, "this")
+            if base is not None:
+                ratios = {k: f"{v / max(base['steps'].get(k, 0.0), 1e-9):.2f}" for k, v in r["steps"].items()}
+                same = base["summary"] == r["summary"]
+                diff = [k for k in r["summary"] if base["summary"].get(k) != r["summary"][k]]
+                print(f"{'':<19} this / {a.baseline[:8]}: own {r['own'] / base['own']:.2f} "
+                      f"({base['own']:.1f} -> {r['own']:.1f} s); per stage {ratios}; same summary.json: {same}"
+                      + ("" if same else f" (differs in {diff})"), flush=True)
     return 0
 
 

@@ -136,12 +136,44 @@ def test_apply_masks_restores_on_exception() -> None:
         assert _bit_equal(before[k], v), k
 
 
+def test_apply_masks_filter_and_elementwise_masks_equal_multiplying() -> None:
+    """Filter masks (only their zeroed slices are touched) and an elementwise mask (the whole tensor multiplied)
+    leave the weights a plain multiplication by the masks leaves, NaN, inf and -0.0 in zeroed rows included; a
+    weight tied between two layers is masked by both, and everything comes back bit for bit."""
+    torch.manual_seed(0)
+    a, b, conv = nn.Linear(4, 6), nn.Linear(4, 6), nn.Conv2d(2, 5, 3)
+    b.weight = a.weight  # tied: masked by a's filter mask, then by b's elementwise mask
+    model = nn.Sequential(a, b, conv)
+    with torch.no_grad():
+        a.weight[1, 0], a.weight[3, 2], a.weight[0, 0] = float("nan"), -0.0, -1.5
+        conv.weight[4, 0, 0, 0] = float("inf")
+    ma = torch.ones(6, 4)
+    ma[[1, 3]] = 0
+    mab = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    mb = (torch.rand(6, 4) > 0.5).float()
+    mc = torch.ones(5, 2, 3, 3)
+    mc[[0, 4]] = 0
+    masks = {"0": {"weight": ma, "bias": mab}, "1": {"weight": mb}, "2": {"weight": mc, "bias": None}}
+    want = {"0.weight": a.weight.detach() * ma * mb, "0.bias": a.bias.detach() * mab,
+            "2.weight": conv.weight.detach() * mc, "2.bias": conv.bias.detach().clone()}
+    before = _snapshot(model)
+    with apply_masks(model, masks):
+        got = _snapshot(model)
+        assert all(_bit_equal(got[k], v) for k, v in want.items()), [k for k, v in want.items()
+                                                                      if not _bit_equal(got[k], v)]
+    for k, v in _snapshot(model).items():
+        assert _bit_equal(before[k], v), k
+
+
 @pytest.mark.parametrize(
     ("masks", "match"),
     [
         ({"conv9": {"weight": torch.ones(1), "bias": None}}, "'conv9': no such layer"),
         ({"conv1": {"weight": torch.ones(16, 3, 3), "bias": None}}, r"'conv1': weight mask has shape \(16, 3, 3\)"),
         ({"conv1": {"weight": torch.full((16, 3, 3, 3), 0.5), "bias": None}}, "'conv1': weight mask has values other"),
+        ({"conv1": {"weight": torch.full((16, 3, 3, 3), 2.0), "bias": None}}, "'conv1': weight mask has values other"),
+        ({"conv1": {"weight": torch.full((16, 3, 3, 3), float("nan")), "bias": None}}, "'conv1': weight mask has"),
+        ({"conv1": {"weight": torch.ones(16, 3, 3, 3), "bias": torch.full((16,), 0.5)}}, "'conv1': bias mask has val"),
         ({"conv1": {"weight": torch.ones(16, 3, 3, 3), "bias": torch.ones(3)}}, "'conv1': bias mask has shape"),
         ({"conv2": {"weight": torch.ones(32, 16, 3, 3), "bias": torch.ones(32)}}, "'conv2': a bias mask is given"),
         ({"pool": {"weight": torch.ones(1), "bias": None}}, "'pool': a AdaptiveAvgPool2d has no weight"),

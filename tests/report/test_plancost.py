@@ -1,4 +1,5 @@
-"""A plan's effective MACs from per-set contributions (``Run.macs_of``, :class:`prunescope.flops.plancost.PlanCost`)
+"""A plan's effective MACs from per-set contributions (:meth:`prunescope.report.plans.PlanMasks.macs_of`,
+:class:`prunescope.flops.plancost.PlanCost`)
 equal a count from scratch: ``flops_report(..., effective=True)`` of ``fix_mask_conflict`` of the plan's raw
 ``group_masks``, on random plans of a resnet18, a residual CNN with shared and grouped sets, and a tiny BERT with
 head and MLP units. The plan's masks (merged per-set conflict-free masks) equal the whole-plan fix too."""
@@ -16,8 +17,11 @@ from torch import nn
 from prunescope.flops import flops_report
 from prunescope.masks import fix_mask_conflict
 from prunescope.masks.pruners import group_masks
-from prunescope.removal.plan import plan_removal
-from prunescope.report.steps import Run, step_cost, step_topology
+from prunescope.removal.plan import decide_removal, plan_removal
+from prunescope.report.context import Context
+from prunescope.report.plans import PlanMasks
+from prunescope.report.stages import dense_cost, topology
+from prunescope.topology.values import value_states
 
 
 class SharedCNN(nn.Module):
@@ -57,23 +61,24 @@ def _bert():
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
-def _run(model, x) -> Run:
-    r = Run(model, lambda m: 0.0, x, 0.5, None, None, 1.0, "m", "metric", False, None)
-    step_cost(r)
-    step_topology(r)
-    return r
+def _plans(model, x) -> PlanMasks:
+    """The report's first two stages (trace + counts, topology) and its per-set plan caches."""
+    ctx = Context(model, lambda m: 0.0, x, console=None, progress=False)
+    dense = dense_cost(ctx)
+    return PlanMasks(model, x, dense, topology(ctx, dense))
 
 
-def _reference(r: Run, plan: dict[str, float]) -> tuple[dict, int]:
+def _reference(r: PlanMasks, plan: dict[str, float]) -> tuple[dict, int]:
     """The count from scratch: raw group masks of every set, one conflict fix of the whole plan, the effective
     counter."""
     modules = dict(r.model.named_modules())
     raw: dict = {}
     for k, s in plan.items():
-        members = k.split("+")
-        raw.update(zip(members, group_masks([modules[m] for m in members], s, "l1", units=r.units.get(k))))
-    fixed = dict(fix_mask_conflict(raw, r.model, r.x, traced=r.graph))
-    return fixed, flops_report(r.model, r.x, graph=r.graph, masks=fixed, effective=True).total_flops
+        st = r.topology.get(k)
+        raw.update(zip(st.members, group_masks([modules[m] for m in st.members], s, "l1", units=st.unit_lists())))
+    graph = r.dense.graph
+    fixed = dict(fix_mask_conflict(raw, r.model, r.x, traced=graph))
+    return fixed, flops_report(r.model, r.x, graph=graph, masks=fixed, effective=True).total_flops
 
 
 def _same_plan(got, want) -> None:
@@ -98,17 +103,18 @@ def test_plan_macs_equal_the_effective_count_from_scratch(kind):
         model, x, n = SharedCNN().eval(), torch.ones(1, 3, 8, 8), 12
     else:
         model, x, n = _bert(), {"input_ids": torch.randint(0, 50, (2, 8))}, 12
-    r = _run(model, x)
-    assert len(r.keys) >= (2 if kind == "shared" else 3), (r.keys, r.excluded)
+    r = _plans(model, x)
+    keys = r.topology.names
+    assert len(keys) >= (2 if kind == "shared" else 3), (keys, r.topology.excluded)
     if kind == "shared":  # the grouped-conv set goes through the conflict fix, the others through the fast path
-        assert any(r.constrained(k) for k in r.keys) and not all(r.constrained(k) for k in r.keys)
+        assert any(r.constrained(k) for k in keys) and not all(r.constrained(k) for k in keys)
     if kind == "bert":  # heads (4 units over 3 members of 32 channels) and MLP units
-        assert any(r.units.get(k) is not None for k in r.keys)
+        assert any(s.units is not None for s in r.topology.sets)
     rng = random.Random(1)
     levels = [0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9]
     seen = set()
     for _ in range(n):
-        plan = {k: rng.choice(levels) for k in r.keys if rng.random() < 0.7}
+        plan = {k: rng.choice(levels) for k in keys if rng.random() < 0.7}
         if not plan:
             continue
         fixed, want = _reference(r, plan)
@@ -119,9 +125,9 @@ def test_plan_macs_equal_the_effective_count_from_scratch(kind):
         assert set(masks) == set(fixed)
         for layer, m in fixed.items():
             assert torch.equal(masks[layer]["weight"], m["weight"]), layer
-        _same_plan(r.removal_plan(plan), plan_removal(r.graph, fixed, check_pins=False))
+        _same_plan(r.removal_plan(plan), plan_removal(r.dense.graph, fixed, check_pins=False))
     assert len(seen) >= 3  # the plans differ in cost: the comparison is not between constants
-    assert r.macs_of({}) == r.dense.total_flops
+    assert r.macs_of({}) == r.dense.macs == flops_report(model, x).total_flops
 
 
 @pytest.mark.parametrize("kind", ["shared", "bert"])
@@ -130,23 +136,21 @@ def test_incremental_walk_equals_the_full_count_along_a_neighbour_walk(kind):
     value-state walk of the removal decision from the nearest vector it has seen (IncrementalStates). Along
     such a walk every count equals the effective count from scratch, and the states equal a full walk (the
     residual/grouped/depthwise CNN and a tiny BERT; resnet18's random plans above take this path too)."""
-    from prunescope.removal.plan import decide_removal
-    from prunescope.topology.values import value_states
-
     torch.manual_seed(0)
     if kind == "shared":
         model, x = SharedCNN().eval(), torch.ones(1, 3, 8, 8)
     else:
         model, x = _bert(), {"input_ids": torch.randint(0, 50, (2, 8))}
-    r = _run(model, x)
+    r = _plans(model, x)
+    keys = r.topology.names
     rng = random.Random(3)
     levels = [0.25, 0.5, 0.75]
-    plan = {k: rng.choice(levels) for k in r.keys if rng.random() < 0.6}
+    plan = {k: rng.choice(levels) for k in keys if rng.random() < 0.6}
     states = r.cost._planner.states
     seen, moved = set(), 0
     for step in range(10):
         p = dict(plan)
-        for k in rng.sample(r.keys, 2 if step % 2 else 1):  # one set changed, or two (a swap)
+        for k in rng.sample(keys, 2 if step % 2 else 1):  # one set changed, or two (a swap)
             p[k] = rng.choice([0.0, *levels])
         p = {k: v for k, v in p.items() if v > 0}
         _, want = _reference(r, p)

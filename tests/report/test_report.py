@@ -383,3 +383,19 @@ def test_embedded_examples_are_chosen_in_examples_not_in_the_cli():
     assert bare.example.name == "digits" and bare.calibrate is None and bare.finetune is None
     with pytest.raises(ConfigError, match="unknown example 'resnet'.*digits, vit-digits"):
         load_example("resnet")
+
+
+def test_every_stage_shows_progress(tmp_path, capsys):
+    """With ``progress`` every stage that can take seconds on a large model draws a bar on stderr, the topology
+    stage's steps by name (the shrink probe included); with ``progress=False`` nothing is drawn."""
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(32, 2)).eval()
+    x = torch.ones(1, 1, 6, 6)
+    score = lambda m: float(m(x).sum().detach())  # noqa: E731
+    run_report(net, score, x, tmp_path / "a", sparsities=[0.5], console=None, plan_evals=2, progress=True)
+    err = capsys.readouterr().err
+    for shown in ("cost", "tracing", "topology", "dependency sets", "prunable sets (shrink probe)", "sensitivity",
+                  "plan search", "verify", "folder"):
+        assert shown in err, shown
+    run_report(net, score, x, tmp_path / "b", sparsities=[0.5], console=None, plan_evals=2, progress=False)
+    assert capsys.readouterr().err == ""

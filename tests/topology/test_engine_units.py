@@ -13,7 +13,7 @@ from torch import nn
 
 from prunescope.graph import trace
 from prunescope.topology import channel_atoms
-from prunescope.topology.engine import _UF
+from prunescope.topology.engine import UnionFind
 
 
 def _reference(n: int, edges: list[tuple[int, int]]) -> np.ndarray:
@@ -36,7 +36,7 @@ def test_incremental_union_find_equals_one_shot() -> None:
     for _ in range(20):
         n = int(rng.integers(5, 200))
         edges = [tuple(int(v) for v in rng.integers(0, n, 2)) for _e in range(int(rng.integers(0, 2 * n)))]
-        uf = _UF()
+        uf = UnionFind()
         grown = 0
         for k in range(0, len(edges), 7):  # solve every 7 edges, with the element count growing
             chunk = edges[k:k + 7]

@@ -40,7 +40,7 @@ from prunescope.graph import trace  # noqa: E402
 from prunescope.narrow import shrink  # noqa: E402
 from prunescope.removal.plan import plan_removal  # noqa: E402
 from prunescope.topology import TopologyWarning, channel_atoms  # noqa: E402
-from prunescope.topology.tracing import _meta_trace  # noqa: E402
+from prunescope.topology.tracing import meta_trace  # noqa: E402
 
 H, E, K, W, LAYERS = 32, 4, 2, 16, 2
 SHARED = 24
@@ -129,7 +129,7 @@ def test_eager_equals_sdpa_and_meta_trace(kind: str) -> None:
     for layer in a.layers:
         if a.layers[layer].kind == "experts":
             assert partition(a, layer) == partition(b, layer)
-    g = _meta_trace(build(kind, "sdpa"), inputs())  # _grouped_mm on meta: the output is made from the shapes
+    g = meta_trace(build(kind, "sdpa"), inputs())  # _grouped_mm on meta: the output is made from the shapes
     assert g is not None
     assert sum(n.name == "_grouped_mm" for n in g.nodes) == 2 * LAYERS
 

@@ -72,11 +72,12 @@ def _binary(t: torch.Tensor) -> bool:
     return bool(((t == 0) | (t == 1)).all())
 
 
-def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks:
+def validate_masks(masks: Any, model: nn.Module, source: str = "masks", *, values: bool = True) -> Masks:
     """Check masks against a model; raise :class:`MaskError` naming the layer and the problem.
 
     Checks: the layer exists, it has a ``weight`` tensor (otherwise it cannot be masked), the shapes
-    match, the values are only 0 and 1, and a bias mask is only given for a layer with a bias.
+    match, the values are only 0 and 1 (``values=False``: not checked here, for a caller that reads every
+    value anyway and checks them in the same pass), and a bias mask is only given for a layer with a bias.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -89,7 +90,7 @@ def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks
     modules = dict(model.named_modules())
     for name, m in masks.items():
         module = modules.get(name)
-        if module is None and _fused_expert_mask(model, name, m, source):
+        if module is None and _fused_expert_mask(model, name, m, source, values):
             continue
         if module is None:
             known = [n for n, mod in modules.items() if n and weight_of(mod) is not None]
@@ -102,7 +103,7 @@ def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks
         if tuple(m["weight"].shape) != tuple(w.shape):
             raise MaskError(f"{source}: layer {name!r}: weight mask has shape {tuple(m['weight'].shape)}, "
                             f"the layer's weight has shape {tuple(w.shape)}")
-        if not _binary(m["weight"]):
+        if values and not _binary(m["weight"]):
             raise MaskError(f"{source}: layer {name!r}: weight mask has values other than 0 and 1")
         b = bias_of(module)
         bm = m["bias"]
@@ -112,12 +113,12 @@ def validate_masks(masks: Any, model: nn.Module, source: str = "masks") -> Masks
             if tuple(bm.shape) != tuple(b.shape):
                 raise MaskError(f"{source}: layer {name!r}: bias mask has shape {tuple(bm.shape)}, "
                                 f"the layer's bias has shape {tuple(b.shape)}")
-            if not _binary(bm):
+            if values and not _binary(bm):
                 raise MaskError(f"{source}: layer {name!r}: bias mask has values other than 0 and 1")
     return masks
 
 
-def _fused_expert_mask(model: nn.Module, name: str, m: Mapping[str, Any], source: str) -> bool:
+def _fused_expert_mask(model: nn.Module, name: str, m: Mapping[str, Any], source: str, values: bool = True) -> bool:
     """A mask keyed by a fused expert parameter (a 3-D parameter, ``'layers.0.mlp.experts.gate_up_proj'``): check
     it has the parameter's shape, 0/1 values and no bias; False when ``name`` is no such parameter."""
     shape = expert_param_shape(model, name)
@@ -126,7 +127,7 @@ def _fused_expert_mask(model: nn.Module, name: str, m: Mapping[str, Any], source
     if tuple(m["weight"].shape) != shape:
         raise MaskError(f"{source}: fused expert parameter {name!r}: mask has shape {tuple(m['weight'].shape)}, "
                         f"the parameter has shape {shape}")
-    if not _binary(m["weight"]):
+    if values and not _binary(m["weight"]):
         raise MaskError(f"{source}: fused expert parameter {name!r}: mask has values other than 0 and 1")
     if m.get("bias") is not None:
         raise MaskError(f"{source}: fused expert parameter {name!r}: a bias mask is given, but a fused expert "

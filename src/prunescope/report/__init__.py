@@ -180,6 +180,8 @@ def run_report(
     recovered = recover(ctx, verified)
     summary = summarize(ctx, dense, topo, swept, choice, verified, recovered, folder.run_id)
     stages = Stages(dense, topo, swept, choice, verified, recovered, summary)
-    with folder as tmp:
-        files = write_folder(stages, folder, tmp)
+    with ctx.steps("folder", ["charts, masks, pruned.pt, report.html"]) as step:
+        step()
+        with folder as tmp:
+            files = write_folder(stages, folder, tmp)
     return ReportResult(summary.to_json(), files, dict(choice.chosen.plan), stages)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..sensitivity.jobs import coerce_metric
@@ -88,6 +89,35 @@ class Context:
     def say(self, text: str) -> None:
         if self.console is not None:
             self.console(text)
+
+    def bar(self, total: int, desc: str, unit: str = "step") -> Any:
+        """The report's progress bar (``tqdm``, shown only when ``progress``; it goes away when closed)."""
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False)
+
+    @contextlib.contextmanager
+    def steps(self, desc: str, names: Sequence[str]) -> Iterator[Callable[[], None]]:
+        """A progress bar over the named steps of a stage: each call of the yielded ``step()`` completes the
+        step before (if any) and shows the next one's name; the bar is closed on exit, also on errors.
+
+        >>> ctx = Context(torch.nn.Linear(1, 1), lambda m: 0.0, torch.ones(1), progress=False)
+        >>> with ctx.steps("topology", ["channel dependencies", "prunable sets"]) as step:
+        ...     step(); step()
+        """
+        bar = self.bar(len(names), desc)
+        done = [-1]
+
+        def step() -> None:
+            if done[0] >= 0:
+                bar.update(1)
+            done[0] += 1
+            bar.set_postfix_str(names[min(done[0], len(names) - 1)], refresh=True)
+
+        try:
+            yield step
+            if done[0] >= 0:
+                bar.update(1)
+        finally:
+            bar.close()
 
     def evaluate(self, model: nn.Module, what: str) -> float:
         """``val_func(model)`` as a finite float; the user's model is borrowed and given back exactly."""

@@ -79,9 +79,13 @@ def report_prunable(model: nn.Module, graph: ModelGraph, x: Any) -> Prunable:
 # ---------------------------------------------------------------------------------------------- 1. dense cost
 def dense_cost(ctx: Context) -> DenseCost:
     """Trace the model once (every later stage reuses the trace), count its MACs/params, measure its metric."""
-    graph = trace(ctx.model, ctx.x)
-    rep = flops_report(ctx.model, ctx.x, graph=graph)
-    metric = ctx.evaluate(ctx.model, "the dense model")
+    with ctx.steps("cost", ["tracing", "counting MACs", "the dense model's metric"]) as step:
+        step()
+        graph = trace(ctx.model, ctx.x)
+        step()
+        rep = flops_report(ctx.model, ctx.x, graph=graph)
+        step()
+        metric = ctx.evaluate(ctx.model, "the dense model")
     ctx.say(f"[1/6] cost     {rep.total_flops:,} MACs, {rep.total_params:,} params, {ctx.metric_name} {metric:.4f}")
     return DenseCost(graph, rep, metric, ctx.device)
 
@@ -90,9 +94,13 @@ def dense_cost(ctx: Context) -> DenseCost:
 def topology(ctx: Context, dense: DenseCost) -> Topology:
     """Dependency sets (conv + linear, group constraints) and which of them may be pruned
     (:func:`prunescope.narrow.prunable.prunable_sets`, members limited to :func:`report_layer_types`)."""
-    cd = ChannelDependency(ctx.model, ctx.x, traced_model=dense.graph, include_linear=True)
-    gd = GroupDependency(ctx.model, ctx.x, traced_model=dense.graph)
-    p = report_prunable(ctx.model, dense.graph, ctx.x)
+    with ctx.steps("topology", ["dependency sets", "group constraints", "prunable sets (shrink probe)"]) as step:
+        step()
+        cd = ChannelDependency(ctx.model, ctx.x, traced_model=dense.graph, include_linear=True)
+        step()
+        gd = GroupDependency(ctx.model, ctx.x, traced_model=dense.graph)
+        step()
+        p = report_prunable(ctx.model, dense.graph, ctx.x)
     numbers = {tuple(st): i + 1 for i, st in enumerate(cd.sets)}
     sets = []
     for members in p.sets:

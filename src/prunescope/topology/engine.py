@@ -78,14 +78,19 @@ from .base import ChannelInfo, LayerInfo, TopologyWarning, UnknownOp, norm_axis
 from .rules import RULES, layer_op
 from .values import ZERO, value_states
 
-__all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes"]
+__all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes", "UnionFind"]
 
 
-class _UF:
+class UnionFind:
     """Deferred union-find: edges are collected as arrays and solved vectorised, incrementally on demand.
 
     ``solve(n)`` resumes from the previous solution and only processes the edges added since, so a rule that
     needs the classes found so far (a contraction asking whether a head is one unit) costs little.
+
+    >>> uf = UnionFind()
+    >>> uf.union(np.array([0, 3]), np.array([2, 4]))
+    >>> uf.solve(5).tolist()
+    [0, 1, 0, 3, 3]
     """
 
     def __init__(self) -> None:
@@ -162,7 +167,7 @@ class ChannelAtoms:
         self.followers: dict[str, list[np.ndarray]] = {}  # norm layers: per call, atom per channel
         self.follower_types: dict[str, str] = {}
         self._infos: dict[int, ChannelInfo] = {}
-        self._uf = _UF()
+        self._uf = UnionFind()
         self._natoms = 0
         self._owner: list[int] = []  # per layer block: (layer index) expanded lazily
         self._pins: list[tuple[np.ndarray, _Note]] = []

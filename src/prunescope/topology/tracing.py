@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 from ..errors import TraceError, UnsupportedModelError
 from ..graph import ModelGraph, meta_copy, quantized_kind, trace
 
-__all__ = ["get_graph"]
+__all__ = ["get_graph", "meta_trace"]
 
 
 def get_graph(model: nn.Module | None, dummy_input: Any, traced_model: Any = None,
@@ -33,7 +33,7 @@ def get_graph(model: nn.Module | None, dummy_input: Any, traced_model: Any = Non
     if model is None or dummy_input is None:
         raise TypeError("give model and dummy_input, or traced_model=ModelGraph")
     _refuse_quantized(model)
-    meta = _meta_trace(model, dummy_input)
+    meta = meta_trace(model, dummy_input)
     return meta if meta is not None else trace(model, dummy_input)
 
 
@@ -49,12 +49,21 @@ def _refuse_quantized(model: nn.Module) -> None:
                 "after it)", module=name)
 
 
-def _meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
+def meta_trace(model: nn.Module, dummy_input: Any) -> ModelGraph | None:
     """Trace a parameter-free ``meta`` copy of the model: topology needs shapes, not values.
 
     A forward that reads tensor values (data-dependent control flow, ``.item()``, ``.tolist()``) or uses an
     op without a meta kernel raises on ``meta``; then ``None`` is returned and the caller traces the real
     model, so the branch actually taken on ``dummy_input`` is what gets analysed.
+
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    >>> [n.name for n in meta_trace(net, torch.ones(2, 4)).nodes]
+    ['linear', 'relu']
+    >>> class Reads(nn.Module):
+    ...     def forward(self, x):
+    ...         return x * 2 if x.sum().item() > 0 else x   # needs a value: no meta trace
+    >>> meta_trace(nn.Sequential(nn.Linear(4, 4), Reads()), torch.ones(1, 4)) is None
+    True
     """
     if all(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
         return None  # already on meta (or nothing to copy): the caller's own trace is the meta trace
