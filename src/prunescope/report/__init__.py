@@ -32,11 +32,12 @@ live in one :class:`~prunescope.report.context.Context`, the per-set mask and MA
 one (:func:`prunescope.narrow.reconstruct`: every narrowed layer refit by least squares to the dense model's
 output, from the first ``calibration_samples`` unlabeled inputs), so every candidate plan of the search and
 the verification measure that model (``plan_metric: "reconstructed"``; the as-pruned metric is measured beside
-it). The sensitivity sweep stays as pruned: its single-set curves only rank sets and seed the knapsack and
-the predictions (whose per-set factors are refit on the reconstructed measurements), while reconstructing
-each of its sets x sparsities models would multiply the report's cost by the number of sweep points; the
-choice itself is made on reconstructed measurements. Without calibration inputs plans are measured as pruned
-(``plan_metric: "as-pruned"``).
+it), and so does the sensitivity sweep (``sweep_metric: "reconstructed"``: each set alone at each sparsity,
+its plan masks shrunk and refit; ``reconstruct_sweep=False`` keeps it as pruned), so the single-set losses
+that seed the knapsack and the predictions describe the model that ships. Units are ranked by ``score``
+(``unit_score``: L1, or the data-aware ``activation`` / ``reconstruction`` from the calibration inputs; default
+``activation`` when reconstructing), the same masks swept, searched, verified and shipped. Without calibration
+inputs plans and sweep are measured as pruned with L1 units (``plan_metric: "as-pruned"``), as before.
 
 **The report's own work.** A plan's effective MACs come from its sets' masked channels, computed once per set
 and pruning level, combined by :class:`prunescope.flops.plancost.PlanCost` (the effective counter's own factors

@@ -303,12 +303,12 @@ class Summary:
     uniform_metric_final: float | None
     uniform_recovery_steps: tuple[RecoveryStep, ...] | None
     sensitivity_semantics: str
-    sweep_metric: str
-    unit_score: str
     excluded_sets: dict[str, str]
     set_units: dict[str, int]
     sparsity_unit: str
     seconds: float
+    sweep_metric: str = "as-pruned"  # what every sensitivity point measured: "as-pruned" or "reconstructed"
+    unit_score: str = "l1"  # how units were ranked: "l1", "activation" or "reconstruction"
     # how well the metric the plan was chosen by predicted the final one (see prunescope.report.proxy_fit)
     proxy_metric: str = ""
     proxy_candidates: int = 0
