@@ -32,9 +32,9 @@ def first_inputs(n):
 
 def test_reconstructed_sweep_point_is_the_set_alone_reconstructed(tmp_path):
     model = digits.load_trained()
-    batches = first_inputs(256)
+    batches = first_inputs(128)
     res = run_report(model, digits.evaluate, X, tmp_path, flops_target=0.6, sparsities=[0.5], plan_evals=2,
-                     progress=False, console=None, calibrate=batches, calibration_samples=256, score="l1")
+                     progress=False, console=None, calibrate=batches, calibration_samples=128, score="l1")
     s, sweep = res.summary, res.stages.sweep
     assert (s["sweep_metric"], s["unit_score"], s["sensitivity_semantics"]) == ("reconstructed", "l1",
                                                                                  "reconstructed")
@@ -55,9 +55,9 @@ def test_reconstructed_sweep_point_is_the_set_alone_reconstructed(tmp_path):
 def test_activation_score_is_swept_and_shipped_with_the_same_masks(tmp_path):
     model = digits.load_trained()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = first_inputs(256)
+    batches = first_inputs(128)
     res = run_report(model, digits.evaluate, X, tmp_path, flops_target=0.6, sparsities=[0.5], plan_evals=2,
-                     progress=False, console=None, calibrate=batches, calibration_samples=256,
+                     progress=False, console=None, calibrate=batches, calibration_samples=128,
                      score="activation", reconstruct_sweep=False)
     s, sweep = res.summary, res.stages.sweep
     assert (s["sweep_metric"], s["unit_score"], s["plan_metric"]) == ("as-pruned", "activation", "reconstructed")
