@@ -102,4 +102,7 @@ def test_without_calibration_the_plan_metric_is_as_pruned(tmp_path):
                      plan_evals=2, progress=False, console=None)
     s = res.summary
     assert s["plan_metric"] == "as-pruned" and s["metric_after_reconstructed"] is None
+    # the sweep is NNI's as-pruned analysis with L1 units, as before calibration-aware sweeps existed
+    assert (s["sweep_metric"], s["unit_score"], s["sensitivity_semantics"]) == ("as-pruned", "l1", "as pruned")
+    assert res.stages.sweep.analysis is not None and res.stages.sweep.analysis.prune_type == "l1"
     assert all(c["reconstructed"] is None and c["as_pruned"] == c["measured"] for c in s["plan_candidates"])

@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-finetune", action="store_true",
                    help="ship without fine-tuning: the reconstructed model (least squares from the calibration "
                         "inputs) is what ships")
+    p.add_argument("--score", choices=("l1", "activation", "reconstruction"), default=None,
+                   help="how units are ranked: l1 (weight norm), or by what removing them costs on the calibration "
+                        "inputs: activation (|W|*||X||, Wanda-sp/FLAP) or reconstruction (greedy least-squares "
+                        "refit error, ThiNet); default: activation when the report reconstructs, else l1")
+    p.add_argument("--as-pruned-sweep", action="store_true",
+                   help="measure the sensitivity sweep as pruned even when reconstructing (faster; the plan "
+                        "search and the shipped model are still reconstructed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
@@ -102,11 +109,15 @@ def _run(a: argparse.Namespace) -> int:
         job["calibrate"] = job["finetune"] = None
     if a.no_finetune:
         job["finetune"] = None
+    if a.score not in (None, "l1") and job["calibrate"] is None:
+        raise CLIError(f"--score {a.score} ranks units by what removing them costs on calibration inputs, and "
+                       "there are none" + (" (--no-recovery drops the example's)" if a.no_recovery else "")
+                       + ": give --calibrate package.module:batches, or use --score l1")
     metric = job["metric_name"]
     res = run_report(job.pop("model"), job.pop("val_func"), job.pop("dummy_input"), a.out,
                      flops_target=a.flops_target, sparsities=_sparsities(a.sparsities), workers=a.workers,
                      higher_is_better=not a.lower_is_better, progress=not a.no_progress and sys.stderr.isatty(),
-                     plan_evals=a.plan_evals, **job)
+                     plan_evals=a.plan_evals, score=a.score, reconstruct_sweep=not a.as_pruned_sweep, **job)
     assert res.stages is not None
     s = res.stages.summary
     uniform = s.uniform_metric_measured if s.uniform_metric_measured is not None else float("nan")
@@ -117,6 +128,8 @@ def _run(a: argparse.Namespace) -> int:
     print(f"  {metric:<7} {s.metric_before:>12.4f} -> {s.metric_after_measured:>12.4f}  "
           f"(shrunk, as pruned; predicted ({s.plan_metric}) {s.metric_after_predicted:.4f}; uniform baseline "
           f"{uniform:.4f})")
+    print(f"  chosen  by {s.plan_metric} models; sweep measured {s.sweep_metric} models; units ranked by "
+          f"{s.unit_score}")
     if s.recovery_steps:
         print(f"  final   {s.metric_final:>12.4f}  after " + ", ".join(st.label for st in s.recovery_steps))
     print(f"  latency {s.latency_before_ms:>10.3f}ms -> {s.latency_after_ms:>10.3f}ms  (CPU, median)")

@@ -32,11 +32,12 @@ live in one :class:`~prunescope.report.context.Context`, the per-set mask and MA
 one (:func:`prunescope.narrow.reconstruct`: every narrowed layer refit by least squares to the dense model's
 output, from the first ``calibration_samples`` unlabeled inputs), so every candidate plan of the search and
 the verification measure that model (``plan_metric: "reconstructed"``; the as-pruned metric is measured beside
-it). The sensitivity sweep stays as pruned: its single-set curves only rank sets and seed the knapsack and
-the predictions (whose per-set factors are refit on the reconstructed measurements), while reconstructing
-each of its sets x sparsities models would multiply the report's cost by the number of sweep points; the
-choice itself is made on reconstructed measurements. Without calibration inputs plans are measured as pruned
-(``plan_metric: "as-pruned"``).
+it), and so does the sensitivity sweep (``sweep_metric: "reconstructed"``: each set alone at each sparsity,
+its plan masks shrunk and refit; ``reconstruct_sweep=False`` keeps it as pruned), so the single-set losses
+that seed the knapsack and the predictions describe the model that ships. Units are ranked by ``score``
+(``unit_score``: L1, or the data-aware ``activation`` / ``reconstruction`` from the calibration inputs; default
+``activation`` when reconstructing), the same masks swept, searched, verified and shipped. Without calibration
+inputs plans and sweep are measured as pruned with L1 units (``plan_metric: "as-pruned"``), as before.
 
 **The report's own work.** A plan's effective MACs come from its sets' masked channels, computed once per set
 and pruning level, combined by :class:`prunescope.flops.plancost.PlanCost` (the effective counter's own factors
@@ -67,11 +68,22 @@ from ..narrow.prunable import output_layers  # noqa: F401 - re-exported: the rep
 from .context import Context, borrowed, snapshot
 from .output import ReportFolder
 from .page import FILES, write_folder
-from .plans import PlanMasks
+from .plans import UNIT_SCORES
 from .records import Stages, Summary
-from .stages import choose, dense_cost, recover, report_prunable, summarize, sweep, topology, verify
+from .stages import (
+    choose,
+    dense_cost,
+    plan_masks,
+    recover,
+    report_prunable,
+    summarize,
+    sweep,
+    topology,
+    verify,
+)
 
-__all__ = ["ReportResult", "run_report", "prunable_sets", "borrowed", "snapshot", "Summary", "Stages"]
+__all__ = ["ReportResult", "run_report", "resolve_score", "CALIBRATED_SCORE", "prunable_sets", "borrowed",
+           "snapshot", "Summary", "Stages"]
 
 
 @dataclass
@@ -104,6 +116,29 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any) -> tuple[list[tup
     """
     p = report_prunable(model, graph, x)
     return p.sets, p.excluded, p.groups
+
+
+#: the unit score when the report reconstructs and none is asked for (chosen by measurement, see the README)
+CALIBRATED_SCORE = "activation"
+
+
+def resolve_score(score: str | None, calibrate: Any, reconstruct: bool = True) -> str:
+    """The unit score the report uses: ``score`` checked, or the default (``CALIBRATED_SCORE`` when it
+    reconstructs from calibration inputs, else ``'l1'``). A data-aware score without calibration inputs is a
+    :class:`ConfigError`.
+
+    >>> resolve_score(None, None), resolve_score(None, [[0.0]]), resolve_score(None, [[0.0]], reconstruct=False)
+    ('l1', 'activation', 'l1')
+    """
+    if score is None:
+        return CALIBRATED_SCORE if calibrate is not None and reconstruct else "l1"
+    if score not in UNIT_SCORES:
+        raise ConfigError(f"unknown unit score {score!r}; expected one of {', '.join(UNIT_SCORES)}")
+    if score != "l1" and calibrate is None:
+        raise ConfigError(f"--score {score} ranks units by what removing them costs on calibration inputs, and "
+                          "there are none: give --calibrate package.module:batches (or calibrate=), use an "
+                          "embedded example with its recovery, or --score l1")
+    return score
 
 
 def _check(flops_target: Any, plan_evals: Any, finetune: Any, calibrate: Any, calibration_samples: Any) -> None:
@@ -140,6 +175,8 @@ def run_report(
     finetune: Callable[..., Any] | None = None,
     reconstruct: bool = True,
     calibration_samples: int = 512,
+    score: str | None = None,
+    reconstruct_sweep: bool = True,
 ) -> ReportResult:
     """Run the whole analysis and write the report folder (see the module docs). The model is left as it was.
 
@@ -153,6 +190,12 @@ def run_report(
     with a ``log`` parameter is called ``fn(model, log=console)`` and may print its progress (a line per epoch)
     through the report's console. Recovery order: reconstruct -> (BatchNorm re-estimation, without
     reconstruction) -> fine-tune; the uniform baseline gets the same recovery. All of it runs on copies.
+    When reconstructing, the sensitivity sweep measures every set x sparsity reconstructed too
+    (``summary['sweep_metric']``); ``reconstruct_sweep=False`` keeps it as pruned (cheaper, a worse guide).
+    ``score``: how units are ranked, ``'l1'``, ``'activation'`` or ``'reconstruction'`` (both from the
+    calibration inputs, see :class:`~prunescope.report.plans.PlanMasks`; ``summary['unit_score']``); default
+    ``CALIBRATED_SCORE`` when reconstructing, ``'l1'`` otherwise (a data-aware score needs calibration inputs). The same
+    masks are swept, searched, verified and shipped.
     Arguments and the output folder (it must be creatable) are checked before the first stage.
 
     >>> import tempfile, torch
@@ -165,16 +208,18 @@ def run_report(
     (True, True)
     """
     _check(flops_target, plan_evals, finetune, calibrate, calibration_samples)
+    unit_score = resolve_score(score, calibrate, bool(reconstruct))
     folder = ReportFolder(out_dir, tuple(FILES.values()))
     folder.check()  # before any work: a bad --out is reported at once
     ctx = Context(model, val_func, dummy_input, flops_target=float(flops_target),
                   sign=1.0 if higher_is_better else -1.0, model_name=model_name, metric_name=metric_name,
                   console=console, progress=progress, calibrate=calibrate, finetune=finetune,
-                  reconstruct=bool(reconstruct), calibration_samples=calibration_samples)
+                  reconstruct=bool(reconstruct), calibration_samples=calibration_samples, score=unit_score,
+                  reconstruct_sweep=bool(reconstruct_sweep))
     dense = dense_cost(ctx)
     topo = topology(ctx, dense)
-    swept = sweep(ctx, dense, topo, sparsities, workers)
-    plans = PlanMasks(model, dummy_input, dense, topo)
+    plans = plan_masks(ctx, dense, topo)
+    swept = sweep(ctx, dense, topo, sparsities, workers, plans)
     choice = choose(ctx, dense, topo, swept, plans, plan_evals)
     verified = verify(ctx, dense, plans, choice)
     recovered = recover(ctx, verified)

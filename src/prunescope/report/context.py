@@ -82,6 +82,8 @@ class Context:
     finetune: Callable[..., Any] | None = None
     reconstruct: bool = True
     calibration_samples: int = 512
+    score: str = "l1"  # how units are ranked: 'l1', or from the calibration inputs 'activation' / 'reconstruction'
+    reconstruct_sweep: bool = True  # when reconstructing, the sweep measures reconstructed models too
     t0: float = field(default_factory=time.perf_counter)
     _state: list[Any] | None = None
     _calibration: list[Any] | None = None
@@ -143,6 +145,12 @@ class Context:
     @property
     def plan_metric(self) -> str:
         return "reconstructed" if self.reconstructing else "as-pruned"
+
+    @property
+    def sweep_metric(self) -> str:
+        """What every sweep point measures: the reconstructed model when reconstructing (unless
+        ``reconstruct_sweep=False``), else the masked model as pruned."""
+        return "reconstructed" if self.reconstructing and self.reconstruct_sweep else "as-pruned"
 
     def calibration(self) -> list[Any]:
         """The calibration batches, read once (``calibrate`` may be a function returning them)."""

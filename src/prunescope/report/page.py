@@ -25,14 +25,28 @@ FILES = {"report": "report.html", "sensitivity_csv": "sensitivity.csv", "sensiti
          "macs_png": "macs_per_layer.png", "flops": "flops.csv", "dependencies": "dependencies.csv",
          "plan": "plan.json", "masks": "masks.pth", "pruned": "pruned.pt", "summary": "summary.json"}
 
+_SCORES = {"l1": "the L1 norm of their weights", "activation": "their activation-weighted norm |W|·‖X‖ on the "
+           "calibration inputs (Wanda-sp/FLAP)", "reconstruction": "the output error their removal leaves after "
+           "the consumers' least-squares refit on the calibration inputs (ThiNet, greedy)"}
+
+
+def _sweep_what(s: Summary) -> str:
+    """Which model every sweep point measured."""
+    if s.sweep_metric == "reconstructed":
+        return (f"reconstructed (the shrunk model with the layers that lost channels refit by least squares from "
+                f"{s.calibration_inputs} unlabeled inputs: the model the plan search measures and ships)")
+    return "as pruned (= the shrunk model's), before recovery"
+
+
 def sensitivity_chart(st: Stages, path: str) -> str | None:
-    """One curve per prunable set (as pruned = shrunk, before recovery), styles that never repeat for 320 sets,
-    the legend outside the axes; ``None`` without matplotlib."""
+    """One curve per prunable set (as pruned = shrunk, before recovery, or reconstructed), styles that never
+    repeat for 320 sets, the legend outside the axes; ``None`` without matplotlib."""
     s = st.summary
+    what = "reconstructed" if s.sweep_metric == "reconstructed" else "as pruned"
     try:
         plot_sensitivity({st.topology.get(k).label: v for k, v in st.sweep.curves.items()}, path,
                          baseline=s.metric_before,
-                         title=f"Sensitivity of {s.model} ({s.metric}, one set pruned at a time, as pruned)",
+                         title=f"Sensitivity of {s.model} ({s.metric}, one set pruned at a time, {what})",
                          xlabel="sparsity of the set (fraction of its pruning units)")
     except ImportError:
         return None
@@ -240,8 +254,9 @@ def page(st: Stages, pngs: list[tuple[str, str | None]]) -> str:
          + (f'<p id="proxy">{html.escape(proxy)}</p>' if proxy else "")),
         ("Sensitivity",
          f"<p>{html.escape(s.metric)} of the model with one dependency set pruned at a time at each sparsity, "
-         f"as pruned (= the shrunk model's), before recovery; dense: {s.metric_before:.4f}.</p>"
-         + table_html(["Dependency set", *[str(x) for x in st.sweep.analysis.sparsities]], sens_rows,
+         f"{_sweep_what(s)}; units ranked by {html.escape(_SCORES.get(s.unit_score, s.unit_score))}; dense: "
+         f"{s.metric_before:.4f}.</p>"
+         + table_html(["Dependency set", *[str(x) for x in st.sweep.sparsities]], sens_rows,
                       "sensitivity")),
         ("Dependency sets", table_html(["Set", "Layers", "Units", "Prunable"], dep_rows, "dependencies")),
         ("FLOPs per layer (MACs)", table_html(["Layer", "Type", "MACs (dense)", "MACs (shipped, shrunk)",
@@ -259,7 +274,7 @@ def write_folder(st: Stages, folder: ReportFolder, tmp: str) -> dict[str, str]:
     ship = st.verification.shipped
     st.dense.report.to_csv(p["flops"])
     st.topology.channels.export(p["dependencies"])
-    st.sweep.analysis.export(p["sensitivity_csv"])
+    st.sweep.export(p["sensitivity_csv"])
     made: dict[str, str | None] = {}
     made["sensitivity_png"] = sensitivity_chart(st, p["sensitivity_png"])
     made["macs_png"] = macs_chart(st, p["macs_png"])

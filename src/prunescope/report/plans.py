@@ -9,29 +9,42 @@ count; its effective MACs come from the sets' masked channel atoms, combined by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..flops.plancost import PlanCost
 from ..masks import fix_mask_conflict, fix_masks_with
 from ..masks.pruners import filter_scores, group_masks, select_lowest
+from ..masks.units import activation_masks, input_channel_norms, reconstruction_set_masks
 from .records import DenseCost, PlanKey, PrunableSet, Topology, plan_key
 
-__all__ = ["PlanMasks"]
+__all__ = ["PlanMasks", "UNIT_SCORES"]
+
+#: how the report ranks a set's units: by weight norm, or by what removing them costs on the calibration inputs
+UNIT_SCORES = ("l1", "activation", "reconstruction")
 
 
 @dataclass
 class PlanMasks:
-    """The masks and exact effective MACs of any plan over ``topology``'s prunable sets (L1 unit scores, NNI's
-    ``int(n_units * sparsity)`` units removed), cached per set and unit count."""
+    """The masks and exact effective MACs of any plan over ``topology``'s prunable sets (NNI's
+    ``int(n_units * sparsity)`` units removed), cached per set and unit count.
+
+    ``score``: how the units are ranked, ``'l1'`` (the weight norm of their rows, default) or from the
+    ``calibration`` batches (:func:`prunescope.unit_masks`' data-aware types): ``'activation'`` (Wanda-sp/FLAP's
+    ``Σ |W[:, c]| · ‖X_c‖`` over the consumer columns that read a unit) or ``'reconstruction'`` (ThiNet's greedy
+    choice of the units the consumers' least-squares refit recovers best). Sets with a group constraint keep L1
+    (their units go group by group), as in ``unit_masks``."""
 
     model: nn.Module
     x: Any
     dense: DenseCost
     topology: Topology
+    score: str = "l1"
+    calibration: Sequence[Any] | None = None
     cost: PlanCost = field(init=False)
     _modules: dict[str, nn.Module] = field(init=False)
     _scores: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict, init=False)
@@ -44,6 +57,18 @@ class PlanMasks:
         self.cost = PlanCost(self.model, self.dense.graph)
         self._modules = dict(self.model.named_modules())
         self._by_name = {s.name: s for s in self.topology.sets}
+        if self.score not in UNIT_SCORES:
+            raise ConfigError(f"unknown unit score {self.score!r}; expected one of {', '.join(UNIT_SCORES)}")
+        if self.score != "l1" and not self.calibration:
+            raise ConfigError(f"the unit score {self.score!r} ranks units by what removing them costs on "
+                              "calibration inputs; none were given (use 'l1', or give calibration batches)")
+        if self.score != "l1" and self.topology.prunable is None:
+            raise ConfigError(f"the unit score {self.score!r} needs the topology's prunable sets (units, engine)")
+        self._norms: dict[str, torch.Tensor] | None = None
+
+    def data_aware(self, name: str) -> bool:
+        """Are set ``name``'s units ranked from the calibration inputs (not L1)?"""
+        return self.score != "l1" and not self.constrained(name)
 
     def constrained(self, name: str) -> bool:
         """Does a member of set ``name`` carry a group constraint (grouped convolutions it feeds or is)? Then the
@@ -68,13 +93,25 @@ class PlanMasks:
         return hit
 
     def _group_masks(self, s: PrunableSet, sparsity: float) -> dict[str, Any]:
-        return dict(zip(s.members, group_masks([self._modules[m] for m in s.members], float(sparsity), "l1",
-                                               units=s.unit_lists())))
+        mods = [self._modules[m] for m in s.members]
+        if self.data_aware(s.name):
+            p = self.topology.prunable
+            assert p is not None and self.calibration is not None
+            units = p.units[s.name]
+            if self.score == "activation":
+                if self._norms is None:  # one pass over the calibration inputs for every set
+                    self._norms = input_channel_norms(self.model, self.calibration)
+                return dict(zip(s.members, activation_masks(p.atoms, self.model, mods, s.members, units, self._norms,
+                                                            float(sparsity))))
+            return dict(zip(s.members, reconstruction_set_masks(p, self.model, [s.members], self.calibration,
+                                                                float(sparsity))[s.name]))
+        return dict(zip(s.members, group_masks(mods, float(sparsity), "l1", units=s.unit_lists())))
 
     def set_masks(self, name: str, sparsity: float) -> dict[str, Any]:
-        """Set ``name`` pruned at ``sparsity`` on its own: its conflict-free masks (``group_masks`` by L1; the
-        conflict fix only where a group constraint can change them). Cached per set and unit count
-        (``int(n_units * sparsity)``: sparsities that remove the same number of units give the same masks)."""
+        """Set ``name`` pruned at ``sparsity`` on its own: its conflict-free masks (``group_masks`` by L1, or by
+        the data-aware :attr:`score`; the conflict fix only where a group constraint can change them). Cached per
+        set and unit count (``int(n_units * sparsity)``: sparsities that remove the same number of units give the
+        same masks)."""
         s = self._by_name[name]
         state = (name, int(s.n_units * float(sparsity)))
         hit = self._set_masks.get(state)
@@ -90,12 +127,12 @@ class PlanMasks:
     def set_atoms(self, name: str, sparsity: float) -> np.ndarray:
         """The engine atoms :meth:`set_masks` zeroes, without building masks: the ``int(n_units * sparsity)``
         units of lowest score go (``group_masks``' selection rule on :meth:`unit_scores`); a set with a group
-        constraint reads them off its conflict-fixed masks."""
+        constraint, or ranked by a data-aware :attr:`score`, reads them off its (conflict-fixed) masks."""
         s = self._by_name[name]
         state = (name, int(s.n_units * float(sparsity)))
         hit = self._set_atoms.get(state)
         if hit is None:
-            if self.constrained(name):
+            if self.constrained(name) or self.data_aware(name):
                 hit = self.cost.masked_atoms(self.set_masks(name, sparsity))
             else:
                 scores, ids = self.unit_scores(name)

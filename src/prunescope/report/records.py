@@ -16,7 +16,8 @@ from torch import nn
 
 from ..flops import FlopsReport
 from ..graph import ModelGraph
-from ..sensitivity import SensitivityAnalysis
+from ..narrow.prunable import Prunable
+from ..sensitivity import SensitivityAnalysis, results
 from ..topology import ChannelDependency, GroupDependency
 from .search import Candidate, PlanSearch
 
@@ -91,6 +92,7 @@ class Topology:
     excluded: Mapping[str, str]  # set name -> reason
     channels: ChannelDependency
     groups: GroupDependency
+    prunable: Prunable | None = None  # the prunable sets with their units and the channel engine (unit scores)
 
     @property
     def names(self) -> list[str]:
@@ -106,15 +108,31 @@ class Topology:
 
 @dataclass(frozen=True)
 class Sweep:
-    """Stage 3: per prunable set, the metric with that set alone pruned at each sparsity (as pruned)."""
+    """Stage 3: per prunable set, the metric with that set alone pruned at each sparsity. ``metric``: which model
+    each point measured, ``'as-pruned'`` (the masked model = the shrunk one) or ``'reconstructed'`` (the shrunk
+    model refit by least squares, as it ships); ``score``: how the units were ranked (``'l1'``, ``'activation'``,
+    ``'reconstruction'``); ``analysis``: the NNI-compatible analysis that measured it (``None`` when the
+    report's own loop measured the plan search's masks: a reconstructed or data-aware sweep)."""
 
     sparsities: tuple[float, ...]
     curves: Mapping[str, Mapping[float, float]]  # set name -> sparsity -> metric
-    analysis: SensitivityAnalysis  # the NNI-compatible analysis (its CSV export)
+    analysis: SensitivityAnalysis | None  # the NNI-compatible analysis (its CSV export)
+    metric: str = "as-pruned"
+    score: str = "l1"
+    baseline: float | None = None
 
     @property
     def semantics(self) -> str:
-        return "as pruned" if self.analysis.as_pruned else "masked (NNI)"
+        if self.metric == "reconstructed":
+            return "reconstructed"
+        return "as pruned" if self.analysis is None or self.analysis.as_pruned else "masked (NNI)"
+
+    def export(self, path: str) -> None:
+        """NNI's sensitivity CSV of the curves (the analysis' own export when it measured them)."""
+        if self.analysis is not None:
+            self.analysis.export(path)
+        else:
+            results.write_atomic(path, results.csv_bytes(list(self.sparsities), dict(self.curves)))
 
 
 @dataclass(frozen=True)
@@ -289,6 +307,8 @@ class Summary:
     set_units: dict[str, int]
     sparsity_unit: str
     seconds: float
+    sweep_metric: str = "as-pruned"  # what every sensitivity point measured: "as-pruned" or "reconstructed"
+    unit_score: str = "l1"  # how units were ranked: "l1", "activation" or "reconstruction"
     # how well the metric the plan was chosen by predicted the final one (see prunescope.report.proxy_fit)
     proxy_metric: str = ""
     proxy_candidates: int = 0

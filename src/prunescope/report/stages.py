@@ -26,6 +26,7 @@ from ..narrow.latency import measure_latency
 from ..narrow.prunable import Prunable
 from ..narrow.prunable import prunable_sets as _prunable_sets
 from ..sensitivity import SensitivityAnalysis
+from ..sensitivity.analysis import parse_sparsities
 from ..topology import ChannelDependency, GroupDependency
 from .context import Context, borrowed
 from .plans import PlanMasks
@@ -48,7 +49,8 @@ from .records import (
 from .recovery import recalibrate_bn
 from .search import Candidate, PlanSearch
 
-__all__ = ["dense_cost", "topology", "sweep", "choose", "verify", "recover", "summarize", "report_layer_types",
+__all__ = ["dense_cost", "topology", "plan_masks",
+           "sweep", "choose", "verify", "recover", "summarize", "report_layer_types",
            "report_prunable",
            "proxy_fit", "PREDICTION", "SPARSITY_UNIT"]
 
@@ -111,27 +113,90 @@ def topology(ctx: Context, dense: DenseCost) -> Topology:
         sets.append(PrunableSet(tuple(members), n, max(p.groups.get(m, 1) for m in members),
                                 None if trivial else tuple(tuple(int(v) for v in u) for u in units),
                                 numbers.get(tuple(members))))
-    topo = Topology(tuple(tuple(st) for st in cd.sets), tuple(sets), dict(p.excluded), cd, gd)
+    topo = Topology(tuple(tuple(st) for st in cd.sets), tuple(sets), dict(p.excluded), cd, gd, p)
     ctx.say(f"[2/6] topology {len(cd.sets)} dependency sets, {len(sets)} prunable, "
             f"{topo.group_constraints} group constraints, {len(p.excluded)} left alone")
     return topo
 
 
 # ---------------------------------------------------------------------------------------------- 3. sweep
+def plan_masks(ctx: Context, dense: DenseCost, topo: Topology) -> PlanMasks:
+    """The masks of every plan, units ranked by ``ctx.score`` (a data-aware score from the reconstruction's
+    calibration inputs): what the sweep, the plan search, the verification and the shipped model all use."""
+    return PlanMasks(ctx.model, ctx.x, dense, topo, score=ctx.score,
+                     calibration=ctx.fit_batches() if ctx.score != "l1" else None)
+
+
 def sweep(ctx: Context, dense: DenseCost, topo: Topology, sparsities: Sequence[float] | None = None,
-          workers: int | None = None) -> Sweep:
-    """Every prunable set pruned alone (as pruned, L1, the same units in every member) at each sparsity."""
-    sa = SensitivityAnalysis(ctx.model, ctx.val_func, sparsities=sparsities, prune_type="l1",
-                             layer_types=report_layer_types(), group_dependencies=True, dummy_input=ctx.x,
-                             workers=workers, progress=ctx.progress, as_pruned=True, graph=dense.graph)
-    with borrowed(ctx.model):
-        got = sa.analysis(val_args=[ctx.model], specified_layers=[s.members[0] for s in topo.sets]) \
-            if topo.sets else {}
-    names = set(topo.names)
-    curves = {k: v for k, v in got.items() if k in names}
-    ctx.say(f"[3/6] sensitivity {len(curves)} sets x {len(sa.sparsities)} sparsities "
-            f"({sum(len(v) for v in curves.values()) + 1} evaluations)")
-    return Sweep(tuple(float(s) for s in sa.sparsities), curves, sa)
+          workers: int | None = None, plans: PlanMasks | None = None) -> Sweep:
+    """Every prunable set pruned alone at each sparsity, measured as the plan search will measure it.
+
+    As pruned with L1 units (no calibration inputs, or ``reconstruct_sweep=False``): NNI's
+    :class:`~prunescope.SensitivityAnalysis` (the same units in every member; workers, its CSV). When the report
+    reconstructs, or ranks units by a data-aware score, every point is the plan search's own masks of that set
+    alone (:meth:`PlanMasks.set_masks`) measured on the model the search measures: the reconstructed one
+    (shrunk, the layers that lost channels refit to the dense model: the set's members and their readers), or
+    as pruned. Sparsities that remove the same unit count are measured once; none removed is the dense metric."""
+    if ctx.sweep_metric == "as-pruned" and ctx.score == "l1":
+        sa = SensitivityAnalysis(ctx.model, ctx.val_func, sparsities=sparsities, prune_type="l1",
+                                 layer_types=report_layer_types(), group_dependencies=True, dummy_input=ctx.x,
+                                 workers=workers, progress=ctx.progress, as_pruned=True, graph=dense.graph)
+        with borrowed(ctx.model):
+            got = sa.analysis(val_args=[ctx.model], specified_layers=[s.members[0] for s in topo.sets]) \
+                if topo.sets else {}
+        names = set(topo.names)
+        curves = {k: v for k, v in got.items() if k in names}
+        ctx.say(f"[3/6] sensitivity {len(curves)} sets x {len(sa.sparsities)} sparsities "
+                f"({sum(len(v) for v in curves.values()) + 1} evaluations, as pruned, L1 units)")
+        return Sweep(tuple(float(s) for s in sa.sparsities), curves, sa, "as-pruned", "l1", sa.ori_metric)
+    plans = plans if plans is not None else plan_masks(ctx, dense, topo)
+    levels = parse_sparsities(sparsities)
+    curves: dict[str, dict[float, float]] = {}
+    seen: dict[tuple[str, int], float] = {}
+    rebuilt = ctx.sweep_metric == "reconstructed"
+    bar = tqdm(total=len(topo.sets) * len(levels), desc="sensitivity", unit="point", disable=not ctx.progress,
+               leave=False)
+    evaluations = 0
+    t0 = time.perf_counter()
+    try:
+        for st in topo.sets:
+            curve = curves[st.name] = {}
+            for sp in levels:
+                count = int(st.n_units * sp)
+                hit = seen.get((st.name, count))
+                if hit is None:
+                    if count == 0:
+                        hit = dense.metric  # nothing removed: the dense model
+                    else:
+                        bar.set_postfix_str(f"{st.label} @ {sp}", refresh=False)
+                        hit = _sweep_point(ctx, dense, plans, st.name, sp, rebuilt)
+                        evaluations += 1
+                    seen[(st.name, count)] = hit
+                curve[sp] = hit
+                bar.update(1)
+    finally:
+        bar.close()
+    what = ("reconstructed models (shrunk, refit by least squares from "
+            f"{ctx.fit_inputs()} unlabeled inputs)" if rebuilt else "as pruned")
+    unused = "; workers are not used by this sweep" if workers else ""
+    ctx.say(f"[3/6] sensitivity {len(curves)} sets x {len(levels)} sparsities ({evaluations} evaluations of "
+            f"{what}, {_SCORE_NAMES[plans.score]} units, {time.perf_counter() - t0:.1f} s{unused})")
+    return Sweep(tuple(levels), curves, None, ctx.sweep_metric, plans.score, dense.metric)
+
+
+_SCORE_NAMES = {"l1": "L1", "activation": "activation-weighted (|W|·‖X‖)",
+                "reconstruction": "reconstruction-error (greedy refit)"}
+
+
+def _sweep_point(ctx: Context, dense: DenseCost, plans: PlanMasks, name: str, sparsity: float, rebuilt: bool
+                 ) -> float:
+    """Set ``name`` alone at ``sparsity``: its plan masks, measured reconstructed (``rebuilt``) or as pruned."""
+    plan = {name: sparsity}
+    masks = plans.masks_for(plan)
+    if rebuilt:
+        return ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of set {name} at {sparsity}")
+    with as_pruned(ctx.model, masks, plan=plans.removal_plan(plan), graph=dense.graph, fix_conflicts=False):
+        return ctx.evaluate(ctx.model, f"set {name} at sparsity {sparsity}")
 
 
 # ---------------------------------------------------------------------------------------------- 4. choice
@@ -543,7 +608,8 @@ def summarize(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, cho
         uniform_metric_reconstructed=base.reconstructed if base is not None else None,
         uniform_metric_final=rec.baseline.final if rec.baseline is not None else None,
         uniform_recovery_steps=rec.baseline.steps if rec.baseline is not None else None,
-        sensitivity_semantics=sweep_.semantics, excluded_sets=dict(topo.excluded),
+        sensitivity_semantics=sweep_.semantics, sweep_metric=sweep_.metric, unit_score=sweep_.score,
+        excluded_sets=dict(topo.excluded),
         set_units={s.name: s.n_units for s in topo.sets}, sparsity_unit=SPARSITY_UNIT,
         seconds=time.perf_counter() - ctx.t0, proxy_metric=ctx.plan_metric, **fit,
         plan_order=chosen.order, prunable_sets=len(topo.sets), higher_is_better=ctx.sign > 0,

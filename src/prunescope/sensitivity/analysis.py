@@ -53,6 +53,39 @@ def _digest(units: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(units, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def parse_sparsities(sparsities: Iterable[float] | None) -> list[float]:
+    """The sweep's sparsities as NNI reads them: sorted, rounded to 2 decimals (``np.round(s, 2)``), each in
+    ``(0, 1)`` and given once; ``None``: ``0.1 ... 0.9``. Anything else is a :class:`ConfigError` naming it.
+
+    >>> parse_sparsities([0.5, 0.25])
+    [0.25, 0.5]
+    """
+    if sparsities is None:
+        raw = list(np.arange(0.1, 1.0, 0.1))
+    else:
+        if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Iterable):
+            raise ConfigError(f"sparsities must be a list of numbers in (0, 1), got {sparsities!r}")
+        raw = [_check_number(s, "every sparsity") for s in sparsities]
+        if not raw:
+            raise ConfigError("sparsities is empty; give numbers in (0, 1) or None for 0.1 ... 0.9")
+        raw = sorted(raw)
+    out = [float(np.round(s, 2)) for s in raw]
+    for given, s in zip(raw, out):
+        if not 0.0 < s < 1.0:
+            extra = "" if float(given) == s else f" (rounds to {s} with 2 decimals)"
+            raise ConfigError(f"sparsity {float(given)!r} is outside (0, 1){extra}")
+    dups: dict[float, list[float]] = {}
+    for given, s in zip(raw, out):
+        dups.setdefault(s, []).append(float(given))
+    dups = {s: g for s, g in dups.items() if len(g) > 1}
+    if dups:
+        # NNI evaluates such a sparsity twice and writes a CSV whose values no longer line up with the header
+        what = "; ".join(f"{s} (given as {', '.join(map(repr, g))})" for s, g in dups.items())
+        raise ConfigError(f"duplicate sparsities after rounding to 2 decimals (NNI's rule, also the CSV's): "
+                          f"{what}; give each sparsity once")
+    return out
+
+
 class SensitivityAnalysis:
     """Prune one layer at a time at increasing sparsities and record ``val_func``'s metric (NNI API).
 
@@ -181,30 +214,7 @@ class SensitivityAnalysis:
     # -- configuration -------------------------------------------------------------------------------
     @staticmethod
     def _parse_sparsities(sparsities: Iterable[float] | None) -> list[float]:
-        if sparsities is None:
-            raw = list(np.arange(0.1, 1.0, 0.1))
-        else:
-            if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Iterable):
-                raise ConfigError(f"sparsities must be a list of numbers in (0, 1), got {sparsities!r}")
-            raw = [_check_number(s, "every sparsity") for s in sparsities]
-            if not raw:
-                raise ConfigError("sparsities is empty; give numbers in (0, 1) or None for 0.1 ... 0.9")
-            raw = sorted(raw)
-        out = [float(np.round(s, 2)) for s in raw]
-        for given, s in zip(raw, out):
-            if not 0.0 < s < 1.0:
-                extra = "" if float(given) == s else f" (rounds to {s} with 2 decimals)"
-                raise ConfigError(f"sparsity {float(given)!r} is outside (0, 1){extra}")
-        dups: dict[float, list[float]] = {}
-        for given, s in zip(raw, out):
-            dups.setdefault(s, []).append(float(given))
-        dups = {s: g for s, g in dups.items() if len(g) > 1}
-        if dups:
-            # NNI evaluates such a sparsity twice and writes a CSV whose values no longer line up with the header
-            what = "; ".join(f"{s} (given as {', '.join(map(repr, g))})" for s, g in dups.items())
-            raise ConfigError(f"duplicate sparsities after rounding to 2 decimals (NNI's rule, also the CSV's): "
-                              f"{what}; give each sparsity once")
-        return out
+        return parse_sparsities(sparsities)
 
     def model_parse(self) -> None:
         """Collect the target layers (``named_modules`` order) and, with grouping, the dependency sets."""
