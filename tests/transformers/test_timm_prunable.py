@@ -19,8 +19,9 @@ pytest.importorskip("timm")
 from timm_prunable_zoo import SPEC, check  # noqa: E402
 
 # the cheapest model of each failure the issue found (grouped convs needing a conflict fix, ConvNeXt's reshaped
-# layer scale, relative-position attention) and two plain references; the whole list: PRUNESCOPE_TIMM_ZOO=1
-SUBSET = ["test_resnet", "regnetx_002", "resnest14d", "test_convnext", "test_vit", "test_vit_relpos"]
+# layer scale, relative-position attention, SK-ResNet's softmax over the paths axis) and two plain references;
+# the whole list: PRUNESCOPE_TIMM_ZOO=1
+SUBSET = ["test_resnet", "regnetx_002", "resnest14d", "skresnet18", "test_convnext", "test_vit", "test_vit_relpos"]
 NAMES = list(SPEC) if os.environ.get("PRUNESCOPE_TIMM_ZOO") else SUBSET
 
 

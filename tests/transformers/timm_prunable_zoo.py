@@ -54,7 +54,9 @@ ZOO: dict[str, list[tuple[str, dict[str, Any], tuple[int, ...]]]] = {
             ("vit_relpos_small_patch16_224", {"img_size": 64}, (3, 64, 64)),
             ("beit_base_patch16_224", {"img_size": 64, "depth": 2}, (3, 64, 64)),
             ("eva02_tiny_patch14_224", {"img_size": 56}, (3, 56, 56)),
-            ("cait_xxs24_224", {"img_size": 64, "depth": 2}, (3, 64, 64)),
+            # layer scale 1 (timm's 1e-5 makes every pruned branch change the output by ~2e-5: the 1e-4 check
+            # could not fail; with 1 pruning at 30 % changes it by ~0.6)
+            ("cait_xxs24_224", {"img_size": 64, "depth": 2, "init_values": 1.0}, (3, 64, 64)),
             ("xcit_nano_12_p16_224", {"img_size": 64}, (3, 64, 64)),
             ("pit_ti_224", {"img_size": 64}, (3, 64, 64)), ("convit_tiny", {"img_size": 64}, (3, 64, 64)),
             ("crossvit_tiny_240", {}, (3, 240, 240)), ("tnt_s_patch16_224", {"img_size": 64}, (3, 64, 64)),

@@ -248,6 +248,7 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
             prober, best, why = real, rb, rw
     done = len(prober.want)
     chosen: dict[tuple[type, str, int], dict[str, Any]] = {}
+    assigned: dict[tuple[type, str], set[str]] = {}
     first = _first_ops(plan.graph)
     for _ in range(_MAX_ROUNDS):
         if best >= done:
@@ -260,7 +261,13 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
             if not any(first.get(n, done) <= best or n.startswith(scope + ".") or scope.startswith(n)
                        for n in values):
                 continue
-            if key in chosen or any(k[:2] == key[:2] for k in chosen):
+            if key in chosen:
+                continue
+            # one attribute can need different options in different modules (SK-ResNet's ``in_channels`` is the
+            # block input's width in one block and equals the paths' width, which shrinks differently, in
+            # another): a later option sets the modules no earlier option of the attribute has set
+            values = {n: v for n, v in values.items() if n not in assigned.get(key[:2], ())}
+            if not values:
                 continue
             old = prober.set(values, key[1])
             try:
@@ -268,12 +275,13 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
             finally:
                 prober.set(old, key[1])
             if p > best and (pick is None or p > pick[1]):
-                pick = (key, p, w)
+                pick = (key, p, w, values)
         if pick is None:
             break
-        key, best, why = pick
-        chosen[key] = groups[key]
-        prober.set(groups[key], key[1])
+        key, best, why, values = pick
+        chosen[key] = values
+        assigned.setdefault(key[:2], set()).update(values)
+        prober.set(values, key[1])
     if best < done:
         raise ShrinkError(f"the shrunk model does not compute the planned shapes: {why} (a size written as a "
                           "literal or read from somewhere shrink cannot update)")

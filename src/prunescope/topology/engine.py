@@ -182,6 +182,9 @@ class ChannelAtoms:
         self.value_pins: list[np.ndarray] = []
         # sums/p-norms over a channel axis: neutral where the channels are exactly zero when removed (_finish)
         self.neutral_checks: list[tuple[OpNode, TensorInfo, np.ndarray, str]] = []
+        # reductions / softmax over some axes of a multi-axis channel grid, judged once the classes are known
+        # (:meth:`value_pin_unless_fibers`): (node, atoms, reduced grid axes, text, neutral on zero)
+        self._fiber_checks: list[tuple[OpNode, np.ndarray, tuple[int, ...], str, bool]] = []
         self._run()
         self._finish()
 
@@ -261,6 +264,30 @@ class ChannelAtoms:
         if grid.size and axes:
             self._axis_pins.append((grid.copy(), tuple(axes),
                                     _Note("pin", node.name, node.module, node.index, text)))
+
+    def value_pin_unless_fibers(self, grid: np.ndarray, axes: Sequence[int], node: OpNode, text: str,
+                                neutral: bool) -> None:
+        """A softmax or reduction over grid axes ``axes`` of a grid with other channel axes (SK-ResNet's softmax
+        over the paths axis of ``(N, paths, C, 1, 1)``): each *fiber* (the positions that differ only along
+        ``axes``) is normalised or reduced among itself. When, once all ties are known, every fiber lies in one
+        class, removing a class removes whole fibers and the kept fibers compute what they computed: nothing is
+        pinned. Otherwise a removal changes the value of kept positions: a value pin (or, for a sum or p-norm,
+        the neutral-on-zero check of :meth:`_neutral_reductions`), as for a reduction over a one-axis grid."""
+        self._fiber_checks.append((node, grid.copy(), tuple(axes), text, neutral))
+
+    def _fiber_pins(self) -> None:
+        for node, grid, axes, text, neutral in self._fiber_checks:
+            cls = self.classes_now(grid)
+            rest = [k for k in range(cls.ndim) if k not in axes]
+            fib = np.transpose(cls, rest + list(axes)).reshape(-1, int(np.prod([cls.shape[k] for k in axes])))
+            if (fib >= 0).all() and (fib == fib[:, :1]).all():
+                continue
+            if neutral:
+                self.neutral_checks.append((node, node.inputs[0], grid, text))
+            else:
+                self.pin(grid, node, text)
+                self.value_pins.append(grid.reshape(-1).copy())
+        self._fiber_checks = []
 
     def from_inputs_only(self, t: TensorInfo) -> bool:
         """``t`` is computed from model inputs and constants only (no parameter, buffer or layer channel on
@@ -446,6 +473,7 @@ class ChannelAtoms:
     def _finish(self) -> None:
         for fn in self.finishers:
             fn(self)
+        self._fiber_pins()
         self._neutral_reductions()
         n = self._natoms
         self._layer_list = list(self.layers.values())

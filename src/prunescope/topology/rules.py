@@ -316,6 +316,9 @@ def _value_pin(ca: ChannelAtoms, node: OpNode, ci: ChannelInfo, axes: set[int], 
         neutral = node.name in NEUTRAL_ON_ZERO
     text = (f"'{node.name}' {what} channel axis {sorted(axes)[0]} of {list(node.inputs[0].shape)}: removing a "
             "channel changes its value")
+    if len(ci.axes) > len(axes):  # other channel axes: fine where each fiber along ``axes`` is one unit
+        ca.value_pin_unless_fibers(ci.atoms, [ci.axes.index(a) for a in sorted(axes)], node, text, neutral)
+        return
     if neutral:
         ca.neutral_checks.append((node, node.inputs[0], ci.atoms.copy(), text))
         return
