@@ -261,7 +261,7 @@ def _sequences(n: int, g: torch.Generator, vocab: int = 32, length: int = 12) ->
     return (start + step * torch.arange(length)) % vocab
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])  # BERT: plain Linear layers, as LLaMA
+@pytest.mark.parametrize("kind", ["llama-gqa", "gpt2", "bert"])
 def test_transformer_heads_and_mlp_units(kind: str) -> None:
     transformers = pytest.importorskip("transformers")
     from prunescope import head_masks
@@ -273,16 +273,24 @@ def test_transformer_heads_and_mlp_units(kind: str) -> None:
     if kind == "llama-gqa":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
         first = "mlp.up_proj"
-    else:  # Hugging Face Conv1D layers (weights stored transposed), fused q/k/v
+    elif kind == "gpt2":  # Hugging Face Conv1D layers (weights stored transposed), fused q/k/v
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=32, attn_implementation="eager"))
         first = "mlp.c_fc"
+    else:  # an encoder classifying a progression's step (1-3); no dropout, so that 150 steps learn it (~0.65)
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common))
+        first = "intermediate.dense"
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     model.train()
-    for _ in range(40):
+    for _ in range(150 if kind == "bert" else 40):
         ids = _sequences(32, g)
-        loss = model(input_ids=ids, labels=ids).loss
+        if kind == "bert":
+            step = (ids[:, 1] - ids[:, 0]) % 32 - 1
+            loss = model(input_ids=ids, labels=step).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -297,8 +305,9 @@ def test_transformer_heads_and_mlp_units(kind: str) -> None:
     small, res = reconstruct(model, masks, x, calib, graph=gr, return_result=True)
     plain = shrink(model, masks, x, graph=gr)
     refit_names = res.reconstruction.layers
-    assert any(n.endswith(("o_proj", "attn.c_proj")) for n in refit_names)
-    assert any(n.endswith(("down_proj", "mlp.c_proj")) for n in refit_names)
+    assert any(n.endswith(("o_proj", "attn.c_proj", "attention.output.dense")) for n in refit_names)
+    assert any(n.endswith(("down_proj", "mlp.c_proj", "layer.0.output.dense", "layer.1.output.dense"))
+               for n in refit_names)
     with torch.no_grad():
         dense = model(input_ids=held).logits
         e_plain = _rel_err(plain(input_ids=held).logits, dense)
