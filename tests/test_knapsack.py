@@ -50,3 +50,15 @@ def test_infeasible_and_trivial():
     options = {"a": [Option(0.5, 10, 0.1)]}
     assert solve(options, 11) is None
     assert solve(options, 0) == {}
+
+
+def test_equal_losses_prefer_the_plan_nearest_the_requirement() -> None:
+    """All single-set losses zero (as after a reconstructed sweep): the plan saves what is required, not the most
+    it can. With ``a`` merged first, a capped-at-the-requirement state would keep a@0.9 (saving 300, three times
+    the budget) and drop a@0.5 (90, one set short) before ``b`` could complete it."""
+    opts = {"a": [Option(0.5, 90, 0.0), Option(0.9, 300, 0.0)], "b": [Option(0.5, 20, 0.0)]}
+    plan = solve(opts, 100)
+    assert {g: o.sparsity for g, o in plan.items()} == {"a": 0.5, "b": 0.5}
+    # a real loss difference still wins over the tie-break, however small against the savings
+    opts["b"] = [Option(0.5, 20, 1e-6)]
+    assert {g: o.sparsity for g, o in solve(opts, 100).items()} == {"a": 0.9}

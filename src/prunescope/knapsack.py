@@ -44,12 +44,19 @@ def solve(
     """The choice per group with total saving ≥ ``required`` and the smallest total loss.
 
     Groups left out of the result stay unpruned. Returns ``None`` when even the largest savings cannot reach
-    ``required``. Ties in loss prefer the larger saving, then the lower sparsities.
+    ``required``. Ties in loss prefer the smaller total saving (the plan nearest the requirement: a predicted
+    loss of zero is a prediction, and single-set losses that are all zero, as after a reconstructed sweep, do
+    not make pruning beyond the budget free), then the lower sparsities. The tie-break is a penalty of
+    ``1e-9 × (smallest positive loss) × saving / (largest saving)`` added to every loss: too small to outweigh
+    any real difference, large enough to order equal losses.
     """
     if required <= 0:
         return {}
-    if max_saving(options) < required:
+    top = max_saving(options)
+    if top < required:
         return None
+    positive = [o.loss for opts in options.values() for o in opts if o.loss > 0]
+    per_mac = 1e-9 * (min(positive) if positive else 1.0) / top
     groups = [g for g, opts in options.items() if opts]
     # a state: saving -> (loss, choices); capped at `required` (more saving than needed has no value)
     frontier: list[tuple[int, float, tuple[tuple[str, Option], ...]]] = [(0, 0.0, ())]
@@ -58,7 +65,7 @@ def solve(
         for saving, loss, choice in frontier:
             for opt in (NONE, *options[g]):
                 s = min(required, saving + opt.saving)
-                lo = loss + opt.loss
+                lo = loss + opt.loss + per_mac * opt.saving
                 ch = choice if opt is NONE else (*choice, (g, opt))
                 cur = merged.get(s)
                 if cur is None or lo < cur[0] - 1e-15:
