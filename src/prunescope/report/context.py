@@ -124,13 +124,19 @@ class Context:
     def evaluate(self, model: nn.Module, what: str) -> float:
         """``val_func(model)`` as a finite float; the user's model is borrowed and given back exactly."""
         if model is self.model:
-            if self._state is None:
-                self._state = snapshot(model)  # once: each lending compares against it, copies back what changed
-            with borrowed(model, self._state):
+            with borrowed(model, self.state()):
                 value = self.val_func(model)
         else:
             value = self.val_func(model)
         return coerce_metric(value, "", None, where=what)
+
+    def state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The user's model as it was lent to the report (:func:`snapshot`, taken once, when first needed): every
+        lending (:meth:`evaluate`, the sweep) compares against it and copies back only what changed, so the
+        report holds one copy of the model's tensors, not one per lending."""
+        if self._state is None:
+            self._state = snapshot(self.model)
+        return self._state
 
     @property
     def device(self) -> str:

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ..flops.counter import atomic_write_text
 from ..masks import save_masks
@@ -81,8 +83,7 @@ def macs_chart(st: Stages, path: str) -> str | None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
     ax.set_title("MACs per layer" + (f" (the first 60 of {len(rows)} layers; all in the table below)"
                                      if len(rows) > 60 else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the tight box takes in the labels: no tight_layout pass too
     plt.close(fig)
     return path
 
@@ -154,7 +155,10 @@ def latency_note(s: Summary) -> str:
     if not all(math.isfinite(t) and t > 0 for t in (dense_ms, ship_ms)) or macs_d <= 0:
         return ""
     lat_ratio, mac_ratio = ship_ms / dense_ms, macs_s / macs_d
-    text = (f"CPU latency (median of interleaved runs on the example input): dense model {dense_ms:.3f} ms, "
+    runs = f"median of {s.latency_runs} interleaved runs" if s.latency_runs else "median of interleaved runs"
+    if s.latency_budget_s is not None:
+        runs += f", timing capped at {s.latency_budget_s:g} s per model"
+    text = (f"CPU latency ({runs} on the example input): dense model {dense_ms:.3f} ms, "
             f"shipped model {ship_ms:.3f} ms ({lat_ratio:.0%} of dense) for {mac_ratio:.0%} of the MACs.")
     if mac_ratio >= 1 or lat_ratio <= 1 - 0.5 * (1 - mac_ratio):
         return text + f" Latency falls with the MACs (latency ratio / MACs ratio = {lat_ratio / mac_ratio:.2f})."
@@ -268,6 +272,11 @@ def page(st: Stages, pngs: list[tuple[str, str | None]]) -> str:
                        f"{time.strftime('%Y-%m-%d %H:%M')}; run {s.run_id}", cards, sections, pngs, lead=lead)
 
 
+def _model_files(masks: dict[str, Any], model: Any, masks_path: str, pruned_path: str) -> None:
+    save_masks(masks, masks_path)
+    save_pruned(model, pruned_path)
+
+
 def write_folder(st: Stages, folder: ReportFolder, tmp: str) -> dict[str, str]:
     """Write every file of the report into ``tmp`` (the folder's temporary twin); returns their final paths."""
     p = {k: os.path.join(tmp, v) for k, v in FILES.items()}
@@ -276,10 +285,13 @@ def write_folder(st: Stages, folder: ReportFolder, tmp: str) -> dict[str, str]:
     st.topology.channels.export(p["dependencies"])
     st.sweep.export(p["sensitivity_csv"])
     made: dict[str, str | None] = {}
-    made["sensitivity_png"] = sensitivity_chart(st, p["sensitivity_png"])
-    made["macs_png"] = macs_chart(st, p["macs_png"])
-    save_masks(ship.masks, p["masks"])
-    save_pruned(st.final_model, p["pruned"])
+    # the two model files (serialising, hashing, writing: mostly outside the GIL) are written on a thread while
+    # this one draws the charts (Python); each waits for nothing but its own inputs, and an error is raised here
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        files = pool.submit(_model_files, ship.masks, st.final_model, p["masks"], p["pruned"])
+        made["sensitivity_png"] = sensitivity_chart(st, p["sensitivity_png"])
+        made["macs_png"] = macs_chart(st, p["macs_png"])
+        files.result()
     config_list = [{"sparsity": v, "op_names": list(st.topology.get(k).members)} for k, v in ship.plan.items()]
     atomic_write_text(p["plan"], json.dumps(config_list, indent=2) + "\n")
     atomic_write_text(p["report"], page(st, [("MACs per layer: dense vs shipped", made["macs_png"]),
