@@ -455,3 +455,29 @@ def test_sweep_reuses_the_prunable_sets_the_topology_computed(monkeypatch):
     # computed for every report layer, handed to a conv-only sweep: refused
     with pytest.raises(ConfigError, match="'6', which is not a target layer"):
         SensitivityAnalysis(net, lambda m: 0.0, prunable=computed, **{**kw, "layer_types": (nn.Conv2d,)})
+
+
+def test_plan_equal_to_the_uniform_one_is_shrunk_once(tmp_path, monkeypatch):
+    # one prunable set and one sparsity: the uniform plan is the only plan; the baseline is the same shrunk model,
+    # built once (shrink called once in the whole report) and a copy of its own (recovering one leaves the other)
+    from prunescope.report import stages
+
+    calls = []
+    real = stages.shrink
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(stages, "shrink", counted)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 3)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    res = run_report(net, lambda m: float(m(x).sum().detach()), x, str(tmp_path / "r"), sparsities=[0.5],
+                     flops_target=0.5, progress=False, console=None, plan_evals=2)
+    s, v = res.summary, res.stages.verification
+    assert s["plan"] == s["uniform_plan"] == {"0": 0.5} and len(calls) == 1
+    assert (s["uniform_flops_after"], s["uniform_metric_measured"], s["uniform_latency_ms"]) == \
+        (s["flops_after"], s["metric_after_measured"], s["latency_after_ms"])
+    assert v.baseline.model is not v.shipped.model and v.shipped.model[0].out_channels == 4
+    assert torch.equal(v.baseline.model[0].weight, v.shipped.model[0].weight)

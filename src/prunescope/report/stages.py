@@ -420,11 +420,16 @@ def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> 
             notes.append(f"the plan search counted {choice.chosen.macs:,} MACs for this plan, the effective count "
                          f"of its masks says {eff.total_flops:,}")
         bar.set_postfix_str("the uniform baseline's model", refresh=True)
-        base = _ship(ctx, dense, plans, choice, choice.uniform.plan) if choice.uniform is not None else None
+        same = choice.uniform is not None and plan_key(choice.uniform.plan) == plan_key(choice.chosen.plan)
+        if same:  # the plan is the uniform one: the same shrunk model, measured once; a copy of its own to recover
+            base = Shipped(ship.plan, ship.masks, copy.deepcopy(ship.model), ship.flops, ship.params, ship.metric,
+                           ship.report, reconstructed=ship.reconstructed, reconstruct_seconds=ship.reconstruct_seconds)
+        else:
+            base = _ship(ctx, dense, plans, choice, choice.uniform.plan) if choice.uniform is not None else None
         bar.update(1)
         bar.set_postfix_str("latency", refresh=True)
         models = {"dense": ctx.model, "plan": ship.model}
-        if base is not None:
+        if base is not None and not same:
             models["uniform"] = base.model
         lat = time_models(models, ctx.x, runs=15, warmup=1, per_model_s=LATENCY_BUDGET_S)
         ms = lat.ms
@@ -432,7 +437,7 @@ def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> 
     finally:
         bar.close()
     ship = _with_latency(ship, ms["plan"])
-    base = _with_latency(base, ms["uniform"]) if base is not None else None
+    base = _with_latency(base, ms["plan"] if same else ms["uniform"]) if base is not None else None
     v = Verification(ship, base, ms["dense"], ctx.fit_inputs(), tuple(notes), lat.runs,
                      LATENCY_BUDGET_S if lat.capped else None)
     chosen = choice.chosen
