@@ -9,8 +9,6 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from ..flops.counter import atomic_write_text
 from ..masks import save_masks
@@ -272,11 +270,6 @@ def page(st: Stages, pngs: list[tuple[str, str | None]]) -> str:
                        f"{time.strftime('%Y-%m-%d %H:%M')}; run {s.run_id}", cards, sections, pngs, lead=lead)
 
 
-def _model_files(masks: dict[str, Any], model: Any, masks_path: str, pruned_path: str) -> None:
-    save_masks(masks, masks_path)
-    save_pruned(model, pruned_path)
-
-
 def write_folder(st: Stages, folder: ReportFolder, tmp: str) -> dict[str, str]:
     """Write every file of the report into ``tmp`` (the folder's temporary twin); returns their final paths."""
     p = {k: os.path.join(tmp, v) for k, v in FILES.items()}
@@ -285,13 +278,10 @@ def write_folder(st: Stages, folder: ReportFolder, tmp: str) -> dict[str, str]:
     st.topology.channels.export(p["dependencies"])
     st.sweep.export(p["sensitivity_csv"])
     made: dict[str, str | None] = {}
-    # the two model files (serialising, hashing, writing: mostly outside the GIL) are written on a thread while
-    # this one draws the charts (Python); each waits for nothing but its own inputs, and an error is raised here
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        files = pool.submit(_model_files, ship.masks, st.final_model, p["masks"], p["pruned"])
-        made["sensitivity_png"] = sensitivity_chart(st, p["sensitivity_png"])
-        made["macs_png"] = macs_chart(st, p["macs_png"])
-        files.result()
+    made["sensitivity_png"] = sensitivity_chart(st, p["sensitivity_png"])
+    made["macs_png"] = macs_chart(st, p["macs_png"])
+    save_masks(ship.masks, p["masks"])
+    save_pruned(st.final_model, p["pruned"])
     config_list = [{"sparsity": v, "op_names": list(st.topology.get(k).members)} for k, v in ship.plan.items()]
     atomic_write_text(p["plan"], json.dumps(config_list, indent=2) + "\n")
     atomic_write_text(p["report"], page(st, [("MACs per layer: dense vs shipped", made["macs_png"]),

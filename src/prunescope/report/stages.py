@@ -199,8 +199,9 @@ def _sweep_point(ctx: Context, dense: DenseCost, plans: PlanMasks, name: str, sp
     masks = plans.masks_for(plan)
     if rebuilt:
         return ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of set {name} at {sparsity}")
-    with as_pruned(ctx.model, masks, plan=plans.removal_plan(plan), graph=dense.graph, fix_conflicts=False):
-        return ctx.evaluate(ctx.model, f"set {name} at sparsity {sparsity}")
+    return ctx.evaluate(ctx.model, f"set {name} at sparsity {sparsity}",
+                        within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan), graph=dense.graph,
+                                                 fix_conflicts=False))
 
 
 # ---------------------------------------------------------------------------------------------- 4. choice
@@ -323,9 +324,10 @@ def choose(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, plans:
         """The metric the plan is chosen by: the reconstructed model's when reconstructing, else the masked
         model's as pruned (equal to the shrunk model's output). The as-pruned metric is measured either way."""
         masks = plans.masks_for(plan)
-        with as_pruned(ctx.model, masks, plan=plans.removal_plan(plan) if masks else None, graph=dense.graph,
-                       fix_conflicts=False):  # masks_for: conflict-free; the plan from PlanCost's planner
-            ap = ctx.evaluate(ctx.model, f"plan {plan}")
+        # masks_for: conflict-free; the plan from PlanCost's planner
+        ap = ctx.evaluate(ctx.model, f"plan {plan}",
+                          within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan) if masks else None,
+                                                   graph=dense.graph, fix_conflicts=False))
         rec = ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of plan {plan}") \
             if ctx.reconstructing else None
         metrics[plan_key(plan)] = PlanMetrics(ap, rec)
@@ -395,8 +397,7 @@ def _ship(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice, plan
     if known is not None:
         ap = known.as_pruned
     else:
-        with as_pruned(ctx.model, masks, graph=dense.graph):
-            ap = ctx.evaluate(ctx.model, f"plan {plan}")
+        ap = ctx.evaluate(ctx.model, f"plan {plan}", within=lambda: as_pruned(ctx.model, masks, graph=dense.graph))
     rec = ctx.evaluate(small, f"the reconstructed model of plan {plan}")
     return Shipped(dict(plan), masks, small, rep.total_flops, rep.total_params, float(ap), rep,
                    reconstructed=rec, reconstruct_seconds=seconds)
