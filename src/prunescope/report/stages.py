@@ -405,7 +405,8 @@ def _ship(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice, plan
 
 def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> Verification:
     """The chosen plan and the uniform baseline as physically smaller models: counts checked against the
-    effective count, metrics measured, CPU latency next to the dense model's (interleaved runs)."""
+    effective count, metrics measured, CPU latency next to the dense model's (interleaved runs, at most
+    :data:`LATENCY_BUDGET_S` per model). A plan equal to the uniform one is shrunk, measured and timed once."""
     bar = tqdm(total=3, desc="verify", unit="step", disable=not ctx.progress, leave=False)
     notes: list[str] = []
     try:
