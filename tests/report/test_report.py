@@ -481,3 +481,41 @@ def test_plan_equal_to_the_uniform_one_is_shrunk_once(tmp_path, monkeypatch):
         (s["flops_after"], s["metric_after_measured"], s["latency_after_ms"])
     assert v.baseline.model is not v.shipped.model and v.shipped.model[0].out_channels == 4
     assert torch.equal(v.baseline.model[0].weight, v.shipped.model[0].weight)
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_plan_measurements_give_the_model_back_exactly_when_user_code_changes_it_or_raises(fails):
+    # the as-pruned masks are applied inside the lending: what val_func changes (a masked layer's weights through
+    # .data, another layer's bias, the training flags) comes back bit for bit, also when it raises mid-measure
+    from prunescope.report import stages as S
+    from prunescope.report.context import Context
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ctx = Context(net, lambda m: float(m(x).sum().detach()), x, console=None, progress=False)
+    d = S.dense_cost(ctx)
+    t = S.topology(ctx, d)
+    pm = S.plan_masks(ctx, d, t)
+    sw = S.sweep(ctx, d, t, [0.25, 0.5], None, pm)
+    seen = []
+
+    def meddle(m):
+        seen.append(bool((m[0].weight == 0).all(dim=(1, 2, 3)).any()))  # measured as pruned: rows zeroed
+        m[0].weight.data.add_(1.0)
+        m[2].bias.data.zero_()
+        m.train()
+        if fails:
+            raise RuntimeError("user code failed")
+        return float(m(x).sum().detach())
+
+    ctx.val_func = meddle
+    if fails:
+        with pytest.raises(RuntimeError, match="user code failed"):
+            S.choose(ctx, d, t, sw, pm, 4)
+    else:
+        S.choose(ctx, d, t, sw, pm, 4)
+    assert seen and any(seen)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(m.training for m in net.modules())
