@@ -284,6 +284,10 @@ def test_latency_that_does_not_move_is_explained_from_the_measurements():
     fast = latency_note(_summary(latency_after_ms=0.5))
     assert fast.endswith("Latency falls with the MACs (latency ratio / MACs ratio = 1.25).")
     assert latency_note(_summary(latency_before_ms=float("nan"))) == ""
+    capped = latency_note(_summary(latency_runs=3, latency_budget_s=0.25))
+    assert capped.startswith("CPU latency (median of 3 interleaved runs, timing capped at 0.25 s per model on the "
+                             "example input): dense model 1.000 ms")
+    assert latency_note(_summary(latency_runs=15)).startswith("CPU latency (median of 15 interleaved runs on the")
 
 
 def test_proxy_fit_against_hand_computed_statistics():
@@ -399,3 +403,119 @@ def test_every_stage_shows_progress(tmp_path, capsys):
         assert shown in err, shown
     run_report(net, score, x, tmp_path / "b", sparsities=[0.5], console=None, plan_evals=2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+class _Slow(nn.Module):
+    """A forward of a known 20 ms: a time budget must cut the latency runs (a fast model would never reach it)."""
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.02)
+        return x
+
+
+def test_latency_timing_is_bounded_per_model_and_says_so():
+    from prunescope.narrow.latency import MIN_RUNS, time_models
+
+    # 2 models x 20 ms per round against a 10 ms per-model budget: stopped after the minimum runs, not 15
+    t = time_models({"a": _Slow(), "b": _Slow()}, torch.ones(1), runs=15, warmup=1, per_model_s=0.01)
+    assert (t.runs, t.capped, t.budget_s) == (MIN_RUNS, True, 0.02)
+    assert 19 <= t.ms["a"] <= 60 and 19 <= t.ms["b"] <= 60
+    full = time_models({"a": nn.Identity()}, torch.ones(1), runs=5, warmup=1, per_model_s=10.0)
+    assert (full.runs, full.capped) == (5, False)
+
+
+def test_sweep_reuses_the_prunable_sets_the_topology_computed(monkeypatch):
+    # the report's prunable sets handed to the sweep give the sets, units and exclusions it computes itself
+    from prunescope.graph import trace
+    from prunescope.sensitivity import SensitivityAnalysis
+    from prunescope.errors import ConfigError
+    from prunescope.report.stages import report_layer_types, report_prunable
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = trace(net, x)
+    kw = dict(sparsities=[0.5], layer_types=report_layer_types(), group_dependencies=True, dummy_input=x,
+              progress=False, as_pruned=True, graph=g)
+    own = SensitivityAnalysis(net, lambda m: 0.0, **kw)
+    computed = report_prunable(net, g, x)
+
+    def again(*a, **k):
+        raise AssertionError("the prunable sets were computed again")
+
+    monkeypatch.setattr("prunescope.sensitivity.analysis.prunable_sets", again)
+    given = SensitivityAnalysis(net, lambda m: 0.0, prunable=computed, **kw)
+    assert given.groups == own.groups and given.units == own.units and given.chunks == own.chunks
+    # the two convolutions around the grouped one are removed group by group, the output layer is left alone
+    assert set(own.chunks) == {"0", "2"} and own.excluded == {"8": "its channels reach the model output"}
+    assert list(own.groups) == ["0", "2", "4", "6"]
+    # computed for every report layer, handed to a conv-only sweep: refused
+    with pytest.raises(ConfigError, match="'6', which is not a target layer"):
+        SensitivityAnalysis(net, lambda m: 0.0, prunable=computed, **{**kw, "layer_types": (nn.Conv2d,)})
+
+
+def test_plan_equal_to_the_uniform_one_is_shrunk_once(tmp_path, monkeypatch):
+    # one prunable set and one sparsity: the uniform plan is the only plan; the baseline is the same shrunk model,
+    # built once (shrink called once in the whole report) and a copy of its own (recovering one leaves the other)
+    from prunescope.report import stages
+
+    calls = []
+    real = stages.shrink
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(stages, "shrink", counted)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 3)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    res = run_report(net, lambda m: float(m(x).sum().detach()), x, str(tmp_path / "r"), sparsities=[0.5],
+                     flops_target=0.5, progress=False, console=None, plan_evals=2)
+    s, v = res.summary, res.stages.verification
+    assert s["plan"] == s["uniform_plan"] == {"0": 0.5} and len(calls) == 1
+    assert (s["uniform_flops_after"], s["uniform_metric_measured"], s["uniform_latency_ms"]) == \
+        (s["flops_after"], s["metric_after_measured"], s["latency_after_ms"])
+    assert v.baseline.model is not v.shipped.model and v.shipped.model[0].out_channels == 4
+    assert torch.equal(v.baseline.model[0].weight, v.shipped.model[0].weight)
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_plan_measurements_give_the_model_back_exactly_when_user_code_changes_it_or_raises(fails):
+    # the as-pruned masks are applied inside the lending: what val_func changes (a masked layer's weights through
+    # .data, another layer's bias, the training flags) comes back bit for bit, also when it raises mid-measure
+    from prunescope.report import stages as S
+    from prunescope.report.context import Context
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ctx = Context(net, lambda m: float(m(x).sum().detach()), x, console=None, progress=False)
+    d = S.dense_cost(ctx)
+    t = S.topology(ctx, d)
+    pm = S.plan_masks(ctx, d, t)
+    sw = S.sweep(ctx, d, t, [0.25, 0.5], None, pm)
+    seen = []
+
+    def meddle(m):
+        seen.append(bool((m[0].weight == 0).all(dim=(1, 2, 3)).any()))  # measured as pruned: rows zeroed
+        m[0].weight.data.add_(1.0)
+        m[2].bias.data.zero_()
+        m.train()
+        if fails:
+            raise RuntimeError("user code failed")
+        return float(m(x).sum().detach())
+
+    ctx.val_func = meddle
+    if fails:
+        with pytest.raises(RuntimeError, match="user code failed"):
+            S.choose(ctx, d, t, sw, pm, 4)
+    else:
+        S.choose(ctx, d, t, sw, pm, 4)
+    assert seen and any(seen)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(m.training for m in net.modules())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -121,16 +121,27 @@ class Context:
         finally:
             bar.close()
 
-    def evaluate(self, model: nn.Module, what: str) -> float:
-        """``val_func(model)`` as a finite float; the user's model is borrowed and given back exactly."""
+    def evaluate(self, model: nn.Module, what: str,
+                 within: Callable[[], ContextManager[Any]] | None = None) -> float:
+        """``val_func(model)`` as a finite float; the user's model is borrowed and given back exactly.
+
+        ``within``: a temporary change of the user's model to evaluate under (e.g. ``lambda: as_pruned(...)``),
+        entered once the model is lent and undone before it is given back, so the comparison with the snapshot
+        finds only what ``val_func`` itself changed (nothing to copy back after the change's own restore)."""
         if model is self.model:
-            if self._state is None:
-                self._state = snapshot(model)  # once: each lending compares against it, copies back what changed
-            with borrowed(model, self._state):
+            with borrowed(model, self.state()), (within() if within is not None else contextlib.nullcontext()):
                 value = self.val_func(model)
         else:
             value = self.val_func(model)
         return coerce_metric(value, "", None, where=what)
+
+    def state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The user's model as it was lent to the report (:func:`snapshot`, taken once, when first needed): every
+        lending (:meth:`evaluate`, the sweep) compares against it and copies back only what changed, so the
+        report holds one copy of the model's tensors, not one per lending."""
+        if self._state is None:
+            self._state = snapshot(self.model)
+        return self._state
 
     @property
     def device(self) -> str:

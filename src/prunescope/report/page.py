@@ -81,8 +81,7 @@ def macs_chart(st: Stages, path: str) -> str | None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
     ax.set_title("MACs per layer" + (f" (the first 60 of {len(rows)} layers; all in the table below)"
                                      if len(rows) > 60 else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the tight box takes in the labels: no tight_layout pass too
     plt.close(fig)
     return path
 
@@ -154,7 +153,10 @@ def latency_note(s: Summary) -> str:
     if not all(math.isfinite(t) and t > 0 for t in (dense_ms, ship_ms)) or macs_d <= 0:
         return ""
     lat_ratio, mac_ratio = ship_ms / dense_ms, macs_s / macs_d
-    text = (f"CPU latency (median of interleaved runs on the example input): dense model {dense_ms:.3f} ms, "
+    runs = f"median of {s.latency_runs} interleaved runs" if s.latency_runs else "median of interleaved runs"
+    if s.latency_budget_s is not None:
+        runs += f", timing capped at {s.latency_budget_s:g} s per model"
+    text = (f"CPU latency ({runs} on the example input): dense model {dense_ms:.3f} ms, "
             f"shipped model {ship_ms:.3f} ms ({lat_ratio:.0%} of dense) for {mac_ratio:.0%} of the MACs.")
     if mac_ratio >= 1 or lat_ratio <= 1 - 0.5 * (1 - mac_ratio):
         return text + f" Latency falls with the MACs (latency ratio / MACs ratio = {lat_ratio / mac_ratio:.2f})."

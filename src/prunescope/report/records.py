@@ -183,13 +183,17 @@ class Shipped:
 @dataclass(frozen=True)
 class Verification:
     """Stage 5: the chosen plan and the uniform baseline as shrunk models, with latencies measured together
-    (interleaved runs of the dense, plan and uniform models); ``notes``: counts that disagreed."""
+    (interleaved runs of the dense, plan and uniform models); ``notes``: counts that disagreed. ``latency_runs``:
+    the timed runs each latency is the median of; ``latency_budget_s``: the per-model time budget when it cut the
+    runs short (None when every run asked for was made)."""
 
     shipped: Shipped
     baseline: Shipped | None
     latency_dense_ms: float
     calibration_inputs: int = 0
     notes: tuple[str, ...] = ()
+    latency_runs: int = 0
+    latency_budget_s: float | None = None
 
 
 RecoveryKind = Literal["reconstruct", "batchnorm", "finetune"]
@@ -256,7 +260,7 @@ class CandidateRecord:
 
 #: Summary fields the page and the CLI read that ``summary.json`` leaves out (they are on the page itself)
 _NOT_IN_JSON = {"plan_order", "prunable_sets", "higher_is_better", "graph_ops", "recovery_label",
-                "calibration_inputs"}
+                "calibration_inputs", "latency_runs", "latency_budget_s"}
 #: Summary fields rounded in ``summary.json`` (to this many decimals), exact in the record
 _ROUNDED = {"latency_before_ms": 4, "latency_after_ms": 4, "uniform_latency_ms": 4, "seconds": 2}
 
@@ -325,6 +329,8 @@ class Summary:
     graph_ops: int = 0  # recorded tensor ops of the dense forward (the latency note)
     recovery_label: str = "shrunk, no recovery"  # what the shipped model is
     calibration_inputs: int = 0
+    latency_runs: int = 0  # timed runs per latency median (the latency note)
+    latency_budget_s: float | None = None  # the per-model timing budget, when it cut the runs short
 
     @property
     def sign(self) -> float:

@@ -22,7 +22,7 @@ from ..knapsack import Option, solve
 from ..masks.pruners import transposed_linear_types
 from ..masks.units import is_trivial
 from ..narrow import as_pruned, reconstruct, shrink
-from ..narrow.latency import measure_latency
+from ..narrow.latency import time_models
 from ..narrow.prunable import Prunable
 from ..narrow.prunable import prunable_sets as _prunable_sets
 from ..sensitivity import SensitivityAnalysis
@@ -52,12 +52,15 @@ from .search import Candidate, PlanSearch
 __all__ = ["dense_cost", "topology", "plan_masks",
            "sweep", "choose", "verify", "recover", "summarize", "report_layer_types",
            "report_prunable",
-           "proxy_fit", "PREDICTION", "SPARSITY_UNIT"]
+           "proxy_fit", "PREDICTION", "SPARSITY_UNIT", "LATENCY_BUDGET_S"]
 
 PREDICTION = ("predicted before its own measurement as a first-order step from the nearest plan Q measured before "
               "it: measured(Q) − Σ_k w_k · (l_k(plan) − l_k(Q)), l_k = set k's single-set loss from the sweep, w_k "
               "= per-set interaction factors fitted by least squares on the plans measured so far (the first "
               "plan: the additive prediction)")
+#: the verification's latency timing: at most this many seconds per model timed (and at least 3 runs each), so
+#: that a large model's timing stays short; the page says when it cut the runs
+LATENCY_BUDGET_S = 0.25
 SPARSITY_UNIT = ("a fraction of each set's pruning units (channel-engine classes: a channel of every member, an "
                  "attention head or kv group, an MLP unit)")
 
@@ -140,8 +143,9 @@ def sweep(ctx: Context, dense: DenseCost, topo: Topology, sparsities: Sequence[f
     if ctx.sweep_metric == "as-pruned" and ctx.score == "l1":
         sa = SensitivityAnalysis(ctx.model, ctx.val_func, sparsities=sparsities, prune_type="l1",
                                  layer_types=report_layer_types(), group_dependencies=True, dummy_input=ctx.x,
-                                 workers=workers, progress=ctx.progress, as_pruned=True, graph=dense.graph)
-        with borrowed(ctx.model):
+                                 workers=workers, progress=ctx.progress, as_pruned=True, graph=dense.graph,
+                                 prunable=topo.prunable)  # computed once, by the topology stage
+        with borrowed(ctx.model, ctx.state()):  # the snapshot every lending of the report compares against
             got = sa.analysis(val_args=[ctx.model], specified_layers=[s.members[0] for s in topo.sets]) \
                 if topo.sets else {}
         names = set(topo.names)
@@ -195,8 +199,9 @@ def _sweep_point(ctx: Context, dense: DenseCost, plans: PlanMasks, name: str, sp
     masks = plans.masks_for(plan)
     if rebuilt:
         return ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of set {name} at {sparsity}")
-    with as_pruned(ctx.model, masks, plan=plans.removal_plan(plan), graph=dense.graph, fix_conflicts=False):
-        return ctx.evaluate(ctx.model, f"set {name} at sparsity {sparsity}")
+    return ctx.evaluate(ctx.model, f"set {name} at sparsity {sparsity}",
+                        within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan), graph=dense.graph,
+                                                 fix_conflicts=False))
 
 
 # ---------------------------------------------------------------------------------------------- 4. choice
@@ -319,9 +324,10 @@ def choose(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, plans:
         """The metric the plan is chosen by: the reconstructed model's when reconstructing, else the masked
         model's as pruned (equal to the shrunk model's output). The as-pruned metric is measured either way."""
         masks = plans.masks_for(plan)
-        with as_pruned(ctx.model, masks, plan=plans.removal_plan(plan) if masks else None, graph=dense.graph,
-                       fix_conflicts=False):  # masks_for: conflict-free; the plan from PlanCost's planner
-            ap = ctx.evaluate(ctx.model, f"plan {plan}")
+        # masks_for: conflict-free; the plan from PlanCost's planner
+        ap = ctx.evaluate(ctx.model, f"plan {plan}",
+                          within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan) if masks else None,
+                                                   graph=dense.graph, fix_conflicts=False))
         rec = ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of plan {plan}") \
             if ctx.reconstructing else None
         metrics[plan_key(plan)] = PlanMetrics(ap, rec)
@@ -391,8 +397,7 @@ def _ship(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice, plan
     if known is not None:
         ap = known.as_pruned
     else:
-        with as_pruned(ctx.model, masks, graph=dense.graph):
-            ap = ctx.evaluate(ctx.model, f"plan {plan}")
+        ap = ctx.evaluate(ctx.model, f"plan {plan}", within=lambda: as_pruned(ctx.model, masks, graph=dense.graph))
     rec = ctx.evaluate(small, f"the reconstructed model of plan {plan}")
     return Shipped(dict(plan), masks, small, rep.total_flops, rep.total_params, float(ap), rep,
                    reconstructed=rec, reconstruct_seconds=seconds)
@@ -400,7 +405,8 @@ def _ship(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice, plan
 
 def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> Verification:
     """The chosen plan and the uniform baseline as physically smaller models: counts checked against the
-    effective count, metrics measured, CPU latency next to the dense model's (interleaved runs)."""
+    effective count, metrics measured, CPU latency next to the dense model's (interleaved runs, at most
+    :data:`LATENCY_BUDGET_S` per model). A plan equal to the uniform one is shrunk, measured and timed once."""
     bar = tqdm(total=3, desc="verify", unit="step", disable=not ctx.progress, leave=False)
     notes: list[str] = []
     try:
@@ -416,19 +422,26 @@ def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> 
             notes.append(f"the plan search counted {choice.chosen.macs:,} MACs for this plan, the effective count "
                          f"of its masks says {eff.total_flops:,}")
         bar.set_postfix_str("the uniform baseline's model", refresh=True)
-        base = _ship(ctx, dense, plans, choice, choice.uniform.plan) if choice.uniform is not None else None
+        same = choice.uniform is not None and plan_key(choice.uniform.plan) == plan_key(choice.chosen.plan)
+        if same:  # the plan is the uniform one: the same shrunk model, measured once; a copy of its own to recover
+            base = Shipped(ship.plan, ship.masks, copy.deepcopy(ship.model), ship.flops, ship.params, ship.metric,
+                           ship.report, reconstructed=ship.reconstructed, reconstruct_seconds=ship.reconstruct_seconds)
+        else:
+            base = _ship(ctx, dense, plans, choice, choice.uniform.plan) if choice.uniform is not None else None
         bar.update(1)
         bar.set_postfix_str("latency", refresh=True)
         models = {"dense": ctx.model, "plan": ship.model}
-        if base is not None:
+        if base is not None and not same:
             models["uniform"] = base.model
-        ms = measure_latency(models, ctx.x)
+        lat = time_models(models, ctx.x, runs=15, warmup=1, per_model_s=LATENCY_BUDGET_S)
+        ms = lat.ms
         bar.update(1)
     finally:
         bar.close()
     ship = _with_latency(ship, ms["plan"])
-    base = _with_latency(base, ms["uniform"]) if base is not None else None
-    v = Verification(ship, base, ms["dense"], ctx.fit_inputs(), tuple(notes))
+    base = _with_latency(base, ms["plan"] if same else ms["uniform"]) if base is not None else None
+    v = Verification(ship, base, ms["dense"], ctx.fit_inputs(), tuple(notes), lat.runs,
+                     LATENCY_BUDGET_S if lat.capped else None)
     chosen = choice.chosen
     if ctx.reconstructing:
         uni = (f"; uniform {choice.uniform.source.split()[-1]}: {base.metric:.4f} -> {base.reconstructed:.4f} at "
@@ -613,7 +626,8 @@ def summarize(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, cho
         set_units={s.name: s.n_units for s in topo.sets}, sparsity_unit=SPARSITY_UNIT,
         seconds=time.perf_counter() - ctx.t0, proxy_metric=ctx.plan_metric, **fit,
         plan_order=chosen.order, prunable_sets=len(topo.sets), higher_is_better=ctx.sign > 0,
-        graph_ops=len(dense.graph.nodes), recovery_label=rec.plan.label, calibration_inputs=v.calibration_inputs)
+        graph_ops=len(dense.graph.nodes), recovery_label=rec.plan.label, calibration_inputs=v.calibration_inputs,
+        latency_runs=v.latency_runs, latency_budget_s=v.latency_budget_s)
 
 
 def _plan_metrics(choice: Choice, c: Candidate) -> tuple[float | None, float | None]:

@@ -23,7 +23,7 @@ from ..graph import ModelGraph, check_graph_of, trace
 from ..masks.layers import FILTER_TYPES, num_filters
 from ..masks.pruners import transposed_linear_types
 from ..masks.units import channel_units, is_trivial
-from ..narrow.prunable import prunable_sets
+from ..narrow.prunable import Prunable, prunable_sets
 from ..removal.zeros import follower_zero_maps
 from ..topology import ChannelDependency
 from . import results
@@ -119,6 +119,10 @@ class SensitivityAnalysis:
     * ``graph=``: the model's :class:`~prunescope.graph.ModelGraph` (``prunescope.graph.trace(model, x)``), so
       that one trace feeds the dependency sets (``group_dependencies``) and ``as_pruned`` instead of the model
       being traced again; it must be a trace of this model (:func:`prunescope.graph.check_graph_of`).
+    * ``prunable=`` (with ``graph=``): the model's prunable sets already computed on that trace
+      (:func:`prunescope.narrow.prunable.prunable_sets` with ``layer_ok`` accepting exactly the target layer
+      types), so that ``group_dependencies`` does not compute them (and their shrink probe) again; a set with a
+      member outside the target layers is a :class:`ConfigError`.
     * ``checkpoint=path``: JSON-lines checkpoint, appended the moment each evaluation finishes (every
       mode); a rerun skips every finished evaluation.
     * ``workers=N`` / ``executor=``: run the evaluations on N local processes or any ``concurrent.futures``
@@ -152,7 +156,8 @@ class SensitivityAnalysis:
                  dummy_input: Any = None, checkpoint: str | os.PathLike[str] | None = None,
                  workers: int | None = None, executor: Executor | None = None,
                  device: str | Sequence[str] | None = None, progress: bool = True,
-                 restore_buffers: bool = True, as_pruned: bool = False, graph: ModelGraph | None = None) -> None:
+                 restore_buffers: bool = True, as_pruned: bool = False, graph: ModelGraph | None = None,
+                 prunable: Prunable | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(val_func):
@@ -193,6 +198,12 @@ class SensitivityAnalysis:
         self.dummy_input = dummy_input
         check_graph_of(graph, model, "SensitivityAnalysis")
         self.graph = graph
+        if prunable is not None and not isinstance(prunable, Prunable):
+            raise ConfigError(f"prunable must be the result of prunescope.narrow.prunable.prunable_sets, got "
+                              f"{type(prunable).__name__}")
+        if prunable is not None and graph is None:
+            raise ConfigError("prunable= needs graph= (the trace it was computed from)")
+        self._given_prunable = prunable
         if as_pruned and dummy_input is None and graph is None:
             raise ConfigError("as_pruned=True needs dummy_input (the model is traced to find where each pruned "
                               "channel is normalised) or graph= (its trace)")
@@ -298,7 +309,14 @@ class SensitivityAnalysis:
         graph = self.graph
         targets = set(self.target_layer)
         target_ids = {id(m) for m in self.target_layer.values()}
-        p = prunable_sets(self.model, graph, self.dummy_input, layer_ok=lambda m: id(m) in target_ids)
+        p = self._given_prunable
+        if p is None:
+            p = prunable_sets(self.model, graph, self.dummy_input, layer_ok=lambda m: id(m) in target_ids)
+        else:
+            outside = [m for members in p.sets for m in members if m not in targets]
+            if outside:
+                raise ConfigError(f"prunable= offers {outside[0]!r}, which is not a target layer (layer_types): "
+                                  "compute it with layer_ok accepting exactly the target layers")
         key_of: dict[str, tuple[str, tuple[str, ...] | None]] = {}
         for members in p.sets:
             for m in members:
