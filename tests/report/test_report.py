@@ -428,10 +428,10 @@ def test_latency_timing_is_bounded_per_model_and_says_so():
 
 def test_sweep_reuses_the_prunable_sets_the_topology_computed(monkeypatch):
     # the report's prunable sets handed to the sweep give the sets, units and exclusions it computes itself
-    from prunescope.graph import trace
-    from prunescope.sensitivity import SensitivityAnalysis
     from prunescope.errors import ConfigError
+    from prunescope.graph import trace
     from prunescope.report.stages import report_layer_types, report_prunable
+    from prunescope.sensitivity import SensitivityAnalysis
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1),
