@@ -181,7 +181,7 @@ def sweep(ctx: Context, dense: DenseCost, topo: Topology, sparsities: Sequence[f
     finally:
         bar.close()
     what = ("reconstructed models (shrunk, refit by least squares from "
-            f"{ctx.fit_inputs()} unlabeled inputs)" if rebuilt else "as pruned")
+            f"{ctx.fit_inputs()} unlabeled inputs)" if rebuilt else "as-pruned models")
     unused = "; workers are not used by this sweep" if workers else ""
     ctx.say(f"[3/6] sensitivity {len(curves)} sets x {len(levels)} sparsities ({evaluations} evaluations of "
             f"{what}, {_SCORE_NAMES[plans.score]} units, {time.perf_counter() - t0:.1f} s{unused})")
