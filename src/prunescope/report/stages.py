@@ -7,6 +7,7 @@ before it (and the shared :class:`~prunescope.report.context.Context`) and retur
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import time
@@ -14,7 +15,6 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..flops import flops_report
 from ..graph import ModelGraph, trace
@@ -158,8 +158,7 @@ def sweep(ctx: Context, dense: DenseCost, topo: Topology, sparsities: Sequence[f
     curves: dict[str, dict[float, float]] = {}
     seen: dict[tuple[str, int], float] = {}
     rebuilt = ctx.sweep_metric == "reconstructed"
-    bar = tqdm(total=len(topo.sets) * len(levels), desc="sensitivity", unit="point", disable=not ctx.progress,
-               leave=False)
+    bar = ctx.bar(len(topo.sets) * len(levels), "sensitivity", "point")
     evaluations = 0
     t0 = time.perf_counter()
     try:
@@ -199,9 +198,16 @@ def _sweep_point(ctx: Context, dense: DenseCost, plans: PlanMasks, name: str, sp
     masks = plans.masks_for(plan)
     if rebuilt:
         return ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of set {name} at {sparsity}")
-    return ctx.evaluate(ctx.model, f"set {name} at sparsity {sparsity}",
-                        within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan), graph=dense.graph,
-                                                 fix_conflicts=False))
+    return _as_pruned_metric(ctx, dense, plans, plan, masks, f"set {name} at sparsity {sparsity}")
+
+
+def _as_pruned_metric(ctx: Context, dense: DenseCost, plans: PlanMasks, plan: dict[str, float],
+                      masks: dict[str, Any], what: str) -> float:
+    """The user's model evaluated with ``plan``'s masks applied as pruned: ``masks`` from
+    :meth:`PlanMasks.masks_for` (conflict-free, so no fix), the removal plan from PlanCost's planner."""
+    return ctx.evaluate(ctx.model, what,
+                        within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan) if masks else None,
+                                                 graph=dense.graph, fix_conflicts=False))
 
 
 # ---------------------------------------------------------------------------------------------- 4. choice
@@ -324,10 +330,7 @@ def choose(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, plans:
         """The metric the plan is chosen by: the reconstructed model's when reconstructing, else the masked
         model's as pruned (equal to the shrunk model's output). The as-pruned metric is measured either way."""
         masks = plans.masks_for(plan)
-        # masks_for: conflict-free; the plan from PlanCost's planner
-        ap = ctx.evaluate(ctx.model, f"plan {plan}",
-                          within=lambda: as_pruned(ctx.model, masks, plan=plans.removal_plan(plan) if masks else None,
-                                                   graph=dense.graph, fix_conflicts=False))
+        ap = _as_pruned_metric(ctx, dense, plans, plan, masks, f"plan {plan}")
         rec = ctx.evaluate(_rebuilt(ctx, dense, masks), f"the reconstructed model of plan {plan}") \
             if ctx.reconstructing else None
         metrics[plan_key(plan)] = PlanMetrics(ap, rec)
@@ -336,7 +339,7 @@ def choose(ctx: Context, dense: DenseCost, topo: Topology, sweep_: Sweep, plans:
     names = topo.names
     search = PlanSearch(names, _grid(sweep_, topo), _loss_of(ctx, dense, sweep_), plans.macs_of, measure,
                         dense.metric, ctx.sign, target, budget=max(2, plan_evals))
-    bar = tqdm(total=search.budget, desc="plan search", unit="plan", disable=not ctx.progress, leave=False)
+    bar = ctx.bar(search.budget, "plan search", "plan")
 
     def shown(c: Candidate) -> None:
         bar.update(1)
@@ -407,7 +410,7 @@ def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> 
     """The chosen plan and the uniform baseline as physically smaller models: counts checked against the
     effective count, metrics measured, CPU latency next to the dense model's (interleaved runs, at most
     :data:`LATENCY_BUDGET_S` per model). A plan equal to the uniform one is shrunk, measured and timed once."""
-    bar = tqdm(total=3, desc="verify", unit="step", disable=not ctx.progress, leave=False)
+    bar = ctx.bar(3, "verify")
     notes: list[str] = []
     try:
         bar.set_postfix_str("the plan's model", refresh=True)
@@ -424,8 +427,7 @@ def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> 
         bar.set_postfix_str("the uniform baseline's model", refresh=True)
         same = choice.uniform is not None and plan_key(choice.uniform.plan) == plan_key(choice.chosen.plan)
         if same:  # the plan is the uniform one: the same shrunk model, measured once; a copy of its own to recover
-            base = Shipped(ship.plan, ship.masks, copy.deepcopy(ship.model), ship.flops, ship.params, ship.metric,
-                           ship.report, reconstructed=ship.reconstructed, reconstruct_seconds=ship.reconstruct_seconds)
+            base = dataclasses.replace(ship, model=copy.deepcopy(ship.model))
         else:
             base = _ship(ctx, dense, plans, choice, choice.uniform.plan) if choice.uniform is not None else None
         bar.update(1)
@@ -460,8 +462,7 @@ def verify(ctx: Context, dense: DenseCost, plans: PlanMasks, choice: Choice) -> 
 
 
 def _with_latency(s: Shipped, ms: float) -> Shipped:
-    return Shipped(s.plan, s.masks, s.model, s.flops, s.params, s.metric, s.report, ms, s.reconstructed,
-                   s.reconstruct_seconds)
+    return dataclasses.replace(s, latency_ms=ms)
 
 
 # ---------------------------------------------------------------------------------------------- 6. recover

@@ -164,7 +164,7 @@ class SensitivityAnalysis:
             raise ConfigError(f"val_func must be callable, got {type(val_func).__name__}")
         self.model = model
         self.val_func = val_func
-        self.sparsities = self._parse_sparsities(sparsities)
+        self.sparsities = parse_sparsities(sparsities)
         if prune_type not in PRUNE_TYPES:
             raise ConfigError(f"unknown prune_type {prune_type!r}; expected one of {', '.join(PRUNE_TYPES)}")
         self.prune_type = prune_type
@@ -223,10 +223,6 @@ class SensitivityAnalysis:
         self.model_parse()
 
     # -- configuration -------------------------------------------------------------------------------
-    @staticmethod
-    def _parse_sparsities(sparsities: Iterable[float] | None) -> list[float]:
-        return parse_sparsities(sparsities)
-
     def model_parse(self) -> None:
         """Collect the target layers (``named_modules`` order) and, with grouping, the dependency sets."""
         filter_prune = self.prune_type != "level"
