@@ -12,7 +12,7 @@ A dependency set (layers whose output channels are tied, :class:`~prunescope.top
   chunk are what :func:`~prunescope.masks.fix_mask_conflict` leaves as they are (:func:`unit_chunks`);
 * ``shrink`` narrows it: the set's units removed (half of each chunk, by position) from a ``meta`` copy of the
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
-  masked channel (a class token concatenated to the channels, a weight that is computed). All candidate sets
+  masked channel (a parameter concatenated along the channel axis, a weight that is computed). All candidate sets
   are tried at once; the sets of a refusal are found by halving.
 
 Everything else is excluded with the reason, in words.
