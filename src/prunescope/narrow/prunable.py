@@ -13,7 +13,8 @@ A dependency set (layers whose output channels are tied, :class:`~prunescope.top
 * ``shrink`` narrows it: the set's units removed (half of each chunk, by position) from a ``meta`` copy of the
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
   masked channel (a parameter concatenated along the channel axis, a weight that is computed). All candidate sets
-  are tried at once; the sets of a refusal are found by halving.
+  are tried at once, then the subsets that narrow every pair of sets apart once (a size read from another set's
+  width matches when both lose half); the sets of a refusal are found by halving.
 
 Everything else is excluded with the reason, in words.
 """
@@ -298,6 +299,13 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
         todo = list(candidates)
         for _ in range(3):  # sets that pass alone may still fail together: check the union again
             found = narrower.refused(todo, members_of)
+            # every set losing half its units keeps equal widths equal: a size one set reads from another's
+            # width (CrossViT splits the heads of its cross-attention by the width of the residual stream) matches
+            # by coincidence. Each pair of sets is narrowed apart once: the sets whose position + 1 has bit j set
+            for j in range(len(todo).bit_length() if len(todo) > 1 else 0):
+                part = [k for i, k in enumerate(todo) if (i + 1) >> j & 1 and k not in found]
+                if 0 < len(part) < len(todo):
+                    found.update(narrower.refused(part, members_of))
             if not found:
                 break
             refused.update(found)
