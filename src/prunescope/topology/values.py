@@ -440,9 +440,9 @@ class _Walk:
             along = isinstance(dim, int) and ci is not None and norm_axis(dim, o.ndim) in ci.axes
             if not along:
                 res = np.where(res == CONST, UNKNOWN, res)
-                if any(self.ca.info(t) is None for t in node.inputs):
-                    # rows of an operand without channels (a class token): its values sit at the removed
-                    # channels of those rows, and the other rows hold something else
+                if any(self.ca.info(t) is None and t.numel() > 0 for t in node.inputs):
+                    # rows of an operand without channels (a class token; not an empty KV cache): its values sit
+                    # at the removed channels of those rows, and the other rows hold something else
                     res = np.where(res == ZERO, UNKNOWN, res)
         return res.astype(np.int8)
 
