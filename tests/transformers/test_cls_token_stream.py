@@ -157,7 +157,8 @@ def test_hf_vit_stream(attn: str, one_thread: None) -> None:
 
 
 class _Tokens(nn.Module):
-    """Patch tokens from ``embed``; a token joined by ``mode``: a pure view of ``cls`` ("view"), ``cls @ mix``
+    """Patch tokens from ``embed``; a token joined by ``mode``: a pure view of ``cls`` ("view"; "add": added to
+    every token), ``cls @ mix``
     (mixes channels, not a layer), a Linear of ``cls`` (a layer: its outputs join the stream set), or ``extra``
     concatenated along the channel axis ("channels")."""
 
@@ -183,6 +184,8 @@ class _Tokens(nn.Module):
             x = torch.cat([(self.cls @ self.mix).expand(b, -1, -1), x], 1)
         elif self.mode == "linear":
             x = torch.cat([self.cls_proj(self.cls).expand(b, -1, -1), x], 1)
+        elif self.mode == "add":  # CaiT's x_cls + attn(...): a view of the token added to channels
+            x = x + self.cls.expand(b, n, -1)
         else:
             x = torch.cat([x, self.extra.expand(b, n, -1)], -1)
         return self.head(torch.relu(self.fc(self.norm(x))[:, 0]))
@@ -200,11 +203,12 @@ def test_token_that_cannot_be_cut_stays_protected(mode: str, param: str) -> None
         unit_masks(model, x, 0.3, graph=g, layers=["embed"])
 
 
-@pytest.mark.parametrize("mode", ["view", "linear"])
+@pytest.mark.parametrize("mode", ["view", "add", "linear"])
 def test_token_view_or_layer_output_narrows(mode: str) -> None:
-    """A view of the token is cut like the token; a token made by a layer joins the stream set (its rows go)."""
+    """A view of the token, concatenated or added, is cut like the token; a token made by a layer joins the
+    stream set (its rows go)."""
     model = _Tokens(mode).eval()
-    small = _check(model, torch.randn(2, 5, 4), "embed", ["cls"] if mode == "view" else [])
+    small = _check(model, torch.randn(2, 5, 4), "embed", [] if mode == "linear" else ["cls"])
     if mode == "linear":
         assert small.cls_proj.out_features == small.embed.out_features < 8
 

@@ -511,9 +511,18 @@ class Planner:
             for _a, pa in _aligned(out, ci, t):
                 if len(ci.axes) != 1:
                     return False
-                if t.kind not in ("param", "buffer") and src_axis != pa:
+                if t.kind not in ("param", "buffer") and src_axis != pa and self._view_axis(t, pa) is None:
                     return False
         return True
+
+    def _view_axis(self, t: TensorInfo, axis: int) -> tuple[TensorInfo, int] | None:
+        """``(stored tensor, its axis)`` when ``t`` is a pure view of a stored tensor whose ``axis`` is a whole
+        axis of it (CaiT's ``cls_token.expand(B, -1, -1)`` added to the attention output), else None."""
+        view = self.views.get(t.id)
+        if view is None or view[1][axis] is None:
+            return None
+        src, pa = view[0], view[1][axis]
+        return (src, pa) if src.shape[pa] == t.shape[axis] else None
 
     def _cat_ok(self, node: OpNode, derived: list[TensorInfo]) -> bool:
         """A concatenation along a non-channel axis whose parameter-derived operands are pure views of one stored
@@ -902,6 +911,9 @@ def _elementwise_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
                 continue
             if t.kind in ("param", "buffer"):
                 _put(plan, t, pa, keep, f"{node.name} in '{node.module}'")
+            elif pl._view_axis(t, pa) is not None:  # a pure view of a stored tensor: narrow the tensor itself
+                src, spa = pl._view_axis(t, pa)
+                _put(plan, src, spa, keep, f"{node.name} in '{node.module}'")
             else:  # a pure reshape of a 1-D parameter: narrow the parameter itself
                 src = next((s for s in plan.graph.tensors if s.name == fqn and s.kind in ("param", "buffer")),
                            None)
