@@ -14,7 +14,7 @@ A dependency set (layers whose output channels are tied, :class:`~prunescope.top
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
   masked channel (a parameter concatenated along the channel axis, a weight that is computed). All candidate sets
   are tried at once, then the subsets that narrow every pair of sets apart once (a size read from another set's
-  width matches when both lose half); the sets of a refusal are found by halving.
+  width matches when both lose half: only a refusal counts there); the sets of a refusal are found by halving.
 
 Everything else is excluded with the reason, in words.
 """
@@ -175,12 +175,13 @@ class _Narrower:
             return _first_line(e), {}
         return None, dict(res.protected)
 
-    def refused(self, keys: list[str], members: dict[str, list[str]]) -> dict[str, str]:
-        """``{set key: reason}`` for the sets of ``keys`` that shrink does not narrow (found by halving)."""
+    def refused(self, keys: list[str], members: dict[str, list[str]], kept_too: bool = True) -> dict[str, str]:
+        """``{set key: reason}`` for the sets of ``keys`` that shrink does not narrow (found by halving);
+        ``kept_too=False``: only the sets shrink refuses, not those whose masked channels it keeps."""
         if not keys:
             return {}
         err, kept = self.refusal(keys)
-        if err is None and not kept:
+        if err is None and (not kept or not kept_too):
             return {}
         if len(keys) == 1:
             if err is not None:
@@ -194,13 +195,14 @@ class _Narrower:
             for k in hit:
                 out.update(self.refused([k], members))
             return out
-        found = self._suspects(err, keys, members)
+        found = self._suspects(err, keys, members, kept_too)
         if found:  # the sets where the narrowed forward broke; the others are tried again together
-            return {**found, **self.refused([k for k in keys if k not in found], members)}
+            return {**found, **self.refused([k for k in keys if k not in found], members, kept_too)}
         half = len(keys) // 2
-        return {**self.refused(keys[:half], members), **self.refused(keys[half:], members)}
+        return {**self.refused(keys[:half], members, kept_too), **self.refused(keys[half:], members, kept_too)}
 
-    def _suspects(self, err: str, keys: list[str], members: dict[str, list[str]]) -> dict[str, str]:
+    def _suspects(self, err: str, keys: list[str], members: dict[str, list[str]],
+                  kept_too: bool = True) -> dict[str, str]:
         """The refusals among the sets with a member inside the module a refusal names (the innermost module
         around it that holds one) and among the same sets of the other blocks, each confirmed on its own: about
         one shrink per refused set instead of a halving search (MaxViT: 22 refused attentions among 70 sets).
@@ -220,13 +222,13 @@ class _Narrower:
             return {}
         out: dict[str, str] = {}
         for k in near:
-            out.update(self.refused([k], members))
+            out.update(self.refused([k], members, kept_too))
         # the same layer in the model's other blocks (names equal up to their indices) is likely refused for the
         # same reason: each tried on its own now rather than found one failing union at a time
         kinds = {re.sub(r"\d+", "#", k) for k in out}
         for k in keys:
             if k not in out and k not in near and re.sub(r"\d+", "#", k) in kinds:
-                out.update(self.refused([k], members))
+                out.update(self.refused([k], members, kept_too))
         return out
 
 
@@ -301,11 +303,13 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
             found = narrower.refused(todo, members_of)
             # every set losing half its units keeps equal widths equal: a size one set reads from another's
             # width (CrossViT splits the heads of its cross-attention by the width of the residual stream) matches
-            # by coincidence. Each pair of sets is narrowed apart once: the sets whose position + 1 has bit j set
+            # by coincidence. Each pair of sets is narrowed apart once: the sets whose position + 1 has bit j set.
+            # Only refusals count there (a set whose channels shrink keeps unless a partner set goes too, a concat
+            # into a grouped convolution, stays offered as before)
             for j in range(len(todo).bit_length() if len(todo) > 1 else 0):
                 part = [k for i, k in enumerate(todo) if (i + 1) >> j & 1 and k not in found]
                 if 0 < len(part) < len(todo):
-                    found.update(narrower.refused(part, members_of))
+                    found.update(narrower.refused(part, members_of, kept_too=False))
             if not found:
                 break
             refused.update(found)
