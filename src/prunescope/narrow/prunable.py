@@ -229,6 +229,13 @@ class _Narrower:
         return out
 
 
+def _size_pinned_only(ca: Any, layer: str) -> bool:
+    """Is every pin on ``layer``'s channels a size the code writes (a head count, ``num_heads * head_dim``)?
+    ``shrink`` tries such a removal physically (the attributes the forward reads updated, every planned shape
+    checked) and refuses with the pin when the sizes do not follow; a stop or a value pin it never clears."""
+    return not (set(np.unique(ca.layer_classes(layer)).tolist()) & ca.hard_classes)
+
+
 def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
                   layer_ok: Callable[[nn.Module | None], bool] | None = None) -> Prunable:
     """The dependency sets of ``model`` that may be pruned and why the others may not (see the module docs).
@@ -261,7 +268,7 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
     for members in cd.sets:
         members = list(members)
         key = "+".join(members)
-        bad = [m for m in members if m in unsafe]
+        bad = [m for m in members if m in unsafe and not _size_pinned_only(cd.atoms, m)]
         if bad:
             result.excluded[key] = f"{bad[0]} is unsafe to prune: {unsafe[bad[0]][0]}"
             continue
