@@ -276,6 +276,8 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
                 prober.set(old, key[1])
             if p > best and (pick is None or p > pick[1]):
                 pick = (key, p, w, values)
+                if p >= done:  # every op matches: no later candidate can do better (the first best is kept)
+                    break
         if pick is None:
             break
         key, best, why, values = pick

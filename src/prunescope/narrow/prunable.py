@@ -149,6 +149,7 @@ class _Narrower:
         from torch.utils import _pytree as pytree
 
         self.graph, self.masks = graph, masks
+        self.alone: dict[str, tuple[str | None, dict[str, list[str]], str]] = {}
         want = [tuple(t.shape) for t in graph.outputs]
         meta = meta_copy(model)
         xm = pytree.tree_map(lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, x)
@@ -160,8 +161,12 @@ class _Narrower:
         except Exception:  # noqa: BLE001 - a forward that reads values: narrow real copies
             self.model, self.x = model, x
 
-    def refusal(self, keys: list[str]) -> tuple[str | None, dict[str, list[str]]]:
-        """``(why shrink refuses, {layer: why its masked channels stay})`` with the units of ``keys`` removed."""
+    def refusal(self, keys: list[str]) -> tuple[str | None, dict[str, list[str]], str]:
+        """``(why shrink refuses, {layer: why its masked channels stay}, where)`` with the units of ``keys``
+        removed. ``where``: the refusal and the errors that caused it (a pinned removal is refused with the pin,
+        the failure that decided it names the op and module where the narrowed shapes went wrong)."""
+        if len(keys) == 1 and keys[0] in self.alone:
+            return self.alone[keys[0]]
         masks: dict[str, Any] = {}
         for k in keys:
             masks.update(self.masks[k])
@@ -171,14 +176,23 @@ class _Narrower:
                 _, res = shrink(self.model, masks, self.x, graph=self.graph, fix_conflicts=False,
                                 return_result=True)
         except Exception as e:  # noqa: BLE001 - any refusal: the set is not offered, with the reason
-            return _first_line(e), {}
-        return None, dict(res.protected)
+            chain: list[str] = []
+            cause: BaseException | None = e
+            while cause is not None and len(chain) < 4:
+                chain.append(_first_line(cause))
+                cause = cause.__cause__
+            out: tuple[str | None, dict[str, list[str]], str] = (chain[0], {}, " | ".join(chain))
+        else:
+            out = (None, dict(res.protected), "")
+        if len(keys) == 1:  # a set's own verdict does not change: halving and the re-checks ask it again
+            self.alone[keys[0]] = out
+        return out
 
     def refused(self, keys: list[str], members: dict[str, list[str]]) -> dict[str, str]:
         """``{set key: reason}`` for the sets of ``keys`` that shrink does not narrow (found by halving)."""
         if not keys:
             return {}
-        err, kept = self.refusal(keys)
+        err, kept, where = self.refusal(keys)
         if err is None and not kept:
             return {}
         if len(keys) == 1:
@@ -193,7 +207,7 @@ class _Narrower:
             for k in hit:
                 out.update(self.refused([k], members))
             return out
-        found = self._suspects(err, keys, members)
+        found = self._suspects(where, keys, members)
         if found:  # the sets where the narrowed forward broke; the others are tried again together
             return {**found, **self.refused([k for k in keys if k not in found], members)}
         half = len(keys) // 2
@@ -204,10 +218,10 @@ class _Narrower:
         around it that holds one) and among the same sets of the other blocks, each confirmed on its own: about
         one shrink per refused set instead of a halving search (MaxViT: 22 refused attentions among 70 sets).
         ``{}`` when none is refused alone."""
-        hit = re.search(r"in module '([^']+)'", err)
-        if hit is None:
+        hits = re.findall(r"in module '([^']+)'", err)  # the innermost cause names the op that went wrong
+        if not hits:
             return {}
-        parts = hit.group(1).split(".")
+        parts = hits[-1].split(".")
         for depth in range(len(parts), 0, -1):
             scope = ".".join(parts[:depth])
             near = [k for k in keys if any(m == scope or m.startswith(scope + ".") for m in members[k])]
