@@ -76,3 +76,50 @@ def test_unit_masks_offers_timm_heads_and_shrink_removes_them() -> None:
     torch.testing.assert_close(got, masked, rtol=1e-4, atol=1e-5)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model is left as it was
+
+
+class _HeadSplit(torch.nn.Module):
+    """Self-attention over ``(B, N, 32)`` with 4 heads of 8; ``literal``: the head split is written as numbers
+    (``reshape(B, N, 3, 4, 8)``), else read from ``self.num_heads`` / ``self.head_dim`` / ``self.attn_dim`` as timm
+    does."""
+
+    def __init__(self, literal: bool) -> None:
+        super().__init__()
+        self.literal, self.num_heads, self.head_dim, self.attn_dim = literal, 4, 8, 32
+        self.inp, self.qkv, self.proj = torch.nn.Linear(6, 32), torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+        self.out = torch.nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        B, N, _ = h.shape
+        if self.literal:
+            qkv = self.qkv(h).reshape(B, N, 3, 4, 8)
+        else:
+            qkv = self.qkv(h).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1) @ v
+        o = a.transpose(1, 2).reshape(B, N, 32 if self.literal else self.attn_dim)
+        return self.out(torch.relu(self.proj(o)))
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_size_pinned_heads_offered_only_when_shrink_updates_the_sizes(literal: bool) -> None:
+    """The trial decides: sizes read from attributes follow (offered, and shrink removes the heads); a literal
+    head split does not (excluded, the pin named as the reason)."""
+    from prunescope.narrow.prunable import prunable_sets
+
+    torch.manual_seed(0)
+    model, x = _HeadSplit(literal).eval(), torch.randn(2, 5, 6)
+    g = trace(model, x)
+    p = prunable_sets(model, g, x)
+    if literal:
+        assert ("qkv",) not in p.sets
+        why = p.excluded["qkv"]
+        assert "shrink cannot remove" in why and "unsafe to prune" in why and "'reshape' writes the size 4" in why
+        return
+    assert ("qkv",) in p.sets
+    masks = unit_masks(model, x, 0.5, layers=["qkv"], graph=g)
+    small = shrink(model, masks, x, graph=g)
+    assert (small.num_heads, small.head_dim, small.attn_dim, small.qkv.out_features) == (2, 8, 16, 48)
+    with torch.no_grad(), as_pruned(model, masks, x, graph=g) as m:
+        torch.testing.assert_close(small(x), m(x), rtol=1e-4, atol=1e-6)
