@@ -265,19 +265,24 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
                 continue
             # one attribute can need different options in different modules (SK-ResNet's ``in_channels`` is the
             # block input's width in one block and equals the paths' width, which shrinks differently, in
-            # another): a later option sets the modules no earlier option of the attribute has set
-            values = {n: v for n, v in values.items() if n not in assigned.get(key[:2], ())}
-            if not values:
-                continue
-            old = prober.set(values, key[1])
-            try:
-                p, w = prober.progress()
-            finally:
-                prober.set(old, key[1])
-            if p > best and (pick is None or p > pick[1]):
-                pick = (key, p, w, values)
-                if p >= done:  # every op matches: no later candidate can do better (the first best is kept)
+            # another): a later option sets the modules no earlier option of the attribute has set, or, when
+            # that does not help, resets those an earlier option set too (MobileViT's ``attn_dim`` where several
+            # widths change: the first option fitted the early stages, a later one is the last stage's)
+            fresh = {n: v for n, v in values.items() if n not in assigned.get(key[:2], ())}
+            tries = [fresh] if fresh else []
+            if len(fresh) < len(values):
+                tries.append(values)
+            for vals in tries:
+                old = prober.set(vals, key[1])
+                try:
+                    p, w = prober.progress()
+                finally:
+                    prober.set(old, key[1])
+                if p > best and (pick is None or p > pick[1]):
+                    pick = (key, p, w, vals)
                     break
+            if pick is not None and pick[1] >= done:  # every op matches: no later candidate can do better
+                break
         if pick is None:
             break
         key, best, why, values = pick
