@@ -3,8 +3,10 @@
 A dependency set (layers whose output channels are tied, :class:`~prunescope.topology.ChannelDependency`) is
 **prunable** when removing its units gives a model that :func:`~prunescope.narrow.shrink` builds as asked:
 
-* no member is unsafe to prune (:func:`~prunescope.removal.not_safe_to_prune`), none of its channels reaches a
-  model output, every member is a convolution or linear layer;
+* no member is unsafe to prune (:func:`~prunescope.removal.not_safe_to_prune`), except where every pin on its
+  channels is a size the forward writes (timm's ``reshape(B, N, 3, self.num_heads, self.head_dim)``): those go
+  to the shrink trial below, which updates the attributes the sizes are read from or refuses with the pin;
+  none of its channels reaches a model output, every member is a convolution or linear layer;
 * its pruning units (the channel engine's classes, :func:`prunescope.masks.units.channel_units`) can be
   removed **per group** of the grouped convolutions its members feed or are (the ``GroupDependency``
   constraint): the channels of each member split into ``g`` equal contiguous chunks and every unit lies in one
@@ -13,7 +15,8 @@ A dependency set (layers whose output channels are tied, :class:`~prunescope.top
 * ``shrink`` narrows it: the set's units removed (half of each chunk, by position) from a ``meta`` copy of the
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
   masked channel (a class token concatenated to the channels, a weight that is computed). All candidate sets
-  are tried at once; the sets of a refusal are found by halving.
+  are tried at once; the sets of a refusal are found near the module its cause names (then by halving), and
+  each set's own verdict is asked once.
 
 Everything else is excluded with the reason, in words.
 """
