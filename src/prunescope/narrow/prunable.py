@@ -12,7 +12,8 @@ A dependency set (layers whose output channels are tied, :class:`~prunescope.top
   constraint): the channels of each member split into ``g`` equal contiguous chunks and every unit lies in one
   chunk, each chunk holding as many units as the others. Masks that remove the same number of units from every
   chunk are what :func:`~prunescope.masks.fix_mask_conflict` leaves as they are (:func:`unit_chunks`);
-* ``shrink`` narrows it: the set's units removed (half of each chunk, by position) from a ``meta`` copy of the
+* ``shrink`` narrows it: the set's units removed (about half of each chunk, by position; a size-pinned set keeps
+  a fraction no other set keeps, :func:`trial_counts`) from a ``meta`` copy of the
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
   masked channel (a class token concatenated to the channels, a weight that is computed). All candidate sets
   are tried at once; the sets of a refusal are found near the module its cause names (then by halving), and
@@ -119,18 +120,54 @@ def unit_chunks(units: list[np.ndarray], widths: list[int], constraints: list[in
     return chunk
 
 
+def _per_chunk(units: list[np.ndarray], chunk: np.ndarray | None) -> int:
+    """How many units a set has (per chunk of its grouped convolutions)."""
+    if chunk is not None:
+        return int(np.bincount(chunk).min())
+    return int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
+
+
+def trial_counts(sizes: dict[str, int], pinned: set[str]) -> dict[str, int]:
+    """How many units (per chunk) the shrink trial removes from each set of ``sizes`` (``{key: units per chunk}``).
+
+    About half, but a set whose channels a written size pins (``pinned``) keeps a fraction of its units that no
+    other set keeps where its units allow: a size the forward computes from another tensor's shape (torchvision
+    MaxViT's ``reshape(B, G, P, D)`` with ``D`` the block input's width) then matches only when the two are
+    truly one width, not because both were halved. Sets with fewer units choose first (they have fewer
+    fractions to choose from); the other sets keep half unless a pinned set took that fraction.
+    """
+    from fractions import Fraction
+
+    def options(n: int) -> list[int]:
+        return sorted(range(1, n), key=lambda j: (abs(2 * j - n), j)) or [0]
+
+    used: set[Fraction] = set()
+    out: dict[str, int] = {}
+    for k in sorted(pinned, key=lambda k: (sizes[k], k)):
+        n = sizes[k]
+        opts = options(n)
+        out[k] = next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
+        if n:
+            used.add(Fraction(out[k], n))
+    for k, n in sizes.items():
+        if k not in pinned:
+            opts = options(n)
+            out[k] = next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
+    return out
+
+
 def _structural(modules: dict[str, nn.Module], members: list[str], units: list[np.ndarray],
-                chunk: np.ndarray | None) -> dict[str, dict[str, Any]]:
-    """Masks removing the lower half of the units (of every chunk), chosen by position: what is removed does not
+                chunk: np.ndarray | None, count: int) -> dict[str, dict[str, Any]]:
+    """Masks removing the first ``count`` units (of every chunk), chosen by position: what is removed does not
     change whether shrink narrows a set, and ``meta`` weights have no norms to rank."""
     n_units = int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
     gone = np.zeros(n_units, bool)
     if chunk is None:
-        gone[: n_units // 2] = True
+        gone[:count] = True
     else:
         for k in np.unique(chunk):
             ids = np.nonzero(chunk == k)[0]
-            gone[ids[: len(ids) // 2]] = True
+            gone[ids[:count]] = True
     out = {}
     for m, u in zip(members, units):
         mod = modules[m]
@@ -282,6 +319,8 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
     candidates: list[str] = []
     members_of: dict[str, list[str]] = {}
     masks: dict[str, dict[str, dict[str, Any]]] = {}
+    shapes: dict[str, tuple[list[np.ndarray], np.ndarray | None]] = {}
+    pinned: set[str] = set()
     for members in cd.sets:
         members = list(members)
         key = "+".join(members)
@@ -314,8 +353,13 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
                 result.chunks[key] = chunk
         result.units[key] = units
         members_of[key] = members
-        masks[key] = _structural(modules, members, units, chunk)
+        shapes[key] = (units, chunk)
+        if any(m in unsafe for m in members):
+            pinned.add(key)
         candidates.append(key)
+    counts = trial_counts({k: _per_chunk(*shapes[k]) for k in candidates}, pinned)
+    for key in candidates:
+        masks[key] = _structural(modules, members_of[key], *shapes[key], counts[key])
     if candidates:
         narrower = _Narrower(model, graph, x, masks)
         refused: dict[str, str] = {}
