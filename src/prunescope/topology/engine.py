@@ -503,6 +503,12 @@ class ChannelAtoms:
             for c in np.unique(self.root[atoms]).tolist():
                 notes.setdefault(c, {})[d] = None
         self.class_notes = {c: list(v) for c, v in notes.items()}
+        # classes that no physical try can clear: an op with unknown channel semantics, a value pin (a mean or a
+        # softmax over channels, topk routing); the other pins are sizes, which shrink tries physically
+        hard = [a for a, _ in self._stop_notes] + list(self.value_pins)
+        hard = [a[a >= 0] for a in hard]
+        self.hard_classes: set[int] = set(np.unique(self.root[np.concatenate(hard)]).tolist()) \
+            if hard and any(a.size for a in hard) else set()
         self.unsafe: dict[str, list[str]] = {}
         if notes:
             for li in self._layer_list:
