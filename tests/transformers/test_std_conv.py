@@ -1,4 +1,4 @@
-"""Weight-standardised convolutions (timm ``StdConv2d`` / ``ScaledStdConv2d``): shrink narrows them exactly.
+"""Weight-standardised convolutions (timm ``StdConv2d`` / ``ScaledStdConv2d(Same)``): shrink narrows them exactly.
 
 The reference is a model built by hand from fresh timm layers of the kept widths holding the kept slices of the
 dense weights (``ScaledStdConv2d.scale`` kept at its constructed value, as shrink documents); the shrunk model
@@ -14,7 +14,7 @@ from torch import nn
 
 pytest.importorskip("timm")
 
-from timm.layers import ScaledStdConv2d, StdConv2d  # noqa: E402
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d  # noqa: E402
 
 from prunescope import SensitivityAnalysis, unit_masks  # noqa: E402
 from prunescope.flops import count_flops_params  # noqa: E402
@@ -30,7 +30,7 @@ class Net(nn.Module):
         self.a = ScaledStdConv2d(3, c, 3)
         self.b = StdConv2d(c, c, 3, groups=2)  # grouped; b(y) + y ties a and b
         self.d = ScaledStdConv2d(c, mid, 1)
-        self.e = ScaledStdConv2d(mid, c, 3, gamma=1.7)
+        self.e = ScaledStdConv2dSame(mid, c, 3, stride=2, gamma=1.7)  # TF "same" padding: a pad op first
         self.head = nn.Conv2d(c, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def hand_narrowed(net: Net, ka: torch.Tensor, kd: torch.Tensor, ke: torch.Tensor
     ref.a = ScaledStdConv2d(3, na, 3)
     ref.b = StdConv2d(na, na, 3, groups=2)
     ref.d = ScaledStdConv2d(na, nd, 1)
-    ref.e = ScaledStdConv2d(nd, ne, 3, gamma=1.7)
+    ref.e = ScaledStdConv2dSame(nd, ne, 3, stride=2, gamma=1.7)
     ref.head = nn.Conv2d(ne, 4, 1)
     with torch.no_grad():
         ref.a.weight.copy_(net.a.weight[ka])
@@ -174,3 +174,22 @@ def test_parametrized_weight_stays_protected():
     plan = plan_removal(g, {"0": {"weight": m}})
     assert not plan.removed["0"].any()
     assert any("the weight of '2' is computed" in r for r in plan.protected["0"])
+
+
+class ColumnStdConv(nn.Conv2d):
+    """Standardised per *input* channel (over output filters and kernel): not the recipe shrink narrows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.transpose(0, 1)
+        w = nn.functional.batch_norm(w.reshape(1, self.in_channels, -1), None, None, training=True, eps=1e-6)
+        return self._conv_forward(x, w.reshape_as(self.weight.transpose(0, 1)).transpose(0, 1), self.bias)
+
+
+def test_other_standardisation_stays_protected():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), ColumnStdConv(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    m = torch.ones(8, 8, 3, 3)
+    m[:3] = 0
+    plan = plan_removal(trace(net, X), {"2": {"weight": m}})
+    assert not plan.removed["2"].any()
+    assert any("the weight of '2' is computed" in r for r in plan.protected["2"])
