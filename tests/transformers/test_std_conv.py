@@ -17,10 +17,11 @@ pytest.importorskip("timm")
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d  # noqa: E402
 
 from prunescope import SensitivityAnalysis, unit_masks  # noqa: E402
+from prunescope.errors import ShrinkWarning  # noqa: E402
 from prunescope.flops import count_flops_params  # noqa: E402
 from prunescope.graph import trace  # noqa: E402
 from prunescope.masks.pruners import group_masks  # noqa: E402
-from prunescope.narrow import as_pruned, shrink  # noqa: E402
+from prunescope.narrow import as_pruned, load_pruned, reconstruct, save_pruned, shrink  # noqa: E402
 from prunescope.removal.plan import plan_removal  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def hand_narrowed(net: Net, ka: torch.Tensor, kd: torch.Tensor, ke: torch.Tensor
     return ref.eval()
 
 
-def test_unit_masks_shrink_equals_hand_built_and_as_pruned():
+def test_unit_masks_shrink_equals_hand_built_and_as_pruned(tmp_path):
     net = make()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     g = trace(net, X)
@@ -126,6 +127,11 @@ def test_unit_masks_shrink_equals_hand_built_and_as_pruned():
     assert eff_full == count_flops_params(small, X, verbose=False, mode="full")[:2]  # the standardisation too
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    # a pruned file loads into a fresh dense model: its constructed scale is the one the shrunk model kept
+    path = tmp_path / "small.pt"
+    save_pruned(small, path)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(make(), path)(X), got)
 
 
 def test_without_emulation_as_pruned_would_differ():
@@ -193,3 +199,22 @@ def test_other_standardisation_stays_protected():
     plan = plan_removal(trace(net, X), {"2": {"weight": m}})
     assert not plan.removed["2"].any()
     assert any("the weight of '2' is computed" in r for r in plan.protected["2"])
+
+
+def test_reconstruct_leaves_standardised_layers_and_refits_the_rest():
+    """A least-squares weight would be standardised again by the layer's forward: those layers are skipped, with
+    the reason; the plain head that lost input columns is refit and the error to the dense model drops."""
+    net = make()
+    torch.manual_seed(1)
+    calibration = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    masks = unit_masks(net, X, 0.3)
+    small = shrink(net, masks, X)
+    with pytest.warns(ShrinkWarning, match="4 layers were not refit.*standardised"):
+        rec, res = reconstruct(net, masks, X, calibration, return_result=True)
+    skipped = res.reconstruction.skipped
+    assert set(skipped) == {"a", "b", "d", "e"} and all("standardised" in why for why in skipped.values())
+    assert torch.equal(rec.e.weight, small.e.weight)
+    x = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        dense = net(x)
+        assert (rec(x) - dense).pow(2).mean() < (small(x) - dense).pow(2).mean()
