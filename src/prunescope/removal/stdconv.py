@@ -37,8 +37,8 @@ from ..ops import arg as _arg
 
 __all__ = ["StdWeight", "std_weights", "std_fan_keep", "restandardise", "STD_WEIGHT_AXIS"]
 
-#: the ``axis`` of a :class:`~prunescope.removal.zeros.NormEmulation` target that marks a weight
-#: standardisation (its ``keep()`` is then the per-filter keep of the fan-in columns, ``(C_out, fan_in)``)
+#: marks a weight standardisation in a :class:`~prunescope.removal.zeros.NormEmulation` target: its axis is
+#: ``(STD_WEIGHT_AXIS, groups)`` and its ``keep()`` the keep of every input channel of the convolution
 STD_WEIGHT_AXIS = "std_weight"
 
 _RESHAPES = frozenset({"reshape", "view"})
