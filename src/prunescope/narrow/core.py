@@ -213,8 +213,8 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
     removed channels normalises over the kept channels only, with the kept parameters (GroupNorm: the same
     group count), as the narrowed module does; so does the weight standardisation of a convolution that loses
     input channels (timm's ``StdConv2d`` / ``ScaledStdConv2d``: each filter over its kept fan-in, the constructed
-    ``scale`` unchanged, :mod:`prunescope.removal.stdconv`). Measured without building the smaller model. Weights come back
-    bit for bit and the temporary forward hooks are removed, also on exceptions.
+    ``scale`` unchanged, :mod:`prunescope.removal.stdconv`). Measured without building the smaller model.
+    Weights come back bit for bit and the temporary forward hooks are removed, also on exceptions.
 
     >>> import torch
     >>> from torch import nn
