@@ -519,3 +519,48 @@ def test_plan_measurements_give_the_model_back_exactly_when_user_code_changes_it
     assert seen and any(seen)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(m.training for m in net.modules())
+
+
+def test_a_recovery_step_that_lowers_the_metric_is_undone_and_the_model_before_it_ships(tmp_path):
+    """Fine-tuning that makes the metric worse (here: it zeroes every weight) is measured, reported as not kept,
+    and undone: the file the report writes holds the model before it, whose metric is the one reported as final.
+    One that helps (doubles the output the metric grows with) is kept. The uniform baseline follows the same rule."""
+    import copy
+
+    from prunescope import load_pruned
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 2)).eval()
+    x = torch.randn(4, 1, 6, 6)
+
+    def metric(m):
+        with torch.no_grad():
+            return float(m(x).abs().sum())
+
+    def worse(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+
+    def better(model):
+        with torch.no_grad():
+            model[-1].weight.mul_(2)
+            model[-1].bias.mul_(2)
+
+    kw = dict(sparsities=[0.5], progress=False, plan_evals=2, calibrate=[torch.randn(4, 1, 6, 6)], console=None)
+    res = run_report(net, metric, x, tmp_path / "bad", finetune=worse, **kw)
+    bad = res.summary
+    steps = bad["recovery_steps"]
+    assert [s["kept"] for s in steps] == [True, False] and steps[-1]["metric"] == 0.0
+    assert bad["metric_final"] == steps[0]["metric"] > 0  # the reconstructed model ships
+    assert res.stages.summary.recovery_label.endswith("(fine-tuning undone: it lowered the metric)")
+    shipped = load_pruned(copy.deepcopy(net), tmp_path / "bad" / "pruned.pt")
+    assert metric(shipped) == pytest.approx(bad["metric_final"], rel=1e-6)
+    assert [s["kept"] for s in bad["uniform_recovery_steps"]] == [True, False]
+    assert bad["uniform_metric_final"] == bad["uniform_recovery_steps"][0]["metric"]
+    good = run_report(net, metric, x, tmp_path / "good", finetune=better, **kw).summary
+    assert [s["kept"] for s in good["recovery_steps"]] == [True, True]
+    assert good["metric_final"] == pytest.approx(2 * good["recovery_steps"][0]["metric"], rel=1e-5)
+    shipped = load_pruned(copy.deepcopy(net), tmp_path / "good" / "pruned.pt")
+    assert metric(shipped) == pytest.approx(good["metric_final"], rel=1e-6)

@@ -20,7 +20,8 @@ import torch
 # family -> [(timm name, create_model kwargs, input size)]; the smallest member of each family, small inputs
 # where the architecture takes them (img_size for models with fixed position tables / windows).
 ZOO: dict[str, list[tuple[str, dict[str, Any], tuple[int, ...]]]] = {
-    "resnet": [("test_resnet", {}, (3, 64, 64)), ("resnet10t", {}, (3, 64, 64)), ("resnet18", {}, (3, 64, 64))],
+    "resnet": [("test_resnet", {}, (3, 64, 64)), ("resnet10t", {}, (3, 64, 64)), ("resnet18", {}, (3, 64, 64)),
+               ("resnetv2_50x1_bit", {}, (3, 64, 64))],  # BiT: weight-standardised convolutions (StdConv2d)
     "mobilenet": [("mobilenetv2_035", {}, (3, 64, 64)), ("mobilenetv3_small_050", {}, (3, 64, 64)),
                   ("mobilenetv4_conv_small", {}, (3, 64, 64)),
                   ("mobilenetv4_hybrid_medium", {}, (3, 96, 96)), ("lcnet_035", {}, (3, 64, 64))],

@@ -47,6 +47,7 @@ from torch import nn
 from ..graph import ModelGraph, OpNode, check_graph_of, trace
 from ..masks.files import validate_masks
 from ..removal.plan import plan_removal, removed_channels
+from ..removal.stdconv import std_weights
 from .counter import FlopsReport, _build
 
 __all__ = ["effective_report", "node_scales", "removed_channels"]
@@ -58,7 +59,8 @@ def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] 
     see :func:`prunescope.topology.channel_atoms`) is physically gone.
 
     * a conv / linear call: pairs of kept (input, output) channels over dense pairs, per group (the MACs of
-      ``W[out_kept][:, in_kept]``);
+      ``W[out_kept][:, in_kept]``); so does its weight standardisation's ``batch_norm`` (the elements of the
+      narrowed weight), and the ops computing its per-filter gain by the kept output channels;
     * a fused expert layer: pairs per expert (the removal plan keeps equal counts per expert);
     * ``scaled_dot_product_attention``: the Q·Kᵀ part by the query's kept channel positions, the A·V part by
       the output's (a value narrowed under multi-query attention narrows A·V only);
@@ -83,6 +85,7 @@ def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] 
 
     # per op node of a layer call: MAC scale (pairs of kept input and output channels / dense pairs)
     layer_scale: dict[int, tuple[float, int | None]] = {}
+    std = std_weights(ca.graph)
     for li in ca.layers.values():
         if li.kind == "experts":  # a fused expert layer: pairs per expert (the plan keeps equal counts per expert)
             ok = (~atom_removed[li.atom_start: li.atom_start + li.out_channels]).reshape(li.experts, -1)
@@ -104,6 +107,12 @@ def node_scales(ca: Any, atom_removed: np.ndarray, index: dict[int, np.ndarray] 
                                out_keep.reshape(gr, -1).sum(1, dtype=np.int64)))
             dense_pairs = (cin // gr) * cout
             layer_scale[node_idx] = (pairs / dense_pairs if dense_pairs else 1.0, None)
+            sw = std.get(node_idx)
+            if sw is not None:  # its weight standardisation: over the kept filters' kept elements
+                for i in sw.per_element:
+                    layer_scale[i] = layer_scale[node_idx]
+                for i in sw.per_filter:
+                    layer_scale[i] = (float(out_keep.mean()) if cout else 1.0, None)
 
     def alive_frac(t: Any) -> float:
         ci = ca.info(t)

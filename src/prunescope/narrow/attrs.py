@@ -258,25 +258,33 @@ def fit_attributes(small: nn.Module, plan: RemovalPlan, dummy_input: Any,
         # only modules that run by the first op that differs (or inside / around its module) can have set its
         # size: one whole-model try per candidate, and MaxViT has hundreds of candidates in later blocks
         scope = plan.graph.nodes[best].module if best < len(plan.graph.nodes) else ""
-        for key, values in groups.items():
-            if not any(first.get(n, done) <= best or n.startswith(scope + ".") or scope.startswith(n)
-                       for n in values):
-                continue
-            if key in chosen:
-                continue
-            # one attribute can need different options in different modules (SK-ResNet's ``in_channels`` is the
-            # block input's width in one block and equals the paths' width, which shrinks differently, in
-            # another): a later option sets the modules no earlier option of the attribute has set
-            values = {n: v for n, v in values.items() if n not in assigned.get(key[:2], ())}
-            if not values:
-                continue
-            old = prober.set(values, key[1])
-            try:
-                p, w = prober.progress()
-            finally:
-                prober.set(old, key[1])
-            if p > best and (pick is None or p > pick[1]):
-                pick = (key, p, w, values)
+        # one attribute can need different options in different modules (SK-ResNet's ``in_channels`` is the
+        # block input's width in one block and equals the paths' width, which shrinks differently, in
+        # another): a later option sets the modules no earlier option of the attribute has set; only when no
+        # such try helps, a later option may reset those an earlier option set too (MobileViT's ``attn_dim``
+        # where several widths change: the first option fitted the early stages, a later one is the last's)
+        for reset in (False, True):
+            for key, values in groups.items():
+                if not any(first.get(n, done) <= best or n.startswith(scope + ".") or scope.startswith(n)
+                           for n in values):
+                    continue
+                if key in chosen:
+                    continue
+                fresh = {n: v for n, v in values.items() if n not in assigned.get(key[:2], ())}
+                vals = values if reset else fresh
+                if not vals or (reset and len(fresh) == len(values)):
+                    continue
+                old = prober.set(vals, key[1])
+                try:
+                    p, w = prober.progress()
+                finally:
+                    prober.set(old, key[1])
+                if p > best and (pick is None or p > pick[1]):
+                    pick = (key, p, w, vals)
+                    if p >= done:  # every op matches: no later candidate can do better (the first best is kept)
+                        break
+            if pick is not None:
+                break
         if pick is None:
             break
         key, best, why, values = pick

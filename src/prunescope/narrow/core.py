@@ -211,8 +211,10 @@ def as_pruned(model: nn.Module, masks: Mapping[str, Any], dummy_input: Any = Non
     also after its normalisation (the constant ``β − γ·μ/σ`` an eval-mode BatchNorm makes of a zeroed channel
     is gone, as physical pruning removes it), and a LayerNorm / GroupNorm / RMSNorm that normalises across
     removed channels normalises over the kept channels only, with the kept parameters (GroupNorm: the same
-    group count), as the narrowed module does. Measured without building the smaller model. Weights come back
-    bit for bit and the temporary forward hooks are removed, also on exceptions.
+    group count), as the narrowed module does; so does the weight standardisation of a convolution that loses
+    input channels (timm's ``StdConv2d`` / ``ScaledStdConv2d``: each filter over its kept fan-in, the constructed
+    ``scale`` unchanged, :mod:`prunescope.removal.stdconv`). Measured without building the smaller model.
+    Weights come back bit for bit and the temporary forward hooks are removed, also on exceptions.
 
     >>> import torch
     >>> from torch import nn

@@ -3,18 +3,21 @@
 A dependency set (layers whose output channels are tied, :class:`~prunescope.topology.ChannelDependency`) is
 **prunable** when removing its units gives a model that :func:`~prunescope.narrow.shrink` builds as asked:
 
-* no member is unsafe to prune (:func:`~prunescope.removal.not_safe_to_prune`), none of its channels reaches a
-  model output, every member is a convolution or linear layer;
+* no member is unsafe to prune (:func:`~prunescope.removal.not_safe_to_prune`), except where every pin on its
+  channels is a size the forward writes (timm's ``reshape(B, N, 3, self.num_heads, self.head_dim)``): those go
+  to the shrink trial below, which updates the attributes the sizes are read from or refuses with the pin;
+  none of its channels reaches a model output, every member is a convolution or linear layer;
 * its pruning units (the channel engine's classes, :func:`prunescope.masks.units.channel_units`) can be
   removed **per group** of the grouped convolutions its members feed or are (the ``GroupDependency``
   constraint): the channels of each member split into ``g`` equal contiguous chunks and every unit lies in one
   chunk, each chunk holding as many units as the others. Masks that remove the same number of units from every
   chunk are what :func:`~prunescope.masks.fix_mask_conflict` leaves as they are (:func:`unit_chunks`);
-* ``shrink`` narrows it: the set's units removed (half of each chunk, by position) from a ``meta`` copy of the
+* ``shrink`` narrows it: the set's units removed (about half of each chunk, by position; a size-pinned set keeps
+  a fraction no other set keeps, :func:`trial_counts`) from a ``meta`` copy of the
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
   masked channel (a parameter concatenated along the channel axis, a weight that is computed). All candidate sets
-  are tried at once, then the subsets that narrow every pair of sets apart once (a size read from another set's
-  width matches when both lose half: only a refusal counts there); the sets of a refusal are found by halving.
+  are tried at once; the sets of a refusal are found near the module its cause names (then by halving), and
+  each set's own verdict is asked once.
 
 Everything else is excluded with the reason, in words.
 """
@@ -117,18 +120,54 @@ def unit_chunks(units: list[np.ndarray], widths: list[int], constraints: list[in
     return chunk
 
 
+def _per_chunk(units: list[np.ndarray], chunk: np.ndarray | None) -> int:
+    """How many units a set has (per chunk of its grouped convolutions)."""
+    if chunk is not None:
+        return int(np.bincount(chunk).min())
+    return int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
+
+
+def trial_counts(sizes: dict[str, int], pinned: set[str]) -> dict[str, int]:
+    """How many units (per chunk) the shrink trial removes from each set of ``sizes`` (``{key: units per chunk}``).
+
+    About half, but a set whose channels a written size pins (``pinned``) keeps a fraction of its units that no
+    other set keeps where its units allow: a size the forward computes from another tensor's shape (torchvision
+    MaxViT's ``reshape(B, G, P, D)`` with ``D`` the block input's width) then matches only when the two are
+    truly one width, not because both were halved. Sets with fewer units choose first (they have fewer
+    fractions to choose from); the other sets keep half unless a pinned set took that fraction.
+    """
+    from fractions import Fraction
+
+    def options(n: int) -> list[int]:
+        return sorted(range(1, n), key=lambda j: (abs(2 * j - n), j)) or [0]
+
+    used: set[Fraction] = set()
+    out: dict[str, int] = {}
+    for k in sorted(pinned, key=lambda k: (sizes[k], k)):
+        n = sizes[k]
+        opts = options(n)
+        out[k] = next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
+        if n:
+            used.add(Fraction(out[k], n))
+    for k, n in sizes.items():
+        if k not in pinned:
+            opts = options(n)
+            out[k] = next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
+    return out
+
+
 def _structural(modules: dict[str, nn.Module], members: list[str], units: list[np.ndarray],
-                chunk: np.ndarray | None) -> dict[str, dict[str, Any]]:
-    """Masks removing the lower half of the units (of every chunk), chosen by position: what is removed does not
+                chunk: np.ndarray | None, count: int) -> dict[str, dict[str, Any]]:
+    """Masks removing the first ``count`` units (of every chunk), chosen by position: what is removed does not
     change whether shrink narrows a set, and ``meta`` weights have no norms to rank."""
     n_units = int(max((int(u.max()) for u in units if len(u)), default=-1)) + 1
     gone = np.zeros(n_units, bool)
     if chunk is None:
-        gone[: n_units // 2] = True
+        gone[:count] = True
     else:
         for k in np.unique(chunk):
             ids = np.nonzero(chunk == k)[0]
-            gone[ids[: len(ids) // 2]] = True
+            gone[ids[:count]] = True
     out = {}
     for m, u in zip(members, units):
         mod = modules[m]
@@ -150,6 +189,7 @@ class _Narrower:
         from torch.utils import _pytree as pytree
 
         self.graph, self.masks = graph, masks
+        self.alone: dict[str, tuple[str | None, dict[str, list[str]], str]] = {}
         want = [tuple(t.shape) for t in graph.outputs]
         meta = meta_copy(model)
         xm = pytree.tree_map(lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, x)
@@ -161,8 +201,12 @@ class _Narrower:
         except Exception:  # noqa: BLE001 - a forward that reads values: narrow real copies
             self.model, self.x = model, x
 
-    def refusal(self, keys: list[str]) -> tuple[str | None, dict[str, list[str]]]:
-        """``(why shrink refuses, {layer: why its masked channels stay})`` with the units of ``keys`` removed."""
+    def refusal(self, keys: list[str]) -> tuple[str | None, dict[str, list[str]], str]:
+        """``(why shrink refuses, {layer: why its masked channels stay}, where)`` with the units of ``keys``
+        removed. ``where``: the refusal and the errors that caused it (a pinned removal is refused with the pin,
+        the failure that decided it names the op and module where the narrowed shapes went wrong)."""
+        if len(keys) == 1 and keys[0] in self.alone:
+            return self.alone[keys[0]]
         masks: dict[str, Any] = {}
         for k in keys:
             masks.update(self.masks[k])
@@ -172,16 +216,24 @@ class _Narrower:
                 _, res = shrink(self.model, masks, self.x, graph=self.graph, fix_conflicts=False,
                                 return_result=True)
         except Exception as e:  # noqa: BLE001 - any refusal: the set is not offered, with the reason
-            return _first_line(e), {}
-        return None, dict(res.protected)
+            chain: list[str] = []
+            cause: BaseException | None = e
+            while cause is not None and len(chain) < 4:
+                chain.append(_first_line(cause))
+                cause = cause.__cause__
+            out: tuple[str | None, dict[str, list[str]], str] = (chain[0], {}, " | ".join(chain))
+        else:
+            out = (None, dict(res.protected), "")
+        if len(keys) == 1:  # a set's own verdict does not change: halving and the re-checks ask it again
+            self.alone[keys[0]] = out
+        return out
 
-    def refused(self, keys: list[str], members: dict[str, list[str]], kept_too: bool = True) -> dict[str, str]:
-        """``{set key: reason}`` for the sets of ``keys`` that shrink does not narrow (found by halving);
-        ``kept_too=False``: only the sets shrink refuses, not those whose masked channels it keeps."""
+    def refused(self, keys: list[str], members: dict[str, list[str]]) -> dict[str, str]:
+        """``{set key: reason}`` for the sets of ``keys`` that shrink does not narrow (found by halving)."""
         if not keys:
             return {}
-        err, kept = self.refusal(keys)
-        if err is None and (not kept or not kept_too):
+        err, kept, where = self.refusal(keys)
+        if err is None and not kept:
             return {}
         if len(keys) == 1:
             if err is not None:
@@ -195,22 +247,21 @@ class _Narrower:
             for k in hit:
                 out.update(self.refused([k], members))
             return out
-        found = self._suspects(err, keys, members, kept_too)
+        found = self._suspects(where, keys, members)
         if found:  # the sets where the narrowed forward broke; the others are tried again together
-            return {**found, **self.refused([k for k in keys if k not in found], members, kept_too)}
+            return {**found, **self.refused([k for k in keys if k not in found], members)}
         half = len(keys) // 2
-        return {**self.refused(keys[:half], members, kept_too), **self.refused(keys[half:], members, kept_too)}
+        return {**self.refused(keys[:half], members), **self.refused(keys[half:], members)}
 
-    def _suspects(self, err: str, keys: list[str], members: dict[str, list[str]],
-                  kept_too: bool = True) -> dict[str, str]:
+    def _suspects(self, err: str, keys: list[str], members: dict[str, list[str]]) -> dict[str, str]:
         """The refusals among the sets with a member inside the module a refusal names (the innermost module
         around it that holds one) and among the same sets of the other blocks, each confirmed on its own: about
         one shrink per refused set instead of a halving search (MaxViT: 22 refused attentions among 70 sets).
         ``{}`` when none is refused alone."""
-        hit = re.search(r"in module '([^']+)'", err)
-        if hit is None:
+        hits = re.findall(r"in module '([^']+)'", err)  # the innermost cause names the op that went wrong
+        if not hits:
             return {}
-        parts = hit.group(1).split(".")
+        parts = hits[-1].split(".")
         for depth in range(len(parts), 0, -1):
             scope = ".".join(parts[:depth])
             near = [k for k in keys if any(m == scope or m.startswith(scope + ".") for m in members[k])]
@@ -222,14 +273,21 @@ class _Narrower:
             return {}
         out: dict[str, str] = {}
         for k in near:
-            out.update(self.refused([k], members, kept_too))
+            out.update(self.refused([k], members))
         # the same layer in the model's other blocks (names equal up to their indices) is likely refused for the
         # same reason: each tried on its own now rather than found one failing union at a time
         kinds = {re.sub(r"\d+", "#", k) for k in out}
         for k in keys:
             if k not in out and k not in near and re.sub(r"\d+", "#", k) in kinds:
-                out.update(self.refused([k], members, kept_too))
+                out.update(self.refused([k], members))
         return out
+
+
+def _size_pinned_only(ca: Any, layer: str) -> bool:
+    """Is every pin on ``layer``'s channels a size the code writes (a head count, ``num_heads * head_dim``)?
+    ``shrink`` tries such a removal physically (the attributes the forward reads updated, every planned shape
+    checked) and refuses with the pin when the sizes do not follow; a stop or a value pin it never clears."""
+    return not (set(np.unique(ca.layer_classes(layer)).tolist()) & ca.hard_classes)
 
 
 def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
@@ -261,10 +319,12 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
     candidates: list[str] = []
     members_of: dict[str, list[str]] = {}
     masks: dict[str, dict[str, dict[str, Any]]] = {}
+    shapes: dict[str, tuple[list[np.ndarray], np.ndarray | None]] = {}
+    pinned: set[str] = set()
     for members in cd.sets:
         members = list(members)
         key = "+".join(members)
-        bad = [m for m in members if m in unsafe]
+        bad = [m for m in members if m in unsafe and not _size_pinned_only(cd.atoms, m)]
         if bad:
             result.excluded[key] = f"{bad[0]} is unsafe to prune: {unsafe[bad[0]][0]}"
             continue
@@ -293,23 +353,19 @@ def prunable_sets(model: nn.Module, graph: ModelGraph, x: Any, *,
                 result.chunks[key] = chunk
         result.units[key] = units
         members_of[key] = members
-        masks[key] = _structural(modules, members, units, chunk)
+        shapes[key] = (units, chunk)
+        if any(m in unsafe for m in members):
+            pinned.add(key)
         candidates.append(key)
+    counts = trial_counts({k: _per_chunk(*shapes[k]) for k in candidates}, pinned)
+    for key in candidates:
+        masks[key] = _structural(modules, members_of[key], *shapes[key], counts[key])
     if candidates:
         narrower = _Narrower(model, graph, x, masks)
         refused: dict[str, str] = {}
         todo = list(candidates)
         for _ in range(3):  # sets that pass alone may still fail together: check the union again
             found = narrower.refused(todo, members_of)
-            # every set losing half its units keeps equal widths equal: a size one set reads from another's
-            # width (CrossViT splits the heads of its cross-attention by the width of the residual stream) matches
-            # by coincidence. Each pair of sets is narrowed apart once: the sets whose position + 1 has bit j set.
-            # Only refusals count there (a set whose channels shrink keeps unless a partner set goes too, a concat
-            # into a grouped convolution, stays offered as before)
-            for j in range(len(todo).bit_length() if len(todo) > 1 else 0):
-                part = [k for i, k in enumerate(todo) if (i + 1) >> j & 1 and k not in found]
-                if 0 < len(part) < len(todo):
-                    found.update(narrower.refused(part, members_of, kept_too=False))
             if not found:
                 break
             refused.update(found)

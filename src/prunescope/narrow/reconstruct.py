@@ -104,6 +104,7 @@ from ..graph import ModelGraph, make_inputs, preserved_training
 from ..masks.layers import CONV_TYPES, is_transposed_linear
 from ..removal.expert_cuts import ExpertCut
 from ..removal.plan import RemovalPlan
+from ..removal.stdconv import std_weights
 
 __all__ = ["refit", "ReconstructResult"]
 
@@ -969,8 +970,14 @@ def refit(model: nn.Module, small: nn.Module, plan: RemovalPlan, calibration: It
             return res
         chosen = affected if layers == "affected" else order[order.index(affected[0]):]
         graph = plan.graph if isinstance(plan.graph, ModelGraph) else None
+        # a weight standardisation (removal/stdconv.py) would standardise a least-squares weight again
+        standardised = {graph.nodes[i].module for i in std_weights(graph)} if graph is not None else set()
         fits: dict[str, _Fit] = {}
         for n in chosen:
+            if n in standardised:
+                res.skipped[n] = ("its weight is standardised per filter in its forward: a least-squares weight "
+                                  "would be standardised again (not refit)")
+                continue
             mod = small_mods[n]
             kind = _kind(mod)
             n_dense = dense_mods[n].weight.shape[1 if kind == "tlinear" else 0]  # type: ignore[union-attr]

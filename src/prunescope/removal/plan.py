@@ -15,7 +15,9 @@ tensors of the same modules:
 
 * it reaches a model output (removing it would change the output's shape);
 * it is read by a layer that cannot be narrowed: attention, an embedding, a matrix product with a parameter,
-  a layer whose weight is computed (a parametrization, weight standardisation) instead of stored;
+  a layer whose weight is computed (a parametrization, a weight norm) instead of stored — a weight
+  standardisation of one stored weight (timm's ``StdConv2d``, ``ScaledStdConv2d``) excepted: it narrows on the
+  stored weight and its per-filter gain (:mod:`.stdconv`);
 * it is combined with a tensor derived from a parameter in a way other than a direct elementwise use or a
   concatenation along a non-channel axis of a pure view of the parameter (a concatenation along the channel
   axis, a token computed by a layer from the parameter);
@@ -60,6 +62,7 @@ from ..ops import arg as _arg
 from ..topology import channel_atoms
 from ..topology.values import CONST, UNKNOWN, ZERO, value_states
 from .expert_cuts import expert_cuts, expert_filter_keep, expert_protection
+from .stdconv import std_weights
 
 __all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "assemble_plan", "removed_channels",
            "example_inputs", "value_pinned_removals", "param_view_shapes"]
@@ -373,6 +376,7 @@ class Planner:
         self.prot = np.zeros(len(self.ca.root), dtype=bool)
         self.reasons: dict[int, str] = {}  # class root -> first reason it was protected
         self.derived = self._param_derived()
+        self.std = std_weights(graph)  # weight-standardised convolutions: narrowed on their stored weight
         self.folds: dict[str, Fold] = {}
         self._layer_nodes = {i for li in self.ca.layers.values() for i in li.nodes}
         self.states: Callable[[np.ndarray], Any] | None = None  # value_states of a removal vector (cache)
@@ -458,6 +462,8 @@ class Planner:
             for idx in li.nodes:
                 node = g.nodes[idx]
                 w = _weight_args(node)[0]
+                if idx in self.std:  # a recognised weight standardisation (removal/stdconv.py)
+                    continue
                 if not isinstance(w, TensorInfo) or w.kind != "param" or not w.name or w.name not in self.stored:
                     why = (f"the weight of '{name}' is computed (a parametrization, weight standardisation ...), "
                            "not a stored tensor shrink can narrow")
@@ -597,6 +603,9 @@ class Planner:
         """A :class:`Fold` for constants reaching layer ``name`` (columns set by the caller), or why not."""
         if li.kind not in ("conv", "linear") or not _narrowable(node):
             return None, f"'{name}' is a {li.kind} layer (only linear layers and convolutions fold)"
+        if node.index in self.std:
+            return None, (f"the weight of '{name}' is standardised over its input columns: the narrowed layer "
+                          "standardises over the kept ones, a removed column has no weight to fold with")
         if len(li.nodes) > 1:
             return None, f"'{name}' is called {len(li.nodes)} times (one bias for several inputs)"
         if node.name in _CONV:
@@ -806,6 +815,12 @@ def _make_cuts(plan: RemovalPlan, pl: Planner) -> None:
             continue
         node = g.nodes[li.nodes[0]]
         w, _, w_out, w_in = _weight_args(node)
+        std = [pl.std[i] for i in li.nodes if i in pl.std]
+        if std:  # weight standardisation: the stored weight narrows, and the per-filter affine with its rows
+            w = std[0].weight
+            for s in std:
+                for t, ax in s.affine:
+                    _put(plan, t, ax, out_keep, name)
         gr = max(1, li.groups)
         attrs = plan.attrs.setdefault(name, {})
         if li.kind == "linear":

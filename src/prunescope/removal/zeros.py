@@ -1,5 +1,6 @@
 """As-pruned zeros: where a removed channel must read zero in the masked model (after its normalisation too),
-and the norms across channels computed over the kept ones, as the narrowed model computes them. Read by
+and the norms across channels computed over the kept ones, as the narrowed model computes them (weight
+standardisations too: over the kept input columns, :mod:`.stdconv`). Read by
 :func:`prunescope.as_pruned` (from a removal plan) and by the as-pruned sensitivity sweep (from the layers'
 current weights, without a plan)."""
 
@@ -18,6 +19,7 @@ from ..masks.layers import filter_matrix, weight_of
 from ..ops import NORM_AXIS, arg, op_name
 from ..topology import channel_atoms
 from .plan import RemovalPlan
+from .stdconv import STD_WEIGHT_AXIS, restandardise, std_weights
 
 __all__ = ["NORM_OPS", "const_keep", "zero_points", "norm_sites", "zero_hook", "NormEmulation", "ZeroPoint",
            "follower_zero_map", "follower_zero_maps", "zero_hooks"]
@@ -57,8 +59,25 @@ def _site(graph: ModelGraph, node: Any, ci: Any) -> tuple[str, int, int] | None:
         ns = [ns] if isinstance(ns, int) else list(ns) if ns is not None else []
         if a < x.ndim - len(ns):
             return None
+    return node.name, _occurrence(graph, node), a - x.ndim
+
+
+def _occurrence(graph: ModelGraph, node: Any) -> int:
+    """The index of a norm call among the norm calls run inside its module's call (children included)."""
     calls = [n.index for n in graph.ops_in(graph.calls[node.call]) if n.name in NORM_OPS]
-    return node.name, calls.index(node.index), a - x.ndim
+    return calls.index(node.index)
+
+
+def _std_site(graph: ModelGraph, ca: Any, conv: Any, sw: Any) -> tuple[Any, Any] | None:
+    """``(channel info of the conv's input, ((op, occurrence), axis))`` of a weight standardisation whose conv
+    reads its channels on axis 1, else None. ``axis = (STD_WEIGHT_AXIS, groups)``: :class:`NormEmulation`
+    standardises over the kept input channels there (:func:`~prunescope.removal.stdconv.restandardise`)."""
+    bn = graph.nodes[sw.bn]
+    x = conv.inputs[0] if conv.inputs else None
+    ci = ca.info(x) if x is not None else None
+    if ci is None or list(ci.axes) != [1] or bn.call is None or bn.module not in graph.modules:
+        return None
+    return ci, ((bn.name, _occurrence(graph, bn)), (STD_WEIGHT_AXIS, sw.groups))
 
 
 def _renorm(name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], axis: int,
@@ -134,6 +153,8 @@ class NormEmulation:
                 keep = t[2]()
                 if keep is None:
                     return func(*args, **kwargs)
+                if isinstance(t[1], tuple) and t[1][0] == STD_WEIGHT_AXIS:  # a weight standardisation
+                    return restandardise(func, tuple(args), kwargs, keep, t[1][1])
                 return _renorm(name, func, tuple(args), kwargs, t[1], keep)
 
         mode = Mode()
@@ -148,11 +169,12 @@ class NormEmulation:
         return [mod.register_forward_pre_hook(self.pre), mod.register_forward_hook(self.post, always_call=True)]
 
 
-def norm_sites(plan: RemovalPlan) -> dict[str, dict[int, tuple[str, int, np.ndarray]]]:
+def norm_sites(plan: RemovalPlan) -> dict[str, dict[int, tuple[str, Any, np.ndarray]]]:
     """``{module: {occurrence: (op, axis from the end, keep)}}``: the norm calls that normalise across channels
-    the plan removes (:func:`as_pruned` emulates the narrowed norm there)."""
+    the plan removes (:func:`as_pruned` emulates the narrowed norm there), and the weight standardisations whose
+    convolution loses input channels (axis ``(STD_WEIGHT_AXIS, groups)``, keep per input channel)."""
     g, ca = plan.graph, plan.atoms
-    out: dict[str, dict[int, tuple[str, int, np.ndarray]]] = {}
+    out: dict[str, dict[int, tuple[str, Any, np.ndarray]]] = {}
     for node in g.nodes:
         if node.name not in NORM_OPS or not node.module or node.module not in g.modules:
             continue
@@ -163,6 +185,14 @@ def norm_sites(plan: RemovalPlan) -> dict[str, dict[int, tuple[str, int, np.ndar
         keep = plan.alive(ci.atoms)
         if not keep.all():
             out.setdefault(node.module, {}).setdefault(site[1], (site[0], site[2], keep))
+    for sw in std_weights(g).values():  # weight standardisations over input columns the plan removes
+        std = _std_site(g, ca, g.nodes[sw.conv], sw)
+        if std is None:
+            continue
+        ci, ((op, occurrence), axis) = std
+        keep = plan.alive(ci.atoms)
+        if not keep.all():
+            out.setdefault(g.nodes[sw.bn].module, {}).setdefault(occurrence, (op, axis, keep))
     return out
 
 
@@ -199,7 +229,8 @@ def const_keep(keep: torch.Tensor) -> Any:
 
 
 # (module name, axis from the end, layer name, per-channel filter index of that layer or -1, norm site or None);
-# the norm site ``(op, occurrence)`` marks a norm across channels: emulated, not zeroed (see :func:`_site`)
+# the norm site ``(op, occurrence)`` marks a norm across channels: emulated, not zeroed (see :func:`_site`); a
+# weight standardisation has axis ``(STD_WEIGHT_AXIS, groups)`` and the index of its convolution's input channels
 ZeroPoint = tuple
 
 
@@ -223,15 +254,24 @@ def follower_zero_maps(graph: ModelGraph, groups: Mapping[str, Iterable[str]]) -
     by_class: dict[int, list[tuple[str, int]]] = {}
     for a in np.argsort(ca.root, kind="stable").tolist():  # members of each class, in atom order
         by_class.setdefault(int(ca.root[a]), []).append(ca.atom_name(a))
-    # per norm call (first call of a module per group only): layer -> (first position, rank there, index)
-    norms: list[tuple[Any, Any, dict[str, tuple[int, int, np.ndarray]]]] = []
+    # per norm call (first call of a module per group only): layer -> (first position, rank there, index); a
+    # weight standardisation (removal/stdconv.py) reads the channels of its convolution's input
+    std = {sw.bn: sw for sw in std_weights(graph).values()}
+    norms: list[tuple[Any, Any, Any, dict[str, tuple[int, int, np.ndarray]]]] = []
     for node in graph.nodes:
         if node.name not in NORM_OPS or not node.module:
             continue
-        o = node.outputs[0]
-        ci = ca.info(o)
-        if ci is None or len(ci.axes) != 1:
-            continue
+        if node.index in std:
+            hit = _std_site(graph, ca, graph.nodes[std[node.index].conv], std[node.index])
+            if hit is None:
+                continue
+            ci, (site, axis) = hit
+        else:
+            o = node.outputs[0]
+            ci = ca.info(o)
+            if ci is None or len(ci.axes) != 1:
+                continue
+            site, axis = None, ci.axes[0] - o.ndim
         atoms = ci.atoms.reshape(-1)
         table: dict[str, tuple[int, int, np.ndarray]] = {}
         for p, a in enumerate(atoms.tolist()):
@@ -246,14 +286,14 @@ def follower_zero_maps(graph: ModelGraph, groups: Mapping[str, Iterable[str]]) -
                 if hit is None:
                     hit = table[name] = (p, rank, np.full(atoms.shape, -1, np.int64))
                 hit[2][p] = ch
-        norms.append((node, ci, table))
+        norms.append((node, axis, site, table))
     sites: dict[int, Any] = {}
     out: dict[str, tuple[ZeroPoint, ...]] = {}
     for key, layers in groups.items():
         wanted = set(layers)
         points: list[ZeroPoint] = []
         seen: set[str] = set()
-        for node, ci, table in norms:
+        for node, axis, std_site, table in norms:
             if node.module in seen:
                 continue
             found = [(p, rank, name) for name, (p, rank, _) in table.items() if name in wanted]
@@ -262,10 +302,9 @@ def follower_zero_maps(graph: ModelGraph, groups: Mapping[str, Iterable[str]]) -
             layer_of = min(found)[2]
             seen.add(node.module)
             if node.index not in sites:
-                sites[node.index] = _site(graph, node, ca.info(node.inputs[0]))
+                sites[node.index] = std_site or _site(graph, node, ca.info(node.inputs[0]))
             site = sites[node.index]
-            points.append((node.module, ci.axes[0] - node.outputs[0].ndim, layer_of, table[layer_of][2].copy(),
-                           site[:2] if site else None))
+            points.append((node.module, axis, layer_of, table[layer_of][2].copy(), site[:2] if site else None))
         out[key] = tuple(points)
     return out
 

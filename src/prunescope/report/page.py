@@ -217,7 +217,8 @@ def page(st: Stages, pngs: list[tuple[str, str | None]]) -> str:
                  for i, c in enumerate(s.plan_candidates)]
     chosen = s.plan_candidates[s.plan_order]
     rec_rows = [("plan, shrunk (before recovery)", f"{s.metric_after_measured:.4f}", "")] + [
-        (f"after {r.label}", f"{r.metric:.4f}", f"{r.seconds:.1f}") for r in s.recovery_steps]
+        (f"after {r.label}" + ("" if r.kept else " (lowered the metric: undone, not shipped)"), f"{r.metric:.4f}",
+         f"{r.seconds:.1f}") for r in s.recovery_steps]
     sens_rows = [(topo.get(k).label, *[f"{v:.4f}" for _, v in sorted(c.items())]) for k, c in st.sweep.curves.items()]
     prunable = {p.members: p for p in topo.sets}
     dep_rows = [(i + 1, ", ".join(ds), prunable[ds].n_units if ds in prunable else "",

@@ -207,9 +207,10 @@ class RecoveryStep:
     label: str
     metric: float
     seconds: float
+    kept: bool = True  # False: the step made the metric worse and was undone (the model before it ships)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.label, "metric": self.metric, "seconds": round(self.seconds, 2)}
+        return {"step": self.label, "metric": self.metric, "seconds": round(self.seconds, 2), "kept": self.kept}
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,9 @@ class Recovered:
 
     @property
     def final(self) -> float:
-        """The metric of the model as it ships (after every recovery step)."""
-        return self.steps[-1].metric if self.steps else self.shipped.metric
+        """The metric of the model as it ships (after every recovery step it kept)."""
+        kept = [s for s in self.steps if s.kept]
+        return kept[-1].metric if kept else self.shipped.metric
 
     def metric_after(self, kind: RecoveryKind) -> float | None:
         return next((s.metric for s in self.steps if s.kind == kind), None)
@@ -230,7 +232,10 @@ class Recovered:
     @property
     def label(self) -> str:
         """What the model is: ``shrunk, then BatchNorm re-estimation (11 batches) and fine-tuning``."""
-        return "shrunk, then " + " and ".join(s.label for s in self.steps) if self.steps else "shrunk, no recovery"
+        kept = [s.label for s in self.steps if s.kept]
+        undone = [s.label for s in self.steps if not s.kept]
+        text = "shrunk, then " + " and ".join(kept) if kept else "shrunk, no recovery"
+        return text + (f" ({' and '.join(undone)} undone: it lowered the metric)" if undone else "")
 
 
 @dataclass(frozen=True)

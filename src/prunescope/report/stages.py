@@ -14,6 +14,7 @@ import time
 import warnings
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from ..flops import flops_report
@@ -494,21 +495,43 @@ def _recover_one(ctx: Context, ship: Shipped, what: str) -> tuple[Recovered, lis
         parts.append(f"reconstructed {ship.reconstructed:.4f}")
     elif ctx.calibrate is not None:
         t = time.perf_counter()
+        before = _snapshot(ship.model)
         n = recalibrate_bn(ship.model, ctx.calibration())
         if n:
             value = ctx.evaluate(ship.model, f"the {what} after BatchNorm re-estimation")
-            steps.append(RecoveryStep("batchnorm", f"BatchNorm re-estimation ({n} batches)", value,
-                                      time.perf_counter() - t))
-            parts.append(f"calibrated {value:.4f}")
+            steps.append(_keep_or_undo(ctx, ship, steps, before, RecoveryStep(
+                "batchnorm", f"BatchNorm re-estimation ({n} batches)", value, time.perf_counter() - t)))
+            parts.append(f"calibrated {value:.4f}" + ("" if steps[-1].kept else " (worse: undone)"))
         else:  # no BatchNorm (e.g. LayerNorm only): nothing was re-estimated, no step to report
             parts.append("no BatchNorm to re-estimate")
     if ctx.finetune is not None:
         t = time.perf_counter()
+        before = _snapshot(ship.model)
         _run_finetune(ctx, ship.model, what)
         value = ctx.evaluate(ship.model, f"the {what} after fine-tuning")
-        steps.append(RecoveryStep("finetune", "fine-tuning", value, time.perf_counter() - t))
-        parts.append(f"fine-tuned {value:.4f}")
+        steps.append(_keep_or_undo(ctx, ship, steps, before,
+                                   RecoveryStep("finetune", "fine-tuning", value, time.perf_counter() - t)))
+        parts.append(f"fine-tuned {value:.4f}" + ("" if steps[-1].kept else " (worse: undone)"))
     return Recovered(ship, tuple(steps)), parts
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer (a recovery step that lowers the metric is undone from it)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _keep_or_undo(ctx: Context, ship: Shipped, steps: list[RecoveryStep], before: dict[str, torch.Tensor],
+                  step: RecoveryStep) -> RecoveryStep:
+    """``step`` as measured, or, when it made the metric worse than the model before it, the same step marked
+    not kept and the model's tensors put back: what ships is the best of the models the recovery measured in
+    order, each on the user's validation function (the step stays on the page and in ``summary.json``)."""
+    prev = next((s.metric for s in reversed(steps) if s.kept), ship.metric)
+    if ctx.sign * (step.metric - prev) >= 0:
+        return step
+    ship.model.load_state_dict(before)
+    ctx.say(f"  {step.label} lowered {ctx.metric_name} ({prev:.4f} -> {step.metric:.4f}): undone, the model "
+            "before it ships")
+    return dataclasses.replace(step, kept=False)
 
 
 def recover(ctx: Context, v: Verification) -> Recovery:

@@ -33,7 +33,7 @@ from ..graph import ModelGraph
 from ..ops import CONV_KINDS, CONV_OPS, LINEAR_OPS
 from . import moe  # noqa: F401 - registers the mixture-of-experts channel rules
 from .base import ChannelInfo, LayerInfo, TopologyWarning
-from .engine import ChannelAtoms, channel_atoms, sets_from_classes
+from .engine import ChannelAtoms, channel_atoms, sets_from_classes, weight_owner
 from .heads import AttentionHeads, AttentionWeightDependency, HeadDependency
 from .replay import map_channels
 from .rules import register_channel_rule
@@ -231,7 +231,7 @@ class GroupDependency:
                                                                          "embedding"):
                 if p.name in CONV_OPS:
                     w = p.inputs[1] if len(p.inputs) > 1 else None
-                    name = g.param_owner(w) if w is not None else None
+                    name = weight_owner(g, w) if w is not None else None
                     if name and name not in found:
                         found.append(name)
                 continue
@@ -243,7 +243,7 @@ class GroupDependency:
         for node in g.nodes:
             if node.name in CONV_OPS and len(node.inputs) > 1:
                 w = node.inputs[1]
-                name = g.param_owner(w) or f"<{node.name}#{node.index}>"
+                name = weight_owner(g, w) or f"<{node.name}#{node.index}>"
                 groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
                 groups = int(groups) if isinstance(groups, int) else 1
                 transposed = "transpose" in node.name

@@ -78,7 +78,7 @@ from .base import ChannelInfo, LayerInfo, TopologyWarning, UnknownOp, norm_axis
 from .rules import RULES, layer_op
 from .values import ZERO, value_states
 
-__all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes", "UnionFind"]
+__all__ = ["ChannelAtoms", "channel_atoms", "sets_from_classes", "UnionFind", "weight_owner"]
 
 
 class UnionFind:
@@ -336,20 +336,7 @@ class ChannelAtoms:
         return li
 
     def weight_owner(self, t: TensorInfo, node: OpNode) -> str:
-        if t.kind in ("param", "buffer") and t.name:
-            return self.graph.param_owner(t) or t.name
-        # a weight computed from a parameter (weight standardisation, w.t(), ...): follow single-param ancestry
-        seen = 0
-        frontier = [t]
-        while frontier and seen < 32:
-            cur = frontier.pop()
-            seen += 1
-            if cur.kind in ("param", "buffer") and cur.name and cur.numel() == t.numel():
-                return self.graph.param_owner(cur) or cur.name
-            p = self.graph.producer(cur)
-            if p is not None:
-                frontier.extend(i for i in p.inputs if i.numel() == t.numel() or i.kind == "param")
-        return f"<{node.name}#{node.index}>"
+        return weight_owner(self.graph, t) or f"<{node.name}#{node.index}>"
 
     def record_input(self, li: LayerInfo, rep: np.ndarray, tid: int, node: OpNode) -> None:
         if li.inputs and len(li.inputs[0]) == len(rep):
@@ -503,6 +490,12 @@ class ChannelAtoms:
             for c in np.unique(self.root[atoms]).tolist():
                 notes.setdefault(c, {})[d] = None
         self.class_notes = {c: list(v) for c, v in notes.items()}
+        # classes that no physical try can clear: an op with unknown channel semantics, a value pin (a mean or a
+        # softmax over channels, topk routing); the other pins are sizes, which shrink tries physically
+        hard = [a for a, _ in self._stop_notes] + list(self.value_pins)
+        hard = [a[a >= 0] for a in hard]
+        self.hard_classes: set[int] = set(np.unique(self.root[np.concatenate(hard)]).tolist()) \
+            if hard and any(a.size for a in hard) else set()
         self.unsafe: dict[str, list[str]] = {}
         if notes:
             for li in self._layer_list:
@@ -526,6 +519,25 @@ class ChannelAtoms:
 
 
 _CACHE: WeakKeyDictionary[ModelGraph, ChannelAtoms] = WeakKeyDictionary()
+
+
+def weight_owner(graph: ModelGraph, t: TensorInfo) -> str | None:
+    """The layer (module) a layer call's weight ``t`` belongs to: the owner of the stored parameter, also when the
+    weight is computed from one (weight standardisation, ``w.t()``, ...: single-parameter ancestry is followed);
+    None when no stored tensor of its size is found."""
+    if t.kind in ("param", "buffer") and t.name:
+        return graph.param_owner(t) or t.name
+    seen = 0
+    frontier = [t]
+    while frontier and seen < 32:
+        cur = frontier.pop()
+        seen += 1
+        if cur.kind in ("param", "buffer") and cur.name and cur.numel() == t.numel():
+            return graph.param_owner(cur) or cur.name
+        p = graph.producer(cur)
+        if p is not None:
+            frontier.extend(i for i in p.inputs if i.numel() == t.numel() or i.kind == "param")
+    return None
 
 
 def channel_atoms(graph: ModelGraph) -> ChannelAtoms:
