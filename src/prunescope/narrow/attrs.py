@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ShrinkError, TraceError
 from ..graph import ModelGraph, meta_copy, trace
 from ..removal.expert_cuts import derived_param_shapes
-from ..removal.plan import RESHAPE_LIKE, RemovalPlan, axis_positions
+from ..removal.plan import RESHAPE_LIKE, RemovalPlan, axis_positions, param_view_shapes
 
 __all__ = ["expected_shapes", "fit_attributes"]
 
@@ -59,6 +59,7 @@ def expected_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
     # -- fused expert parameters (removal/expert_cuts.py): the views the forward makes of them narrow too
     out.update(derived_param_shapes(plan))
     out.update(_reshaped_vectors(plan))
+    out.update(param_view_shapes(plan))  # a class token's expand(B, -1, -1)
     return out
 
 

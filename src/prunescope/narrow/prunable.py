@@ -15,7 +15,7 @@ A dependency set (layers whose output channels are tied, :class:`~prunescope.top
 * ``shrink`` narrows it: the set's units removed (about half of each chunk, by position; a size-pinned set keeps
   a fraction no other set keeps, :func:`trial_counts`) from a ``meta`` copy of the
   model, ``shrink`` neither refuses (a pin, a size it cannot update, a forward that no longer runs) nor keeps a
-  masked channel (a class token concatenated to the channels, a weight that is computed). All candidate sets
+  masked channel (a parameter concatenated along the channel axis, a weight that is computed). All candidate sets
   are tried at once; the sets of a refusal are found near the module its cause names (then by halving), and
   each set's own verdict is asked once.
 

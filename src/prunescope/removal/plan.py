@@ -18,8 +18,9 @@ tensors of the same modules:
   a layer whose weight is computed (a parametrization, a weight norm) instead of stored — a weight
   standardisation of one stored weight (timm's ``StdConv2d``, ``ScaledStdConv2d``) excepted: it narrows on the
   stored weight and its per-filter gain (:mod:`.stdconv`);
-* it is combined with a tensor derived from a parameter in a way other than a direct elementwise use
-  (``torch.cat([cls_token.expand(...), x])``);
+* it is combined with a tensor derived from a parameter in a way other than a direct elementwise use or a
+  concatenation along a non-channel axis of a pure view of the parameter (a concatenation along the channel
+  axis, a token computed by a layer from the parameter);
 * a grouped convolution would keep unequal numbers of channels per group, or a ``GroupNorm`` would keep a
   channel count its group count does not divide;
 * it reaches an op that loses it (a layer's input column, the summed axis of a product) with a value other than
@@ -38,7 +39,10 @@ A :class:`Cut` says, for one stored parameter or buffer (by its qualified name),
 which axes: the output (and input) channels of convolutions and linear layers — per group for grouped
 convolutions —, the channels of norms (weight, bias, running statistics), PReLU slopes, and parameters used
 directly (or through a pure reshape) in an elementwise op with a channel tensor (a layer scale, a position
-embedding).
+embedding), and parameters concatenated through a pure view (``expand``, ``repeat`` along size-1 axes, ``view``
+...) along a non-channel axis with a channel tensor, their axis aligned with its channel axis (a ViT's class,
+distillation and register tokens, ``torch.cat([cls_token.expand(B, -1, -1), x], dim=1)``): the token rows of the
+concatenation then lose the same channels as the other rows.
 """
 
 from __future__ import annotations
@@ -61,12 +65,15 @@ from .expert_cuts import expert_cuts, expert_filter_keep, expert_protection
 from .stdconv import std_weights
 
 __all__ = ["ShrinkError", "Cut", "Fold", "RemovalPlan", "plan_removal", "assemble_plan", "removed_channels",
-           "example_inputs", "value_pinned_removals"]
+           "example_inputs", "value_pinned_removals", "param_view_shapes"]
 
 _CONV = CONV_OPS - CONV_TRANSPOSE_OPS  # convolutions that are not transposed
 # ops whose output is the element-for-element rearrangement of one input (for parameter-derived tensors)
 RESHAPE_LIKE = frozenset("view reshape unsqueeze squeeze flatten unflatten contiguous clone detach to float "
                           "half double bfloat16 type_as".split())
+# ops that broadcast one input to a larger shape (a class token's ``expand(B, -1, -1)``)
+_BROADCASTS = frozenset(("expand", "expand_as", "broadcast_to", "repeat"))
+_CATS = frozenset(("cat", "concat", "concatenate"))
 
 
 @dataclass
@@ -379,6 +386,7 @@ class Planner:
         model = graph.model
         self.stored = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
             n for n, _ in model.named_buffers(remove_duplicate=False)}
+        self.views = self._param_views()
 
     # -- helpers
     def protect(self, atoms: np.ndarray, reason: str) -> bool:
@@ -416,6 +424,25 @@ class Planner:
                     if len(big) == 1 and o.numel() == tins[0].numel():
                         axis = big[0]
                 out[o.id] = (src[0], axis)
+        return out
+
+    def _param_views(self) -> dict[int, tuple[TensorInfo, tuple[int | None, ...]]]:
+        """Tensors that are a pure view of one stored tensor ``P`` (reshapes, ``expand``, ``repeat`` along
+        size-1 axes): id -> ``(P, per axis the axis of P it is, or None for a size-1 or broadcast axis)``."""
+        out: dict[int, tuple[TensorInfo, tuple[int | None, ...]]] = {}
+        for t in self.g.tensors:
+            if t.kind in ("param", "buffer") and t.name and t.name in self.stored:
+                out[t.id] = (t, tuple(a if s > 1 else None for a, s in enumerate(t.shape)))
+        for node in self.g.nodes:
+            tins = [t for t in node.inputs if t.kind != "const"]
+            if len(tins) != 1 or tins[0].id not in out or len(node.outputs) != 1:
+                continue
+            if node.name not in RESHAPE_LIKE and node.name not in _BROADCASTS:
+                continue
+            src, amap = out[tins[0].id]
+            axes = _view_axes(node.name, tins[0], node.outputs[0], amap)
+            if axes is not None:
+                out[node.outputs[0].id] = (src, axes)
         return out
 
     # -- protection rules that do not depend on the decision
@@ -474,6 +501,8 @@ class Planner:
             return
         if name in ELEMENTWISE and self._elementwise_ok(node, derived):
             return
+        if name in _CATS and self._cat_ok(node, derived):
+            return
         why = f"'{name}' combines them with a tensor derived from parameter '{self.derived[derived[0].id][0]}'"
         for t in chan:
             self.protect(self.info_atoms(t), why)
@@ -488,9 +517,23 @@ class Planner:
             for _a, pa in _aligned(out, ci, t):
                 if len(ci.axes) != 1:
                     return False
-                if t.kind not in ("param", "buffer") and src_axis != pa:
+                if t.kind not in ("param", "buffer") and src_axis != pa and self._view_axis(t, pa) is None:
                     return False
         return True
+
+    def _view_axis(self, t: TensorInfo, axis: int) -> tuple[TensorInfo, int] | None:
+        """``(stored tensor, its axis)`` when ``t`` is a pure view of a stored tensor whose ``axis`` is a whole
+        axis of it (CaiT's ``cls_token.expand(B, -1, -1)`` added to the attention output), else None."""
+        view = self.views.get(t.id)
+        if view is None or view[1][axis] is None:
+            return None
+        src, pa = view[0], view[1][axis]
+        return (src, pa) if src.shape[pa] == t.shape[axis] else None
+
+    def _cat_ok(self, node: OpNode, derived: list[TensorInfo]) -> bool:
+        """A concatenation along a non-channel axis whose parameter-derived operands are pure views of one stored
+        tensor each, every channel axis of the output an axis of that tensor (a class token): narrowable."""
+        return _cat_views(self, node, derived) is not None
 
     # -- rules that depend on the decision
     def layer_keeps(self, atom_removed: np.ndarray, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -820,6 +863,8 @@ def _make_cuts(plan: RemovalPlan, pl: Planner) -> None:
                     if keep is not None and not keep.all():
                         _put(plan, w, 0, keep, f"prelu in '{node.module}'")
                         plan.attrs.setdefault(node.module, {})["num_parameters"] = int(keep.sum())
+        elif node.name in _CATS:
+            _cat_cuts(plan, pl, node)
         else:
             _elementwise_cuts(plan, pl, node)
 
@@ -881,8 +926,112 @@ def _elementwise_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
                 continue
             if t.kind in ("param", "buffer"):
                 _put(plan, t, pa, keep, f"{node.name} in '{node.module}'")
+            elif pl._view_axis(t, pa) is not None:  # a pure view of a stored tensor: narrow the tensor itself
+                src, spa = pl._view_axis(t, pa)
+                _put(plan, src, spa, keep, f"{node.name} in '{node.module}'")
             else:  # a pure reshape of a 1-D parameter: narrow the parameter itself
                 src = next((s for s in plan.graph.tensors if s.name == fqn and s.kind in ("param", "buffer")),
                            None)
                 if src is not None:
                     _put(plan, src, 0, keep, f"{node.name} in '{node.module}'")
+
+
+def _view_axes(name: str, x: TensorInfo, o: TensorInfo, amap: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
+    """The axis map (:meth:`Planner._param_views`) of ``o = name(x)``, or None when ``o`` is not a pure view of
+    ``x`` with every long axis kept whole (a reshape that merges or splits a long axis, a ``repeat`` that tiles
+    one)."""
+    if name in RESHAPE_LIKE:
+        if o.numel() != x.numel():
+            return None
+        big_in = [a for a, s in enumerate(x.shape) if s > 1]
+        big_out = [a for a, s in enumerate(o.shape) if s > 1]
+        if [x.shape[a] for a in big_in] != [o.shape[a] for a in big_out]:
+            return None
+        axes: list[int | None] = [None] * o.ndim
+        for ai, ao in zip(big_in, big_out):
+            axes[ao] = amap[ai]
+        return tuple(axes)
+    off = o.ndim - x.ndim
+    if off < 0:
+        return None
+    axes = [None] * o.ndim
+    for ao in range(o.ndim):
+        ai = ao - off
+        if ai < 0:
+            continue
+        if x.shape[ai] == o.shape[ao]:
+            axes[ao] = amap[ai]
+        elif x.shape[ai] != 1:  # repeat tiling a long axis: every channel twice
+            return None
+    return tuple(axes)
+
+
+def param_view_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
+    """``{tensor id: shape after narrowing}`` of the pure views (reshapes, ``expand``, ``repeat`` along size-1
+    axes) of the stored tensors the plan cuts: a class token's ``expand(B, -1, -1)`` narrows with the token."""
+    views: dict[int, tuple[Cut, tuple[int | None, ...]]] = {}
+    for t in plan.graph.tensors:
+        cut = plan.cuts.get(t.name or "") if t.kind in ("param", "buffer") else None
+        if cut is not None and cut.changes() and not cut.grouped:
+            views[t.id] = (cut, tuple(range(t.ndim)))
+    out: dict[int, tuple[int, ...]] = {}
+    if not views:
+        return out
+    for node in plan.graph.nodes:
+        tins = [t for t in node.inputs if t.kind != "const"]
+        if len(tins) != 1 or tins[0].id not in views or len(node.outputs) != 1:
+            continue
+        if node.name not in RESHAPE_LIKE and node.name not in _BROADCASTS:
+            continue
+        cut, amap = views[tins[0].id]
+        o = node.outputs[0]
+        axes = _view_axes(node.name, tins[0], o, amap)
+        if axes is None:
+            continue
+        new = cut.new_shape()
+        shape = [new[pa] if pa is not None and pa in cut.keep else s for s, pa in zip(o.shape, axes)]
+        views[o.id] = (cut, axes)
+        if tuple(shape) != tuple(o.shape):
+            out[o.id] = tuple(shape)
+    return out
+
+
+def _cat_views(pl: Planner, node: OpNode, derived: list[TensorInfo]) -> list[tuple[TensorInfo, int, int]] | None:
+    """``(stored tensor, output channel axis, its axis)`` for every parameter-derived operand of a concatenation
+    along a non-channel axis (each a pure view whose axes include every channel axis of the output, not
+    broadcast), or None when the concatenation cannot be narrowed by cutting those tensors."""
+    out = node.outputs[0] if node.outputs else None
+    ci = pl.ca.info(out) if out is not None else None
+    dim = _arg(node, 1, "dim", 0)
+    if ci is None or not isinstance(dim, int) or not ci.axes:
+        return None
+    if dim % out.ndim in ci.axes:
+        return None  # along the channel axis: the parameter's rows would be channels themselves
+    res: list[tuple[TensorInfo, int, int]] = []
+    for t in derived:
+        view = pl.views.get(t.id)
+        if view is None or t.ndim != out.ndim or pl.ca.info(t) is not None:
+            return None
+        src, axes = view
+        for a in ci.axes:
+            pa = axes[a]
+            if pa is None or t.shape[a] != out.shape[a] or src.shape[pa] != out.shape[a]:
+                return None
+            res.append((src, a, pa))
+    return res
+
+
+def _cat_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
+    derived = [t for t in node.inputs if t.id in pl.derived]
+    if not derived:
+        return
+    views = _cat_views(pl, node, derived)
+    if views is None:
+        return
+    ci = plan.atoms.info(node.outputs[0])
+    for src, a, pa in views:
+        keep = pl.axis_keep(ci, a, plan.atom_removed)
+        if keep is None:
+            raise ShrinkError(f"{node.name} in '{node.module}' mixes removed and kept channels on one axis",
+                              node.module, node.name)
+        _put(plan, src, pa, keep, f"{node.name} in '{node.module}'")

@@ -18,9 +18,10 @@ live in one :class:`~prunescope.report.context.Context`, the per-set mask and MA
    smallest predicted metric loss (an exact multiple-choice knapsack, :mod:`prunescope.knapsack`). The savings of
    each option are the *effective* MACs (input channels of the consumers included). Sets that contain an
    unsafe layer, whose channels reach the model's output (the classifier), or whose masked channels
-   :func:`prunescope.shrink` would have to keep (a ViT's residual stream, concatenated with its class token)
-   are left alone; grouped convolutions keep their divisibility. The plan's masks are made conflict-free,
-   counted exactly, and the budget is tightened and the plan re-solved until the exact count meets the target.
+   :func:`prunescope.shrink` would have to keep (a token computed from a parameter by an op that mixes channels,
+   a weight that is computed) are left alone; grouped convolutions keep their divisibility. The plan's masks are
+   made conflict-free, counted exactly, and the budget is tightened and the plan re-solved until the exact count
+   meets the target.
 5. **Verify** — the plan's masks are turned into the physically smaller model (:func:`prunescope.shrink`), the
    model a user ships; its metric, its dense MACs and parameters (equal to the effective count, checked) and
    its CPU latency next to the dense model's (median of interleaved runs) are measured, and it is written to

@@ -20,7 +20,8 @@ Transfer rules, op family by op family (the families are :mod:`.rules`'s tables)
 0 only if ``f(0) = 0`` (:data:`~.rules.ZERO_PRESERVING`), otherwise a zero or constant becomes a constant;
 ``0 * anything = 0``; a binary op of zeros/constants/literals/parameters is a constant (zero when it maps zeros
 to zero); anything combined with a per-sample tensor is unknown; shape ops move states with their atoms (a pad
-or a concatenation along a non-channel axis makes a constant unknown); a contraction keeps zeros only.
+or a concatenation along a non-channel axis makes a constant unknown, and a zero too where an operand without
+channels, a class token, fills rows of the removed channels); a contraction keeps zeros only.
 
 ``explain[tid]`` names the first op that made a position of the tensor non-zero (for the reason of a kept
 channel).
@@ -439,6 +440,10 @@ class _Walk:
             along = isinstance(dim, int) and ci is not None and norm_axis(dim, o.ndim) in ci.axes
             if not along:
                 res = np.where(res == CONST, UNKNOWN, res)
+                if any(self.ca.info(t) is None and t.numel() > 0 for t in node.inputs):
+                    # rows of an operand without channels (a class token; not an empty KV cache): its values sit
+                    # at the removed channels of those rows, and the other rows hold something else
+                    res = np.where(res == ZERO, UNKNOWN, res)
         return res.astype(np.int8)
 
 
