@@ -131,7 +131,10 @@ def _run(a: argparse.Namespace) -> int:
     print(f"  chosen  by {s.plan_metric} models; sweep measured {s.sweep_metric} models; units ranked by "
           f"{s.unit_score}")
     if s.recovery_steps:
-        print(f"  final   {s.metric_final:>12.4f}  after " + ", ".join(st.label for st in s.recovery_steps))
+        kept = [st.label for st in s.recovery_steps if st.kept]
+        undone = [st.label for st in s.recovery_steps if not st.kept]
+        print(f"  final   {s.metric_final:>12.4f}  " + ("after " + ", ".join(kept) if kept else "no recovery step kept")
+              + (f" ({', '.join(undone)} undone: it lowered {s.metric})" if undone else ""))
     print(f"  latency {s.latency_before_ms:>10.3f}ms -> {s.latency_after_ms:>10.3f}ms  (CPU, median)")
     if s.note:
         print(f"  note: {s.note}")
