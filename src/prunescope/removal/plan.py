@@ -429,21 +429,9 @@ class Planner:
     def _param_views(self) -> dict[int, tuple[TensorInfo, tuple[int | None, ...]]]:
         """Tensors that are a pure view of one stored tensor ``P`` (reshapes, ``expand``, ``repeat`` along
         size-1 axes): id -> ``(P, per axis the axis of P it is, or None for a size-1 or broadcast axis)``."""
-        out: dict[int, tuple[TensorInfo, tuple[int | None, ...]]] = {}
-        for t in self.g.tensors:
-            if t.kind in ("param", "buffer") and t.name and t.name in self.stored:
-                out[t.id] = (t, tuple(a if s > 1 else None for a, s in enumerate(t.shape)))
-        for node in self.g.nodes:
-            tins = [t for t in node.inputs if t.kind != "const"]
-            if len(tins) != 1 or tins[0].id not in out or len(node.outputs) != 1:
-                continue
-            if node.name not in RESHAPE_LIKE and node.name not in _BROADCASTS:
-                continue
-            src, amap = out[tins[0].id]
-            axes = _view_axes(node.name, tins[0], node.outputs[0], amap)
-            if axes is not None:
-                out[node.outputs[0].id] = (src, axes)
-        return out
+        seeds = {t.id: (t, tuple(a if s > 1 else None for a, s in enumerate(t.shape))) for t in self.g.tensors
+                 if t.kind in ("param", "buffer") and t.name and t.name in self.stored}
+        return {tid: (src, axes) for tid, (src, axes, _o) in _follow_views(self.g, seeds).items()}
 
     # -- protection rules that do not depend on the decision
     def static_protection(self) -> None:
@@ -975,24 +963,36 @@ def param_view_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
         if cut is not None and cut.changes() and not cut.grouped:
             views[t.id] = (cut, tuple(range(t.ndim)))
     out: dict[int, tuple[int, ...]] = {}
-    if not views:
+    for tid, (cut, axes, o) in _follow_views(plan.graph, views).items():
+        if o is None:  # a cut tensor itself
+            continue
+        new = cut.new_shape()
+        shape = tuple(new[pa] if pa is not None and pa in cut.keep else s for s, pa in zip(o.shape, axes))
+        if shape != tuple(o.shape):
+            out[tid] = shape
+    return out
+
+
+def _follow_views(graph: ModelGraph, seeds: dict[int, tuple[Any, tuple[int | None, ...]]]
+                  ) -> dict[int, tuple[Any, tuple[int | None, ...], TensorInfo | None]]:
+    """``seeds`` (tensor id -> (payload, per axis the source axis or None)) and every pure view of them
+    (reshapes, ``expand``, ``repeat`` along size-1 axes), in graph order: id -> (payload, axes, the view's
+    tensor; None for a seed)."""
+    out: dict[int, tuple[Any, tuple[int | None, ...], TensorInfo | None]] = {
+        k: (p, a, None) for k, (p, a) in seeds.items()}
+    if not out:
         return out
-    for node in plan.graph.nodes:
+    for node in graph.nodes:
         tins = [t for t in node.inputs if t.kind != "const"]
-        if len(tins) != 1 or tins[0].id not in views or len(node.outputs) != 1:
+        if len(tins) != 1 or tins[0].id not in out or len(node.outputs) != 1:
             continue
         if node.name not in RESHAPE_LIKE and node.name not in _BROADCASTS:
             continue
-        cut, amap = views[tins[0].id]
+        payload, amap, _ = out[tins[0].id]
         o = node.outputs[0]
         axes = _view_axes(node.name, tins[0], o, amap)
-        if axes is None:
-            continue
-        new = cut.new_shape()
-        shape = [new[pa] if pa is not None and pa in cut.keep else s for s, pa in zip(o.shape, axes)]
-        views[o.id] = (cut, axes)
-        if tuple(shape) != tuple(o.shape):
-            out[o.id] = tuple(shape)
+        if axes is not None:
+            out[o.id] = (payload, axes, o)
     return out
 
 
