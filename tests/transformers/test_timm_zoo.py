@@ -31,6 +31,10 @@ from prunescope.topology import channel_atoms  # noqa: E402
 
 CHANGES = ["swin_s3_tiny_224", "tiny_vit_5m_224", "mobilevitv2_050", "sam2_hiera_tiny"]
 STAYS = {"test_vit": "reshape", "mixnet_s": "split", "resnet18": None}
+# pins the probe clears in these models while the true literals stay: test_vit's residual stream is pinned only by
+# the patch flatten's view (it follows the width once the class token narrows with the stream)
+_STREAM = ["patch_embed.proj"] + [f"blocks.{b}.{m}" for b in range(6) for m in ("attn.proj", "mlp.fc2")]
+CLEARED = {"test_vit": _STREAM}
 _KINDS = ("conv", "conv_transpose", "linear")
 
 
@@ -104,7 +108,9 @@ def test_true_literals_stay_pinned(name: str) -> None:
         g = trace(model, x)
     ca = channel_atoms(g)
     res = probe_pins(g, x)
-    assert res.unsafe == ca.unsafe and not res.cleared  # every probe failed physically: nothing changes
+    cleared = CLEARED.get(name, [])
+    assert sorted(res.cleared_layers) == sorted(cleared)  # every other probe failed physically: nothing changes
+    assert res.unsafe == {k: v for k, v in ca.unsafe.items() if k not in cleared}
     op = STAYS[name]
     if op is None:
         assert ca.unsafe == {} and res.probes == 0

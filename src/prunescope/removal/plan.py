@@ -960,7 +960,7 @@ def param_view_shapes(plan: RemovalPlan) -> dict[int, tuple[int, ...]]:
     views: dict[int, tuple[Cut, tuple[int | None, ...]]] = {}
     for t in plan.graph.tensors:
         cut = plan.cuts.get(t.name or "") if t.kind in ("param", "buffer") else None
-        if cut is not None and cut.changes() and not cut.grouped:
+        if isinstance(cut, Cut) and cut.changes() and not cut.grouped:  # an ExpertCut narrows through its own views
             views[t.id] = (cut, tuple(range(t.ndim)))
     out: dict[int, tuple[int, ...]] = {}
     for tid, (cut, axes, o) in _follow_views(plan.graph, views).items():

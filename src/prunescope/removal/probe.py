@@ -76,7 +76,7 @@ from torch.utils import _pytree as pytree
 from ..graph import ModelGraph, TensorInfo, make_inputs, meta_copy, model_device, trace
 from ..topology.engine import ChannelAtoms, channel_atoms
 from .narrow import apply_plan, replace_tensors
-from .plan import plan_removal
+from .plan import param_view_shapes, plan_removal
 
 __all__ = ["PinProbe", "probe_pins"]
 
@@ -433,9 +433,10 @@ class _Prober:
                 why = f"its channels are not whole slices of the tensor of '{g.nodes[idx].name}' op #{idx}"
                 return False, why, False
             expected[(idx, j)] = shp
+        views = param_view_shapes(plan) if plan is not None else {}  # a class token's expand narrows with it
         for a, b in zip(g.nodes, g2.nodes):
             for j, (ta, tb) in enumerate(zip(a.outputs, b.outputs)):
-                want = expected.get((a.index, j), tuple(ta.shape))
+                want = expected.get((a.index, j), views.get(ta.id, tuple(ta.shape)))
                 if tuple(tb.shape) != want:
                     where = f"module '{a.module}'" if a.module else "the model's forward"
                     return False, (f"'{a.name}' op #{a.index} in {where} gives {list(tb.shape)}, a removal that "
