@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable
 
 import numpy as np
@@ -136,23 +137,20 @@ def trial_counts(sizes: dict[str, int], pinned: set[str]) -> dict[str, int]:
     truly one width, not because both were halved. Sets with fewer units choose first (they have fewer
     fractions to choose from); the other sets keep half unless a pinned set took that fraction.
     """
-    from fractions import Fraction
-
-    def options(n: int) -> list[int]:
-        return sorted(range(1, n), key=lambda j: (abs(2 * j - n), j)) or [0]
-
     used: set[Fraction] = set()
+
+    def pick(n: int) -> int:  # the count closest to half whose fraction no pinned set keeps (else the closest)
+        opts = sorted(range(1, n), key=lambda j: (abs(2 * j - n), j)) or [0]
+        return next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
+
     out: dict[str, int] = {}
     for k in sorted(pinned, key=lambda k: (sizes[k], k)):
-        n = sizes[k]
-        opts = options(n)
-        out[k] = next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
-        if n:
-            used.add(Fraction(out[k], n))
+        out[k] = pick(sizes[k])
+        if sizes[k]:
+            used.add(Fraction(out[k], sizes[k]))
     for k, n in sizes.items():
         if k not in pinned:
-            opts = options(n)
-            out[k] = next((j for j in opts if n and Fraction(j, n) not in used), opts[0])
+            out[k] = pick(n)
     return out
 
 

@@ -489,7 +489,7 @@ class Planner:
             return
         if name in ELEMENTWISE and self._elementwise_ok(node, derived):
             return
-        if name in _CATS and self._cat_ok(node, derived):
+        if name in _CATS and _cat_views(self, node, derived) is not None:  # a class token: cut with the channels
             return
         why = f"'{name}' combines them with a tensor derived from parameter '{self.derived[derived[0].id][0]}'"
         for t in chan:
@@ -517,11 +517,6 @@ class Planner:
             return None
         src, pa = view[0], view[1][axis]
         return (src, pa) if src.shape[pa] == t.shape[axis] else None
-
-    def _cat_ok(self, node: OpNode, derived: list[TensorInfo]) -> bool:
-        """A concatenation along a non-channel axis whose parameter-derived operands are pure views of one stored
-        tensor each, every channel axis of the output an axis of that tensor (a class token): narrowable."""
-        return _cat_views(self, node, derived) is not None
 
     # -- rules that depend on the decision
     def layer_keeps(self, atom_removed: np.ndarray, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -914,9 +909,8 @@ def _elementwise_cuts(plan: RemovalPlan, pl: Planner, node: OpNode) -> None:
                 continue
             if t.kind in ("param", "buffer"):
                 _put(plan, t, pa, keep, f"{node.name} in '{node.module}'")
-            elif pl._view_axis(t, pa) is not None:  # a pure view of a stored tensor: narrow the tensor itself
-                src, spa = pl._view_axis(t, pa)
-                _put(plan, src, spa, keep, f"{node.name} in '{node.module}'")
+            elif (view := pl._view_axis(t, pa)) is not None:  # a pure view of a stored tensor: narrow it itself
+                _put(plan, view[0], view[1], keep, f"{node.name} in '{node.module}'")
             else:  # a pure reshape of a 1-D parameter: narrow the parameter itself
                 src = next((s for s in plan.graph.tensors if s.name == fqn and s.kind in ("param", "buffer")),
                            None)
